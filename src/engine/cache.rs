@@ -1,0 +1,168 @@
+//! A write-back cache of cluster-sized metadata tables (L2 tables, refcount blocks), keyed by
+//! the table's host offset, with least-recently-used eviction.
+//!
+//! The cache only holds bytes and dirty marks; it never does I/O. Loading, writing back and
+//! the order of write-back belong to [`crate::engine::image`] (see `Image::write_back`), so the
+//! ordering rules live in one place. A dirty table is never dropped: the image writes the
+//! caches back before evicting one (see [`TableCache::victim`]).
+
+use std::collections::HashMap;
+
+#[derive(Debug)]
+struct Slot {
+    host_offset: u64,
+    bytes: Vec<u8>,
+    dirty: bool,
+    last_used: u64,
+}
+
+#[derive(Debug)]
+pub struct TableCache {
+    capacity_tables: usize,
+    slots: Vec<Slot>,
+    by_offset: HashMap<u64, usize>,
+    clock: u64,
+}
+
+impl TableCache {
+    /// A cache holding at most `capacity_tables` tables (at least 2).
+    pub fn new(capacity_tables: usize) -> TableCache {
+        TableCache {
+            capacity_tables: capacity_tables.max(2),
+            slots: Vec::new(),
+            by_offset: HashMap::new(),
+            clock: 0,
+        }
+    }
+
+    pub fn capacity_tables(&self) -> usize {
+        self.capacity_tables
+    }
+
+    pub fn contains(&self, host_offset: u64) -> bool {
+        self.by_offset.contains_key(&host_offset)
+    }
+
+    fn touch(&mut self, index: usize) -> Option<&mut Slot> {
+        self.clock += 1;
+        let clock = self.clock;
+        let slot = self.slots.get_mut(index)?;
+        slot.last_used = clock;
+        Some(slot)
+    }
+
+    /// The table at `host_offset`, if cached.
+    pub fn get(&mut self, host_offset: u64) -> Option<&[u8]> {
+        let index = *self.by_offset.get(&host_offset)?;
+        self.touch(index).map(|s| &s.bytes[..])
+    }
+
+    /// The table at `host_offset` for modification; marks it dirty.
+    pub fn get_mut(&mut self, host_offset: u64) -> Option<&mut [u8]> {
+        let index = *self.by_offset.get(&host_offset)?;
+        let slot = self.touch(index)?;
+        slot.dirty = true;
+        Some(&mut slot.bytes[..])
+    }
+
+    /// Whether inserting a new table needs an eviction, and if so whether the table to evict
+    /// is dirty (the caller must write back first).
+    pub fn victim(&self) -> Option<(u64, bool)> {
+        if self.slots.len() < self.capacity_tables {
+            return None;
+        }
+        self.slots
+            .iter()
+            .min_by_key(|s| s.last_used)
+            .map(|s| (s.host_offset, s.dirty))
+    }
+
+    /// Drops a clean table. Refuses (returns false) for a dirty one.
+    pub fn evict(&mut self, host_offset: u64) -> bool {
+        let Some(&index) = self.by_offset.get(&host_offset) else {
+            return true;
+        };
+        if self.slots.get(index).is_some_and(|s| s.dirty) {
+            return false;
+        }
+        self.by_offset.remove(&host_offset);
+        self.slots.swap_remove(index);
+        if let Some(moved) = self.slots.get(index) {
+            self.by_offset.insert(moved.host_offset, index);
+        }
+        true
+    }
+
+    /// Adds a table (after the caller made room with [`Self::victim`]/[`Self::evict`]).
+    pub fn insert(&mut self, host_offset: u64, bytes: Vec<u8>, dirty: bool) {
+        self.clock += 1;
+        if let Some(&index) = self.by_offset.get(&host_offset) {
+            if let Some(slot) = self.slots.get_mut(index) {
+                *slot = Slot {
+                    host_offset,
+                    bytes,
+                    dirty,
+                    last_used: self.clock,
+                };
+            }
+            return;
+        }
+        self.by_offset.insert(host_offset, self.slots.len());
+        self.slots.push(Slot {
+            host_offset,
+            bytes,
+            dirty,
+            last_used: self.clock,
+        });
+    }
+
+    /// Host offsets of the dirty tables, in ascending order (so write-back is sequential).
+    pub fn dirty_offsets(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|s| s.dirty)
+            .map(|s| s.host_offset)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn has_dirty(&self) -> bool {
+        self.slots.iter().any(|s| s.dirty)
+    }
+
+    /// The bytes of a dirty table to write back; the caller calls [`Self::mark_clean`] once
+    /// the write succeeded.
+    pub fn peek(&self, host_offset: u64) -> Option<&[u8]> {
+        let index = *self.by_offset.get(&host_offset)?;
+        self.slots.get(index).map(|s| &s.bytes[..])
+    }
+
+    pub fn mark_clean(&mut self, host_offset: u64) {
+        if let Some(&index) = self.by_offset.get(&host_offset) {
+            if let Some(slot) = self.slots.get_mut(index) {
+                slot.dirty = false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn least_recently_used_is_the_victim_and_dirty_tables_are_not_dropped() {
+        let mut c = TableCache::new(2);
+        c.insert(512, vec![1], false);
+        c.insert(1024, vec![2], true);
+        assert!(c.get(512).is_some());
+        assert_eq!(c.victim(), Some((1024, true)));
+        assert!(!c.evict(1024));
+        c.mark_clean(1024);
+        assert!(c.evict(1024));
+        assert_eq!(c.victim(), None);
+        assert_eq!(c.get(512), Some(&[1u8][..]));
+    }
+}

@@ -1,0 +1,17 @@
+//! Counts of the I/O an image issued, so tests and benchmarks can see how many syncs a guest
+//! flush cost.
+
+/// Cumulative counts since the image was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Calls to [`crate::engine::Image::flush`] (including the one in `close`).
+    pub guest_flushes: u64,
+    /// Calls to [`crate::engine::Storage::flush`], for ordering and for durability.
+    pub storage_flushes: u64,
+    /// Ordering points between dependent metadata writes (each one a storage flush today).
+    pub ordering_points: u64,
+    /// Metadata writes (header, L1/L2 tables, refcount table and blocks).
+    pub metadata_writes: u64,
+    /// Guest data writes (in place, or whole newly allocated clusters).
+    pub data_writes: u64,
+}

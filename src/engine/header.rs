@@ -1,0 +1,552 @@
+//! The qcow2 header (the first cluster of the image): fixed fields, feature bits and header
+//! extensions, parsed and validated once at open, and encoded again when a field changes.
+//!
+//! Validation here covers what the header says about itself (magic, version, cluster size,
+//! feature bits, extension area). Checks of table offsets against the file length and against
+//! each other are in [`crate::engine::layout`], which needs the file length too.
+
+use super::error::{Error, Result};
+
+/// "QFI\xfb".
+pub const QCOW_MAGIC: u32 = 0x5146_49fb;
+/// Smallest cluster size qcow2 allows (512 bytes).
+pub const MIN_CLUSTER_BITS: u32 = 9;
+/// QEMU's implementation limit (2 MiB clusters).
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// refcount_bits = 1 << refcount_order; 64 bits at most.
+pub const MAX_REFCOUNT_ORDER: u32 = 6;
+/// Length of a version 2 header.
+pub const V2_HEADER_LEN: u32 = 72;
+/// Smallest version 3 header (through header_length).
+pub const V3_MIN_HEADER_LEN: u32 = 104;
+/// Offset of the compression_type byte in a version 3 header.
+const COMPRESSION_TYPE_OFFSET: usize = 104;
+/// The spec limits the backing file name to 1023 bytes.
+pub const MAX_BACKING_FILE_NAME_BYTES: u32 = 1023;
+
+/// Header extension type codes.
+pub mod ext {
+    pub const END: u32 = 0x0000_0000;
+    pub const BACKING_FORMAT: u32 = 0xe279_2aca;
+    pub const FEATURE_NAME_TABLE: u32 = 0x6803_f857;
+    pub const BITMAPS: u32 = 0x2385_2875;
+    pub const FULL_DISK_ENCRYPTION: u32 = 0x0537_be77;
+    pub const EXTERNAL_DATA_FILE: u32 = 0x4441_5441;
+}
+
+/// The incompatible_features bitmask (header bytes 72..80). An implementation must refuse an
+/// image with a bit it does not know.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IncompatibleFeatures(pub u64);
+
+impl IncompatibleFeatures {
+    /// Refcounts may be inconsistent: they must be rebuilt before use.
+    pub const DIRTY: u64 = 1 << 0;
+    /// Some metadata is known to be corrupt: no writes.
+    pub const CORRUPT: u64 = 1 << 1;
+    /// Guest clusters live in an external data file.
+    pub const EXTERNAL_DATA_FILE: u64 = 1 << 2;
+    /// compression_type is present and not zlib.
+    pub const COMPRESSION_TYPE: u64 = 1 << 3;
+    /// 128-bit L2 entries with subcluster bitmaps.
+    pub const EXTENDED_L2: u64 = 1 << 4;
+    /// Every bit this engine knows the meaning of.
+    pub const KNOWN: u64 = Self::DIRTY
+        | Self::CORRUPT
+        | Self::EXTERNAL_DATA_FILE
+        | Self::COMPRESSION_TYPE
+        | Self::EXTENDED_L2;
+
+    pub fn contains(self, bit: u64) -> bool {
+        self.0 & bit != 0
+    }
+
+    pub fn unknown(self) -> u64 {
+        self.0 & !Self::KNOWN
+    }
+}
+
+/// The compatible_features bitmask (header bytes 80..88); unknown bits may be ignored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompatibleFeatures(pub u64);
+
+impl CompatibleFeatures {
+    /// Refcount updates may be postponed (with the dirty bit set meanwhile). This engine opens
+    /// such images but always keeps refcounts exact.
+    pub const LAZY_REFCOUNTS: u64 = 1 << 0;
+
+    pub fn contains(self, bit: u64) -> bool {
+        self.0 & bit != 0
+    }
+}
+
+/// The autoclear_features bitmask (header bytes 88..96). A writer that does not maintain
+/// what a bit promises must clear it before writing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AutoclearFeatures(pub u64);
+
+impl AutoclearFeatures {
+    /// The bitmaps extension is consistent.
+    pub const BITMAPS: u64 = 1 << 0;
+    /// The external data file is a consistent raw image.
+    pub const RAW_EXTERNAL_DATA: u64 = 1 << 1;
+}
+
+/// How compressed clusters are compressed (header byte 104, version 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompressionType {
+    Zlib,
+    Zstd,
+}
+
+/// One entry of the feature name table extension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeatureName {
+    /// 0 incompatible, 1 compatible, 2 autoclear.
+    pub kind: u8,
+    pub bit: u8,
+    pub name: String,
+}
+
+/// The bitmaps extension's fields. The bitmaps themselves are not interpreted by this engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitmapsExtension {
+    pub nb_bitmaps: u32,
+    pub directory_size_bytes: u64,
+    pub directory_offset: u64,
+}
+
+/// A header extension as found on disk, kept verbatim so a header rewrite preserves the ones
+/// this engine does not understand.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawExtension {
+    pub kind: u32,
+    pub data: Vec<u8>,
+}
+
+/// The parsed header of a qcow2 image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub version: u32,
+    pub backing_file_offset: u64,
+    pub backing_file_size_bytes: u32,
+    pub cluster_bits: u32,
+    pub virtual_size: u64,
+    pub crypt_method: u32,
+    pub l1_size_entries: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
+    pub incompatible: IncompatibleFeatures,
+    pub compatible: CompatibleFeatures,
+    pub autoclear: AutoclearFeatures,
+    pub refcount_order: u32,
+    pub header_length: u32,
+    pub compression_type: CompressionType,
+    /// Header bytes from 104 up to header_length (compression_type, padding and fields from
+    /// future versions), preserved on rewrite.
+    pub additional_fields: Vec<u8>,
+    /// Every extension in on-disk order, including the ones parsed below.
+    pub extensions: Vec<RawExtension>,
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+    pub feature_names: Vec<FeatureName>,
+    pub bitmaps: Option<BitmapsExtension>,
+}
+
+fn be32(bytes: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    if let Some(s) = bytes.get(at..at + 4) {
+        b.copy_from_slice(s);
+    }
+    u32::from_be_bytes(b)
+}
+
+fn be64(bytes: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    if let Some(s) = bytes.get(at..at + 8) {
+        b.copy_from_slice(s);
+    }
+    u64::from_be_bytes(b)
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::Invalid(msg.into())
+}
+
+/// Decodes a string field; the spec says nothing of encoding, so anything but UTF-8 is
+/// refused rather than guessed at.
+fn string_field(bytes: &[u8], what: &str) -> Result<String> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| invalid(format!("{what} is not valid UTF-8")))
+}
+
+impl Header {
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1u64 << self.cluster_bits
+    }
+
+    /// Parses and validates the header from the start of the image. `first_cluster` holds at
+    /// least the first cluster of the file (or the whole file if it is shorter; missing bytes
+    /// are zeros). Feature bits are checked here; whether the image may be opened read-write
+    /// is decided by the caller.
+    pub fn parse(first_cluster: &[u8]) -> Result<Header> {
+        if first_cluster.len() < V2_HEADER_LEN as usize {
+            return Err(invalid("file too short for a qcow2 header"));
+        }
+        let magic = be32(first_cluster, 0);
+        if magic != QCOW_MAGIC {
+            return Err(invalid(format!(
+                "bad magic {magic:#010x}, not a qcow2 image"
+            )));
+        }
+        let version = be32(first_cluster, 4);
+        if version != 2 && version != 3 {
+            return Err(Error::Unsupported(format!(
+                "qcow2 version {version} (only 2 and 3)"
+            )));
+        }
+        let cluster_bits = be32(first_cluster, 20);
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(invalid(format!(
+                "cluster_bits {cluster_bits} outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}"
+            )));
+        }
+        let cluster_size = 1usize << cluster_bits;
+        if first_cluster.len() < cluster_size {
+            return Err(invalid("header buffer shorter than one cluster"));
+        }
+        let header = &first_cluster[..cluster_size];
+
+        let (incompatible, compatible, autoclear, refcount_order, header_length) = if version == 2 {
+            (0, 0, 0, 4, V2_HEADER_LEN)
+        } else {
+            (
+                be64(header, 72),
+                be64(header, 80),
+                be64(header, 88),
+                be32(header, 96),
+                be32(header, 100),
+            )
+        };
+        if refcount_order > MAX_REFCOUNT_ORDER {
+            return Err(invalid(format!(
+                "refcount_order {refcount_order} above {MAX_REFCOUNT_ORDER}"
+            )));
+        }
+        if version == 3 {
+            if header_length < V3_MIN_HEADER_LEN {
+                return Err(invalid(format!("header_length {header_length} below 104")));
+            }
+            if header_length % 8 != 0 {
+                return Err(invalid(format!(
+                    "header_length {header_length} not a multiple of 8"
+                )));
+            }
+            if header_length as usize > cluster_size {
+                return Err(invalid(format!(
+                    "header_length {header_length} larger than the cluster size {cluster_size}"
+                )));
+            }
+        }
+        let additional_fields = header
+            .get(V3_MIN_HEADER_LEN as usize..header_length as usize)
+            .unwrap_or(&[])
+            .to_vec();
+
+        let incompatible = IncompatibleFeatures(incompatible);
+        let compression_byte = additional_fields.first().copied().unwrap_or(0);
+        let compression_type = if incompatible.contains(IncompatibleFeatures::COMPRESSION_TYPE) {
+            if header_length as usize <= COMPRESSION_TYPE_OFFSET {
+                return Err(invalid(
+                    "compression type feature bit set but compression_type field absent",
+                ));
+            }
+            match compression_byte {
+                0 => {
+                    return Err(invalid(
+                        "compression type feature bit set but compression_type is zlib (0)",
+                    ))
+                }
+                1 => CompressionType::Zstd,
+                other => return Err(Error::Unsupported(format!("compression type {other}"))),
+            }
+        } else {
+            if compression_byte != 0 {
+                return Err(invalid(format!(
+                    "compression_type {compression_byte} without the compression type feature bit"
+                )));
+            }
+            CompressionType::Zlib
+        };
+
+        let mut h = Header {
+            version,
+            backing_file_offset: be64(header, 8),
+            backing_file_size_bytes: be32(header, 16),
+            cluster_bits,
+            virtual_size: be64(header, 24),
+            crypt_method: be32(header, 32),
+            l1_size_entries: be32(header, 36),
+            l1_table_offset: be64(header, 40),
+            refcount_table_offset: be64(header, 48),
+            refcount_table_clusters: be32(header, 56),
+            nb_snapshots: be32(header, 60),
+            snapshots_offset: be64(header, 64),
+            incompatible,
+            compatible: CompatibleFeatures(compatible),
+            autoclear: AutoclearFeatures(autoclear),
+            refcount_order,
+            header_length,
+            compression_type,
+            additional_fields,
+            extensions: Vec::new(),
+            backing_file: None,
+            backing_format: None,
+            feature_names: Vec::new(),
+            bitmaps: None,
+        };
+        h.check_features()?;
+        h.parse_backing_file_name(header)?;
+        h.parse_extensions(header)?;
+        Ok(h)
+    }
+
+    /// Refuses encryption and the incompatible features this engine does not implement, naming
+    /// each (from the image's own feature name table for bits unknown to the engine).
+    fn check_features(&self) -> Result<()> {
+        if self.crypt_method != 0 {
+            let method = match self.crypt_method {
+                1 => "AES",
+                2 => "LUKS",
+                _ => "unknown method",
+            };
+            return Err(Error::Unsupported(format!(
+                "encryption (crypt_method {}, {method})",
+                self.crypt_method
+            )));
+        }
+        if self
+            .incompatible
+            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
+        {
+            return Err(Error::Unsupported(
+                "external data file (incompatible bit 2)".into(),
+            ));
+        }
+        if self
+            .incompatible
+            .contains(IncompatibleFeatures::EXTENDED_L2)
+        {
+            return Err(Error::Unsupported(
+                "extended L2 entries (incompatible bit 4)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Names an incompatible feature bit, from the image's feature name table if it has one.
+    fn incompatible_feature_name(&self, bit: u32) -> String {
+        self.feature_names
+            .iter()
+            .find(|f| f.kind == 0 && u32::from(f.bit) == bit)
+            .map(|f| format!("incompatible feature bit {bit} ({})", f.name))
+            .unwrap_or_else(|| format!("unknown incompatible feature bit {bit}"))
+    }
+
+    fn check_unknown_incompatible(&self) -> Result<()> {
+        let unknown = self.incompatible.unknown();
+        if unknown != 0 {
+            let names: Vec<String> = (0..64)
+                .filter(|bit| unknown & (1u64 << bit) != 0)
+                .map(|bit| self.incompatible_feature_name(bit))
+                .collect();
+            return Err(Error::Unsupported(names.join(", ")));
+        }
+        Ok(())
+    }
+
+    fn parse_backing_file_name(&mut self, header: &[u8]) -> Result<()> {
+        if self.backing_file_offset == 0 {
+            return Ok(());
+        }
+        if self.backing_file_size_bytes > MAX_BACKING_FILE_NAME_BYTES {
+            return Err(invalid(format!(
+                "backing_file_size {} above {MAX_BACKING_FILE_NAME_BYTES}",
+                self.backing_file_size_bytes
+            )));
+        }
+        let start = usize::try_from(self.backing_file_offset).unwrap_or(usize::MAX);
+        let end = start.saturating_add(self.backing_file_size_bytes as usize);
+        if start < self.header_length as usize {
+            return Err(invalid(format!(
+                "backing_file_offset {} inside the header",
+                self.backing_file_offset
+            )));
+        }
+        let name = header.get(start..end).ok_or_else(|| {
+            invalid(format!(
+                "backing file name at {} of {} bytes beyond the first cluster",
+                self.backing_file_offset, self.backing_file_size_bytes
+            ))
+        })?;
+        self.backing_file = Some(string_field(name, "backing file name")?);
+        Ok(())
+    }
+
+    /// Walks the extension area, from header_length up to the end of the first cluster (or to
+    /// the backing file name, which follows the extensions).
+    fn parse_extensions(&mut self, header: &[u8]) -> Result<()> {
+        let mut at = self.header_length as usize;
+        let area_end = if self.backing_file_offset != 0 {
+            usize::try_from(self.backing_file_offset)
+                .unwrap_or(usize::MAX)
+                .min(header.len())
+        } else {
+            header.len()
+        };
+        loop {
+            if at == area_end && self.backing_file_offset != 0 {
+                // The name follows directly with no end marker room: QEMU writes one, but
+                // its absence is harmless.
+                break;
+            }
+            let Some(ext_header) = header.get(at..at + 8).filter(|_| at + 8 <= area_end) else {
+                return Err(invalid(format!(
+                    "header extension at byte {at} overflows the header area ({area_end} bytes)"
+                )));
+            };
+            let kind = be32(ext_header, 0);
+            let len = be32(ext_header, 4) as usize;
+            if kind == ext::END {
+                break;
+            }
+            let data_start = at + 8;
+            let data_end = data_start.checked_add(len).filter(|&e| e <= area_end);
+            let padded_end = data_end.and_then(|e| e.checked_next_multiple_of(8));
+            let (Some(data_end), Some(padded_end)) = (data_end, padded_end) else {
+                return Err(invalid(format!(
+                    "header extension {kind:#010x} at byte {at} of {len} bytes overflows the \
+                     header area ({area_end} bytes)"
+                )));
+            };
+            let data = header.get(data_start..data_end).unwrap_or(&[]);
+            if self.extensions.iter().any(|e| e.kind == kind) {
+                return Err(invalid(format!(
+                    "header extension {kind:#010x} appears twice"
+                )));
+            }
+            self.parse_known_extension(kind, data)?;
+            self.extensions.push(RawExtension {
+                kind,
+                data: data.to_vec(),
+            });
+            at = padded_end.min(area_end);
+        }
+        // Unknown incompatible bits are reported after the feature name table is known, so
+        // the message can name them.
+        self.check_unknown_incompatible()
+    }
+
+    fn parse_known_extension(&mut self, kind: u32, data: &[u8]) -> Result<()> {
+        match kind {
+            ext::BACKING_FORMAT => {
+                self.backing_format = Some(string_field(data, "backing format extension")?);
+            }
+            ext::FEATURE_NAME_TABLE => {
+                for entry in data.chunks_exact(48) {
+                    let name_bytes = entry.get(2..).unwrap_or(&[]);
+                    let len = name_bytes
+                        .iter()
+                        .position(|&b| b == 0)
+                        .unwrap_or(name_bytes.len());
+                    let name = String::from_utf8_lossy(name_bytes.get(..len).unwrap_or(&[]));
+                    self.feature_names.push(FeatureName {
+                        kind: entry.first().copied().unwrap_or(0),
+                        bit: entry.get(1).copied().unwrap_or(0),
+                        name: name.into_owned(),
+                    });
+                }
+            }
+            ext::BITMAPS => {
+                if data.len() < 24 {
+                    return Err(invalid(format!(
+                        "bitmaps extension of {} bytes, expected 24",
+                        data.len()
+                    )));
+                }
+                let bitmaps = BitmapsExtension {
+                    nb_bitmaps: be32(data, 0),
+                    directory_size_bytes: be64(data, 8),
+                    directory_offset: be64(data, 16),
+                };
+                if !bitmaps.directory_offset.is_multiple_of(self.cluster_size()) {
+                    return Err(invalid(format!(
+                        "bitmap_directory_offset {:#x} not cluster aligned",
+                        bitmaps.directory_offset
+                    )));
+                }
+                self.bitmaps = Some(bitmaps);
+            }
+            ext::FULL_DISK_ENCRYPTION if self.crypt_method == 0 => {
+                return Err(invalid("full disk encryption extension without encryption"));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Encodes the header, its extensions (in their original order, unknown ones verbatim)
+    /// and the backing file name into one cluster. Fails if they no longer fit.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let cluster_size = 1usize << self.cluster_bits;
+        let mut out = Vec::with_capacity(cluster_size);
+        out.extend_from_slice(&QCOW_MAGIC.to_be_bytes());
+        out.extend_from_slice(&self.version.to_be_bytes());
+        let backing_len = self.backing_file.as_ref().map_or(0, |n| n.len());
+        // The backing file offset is recomputed below, once the extensions are laid out.
+        out.extend_from_slice(&0u64.to_be_bytes());
+        out.extend_from_slice(&(backing_len as u32).to_be_bytes());
+        out.extend_from_slice(&self.cluster_bits.to_be_bytes());
+        out.extend_from_slice(&self.virtual_size.to_be_bytes());
+        out.extend_from_slice(&self.crypt_method.to_be_bytes());
+        out.extend_from_slice(&self.l1_size_entries.to_be_bytes());
+        out.extend_from_slice(&self.l1_table_offset.to_be_bytes());
+        out.extend_from_slice(&self.refcount_table_offset.to_be_bytes());
+        out.extend_from_slice(&self.refcount_table_clusters.to_be_bytes());
+        out.extend_from_slice(&self.nb_snapshots.to_be_bytes());
+        out.extend_from_slice(&self.snapshots_offset.to_be_bytes());
+        if self.version >= 3 {
+            out.extend_from_slice(&self.incompatible.0.to_be_bytes());
+            out.extend_from_slice(&self.compatible.0.to_be_bytes());
+            out.extend_from_slice(&self.autoclear.0.to_be_bytes());
+            out.extend_from_slice(&self.refcount_order.to_be_bytes());
+            out.extend_from_slice(&self.header_length.to_be_bytes());
+            out.extend_from_slice(&self.additional_fields);
+        }
+        for e in &self.extensions {
+            out.extend_from_slice(&e.kind.to_be_bytes());
+            out.extend_from_slice(&(e.data.len() as u32).to_be_bytes());
+            out.extend_from_slice(&e.data);
+            out.resize(out.len().next_multiple_of(8), 0);
+        }
+        out.extend_from_slice(&[0u8; 8]);
+        if let Some(name) = &self.backing_file {
+            let offset = out.len() as u64;
+            if let Some(field) = out.get_mut(8..16) {
+                field.copy_from_slice(&offset.to_be_bytes());
+            }
+            out.extend_from_slice(name.as_bytes());
+        }
+        if out.len() > cluster_size {
+            return Err(Error::Unsupported(format!(
+                "header and extensions ({} bytes) no longer fit in one cluster",
+                out.len()
+            )));
+        }
+        out.resize(cluster_size, 0);
+        Ok(out)
+    }
+}

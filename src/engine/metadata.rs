@@ -1,0 +1,458 @@
+//! The metadata side of the engine: guest cluster lookup through L1/L2, making L2 tables
+//! writable (allocation and copy-on-write), refcounts and the cluster allocator.
+//!
+//! Every change here lands in memory (the L1 and refcount tables) or in the caches; nothing
+//! is written to storage except through `writeback.rs` (cache evictions go there too).
+
+use super::entry::{Cluster, L1Entry, L2Entry, ReftableEntry};
+use super::error::{Error, Result};
+use super::image::Image;
+use super::storage::Storage;
+
+fn be64_at(table: &[u8], index: usize) -> u64 {
+    let mut b = [0u8; 8];
+    if let Some(s) = table.get(index * 8..index * 8 + 8) {
+        b.copy_from_slice(s);
+    }
+    u64::from_be_bytes(b)
+}
+
+impl<S: Storage> Image<S> {
+    /// log2 of the entries in one L2 table.
+    pub(super) fn l2_bits(&self) -> u32 {
+        self.cluster_bits - 3
+    }
+
+    /// Refuses a host cluster offset (from an L1, L2 or refcount table entry) that points into
+    /// the header or past the end of the file.
+    pub(super) fn check_host_offset(&self, host_offset: u64, what: &str) -> Result<()> {
+        if host_offset < self.cluster_size() {
+            return Err(Error::Corrupt(format!(
+                "{what} at {host_offset:#x} points into the header"
+            )));
+        }
+        if host_offset >= self.host_end {
+            return Err(Error::Corrupt(format!(
+                "{what} at {host_offset:#x} is beyond the end of the image file ({:#x})",
+                self.host_end
+            )));
+        }
+        Ok(())
+    }
+
+    /// The L2 table offset for guest cluster `guest_cluster` (0 if none), validated.
+    fn l2_offset_for(&self, guest_cluster: u64) -> Result<(usize, L1Entry, u64)> {
+        let l1_index = guest_cluster >> self.l2_bits();
+        let raw = usize::try_from(l1_index)
+            .ok()
+            .and_then(|i| self.l1.get(i).map(|&e| (i, e)));
+        let Some((i, raw)) = raw else {
+            return Err(Error::Corrupt(format!(
+                "guest cluster {guest_cluster} is beyond the L1 table ({} entries)",
+                self.l1.len()
+            )));
+        };
+        let entry = L1Entry(raw);
+        let l2_offset = entry.l2_offset(self.cluster_size(), l1_index)?;
+        if l2_offset != 0 {
+            self.check_host_offset(l2_offset, &format!("L2 table of L1 entry {l1_index}"))?;
+        }
+        Ok((i, entry, l2_offset))
+    }
+
+    /// Makes sure the L2 table at `l2_offset` is in the cache.
+    pub(super) fn load_l2(&mut self, l2_offset: u64) -> Result<()> {
+        if self.l2_cache.contains(l2_offset) {
+            return Ok(());
+        }
+        self.make_room_in_l2_cache()?;
+        let mut bytes = vec![0u8; self.cluster_size() as usize];
+        self.storage
+            .read_at(l2_offset, &mut bytes)
+            .map_err(|e| Error::io(format!("reading the L2 table at {l2_offset:#x}"), e))?;
+        self.l2_cache.insert(l2_offset, bytes, false);
+        Ok(())
+    }
+
+    /// Decodes and validates entry `l2_index` of the L2 table at `l2_offset`.
+    pub(super) fn l2_entry(
+        &mut self,
+        l2_offset: u64,
+        l2_index: usize,
+        guest_cluster: u64,
+    ) -> Result<Cluster> {
+        self.load_l2(l2_offset)?;
+        let raw = self
+            .l2_cache
+            .get(l2_offset)
+            .map(|t| be64_at(t, l2_index))
+            .unwrap_or(0);
+        let cluster = L2Entry(raw).decode(self.cluster_bits, self.header.version, guest_cluster)?;
+        match cluster {
+            Cluster::Data { host_offset, .. } => self.check_host_offset(
+                host_offset,
+                &format!("data cluster of guest cluster {guest_cluster}"),
+            )?,
+            Cluster::Zero { host_offset, .. } if host_offset != 0 => self.check_host_offset(
+                host_offset,
+                &format!("preallocated cluster of guest cluster {guest_cluster}"),
+            )?,
+            Cluster::Compressed { host_offset, .. } => self.check_host_offset(
+                host_offset,
+                &format!("compressed data of guest cluster {guest_cluster}"),
+            )?,
+            _ => {}
+        }
+        Ok(cluster)
+    }
+
+    pub(super) fn set_l2_entry(
+        &mut self,
+        l2_offset: u64,
+        l2_index: usize,
+        entry: L2Entry,
+    ) -> Result<()> {
+        self.load_l2(l2_offset)?;
+        let table = self.l2_cache.get_mut(l2_offset).ok_or_else(|| {
+            Error::Corrupt(format!("L2 table {l2_offset:#x} vanished from the cache"))
+        })?;
+        if let Some(slot) = table.get_mut(l2_index * 8..l2_index * 8 + 8) {
+            slot.copy_from_slice(&entry.0.to_be_bytes());
+        }
+        Ok(())
+    }
+
+    /// What backs guest cluster `guest_cluster`.
+    pub(super) fn cluster_at(&mut self, guest_cluster: u64) -> Result<Cluster> {
+        let (_, _, l2_offset) = self.l2_offset_for(guest_cluster)?;
+        if l2_offset == 0 {
+            return Ok(Cluster::Unallocated);
+        }
+        let l2_index = (guest_cluster & ((1u64 << self.l2_bits()) - 1)) as usize;
+        self.l2_entry(l2_offset, l2_index, guest_cluster)
+    }
+
+    /// The state of the cluster holding `guest_offset`, and how many bytes from there (at
+    /// most `len`) share it: same kind, and for data, contiguous host clusters. A compressed
+    /// run never extends past its cluster.
+    pub(super) fn lookup_run(&mut self, guest_offset: u64, len: u64) -> Result<(Cluster, u64)> {
+        let cluster_size = self.cluster_size();
+        let first = guest_offset >> self.cluster_bits;
+        let state = self.cluster_at(first)?;
+        let mut run = cluster_size - (guest_offset & (cluster_size - 1));
+        if !matches!(state, Cluster::Compressed { .. }) {
+            let mut next = first + 1;
+            while run < len {
+                let same = match (state, self.cluster_at(next)?) {
+                    (Cluster::Unallocated, Cluster::Unallocated) => true,
+                    (Cluster::Zero { .. }, Cluster::Zero { .. }) => true,
+                    (
+                        Cluster::Data { host_offset: a, .. },
+                        Cluster::Data { host_offset: b, .. },
+                    ) => b == a + (next - first) * cluster_size,
+                    _ => false,
+                };
+                if !same {
+                    break;
+                }
+                run += cluster_size;
+                next += 1;
+            }
+        }
+        Ok((state, run.min(len)))
+    }
+
+    /// The L2 table for `guest_cluster`, made writable: allocated if the L1 entry is empty,
+    /// copied if it is shared (L1 entry without COPIED). Returns (table offset, entry index).
+    pub(super) fn l2_table_for_write(&mut self, guest_cluster: u64) -> Result<(u64, usize)> {
+        let l2_index = (guest_cluster & ((1u64 << self.l2_bits()) - 1)) as usize;
+        let (l1_index, l1_entry, old_offset) = self.l2_offset_for(guest_cluster)?;
+        if old_offset != 0 && l1_entry.copied() {
+            return Ok((old_offset, l2_index));
+        }
+        // A new table: zeros for a new L2 range, a copy of the shared one otherwise (its
+        // entries keep their flags: the clusters they name were already counted once per
+        // table referencing them when the snapshot was taken).
+        let content = if old_offset == 0 {
+            vec![0u8; self.cluster_size() as usize]
+        } else {
+            self.load_l2(old_offset)?;
+            self.l2_cache
+                .get(old_offset)
+                .map(|t| t.to_vec())
+                .ok_or_else(|| {
+                    Error::Corrupt(format!("L2 table {old_offset:#x} vanished from the cache"))
+                })?
+        };
+        let new_offset = self.alloc_cluster()?;
+        self.make_room_in_l2_cache()?;
+        // (c) The new table is only in the cache (dirty); write_back writes L2 tables before
+        // L1 entries, with an ordering point between.
+        self.l2_cache.insert(new_offset, content, true);
+        if let Some(e) = self.l1.get_mut(l1_index) {
+            *e = L1Entry::new_copied(new_offset).0;
+        }
+        self.l1_dirty.insert(l1_index);
+        if old_offset != 0 {
+            self.pending_frees.push(old_offset >> self.cluster_bits);
+        }
+        Ok((new_offset, l2_index))
+    }
+
+    /// The refcount block offset for refcount table index `rt_index` (0 if none).
+    fn refblock_offset(&self, rt_index: u64) -> Result<Option<u64>> {
+        let Some(&raw) = usize::try_from(rt_index)
+            .ok()
+            .and_then(|i| self.reftable.get(i))
+        else {
+            return Ok(None);
+        };
+        let offset = ReftableEntry(raw).refblock_offset(self.cluster_size(), rt_index)?;
+        if offset != 0 {
+            self.check_host_offset(offset, &format!("refcount block {rt_index}"))?;
+        }
+        Ok(Some(offset))
+    }
+
+    /// Makes sure the refcount block at `offset` is in the cache.
+    fn load_refblock(&mut self, offset: u64) -> Result<()> {
+        if self.refblock_cache.contains(offset) {
+            return Ok(());
+        }
+        self.make_room_in_refblock_cache()?;
+        let mut bytes = vec![0u8; self.cluster_size() as usize];
+        self.storage
+            .read_at(offset, &mut bytes)
+            .map_err(|e| Error::io(format!("reading the refcount block at {offset:#x}"), e))?;
+        self.refblock_cache.insert(offset, bytes, false);
+        Ok(())
+    }
+
+    /// The refcount of a host cluster (0 where no refcount block covers it).
+    pub(super) fn refcount(&mut self, host_cluster: u64) -> Result<u64> {
+        let (rt_index, index) = self.rc.locate(host_cluster);
+        match self.refblock_offset(rt_index)? {
+            None | Some(0) => Ok(0),
+            Some(offset) => {
+                self.load_refblock(offset)?;
+                Ok(self
+                    .refblock_cache
+                    .get(offset)
+                    .map(|b| self.rc.get(b, index))
+                    .unwrap_or(0))
+            }
+        }
+    }
+
+    /// Sets the refcount of a host cluster whose refcount block exists.
+    pub(super) fn set_refcount(&mut self, host_cluster: u64, value: u64) -> Result<()> {
+        let (rt_index, index) = self.rc.locate(host_cluster);
+        let Some(offset) = self.refblock_offset(rt_index)?.filter(|&o| o != 0) else {
+            return Err(Error::Corrupt(format!(
+                "no refcount block for host cluster {host_cluster}"
+            )));
+        };
+        if value > self.rc.max_refcount() {
+            return Err(Error::Unsupported(format!(
+                "refcount of host cluster {host_cluster} would overflow {} bits",
+                self.rc.refcount_bits()
+            )));
+        }
+        self.load_refblock(offset)?;
+        let rc = self.rc;
+        let block = self.refblock_cache.get_mut(offset).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "refcount block {offset:#x} vanished from the cache"
+            ))
+        })?;
+        rc.set(block, index, value);
+        Ok(())
+    }
+
+    /// The first host cluster at or after the hint that is free (refcount 0, not freed since
+    /// the last flush). Clusters past the refcount table's reach count as free.
+    fn find_free_cluster(&mut self) -> Result<u64> {
+        let mut cluster = self.free_cluster_hint.max(1);
+        loop {
+            if self.quarantine.contains(&cluster) {
+                cluster += 1;
+                continue;
+            }
+            let (rt_index, first_index) = self.rc.locate(cluster);
+            let offset = match self.refblock_offset(rt_index)? {
+                None | Some(0) => return Ok(cluster),
+                Some(offset) => offset,
+            };
+            self.load_refblock(offset)?;
+            let per_block = self.rc.entries_per_block();
+            let block_start = cluster - first_index;
+            let rc = self.rc;
+            let found = self.refblock_cache.get(offset).and_then(|block| {
+                (first_index..per_block).find(|&i| {
+                    rc.get(block, i) == 0 && !self.quarantine.contains(&(block_start + i))
+                })
+            });
+            match found {
+                Some(i) => return Ok(block_start + i),
+                None => cluster = block_start + per_block,
+            }
+        }
+    }
+
+    /// Allocates one host cluster (refcount 0 -> 1) and returns its offset. The refcount
+    /// change stays in the cache: write_back writes it before any entry naming the cluster.
+    pub(super) fn alloc_cluster(&mut self) -> Result<u64> {
+        let cluster_size = self.cluster_size();
+        loop {
+            let cluster = self.find_free_cluster()?;
+            let host_offset = cluster
+                .checked_mul(cluster_size)
+                .filter(|&o| o & !super::entry::OFFSET_MASK == 0)
+                .ok_or_else(|| Error::Unsupported("host offset beyond 2^56 bytes".into()))?;
+            self.check_free_cluster_is_unused(host_offset)?;
+            let (rt_index, index) = self.rc.locate(cluster);
+            match self.refblock_offset(rt_index)? {
+                None => {
+                    // Past the refcount table's reach: every cluster from here on is free, so
+                    // the new table and its blocks go here.
+                    self.grow_reftable(rt_index + 1, cluster)?;
+                }
+                Some(0) => {
+                    // No refcount block covers this cluster yet: the cluster becomes that block,
+                    // inside the range it covers, and counts itself (the spec requires every
+                    // used cluster, refcount blocks included, to be counted by some block).
+                    self.make_room_in_refblock_cache()?;
+                    let mut block = vec![0u8; cluster_size as usize];
+                    self.rc.set(&mut block, index, 1);
+                    self.refblock_cache.insert(host_offset, block, true);
+                    if let Some(e) = usize::try_from(rt_index)
+                        .ok()
+                        .and_then(|i| self.reftable.get_mut(i))
+                    {
+                        *e = host_offset;
+                    }
+                    self.reftable_dirty.insert(rt_index as usize);
+                    self.note_allocated(cluster);
+                }
+                Some(_) => {
+                    self.set_refcount(cluster, 1)?;
+                    self.note_allocated(cluster);
+                    return Ok(host_offset);
+                }
+            }
+        }
+    }
+
+    /// Allocates `count` contiguous host clusters past everything in use (for tables that
+    /// must be contiguous) and returns the offset of the first.
+    pub(super) fn alloc_contiguous(&mut self, count: u64) -> Result<u64> {
+        let cluster_size = self.cluster_size();
+        let start = self.host_end.div_ceil(cluster_size);
+        let end = start
+            .checked_add(count)
+            .filter(|&e| {
+                e.checked_mul(cluster_size)
+                    .is_some_and(|o| o & !super::entry::OFFSET_MASK == 0)
+            })
+            .ok_or_else(|| Error::Unsupported("host offset beyond 2^56 bytes".into()))?;
+        // Refcount blocks and tables this needs go after the range.
+        self.host_end = end * cluster_size;
+        self.free_cluster_hint = self.free_cluster_hint.max(end);
+        for cluster in start..end {
+            self.claim_cluster(cluster)?;
+        }
+        Ok(start * cluster_size)
+    }
+
+    /// Sets the refcount of a given free host cluster to 1, creating its refcount block (and
+    /// growing the refcount table) elsewhere if needed.
+    fn claim_cluster(&mut self, cluster: u64) -> Result<()> {
+        loop {
+            let (rt_index, _) = self.rc.locate(cluster);
+            match self.refblock_offset(rt_index)? {
+                Some(0) => {
+                    let block = self.alloc_cluster()?;
+                    if self.refblock_offset(rt_index)? != Some(0) {
+                        // Allocating made that very block (self-describing); give `block` back.
+                        self.set_refcount(block >> self.cluster_bits, 0)?;
+                        continue;
+                    }
+                    self.make_room_in_refblock_cache()?;
+                    self.refblock_cache.insert(
+                        block,
+                        vec![0u8; self.cluster_size() as usize],
+                        true,
+                    );
+                    if let Some(e) = usize::try_from(rt_index)
+                        .ok()
+                        .and_then(|i| self.reftable.get_mut(i))
+                    {
+                        *e = block;
+                    }
+                    self.reftable_dirty.insert(rt_index as usize);
+                }
+                Some(_) => {
+                    if self.refcount(cluster)? != 0 {
+                        return Err(Error::Corrupt(format!(
+                            "host cluster {cluster} past the end of the file has a refcount"
+                        )));
+                    }
+                    return self.set_refcount(cluster, 1);
+                }
+                None => {
+                    let coverage_end =
+                        (self.reftable.len() as u64) << self.rc.entries_per_block_bits();
+                    let area = coverage_end.max(self.host_end.div_ceil(self.cluster_size()));
+                    self.grow_reftable(rt_index + 1, area)?;
+                }
+            }
+        }
+    }
+
+    /// A cluster with refcount 0 must not hold a table this image uses; if it does, the
+    /// refcounts are corrupt and allocating it would overwrite metadata.
+    fn check_free_cluster_is_unused(&self, host_offset: u64) -> Result<()> {
+        let end = host_offset + self.cluster_size();
+        let holder = self
+            .metadata_regions
+            .iter()
+            .find(|r| r.overlaps(host_offset, end))
+            .map(|r| r.name)
+            .or_else(|| self.l2_cache.contains(host_offset).then_some("an L2 table"))
+            .or_else(|| {
+                self.refblock_cache
+                    .contains(host_offset)
+                    .then_some("a refcount block")
+            });
+        match holder {
+            Some(what) => Err(Error::Corrupt(format!(
+                "host cluster at {host_offset:#x} has refcount 0 but holds {what}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn note_allocated(&mut self, cluster: u64) {
+        self.free_cluster_hint = self.free_cluster_hint.max(cluster + 1);
+        self.host_end = self.host_end.max((cluster + 1) << self.cluster_bits);
+    }
+
+    /// Applies the deferred refcount decrements (write_back stage 5). Clusters reaching 0 go
+    /// into quarantine until the next flush.
+    pub(super) fn apply_pending_frees(&mut self) -> Result<()> {
+        let frees = std::mem::take(&mut self.pending_frees);
+        for cluster in frees {
+            let current = self.refcount(cluster)?;
+            if current == 0 {
+                return Err(Error::Corrupt(format!(
+                    "host cluster {cluster} freed but its refcount is already 0"
+                )));
+            }
+            self.set_refcount(cluster, current - 1)?;
+            if current == 1 {
+                self.quarantine.insert(cluster);
+            }
+        }
+        Ok(())
+    }
+}

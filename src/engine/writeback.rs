@@ -1,0 +1,275 @@
+//! Metadata write-back: the one routine ([`Image::write_back`]) that writes dirty metadata to
+//! storage, and the ordering points between its stages.
+//!
+//! The invariants it keeps, so that a crash at any moment leaves an image whose every
+//! reference is valid (at worst a leaked cluster, never a refcount below its references):
+//! - (a) guest data is written before the L2 entry that points to it;
+//! - (b) refcount increments are written before the L2 or L1 entry that references the
+//!   counted cluster (and a new refcount block before the refcount table entry naming it);
+//! - (c) a new L2 table is written before the L1 entry that points to it;
+//! - (d) clusters freed are not reused before the next guest flush (they are quarantined by
+//!   `apply_pending_frees` and released by `Image::flush`), and their refcount decrement is
+//!   only written after the entries that dropped the reference.
+//!
+//! An ordering point is the single method [`Image::ordering_point`]; today it is a storage
+//! flush, a later change makes it a barrier. Every ordering point goes through it.
+
+use super::error::{Error, Result};
+use super::image::Image;
+use super::storage::Storage;
+
+impl<S: Storage> Image<S> {
+    /// Everything written before this call reaches the disk before anything written after.
+    /// Today: a storage flush (fdatasync).
+    pub(super) fn ordering_point(&mut self) -> Result<()> {
+        self.counters.ordering_points += 1;
+        self.storage_flush()
+    }
+
+    /// One `Storage::flush`, counted.
+    pub(super) fn storage_flush(&mut self) -> Result<()> {
+        self.storage
+            .flush()
+            .map_err(|e| Error::io("flushing the image file", e))?;
+        self.counters.storage_flushes += 1;
+        self.unordered_writes = false;
+        self.unflushed_writes = false;
+        Ok(())
+    }
+
+    /// An ordering point, if anything was written since the last one.
+    fn order_after_previous_writes(&mut self) -> Result<()> {
+        if self.unordered_writes {
+            self.ordering_point()?;
+        }
+        Ok(())
+    }
+
+    /// A metadata write, counted.
+    pub(super) fn write_metadata(
+        &mut self,
+        host_offset: u64,
+        bytes: &[u8],
+        what: &str,
+    ) -> Result<()> {
+        self.storage
+            .write_at(host_offset, bytes)
+            .map_err(|e| Error::io(format!("{what} at {host_offset:#x}"), e))?;
+        self.counters.metadata_writes += 1;
+        self.unordered_writes = true;
+        self.unflushed_writes = true;
+        Ok(())
+    }
+
+    /// Writes back all dirty metadata, stage by stage, with an ordering point before each stage
+    /// that depends on earlier writes (only when something was written since the last one).
+    /// Does not flush at the end: [`Image::flush`] does that.
+    pub(super) fn write_back(&mut self) -> Result<()> {
+        // Stage 1: refcount blocks. They hold only increments and new blocks here (decrements
+        // wait for stage 5), so writing them early is always safe: at worst a leak.
+        self.write_dirty_refblocks()?;
+
+        // Stage 2: refcount table entries naming new refcount blocks. (b) The blocks were
+        // written in stage 1 (or on eviction); order them first.
+        if !self.reftable_dirty.is_empty() {
+            self.order_after_previous_writes()?;
+            let dirty = std::mem::take(&mut self.reftable_dirty);
+            for index in dirty {
+                let entry = self.reftable.get(index).copied().unwrap_or(0);
+                let at = self.header.refcount_table_offset + index as u64 * 8;
+                self.write_metadata(at, &entry.to_be_bytes(), "writing a refcount table entry")?;
+            }
+        }
+
+        // Stage 3: L2 tables. (a) The data of allocating writes was written before this call;
+        // (b) the refcounts of the clusters they name were written in stages 1-2. One ordering
+        // point covers both.
+        if self.l2_cache.has_dirty() {
+            self.order_after_previous_writes()?;
+            for offset in self.l2_cache.dirty_offsets() {
+                let bytes = self
+                    .l2_cache
+                    .peek(offset)
+                    .map(|b| b.to_vec())
+                    .unwrap_or_default();
+                self.write_metadata(offset, &bytes, "writing an L2 table")?;
+                self.l2_cache.mark_clean(offset);
+            }
+        }
+
+        // Stage 4: L1 entries. (c) New L2 tables were written in stage 3; (b) their refcounts
+        // in stages 1-2.
+        if !self.l1_dirty.is_empty() {
+            self.order_after_previous_writes()?;
+            let dirty = std::mem::take(&mut self.l1_dirty);
+            for index in dirty {
+                let entry = self.l1.get(index).copied().unwrap_or(0);
+                let at = self.header.l1_table_offset + index as u64 * 8;
+                self.write_metadata(at, &entry.to_be_bytes(), "writing an L1 entry")?;
+            }
+        }
+
+        // Stage 5: refcount decrements of clusters that lost a reference (copy-on-write). (d)
+        // Only after the entries that dropped the reference are written, so a crash never
+        // leaves a reference to a cluster counted too low; the freed clusters stay
+        // quarantined until the next guest flush.
+        if !self.pending_frees.is_empty() {
+            self.order_after_previous_writes()?;
+            self.apply_pending_frees()?;
+            self.write_dirty_refblocks()?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the refcount table with a larger one so that it reaches `min_entries` entries,
+    /// placed at host cluster `area_start` (free, beyond what the current table covers)
+    /// together with the new refcount blocks that count the new table and themselves.
+    ///
+    /// Order: the dirty refcount blocks and the new blocks and table are written; ordering
+    /// point; the header switches to the new table; ordering point. The old table's clusters
+    /// are freed through `pending_frees` (stage 5 of the next write-back). A crash before the
+    /// header write leaves the old table in force and the new area as unreferenced clusters
+    /// past the old table's reach (a leak QEMU repairs; nothing counted too low).
+    pub(super) fn grow_reftable(&mut self, min_entries: u64, area_start: u64) -> Result<()> {
+        let cluster_size = self.cluster_size();
+        let cluster_bits = self.cluster_bits;
+        let per_block = self.rc.entries_per_block();
+        let old_entries = self.reftable.len() as u64;
+        // Find a size that covers the new table and its own refcount blocks.
+        let mut new_entries = old_entries.saturating_mul(2).max(min_entries).max(1);
+        let (table_clusters, first_block, block_count) = loop {
+            let table_clusters = (new_entries * 8).div_ceil(cluster_size);
+            let first_block = area_start / per_block;
+            let mut block_count = 1;
+            loop {
+                let area_end = area_start + table_clusters + block_count;
+                let needed = (area_end - 1) / per_block - first_block + 1;
+                if needed <= block_count {
+                    break;
+                }
+                block_count = needed;
+            }
+            if first_block + block_count <= new_entries {
+                break (table_clusters, first_block, block_count);
+            }
+            new_entries = first_block + block_count;
+        };
+        let table_bytes = table_clusters << cluster_bits;
+        if table_bytes > super::layout::MAX_REFTABLE_BYTES {
+            return Err(Error::Unsupported(format!(
+                "refcount table growth beyond {} bytes",
+                super::layout::MAX_REFTABLE_BYTES
+            )));
+        }
+        let area_clusters = table_clusters + block_count;
+        let table_offset = area_start << cluster_bits;
+        let blocks_start = area_start + table_clusters;
+
+        // Dirty blocks first: the new table names them.
+        self.write_dirty_refblocks()?;
+        let mut table = self.reftable.clone();
+        table.resize(new_entries as usize, 0);
+        for j in 0..block_count {
+            let block_cluster = blocks_start + j;
+            if let Some(e) = table.get_mut((first_block + j) as usize) {
+                *e = block_cluster << cluster_bits;
+            }
+            let mut block = vec![0u8; cluster_size as usize];
+            let covered_start = (first_block + j) * per_block;
+            for cluster in area_start..area_start + area_clusters {
+                if cluster >= covered_start && cluster < covered_start + per_block {
+                    self.rc.set(&mut block, cluster - covered_start, 1);
+                }
+            }
+            self.write_metadata(
+                block_cluster << cluster_bits,
+                &block,
+                "writing a new refcount block",
+            )?;
+        }
+        let mut table_raw = Vec::with_capacity(table_bytes as usize);
+        for e in &table {
+            table_raw.extend_from_slice(&e.to_be_bytes());
+        }
+        table_raw.resize(table_bytes as usize, 0);
+        self.write_metadata(table_offset, &table_raw, "writing the new refcount table")?;
+
+        // The header names the new table only once the table and its blocks are on disk.
+        self.ordering_point()?;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&table_offset.to_be_bytes());
+        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        self.write_metadata(
+            48,
+            &fields,
+            "switching the header to the new refcount table",
+        )?;
+        self.ordering_point()?;
+
+        let old_offset = self.header.refcount_table_offset;
+        let old_clusters = u64::from(self.header.refcount_table_clusters);
+        self.header.refcount_table_offset = table_offset;
+        self.header.refcount_table_clusters = table_clusters as u32;
+        self.reftable = table;
+        self.reftable_dirty.clear();
+        for r in self
+            .metadata_regions
+            .iter_mut()
+            .filter(|r| r.name == "refcount table")
+        {
+            r.start = table_offset;
+            r.end = table_offset + table_bytes;
+        }
+        let old_first = old_offset >> cluster_bits;
+        self.pending_frees
+            .extend(old_first..old_first + old_clusters);
+        self.free_cluster_hint = area_start + area_clusters;
+        self.host_end = self
+            .host_end
+            .max((area_start + area_clusters) << cluster_bits);
+        Ok(())
+    }
+
+    fn write_dirty_refblocks(&mut self) -> Result<()> {
+        for offset in self.refblock_cache.dirty_offsets() {
+            self.write_refblock(offset)?;
+        }
+        Ok(())
+    }
+
+    fn write_refblock(&mut self, offset: u64) -> Result<()> {
+        let bytes = self
+            .refblock_cache
+            .peek(offset)
+            .map(|b| b.to_vec())
+            .unwrap_or_default();
+        self.write_metadata(offset, &bytes, "writing a refcount block")?;
+        self.refblock_cache.mark_clean(offset);
+        Ok(())
+    }
+
+    /// Frees a slot in the L2 cache. A dirty victim may depend on data and refcounts not yet
+    /// ordered before it, so the whole write-back runs first.
+    pub(super) fn make_room_in_l2_cache(&mut self) -> Result<()> {
+        if let Some((victim, dirty)) = self.l2_cache.victim() {
+            if dirty {
+                self.write_back()?;
+            }
+            self.l2_cache.evict(victim);
+        }
+        Ok(())
+    }
+
+    /// Frees a slot in the refcount block cache. A dirty block holds only increments or new
+    /// blocks (decrements are applied in stage 5 after their ordering point), which may be
+    /// written at any time: the victim alone is written.
+    pub(super) fn make_room_in_refblock_cache(&mut self) -> Result<()> {
+        if let Some((victim, dirty)) = self.refblock_cache.victim() {
+            if dirty {
+                self.write_refblock(victim)?;
+            }
+            self.refblock_cache.evict(victim);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,172 @@
+//! Writing zeroes and discarding: whole clusters change their L2 entry only (the v3 zero flag,
+//! or unallocated); partial clusters at the ends are written as zero bytes (write_zeroes) or
+//! left alone (discard, which is advisory).
+//!
+//! A host cluster that loses its last reference goes through `pending_frees`, so its refcount
+//! drops only after the new L2 entry is written and it is not reused before the next flush
+//! (write-back stage 5, rule (d)).
+
+use super::entry::{Cluster, L2Entry, OFLAG_COPIED, OFLAG_ZERO};
+use super::error::{Error, Result};
+use super::image::Image;
+use super::storage::{Backing, Storage};
+
+/// What to do with a whole cluster.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClusterOp {
+    /// Read as zeros; `unmap` frees the host cluster, otherwise a cluster that is ours alone
+    /// stays allocated (preallocated zero cluster).
+    Zero { unmap: bool },
+    /// Guest discard: like QEMU, zero flag on v3 for allocated clusters, unallocated on v2.
+    Discard,
+}
+
+impl<S: Storage> Image<S> {
+    /// Makes `len` bytes at `guest_offset` read as zeros. Whole clusters get the v3 zero flag
+    /// (`unmap` also releases their host clusters); on a v2 image, and for partial clusters,
+    /// zero bytes are written.
+    pub fn write_zeroes(
+        &mut self,
+        guest_offset: u64,
+        len: u64,
+        unmap: bool,
+        backing: Option<&dyn Backing>,
+    ) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.check_request(guest_offset, len)?;
+        let (head_end, tail_start) = self.whole_cluster_span(guest_offset, len);
+        if self.header.version < 3 || head_end >= tail_start {
+            return self.write_zero_bytes(guest_offset, len, backing);
+        }
+        self.write_zero_bytes(guest_offset, head_end - guest_offset, backing)?;
+        self.for_each_whole_cluster(head_end, tail_start, ClusterOp::Zero { unmap })?;
+        self.write_zero_bytes(tail_start, guest_offset + len - tail_start, backing)
+    }
+
+    /// Discards the whole clusters inside the range (partial clusters at its ends are left as
+    /// they are). Afterwards they read as zeros on v3 images, and from the backing file (or
+    /// zeros) on v2 images.
+    pub fn discard(&mut self, guest_offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        self.check_request(guest_offset, len)?;
+        let (head_end, tail_start) = self.whole_cluster_span(guest_offset, len);
+        if head_end < tail_start {
+            self.for_each_whole_cluster(head_end, tail_start, ClusterOp::Discard)?;
+        }
+        Ok(())
+    }
+
+    fn check_request(&self, guest_offset: u64, len: u64) -> Result<()> {
+        let size = self.header.virtual_size;
+        match guest_offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange {
+                offset: guest_offset,
+                len,
+                size,
+            }),
+        }
+    }
+
+    /// The cluster-aligned part of a range: (start of the first whole cluster, end of the
+    /// last). A range ending at the end of the image counts its last partial cluster as whole.
+    fn whole_cluster_span(&self, guest_offset: u64, len: u64) -> (u64, u64) {
+        let cluster_size = self.cluster_size();
+        let end = guest_offset + len;
+        let head_end = guest_offset.next_multiple_of(cluster_size).min(end);
+        let tail_start = if end == self.header.virtual_size {
+            end.max(head_end)
+        } else {
+            (end / cluster_size * cluster_size).max(head_end)
+        };
+        (head_end, tail_start)
+    }
+
+    fn write_zero_bytes(
+        &mut self,
+        guest_offset: u64,
+        len: u64,
+        backing: Option<&dyn Backing>,
+    ) -> Result<()> {
+        let step = self.cluster_size().max(1 << 16);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(step);
+            let zeros = vec![0u8; n as usize];
+            self.write(guest_offset + done, &zeros, backing)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn for_each_whole_cluster(&mut self, start: u64, end: u64, op: ClusterOp) -> Result<()> {
+        let mut offset = start;
+        while offset < end {
+            let guest_cluster = offset >> self.cluster_bits;
+            self.change_whole_cluster(guest_cluster, op)?;
+            offset += self.cluster_size();
+        }
+        Ok(())
+    }
+
+    fn change_whole_cluster(&mut self, guest_cluster: u64, op: ClusterOp) -> Result<()> {
+        let current = self.cluster_at(guest_cluster)?;
+        let v3 = self.header.version >= 3;
+        let (new_entry, freed): (Option<L2Entry>, Vec<u64>) = match (op, current) {
+            (ClusterOp::Discard, Cluster::Unallocated) => (None, Vec::new()),
+            (ClusterOp::Discard, Cluster::Zero { host_offset: 0, .. }) => (None, Vec::new()),
+            (ClusterOp::Zero { unmap: false }, Cluster::Zero { .. }) => (None, Vec::new()),
+            (ClusterOp::Zero { unmap: true }, Cluster::Zero { host_offset: 0, .. }) => {
+                (None, Vec::new())
+            }
+            // Keep a cluster that is ours alone, marked zero.
+            (
+                ClusterOp::Zero { unmap: false },
+                Cluster::Data {
+                    host_offset,
+                    copied: true,
+                },
+            ) => (
+                Some(L2Entry(host_offset | OFLAG_COPIED | OFLAG_ZERO)),
+                Vec::new(),
+            ),
+            (_, other) => {
+                let entry = if v3 {
+                    L2Entry::zero()
+                } else {
+                    L2Entry::UNALLOCATED
+                };
+                (Some(entry), self.host_clusters_of(other))
+            }
+        };
+        let Some(entry) = new_entry else {
+            return Ok(());
+        };
+        let (l2_offset, l2_index) = self.l2_table_for_write(guest_cluster)?;
+        self.set_l2_entry(l2_offset, l2_index, entry)?;
+        self.pending_frees.extend(freed);
+        Ok(())
+    }
+
+    /// The host clusters an L2 entry holds a reference to.
+    pub(super) fn host_clusters_of(&self, cluster: Cluster) -> Vec<u64> {
+        match cluster {
+            Cluster::Unallocated | Cluster::Zero { host_offset: 0, .. } => Vec::new(),
+            Cluster::Zero { host_offset, .. } | Cluster::Data { host_offset, .. } => {
+                vec![host_offset >> self.cluster_bits]
+            }
+            Cluster::Compressed {
+                host_offset,
+                max_len_bytes,
+            } => {
+                let first = host_offset >> self.cluster_bits;
+                let last = (host_offset + max_len_bytes.max(1) - 1) >> self.cluster_bits;
+                (first..=last).collect()
+            }
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! qcow2b: a qcow2 block driver for QEMU whose metadata write-back is ordered by barriers.
+//!
+//! Three layers, each in its own module:
+//! - [`engine`]: the qcow2 format and its read/write engine, pure Rust, generic over a
+//!   [`engine::Storage`] trait, testable with `cargo test` alone.
+//! - `glue` (feature `qemu`): the only code that knows QEMU exists: bindgen bindings, the
+//!   BlockDriver table, and the storage implementation over a `BdrvChild`.
+
+pub mod engine;
+
+#[cfg(feature = "qemu")]
+mod glue;

@@ -1,0 +1,493 @@
+//! Opening and validating images: each malformed or unsupported header gives the right error
+//! variant with a message naming the field or feature, and never a panic.
+
+#[path = "engine_support.rs"]
+mod support;
+
+use qcow2b::engine::header::Header;
+use qcow2b::engine::{Error, Image, MemStorage, OpenOptions};
+use support::*;
+
+const RW: OpenOptions = OpenOptions {
+    read_only: false,
+    l2_cache_bytes: None,
+    refcount_cache_bytes: None,
+};
+const RO: OpenOptions = OpenOptions {
+    read_only: true,
+    l2_cache_bytes: None,
+    refcount_cache_bytes: None,
+};
+
+fn open(bytes: Vec<u8>, opts: &OpenOptions) -> Result<Image<MemStorage>, Error> {
+    Image::open(MemStorage::new(bytes), opts)
+}
+
+fn valid() -> Vec<u8> {
+    build_image(16, 1 << 30, 3)
+}
+
+/// Asserts the error variant and that the message mentions `needle`.
+#[track_caller]
+fn assert_err(result: Result<Image<MemStorage>, Error>, variant: &str, needle: &str) {
+    let err = match result {
+        Ok(_) => panic!("expected a {variant} error mentioning {needle:?}, the image opened"),
+        Err(e) => e,
+    };
+    let got = match &err {
+        Error::Invalid(_) => "Invalid",
+        Error::Unsupported(_) => "Unsupported",
+        Error::Corrupt(_) => "Corrupt",
+        Error::Io { .. } => "Io",
+        Error::ReadOnly => "ReadOnly",
+        Error::OutOfRange { .. } => "OutOfRange",
+    };
+    assert_eq!(got, variant, "{err}");
+    assert!(
+        err.to_string().contains(needle),
+        "message {:?} lacks {needle:?}",
+        err.to_string()
+    );
+}
+
+#[test]
+fn valid_images_open_v3_and_v2_at_every_cluster_size() {
+    for bits in 9..=21 {
+        for version in [2, 3] {
+            let image = open(build_image(bits, 100 << 20, version), &RW).unwrap();
+            assert_eq!(image.cluster_size(), 1 << bits);
+            assert_eq!(image.virtual_size(), 100 << 20);
+            image.close().unwrap();
+        }
+    }
+}
+
+#[test]
+fn bad_magic_is_invalid() {
+    let mut b = valid();
+    b[0] = b'X';
+    assert_err(open(b, &RO), "Invalid", "magic");
+}
+
+#[test]
+fn versions_1_and_4_are_unsupported() {
+    for v in [1, 4] {
+        let mut b = valid();
+        put32(&mut b, field::VERSION, v);
+        assert_err(open(b, &RO), "Unsupported", &format!("version {v}"));
+    }
+}
+
+#[test]
+fn cluster_bits_8_and_22_are_invalid() {
+    for bits in [8, 22, 0, u32::MAX] {
+        let mut b = valid();
+        put32(&mut b, field::CLUSTER_BITS, bits);
+        assert_err(open(b, &RO), "Invalid", "cluster_bits");
+    }
+}
+
+#[test]
+fn refcount_order_7_is_invalid() {
+    let mut b = valid();
+    put32(&mut b, field::REFCOUNT_ORDER, 7);
+    assert_err(open(b, &RO), "Invalid", "refcount_order");
+}
+
+#[test]
+fn every_refcount_order_up_to_6_opens() {
+    for order in 0..=6 {
+        let mut b = valid();
+        put32(&mut b, field::REFCOUNT_ORDER, order);
+        assert!(open(b, &RO).is_ok(), "refcount_order {order}");
+    }
+}
+
+#[test]
+fn file_shorter_than_a_header_is_invalid() {
+    assert_err(open(vec![0; 10], &RO), "Invalid", "too short");
+    assert_err(open(Vec::new(), &RO), "Invalid", "too short");
+}
+
+#[test]
+fn l1_table_beyond_eof_is_invalid() {
+    let mut b = valid();
+    put64(&mut b, field::L1_OFFSET, 1 << 40);
+    assert_err(open(b, &RO), "Invalid", "L1 table");
+}
+
+#[test]
+fn l1_table_misaligned_or_at_zero_is_invalid() {
+    let mut b = valid();
+    put64(&mut b, field::L1_OFFSET, 3 * 65536 + 8);
+    assert_err(open(b, &RO), "Invalid", "L1 table offset");
+    let mut b = valid();
+    put64(&mut b, field::L1_OFFSET, 0);
+    assert_err(open(b, &RO), "Invalid", "L1 table offset is 0");
+}
+
+#[test]
+fn overlapping_tables_are_invalid() {
+    let mut b = valid();
+    put64(&mut b, field::L1_OFFSET, 65536); // the refcount table's cluster
+    assert_err(open(b, &RO), "Invalid", "overlaps");
+}
+
+#[test]
+fn huge_l1_size_is_invalid_without_allocating_it() {
+    let mut b = valid();
+    put32(&mut b, field::L1_SIZE, u32::MAX);
+    assert_err(open(b, &RO), "Invalid", "l1_size");
+}
+
+#[test]
+fn l1_size_too_small_for_the_virtual_size_is_invalid() {
+    let mut b = valid();
+    put64(&mut b, field::SIZE, 1 << 50);
+    assert_err(open(b, &RO), "Invalid", "l1_size");
+}
+
+#[test]
+fn refcount_table_checks() {
+    let mut b = valid();
+    put32(&mut b, field::REFTABLE_CLUSTERS, 0);
+    assert_err(open(b, &RO), "Invalid", "refcount_table_clusters");
+    let mut b = valid();
+    put32(&mut b, field::REFTABLE_CLUSTERS, 1 << 20);
+    assert_err(open(b, &RO), "Invalid", "refcount_table_clusters");
+    let mut b = valid();
+    put64(&mut b, field::REFTABLE_OFFSET, 100);
+    assert_err(open(b, &RO), "Invalid", "refcount table");
+    let mut b = valid();
+    put32(&mut b, field::REFTABLE_CLUSTERS, 3); // runs past the end of the file
+    assert_err(open(b, &RO), "Invalid", "refcount table");
+}
+
+#[test]
+fn header_length_checks() {
+    for len in [96, 108, 1 << 20] {
+        let mut b = valid();
+        put32(&mut b, field::HEADER_LENGTH, len);
+        assert_err(open(b, &RO), "Invalid", "header_length");
+    }
+}
+
+#[test]
+fn header_extension_overflowing_is_invalid() {
+    let mut b = valid();
+    put32(&mut b, field::EXTENSIONS, 0x1234_5678);
+    put32(&mut b, field::EXTENSIONS + 4, 0xffff_fff0);
+    assert_err(open(b, &RO), "Invalid", "header extension");
+    // An area with no end marker at all.
+    let mut b = build_image(9, 1 << 20, 3);
+    for at in (field::EXTENSIONS..512).step_by(8) {
+        put32(&mut b, at, 0x1111_1111);
+        put32(&mut b, at + 4, 0);
+    }
+    assert_err(open(b, &RO), "Invalid", "header extension");
+}
+
+#[test]
+fn encryption_is_unsupported_and_named() {
+    for (method, name) in [(1, "AES"), (2, "LUKS")] {
+        let mut b = valid();
+        put32(&mut b, field::CRYPT_METHOD, method);
+        assert_err(open(b, &RO), "Unsupported", name);
+    }
+}
+
+#[test]
+fn unknown_incompatible_bit_is_unsupported_and_named() {
+    let mut b = valid();
+    put64(&mut b, field::INCOMPATIBLE, 1 << 5);
+    assert_err(open(b, &RO), "Unsupported", "bit 5");
+
+    // With a feature name table, the image's own name for the bit is used.
+    let mut b = valid();
+    put64(&mut b, field::INCOMPATIBLE, 1 << 9);
+    let mut entry = [0u8; 48];
+    entry[1] = 9;
+    entry[2..2 + 11].copy_from_slice(b"time travel");
+    put_extension(&mut b, field::EXTENSIONS, 0x6803_f857, &entry);
+    assert_err(open(b, &RO), "Unsupported", "time travel");
+}
+
+#[test]
+fn external_data_file_and_extended_l2_are_unsupported_and_named() {
+    let mut b = valid();
+    put64(&mut b, field::INCOMPATIBLE, 1 << 2);
+    assert_err(open(b, &RO), "Unsupported", "external data file");
+    let mut b = valid();
+    put64(&mut b, field::INCOMPATIBLE, 1 << 4);
+    assert_err(open(b, &RO), "Unsupported", "extended L2");
+}
+
+#[test]
+fn compression_type_field_must_match_its_bit() {
+    let mut b = valid();
+    put64(&mut b, field::INCOMPATIBLE, 1 << 3);
+    assert_err(open(b, &RO), "Invalid", "compression");
+    let mut b = valid();
+    put64(&mut b, field::INCOMPATIBLE, 1 << 3);
+    b[104] = 1; // zstd
+    assert!(open(b, &RO).is_ok());
+    let mut b = valid();
+    b[104] = 1; // zstd without the bit
+    assert_err(open(b, &RO), "Invalid", "compression_type");
+    let mut b = valid();
+    put64(&mut b, field::INCOMPATIBLE, 1 << 3);
+    b[104] = 7;
+    assert_err(open(b, &RO), "Unsupported", "compression type 7");
+}
+
+#[test]
+fn corrupt_bit_refuses_read_write_but_allows_read_only() {
+    let mut b = valid();
+    put64(&mut b, field::INCOMPATIBLE, 1 << 1);
+    assert_err(open(b.clone(), &RW), "Corrupt", "marked corrupt");
+    let mut image = open(b, &RO).unwrap();
+    let mut buf = [1u8; 512];
+    image.read(0, &mut buf, None).unwrap();
+    assert_eq!(buf, [0u8; 512]);
+    assert!(matches!(image.write(0, &buf, None), Err(Error::ReadOnly)));
+}
+
+#[test]
+fn dirty_bit_refuses_read_write_until_refcount_rebuild_exists() {
+    let mut b = valid();
+    put64(&mut b, field::INCOMPATIBLE, 1);
+    assert_err(open(b.clone(), &RW), "Unsupported", "dirty");
+    assert!(open(b, &RO).is_ok());
+}
+
+#[test]
+fn clean_lazy_refcounts_image_opens_read_write() {
+    let mut b = valid();
+    put64(&mut b, field::COMPATIBLE, 1);
+    let mut image = open(b, &RW).unwrap();
+    image.write(0, &[7u8; 1000], None).unwrap();
+    image.close().unwrap();
+}
+
+#[test]
+fn backing_file_name_and_format_are_read() {
+    let mut b = valid();
+    let end = put_extension(&mut b, field::EXTENSIONS, 0xe279_2aca, b"qcow2");
+    let name_at = end + 8;
+    b[name_at..name_at + 8].copy_from_slice(b"base.img");
+    put64(&mut b, field::BACKING_OFFSET, name_at as u64);
+    put32(&mut b, field::BACKING_SIZE, 8);
+    let image = open(b, &RO).unwrap();
+    assert_eq!(image.backing_file(), Some("base.img"));
+    assert_eq!(image.backing_format(), Some("qcow2"));
+}
+
+#[test]
+fn backing_file_name_outside_the_first_cluster_is_invalid() {
+    let mut b = valid();
+    put64(&mut b, field::BACKING_OFFSET, 65530);
+    put32(&mut b, field::BACKING_SIZE, 100);
+    assert_err(open(b, &RO), "Invalid", "backing file name");
+    let mut b = valid();
+    put64(&mut b, field::BACKING_OFFSET, 1024);
+    put32(&mut b, field::BACKING_SIZE, 5000);
+    assert_err(open(b, &RO), "Invalid", "backing_file_size");
+}
+
+#[test]
+fn unknown_extensions_survive_the_autoclear_header_rewrite() {
+    let mut b = valid();
+    let end = put_extension(&mut b, field::EXTENSIONS, 0x0bad_cafe, b"keep me!!");
+    put_extension(&mut b, end, 0xe279_2aca, b"raw");
+    put64(&mut b, field::AUTOCLEAR, 1 << 7);
+    let image = open(b, &RW).unwrap();
+    let bytes = image.storage().bytes_copy();
+    image.close().unwrap();
+    let header = Header::parse(&bytes[..65536]).unwrap();
+    assert_eq!(
+        header.autoclear.0, 0,
+        "autoclear bits are cleared before writing"
+    );
+    assert_eq!(header.extensions[0].kind, 0x0bad_cafe);
+    assert_eq!(header.extensions[0].data, b"keep me!!");
+    assert_eq!(header.backing_format.as_deref(), Some("raw"));
+}
+
+/// Reads the whole storage (a test-only convenience on MemStorage).
+trait CopyOut {
+    fn bytes_copy(&self) -> Vec<u8>;
+}
+
+impl CopyOut for MemStorage {
+    fn bytes_copy(&self) -> Vec<u8> {
+        use qcow2b::engine::Storage;
+        let mut v = vec![0u8; self.len().unwrap() as usize];
+        self.read_at(0, &mut v).unwrap();
+        v
+    }
+}
+
+// Entries found bad while running are Corrupt errors, not panics.
+
+fn image_with_l1_entry(entry: u64) -> Image<MemStorage> {
+    let mut b = valid();
+    put64(&mut b, 3 * 65536, entry);
+    open(b, &RW).unwrap()
+}
+
+#[test]
+fn l1_entry_beyond_eof_is_corrupt() {
+    let mut image = image_with_l1_entry((1 << 40) | (1 << 63));
+    let mut buf = [0u8; 512];
+    assert!(
+        matches!(image.read(0, &mut buf, None), Err(Error::Corrupt(m)) if m.contains("beyond the end"))
+    );
+    assert!(matches!(image.write(0, &buf, None), Err(Error::Corrupt(_))));
+}
+
+#[test]
+fn l1_entry_with_reserved_bits_or_misaligned_is_corrupt() {
+    let mut buf = [0u8; 512];
+    let mut image = image_with_l1_entry((4 * 65536) | (1 << 60));
+    assert!(
+        matches!(image.read(0, &mut buf, None), Err(Error::Corrupt(m)) if m.contains("reserved"))
+    );
+    let mut image = image_with_l1_entry((65536 + 512) | (1 << 63));
+    assert!(
+        matches!(image.read(0, &mut buf, None), Err(Error::Corrupt(m)) if m.contains("aligned"))
+    );
+}
+
+fn image_with_l2_entry(entry: u64) -> Image<MemStorage> {
+    let mut b = valid();
+    let l2_at = b.len();
+    b.resize(l2_at + 65536, 0);
+    put64(&mut b, 3 * 65536, l2_at as u64 | (1 << 63));
+    put64(&mut b, l2_at, entry);
+    b[2 * 65536 + 2 * 4 + 1] = 1; // the L2 table's refcount
+    open(b, &RW).unwrap()
+}
+
+#[test]
+fn l2_entry_pointing_at_offset_0_the_header_or_past_eof_is_corrupt() {
+    let mut buf = [0u8; 512];
+    for (entry, needle) in [
+        (1u64 << 63, "host offset 0"),
+        (512 | (1 << 63), "aligned"),
+        ((1 << 30) | (1 << 63), "beyond the end"),
+        ((1 << 62) | 100, "header"),
+    ] {
+        let mut image = image_with_l2_entry(entry);
+        match image.read(0, &mut buf, None) {
+            Err(Error::Corrupt(m)) => assert!(m.contains(needle), "{m}"),
+            other => panic!("entry {entry:#x}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn requests_beyond_the_virtual_size_are_out_of_range() {
+    let mut image = open(build_image(16, 1 << 20, 3), &RW).unwrap();
+    let mut buf = [0u8; 512];
+    assert!(matches!(
+        image.read((1 << 20) - 100, &mut buf, None),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        image.write(u64::MAX - 10, &buf, None),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        image.map(1 << 20, 1),
+        Err(Error::OutOfRange { .. })
+    ));
+}
+
+/// Random corruption of the header cluster and tables: open and I/O either work or return an
+/// error; nothing panics.
+#[test]
+fn random_header_and_table_corruption_never_panics() {
+    let mut rng = XorShift::new(42);
+    let base = build_image(9, 1 << 20, 3);
+    for round in 0..3000 {
+        let mut b = base.clone();
+        for _ in 0..1 + rng.below(4) {
+            let at = if round % 2 == 0 {
+                rng.below(128)
+            } else {
+                rng.below(b.len() as u64)
+            } as usize;
+            b[at] = rng.next_u64() as u8;
+        }
+        let opts = if round % 3 == 0 { RO } else { RW };
+        if let Ok(mut image) = open(b, &opts) {
+            let mut buf = vec![0u8; 4096];
+            let size = image.virtual_size();
+            let off = rng.below(size.max(1));
+            let len = (size - off).min(4096) as usize;
+            let _ = image.read(off, &mut buf[..len], None);
+            let _ = image.write(off, &buf[..len], None);
+            let _ = image.map(off, len as u64 + 1);
+            let _ = image.flush();
+        }
+    }
+}
+
+/// An image with data, L2 tables and several refcount blocks, then random corruption
+/// anywhere in the file (tables included): every operation returns Ok or an error, never
+/// panics.
+#[test]
+fn random_metadata_corruption_never_panics() {
+    use qcow2b::engine::Storage;
+    let mut image = open(build_image(9, 4 << 20, 3), &RW).unwrap();
+    let mut rng = XorShift::new(7);
+    for _ in 0..60 {
+        let off = rng.below(4 << 20);
+        let len = (1 + rng.below(20_000)).min((4 << 20) - off);
+        image.write(off, &vec![0x5a; len as usize], None).unwrap();
+    }
+    image.flush().unwrap();
+    let storage = image.storage();
+    let mut base = vec![0u8; storage.len().unwrap() as usize];
+    storage.read_at(0, &mut base).unwrap();
+
+    for round in 0..4000 {
+        let mut b = base.clone();
+        for _ in 0..1 + rng.below(8) {
+            // Half the rounds hit the first clusters (header, refcount table and block, L1).
+            let span = if round % 2 == 0 { 2048 } else { b.len() as u64 };
+            let at = rng.below(span) as usize;
+            b[at] = match rng.below(3) {
+                0 => 0xff,
+                1 => 0,
+                _ => rng.next_u64() as u8,
+            };
+        }
+        let opts = OpenOptions {
+            read_only: round % 5 == 0,
+            l2_cache_bytes: Some(1024),
+            refcount_cache_bytes: None,
+        };
+        let Ok(mut image) = open(b, &opts) else {
+            continue;
+        };
+        let size = image.virtual_size();
+        if size == 0 {
+            continue;
+        }
+        for _ in 0..6 {
+            let off = rng.below(size);
+            let len = (1 + rng.below(3000)).min(size - off);
+            let mut buf = vec![0u8; len as usize];
+            let _ = match rng.below(6) {
+                0 => image.read(off, &mut buf, None),
+                1 => image.write(off, &buf, None),
+                2 => image.write_zeroes(off, len, rng.below(2) == 0, None),
+                3 => image.discard(off, len),
+                4 => image.map(off, len).map(|_| ()),
+                _ => image.truncate(size + rng.below(1 << 20)),
+            };
+        }
+        let _ = image.flush();
+    }
+}

@@ -1,0 +1,206 @@
+//! Helpers shared by the engine tests (included with `#[path]`): a small PRNG, a builder of
+//! minimal qcow2 images in memory, and wrappers around the system's `qemu-img`/`qemu-io`.
+#![allow(dead_code)]
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::process::Command;
+
+use qcow2b::engine::{Backing, Image, OpenOptions, Storage};
+
+/// xorshift64*: deterministic, seedable, good enough for test inputs.
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> Self {
+        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+pub fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+pub fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Byte offsets of header fields used by the tests.
+pub mod field {
+    pub const VERSION: usize = 4;
+    pub const BACKING_OFFSET: usize = 8;
+    pub const BACKING_SIZE: usize = 16;
+    pub const CLUSTER_BITS: usize = 20;
+    pub const SIZE: usize = 24;
+    pub const CRYPT_METHOD: usize = 32;
+    pub const L1_SIZE: usize = 36;
+    pub const L1_OFFSET: usize = 40;
+    pub const REFTABLE_OFFSET: usize = 48;
+    pub const REFTABLE_CLUSTERS: usize = 56;
+    pub const INCOMPATIBLE: usize = 72;
+    pub const COMPATIBLE: usize = 80;
+    pub const AUTOCLEAR: usize = 88;
+    pub const REFCOUNT_ORDER: usize = 96;
+    pub const HEADER_LENGTH: usize = 100;
+    pub const EXTENSIONS: usize = 112;
+}
+
+/// A minimal, consistent, empty image: header (cluster 0), refcount table (1), refcount block
+/// (2), L1 table (3..). Version 3 (header_length 112) or 2.
+pub fn build_image(cluster_bits: u32, virtual_size: u64, version: u32) -> Vec<u8> {
+    let cs = 1usize << cluster_bits;
+    let l1_entries = virtual_size.div_ceil((cs as u64) * (cs as u64) / 8);
+    let l1_clusters = ((l1_entries * 8) as usize).div_ceil(cs).max(1);
+    let total_clusters = 3 + l1_clusters;
+    let mut img = vec![0u8; total_clusters * cs];
+    img[0..4].copy_from_slice(b"QFI\xfb");
+    put32(&mut img, field::VERSION, version);
+    put32(&mut img, field::CLUSTER_BITS, cluster_bits);
+    put64(&mut img, field::SIZE, virtual_size);
+    put32(&mut img, field::L1_SIZE, l1_entries as u32);
+    put64(&mut img, field::L1_OFFSET, 3 * cs as u64);
+    put64(&mut img, field::REFTABLE_OFFSET, cs as u64);
+    put32(&mut img, field::REFTABLE_CLUSTERS, 1);
+    if version >= 3 {
+        put32(&mut img, field::REFCOUNT_ORDER, 4);
+        put32(&mut img, field::HEADER_LENGTH, 112);
+    }
+    put64(&mut img, cs, 2 * cs as u64);
+    for c in 0..total_clusters {
+        img[2 * cs + 2 * c + 1] = 1;
+    }
+    img
+}
+
+/// Appends a header extension at `at` (8-aligned) and returns the offset after it.
+pub fn put_extension(img: &mut [u8], at: usize, kind: u32, data: &[u8]) -> usize {
+    put32(img, at, kind);
+    put32(img, at + 4, data.len() as u32);
+    img[at + 8..at + 8 + data.len()].copy_from_slice(data);
+    (at + 8 + data.len()).next_multiple_of(8)
+}
+
+pub fn run(cmd: &mut Command) -> std::process::Output {
+    cmd.output().expect("running a qemu tool")
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed: {text}");
+    text
+}
+
+pub fn qemu_img_create(path: &Path, cluster_size: u64, size: u64, backing: Option<&Path>) {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2", "-o"])
+        .arg(format!("cluster_size={cluster_size}"));
+    if let Some(b) = backing {
+        cmd.arg("-b").arg(b).args(["-F", "qcow2"]);
+    }
+    cmd.arg(path).arg(size.to_string());
+    run_ok(&mut cmd);
+}
+
+pub fn qemu_io(path: &Path, commands: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "qcow2"]);
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.arg(path);
+    let text = run_ok(&mut cmd);
+    assert!(!text.contains("failed"), "qemu-io {commands:?}: {text}");
+    text
+}
+
+/// `qemu-img check`: asserts exit code 0 (no corruption, no leak).
+pub fn qemu_img_check(path: &Path) {
+    let out = run(Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path));
+    assert!(
+        out.status.success(),
+        "qemu-img check {} exited {:?}: {}{}",
+        path.display(),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img compare` of the qcow2 image against a raw file.
+pub fn qemu_img_compare_raw(img: &Path, raw: &Path) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
+            .arg(img)
+            .arg(raw),
+    );
+}
+
+/// The guest content of an image as QEMU reads it.
+pub fn qemu_img_to_raw(img: &Path, raw: &Path) -> Vec<u8> {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(img)
+            .arg(raw),
+    );
+    std::fs::read(raw).unwrap()
+}
+
+pub fn open_file(path: &Path, opts: &OpenOptions) -> Image<File> {
+    let file = File::options()
+        .read(true)
+        .write(!opts.read_only)
+        .open(path)
+        .unwrap();
+    Image::open(file, opts).unwrap()
+}
+
+/// A qcow2 image opened read-only, used as the backing file of another.
+pub struct ImageBacking<S: Storage>(pub RefCell<Image<S>>);
+
+impl<S: Storage> Backing for ImageBacking<S> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut image = self.0.borrow_mut();
+        let size = image.virtual_size();
+        buf.fill(0);
+        if offset >= size {
+            return Ok(());
+        }
+        let n = (size - offset).min(buf.len() as u64) as usize;
+        image
+            .read(offset, &mut buf[..n], None)
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+}
