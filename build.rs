@@ -1,0 +1,185 @@
+//! Generates the QEMU bindings for the glue (feature `qemu`).
+//!
+//! bindgen reads include/qcow2b-qemu.h with the same include paths and defines QEMU's own
+//! build used for block/qcow2.c (taken from the build directory's compile_commands.json), so
+//! the layouts match the C side exactly. Without the `qemu` feature nothing is generated and
+//! the pure-Rust engine builds and tests on its own.
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+/// What bindgen may emit: the block-driver interface and the helpers the glue calls.
+const ALLOW_TYPES: &[&str] = &[
+    "BlockDriver",
+    "BlockDriverState",
+    "BdrvChild",
+    "BdrvCheckResult",
+    "BdrvCheckMode",
+    "BlockDriverInfo",
+    "BlockReopenQueue",
+    "BDRVReopenState",
+    "BdrvRequestFlags",
+    "BdrvChildRole",
+    "CoMutex",
+    "QEMUIOVector",
+    "QemuOpts",
+    "QemuOptsList",
+    "QemuOptDesc",
+    "QemuOptType",
+    "QDict",
+    "Error",
+];
+const ALLOW_FUNCTIONS: &[&str] = &[
+    "bdrv_register",
+    "bdrv_open_file_child",
+    "bdrv_open_backing_file",
+    "bdrv_default_perms",
+    "bdrv_co_preadv",
+    "bdrv_co_preadv_part",
+    "bdrv_co_pwritev",
+    "bdrv_co_pwritev_part",
+    "bdrv_co_flush",
+    "bdrv_co_pread",
+    "bdrv_co_pwrite",
+    "bdrv_pread",
+    "bdrv_pwrite",
+    "bdrv_flush",
+    "bdrv_getlength",
+    "bdrv_co_truncate",
+    "bdrv_truncate",
+    "bdrv_is_read_only",
+    "bdrv_get_aio_context",
+    "qemu_co_mutex_init",
+    "qemu_co_mutex_lock",
+    "qemu_co_mutex_unlock",
+    "qemu_in_coroutine",
+    "qemu_iovec_init",
+    "qemu_iovec_destroy",
+    "qemu_iovec_to_buf",
+    "qemu_iovec_from_buf",
+    "qemu_iovec_memset",
+    "error_setg_internal",
+    "error_setg_errno_internal",
+    "qdict_get_try_str",
+    "qdict_del",
+    "qemu_opt_get",
+    "qemu_opt_get_size_del",
+    "qemu_opt_get_del",
+];
+const ALLOW_VARS: &[&str] = &["BDRV_.*", "BDRV_O_.*", "BDRV_REQ_.*", "BDRV_BLOCK_.*"];
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=include/qcow2b-qemu.h");
+    println!("cargo:rerun-if-env-changed=QCOW2B_QEMU_SRC");
+    println!("cargo:rerun-if-env-changed=QCOW2B_QEMU_BUILD");
+    if env::var_os("CARGO_FEATURE_QEMU").is_none() {
+        return;
+    }
+
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let qemu_build = env::var_os("QCOW2B_QEMU_BUILD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join(".build/qemu-build"));
+    let commands = qemu_build.join("compile_commands.json");
+    if !commands.is_file() {
+        fail(&format!(
+            "the `qemu` feature needs a configured QEMU tree, and {} does not exist.\n\
+             Run `bash scripts/setup.sh` (or scripts/fetch-qemu.sh and scripts/build.sh), or set\n\
+             QCOW2B_QEMU_BUILD to a configured QEMU 7.2 build directory.\n\
+             The pure-Rust engine needs none of this: `cargo test` builds without the feature.",
+            commands.display()
+        ));
+    }
+    println!("cargo:rerun-if-changed={}", commands.display());
+
+    let flags = qemu_cflags(&qemu_build, &commands);
+    let mut builder = bindgen::Builder::default()
+        .header(manifest.join("include/qcow2b-qemu.h").to_string_lossy())
+        .clang_args(&flags)
+        .use_core()
+        .derive_default(true)
+        .layout_tests(false)
+        .generate_comments(false)
+        .default_enum_style(bindgen::EnumVariation::Consts)
+        .prepend_enum_name(false)
+        .size_t_is_usize(true);
+    for t in ALLOW_TYPES {
+        builder = builder.allowlist_type(t);
+    }
+    for f in ALLOW_FUNCTIONS {
+        builder = builder.allowlist_function(f);
+    }
+    for v in ALLOW_VARS {
+        builder = builder.allowlist_var(v);
+    }
+    let bindings = builder
+        .generate()
+        .unwrap_or_else(|e| fail(&format!("bindgen failed: {e}")));
+    let out =
+        PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("qemu_bindings.rs");
+    bindings
+        .write_to_file(&out)
+        .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", out.display())));
+}
+
+/// The include paths, defines and language flags QEMU compiles block/qcow2.c with.
+fn qemu_cflags(build: &Path, commands: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(commands)
+        .unwrap_or_else(|e| fail(&format!("cannot read {}: {e}", commands.display())));
+    // compile_commands.json is a flat array of {directory, command, file}; find qcow2.c's entry
+    // without a JSON parser: its "command" string is on the line before its "file".
+    let marker = "block/qcow2.c\"";
+    let pos = text
+        .find(marker)
+        .unwrap_or_else(|| fail("compile_commands.json has no entry for block/qcow2.c"));
+    let entry_start = text[..pos].rfind('{').unwrap_or(0);
+    let entry = &text[entry_start..pos];
+    let cmd_key = "\"command\": \"";
+    let cmd_start = entry
+        .find(cmd_key)
+        .map(|i| i + cmd_key.len())
+        .unwrap_or_else(|| fail("compile_commands.json entry has no command"));
+    let cmd_end = entry[cmd_start..]
+        .find('"')
+        .map(|i| cmd_start + i)
+        .unwrap_or(entry.len());
+    let words: Vec<&str> = entry[cmd_start..cmd_end].split_whitespace().collect();
+
+    let abs = |p: &str| -> String {
+        let path = Path::new(p);
+        if path.is_absolute() {
+            p.to_string()
+        } else {
+            build.join(path).to_string_lossy().into_owned()
+        }
+    };
+    let mut flags = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        let w = words[i];
+        if let Some(dir) = w.strip_prefix("-I") {
+            flags.push(format!("-I{}", abs(dir)));
+        } else if w == "-isystem" || w == "-iquote" {
+            if let Some(dir) = words.get(i + 1) {
+                flags.push(w.to_string());
+                flags.push(abs(dir));
+                i += 1;
+            }
+        } else if w.starts_with("-D")
+            || w.starts_with("-U")
+            || w.starts_with("-std=")
+            || w == "-pthread"
+        {
+            flags.push(w.to_string());
+        }
+        i += 1;
+    }
+    flags
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("\nqcow2b build: {msg}\n");
+    std::process::exit(1);
+}

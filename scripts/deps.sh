@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything the build and the tests need on Debian 12 (run as root). Idempotent.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+packages=(
+  # QEMU 7.2 build (FACTS.md), plus zstd and zlib for compressed clusters
+  build-essential meson ninja-build pkg-config python3-venv flex bison
+  libglib2.0-dev libpixman-1-dev libfdt-dev libaio-dev liburing-dev libslirp-dev
+  zlib1g-dev libzstd-dev
+  # fetching and unpacking Debian's source package
+  dpkg-dev xz-utils rsync patch
+  # bindgen (build.rs) needs libclang
+  libclang-dev clang
+  # tests: the system's qemu-img as the reference implementation, strace for sync counts
+  qemu-utils strace
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || die "missing packages (${missing[*]}); run this script as root"
+  say "apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup) first"
+say "dependencies present"

@@ -1,0 +1,123 @@
+//! The engine's storage traits over QEMU block-layer children.
+//!
+//! `bdrv_pread` and friends are QEMU's generated coroutine wrappers: inside a coroutine they
+//! call the `bdrv_co_*` function directly (yielding while the I/O is in flight), outside one
+//! (open, close) they create a coroutine and poll the AioContext until it finishes. So the
+//! same storage works on both paths.
+
+use std::io;
+
+use super::bindings::{self, BdrvChild};
+use crate::engine::{Backing, Storage};
+
+/// A `BdrvChild` of the qcow2b node: its `file` (the image) or its `backing`.
+pub struct ChildStorage {
+    child: *mut BdrvChild,
+}
+
+impl ChildStorage {
+    /// # Safety
+    /// `child` must be a valid child of an open node and outlive the returned value.
+    pub unsafe fn new(child: *mut BdrvChild) -> Self {
+        ChildStorage { child }
+    }
+}
+
+fn check(ret: i32) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::from_raw_os_error(-ret))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_len(len: usize) -> io::Result<i64> {
+    i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+impl ChildStorage {
+    fn pread(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let offset =
+            i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // Reads past the end of the file: the block layer zero-fills them for format children.
+        // SAFETY: self.child is valid (constructor contract); buf is valid for buf.len() bytes.
+        check(unsafe {
+            bindings::bdrv_pread(
+                self.child,
+                offset,
+                check_len(buf.len())?,
+                buf.as_mut_ptr().cast(),
+                0,
+            )
+        })
+    }
+}
+
+impl Storage for ChildStorage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.pread(offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let offset =
+            i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: self.child is valid; buf is valid for reads of buf.len() bytes.
+        check(unsafe {
+            bindings::bdrv_pwrite(
+                self.child,
+                offset,
+                check_len(buf.len())?,
+                buf.as_ptr().cast(),
+                0,
+            )
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // SAFETY: self.child and its node are valid while the image is open.
+        check(unsafe { bindings::bdrv_flush((*self.child).bs) })
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        // SAFETY: as above.
+        let len = unsafe { bindings::bdrv_getlength((*self.child).bs) };
+        if len < 0 {
+            Err(io::Error::from_raw_os_error(-(len as i32)))
+        } else {
+            Ok(len as u64)
+        }
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: as above; errp NULL means the message is dropped and only the errno kept.
+        check(unsafe {
+            bindings::bdrv_truncate(
+                self.child,
+                len,
+                false,
+                bindings::PREALLOC_MODE_OFF,
+                0,
+                std::ptr::null_mut(),
+            )
+        })
+    }
+}
+
+impl Backing for ChildStorage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        // A backing image shorter than this one reads as zeros past its end.
+        let len = Storage::len(self)?;
+        let avail = len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        self.pread(offset, head)?;
+        tail.fill(0);
+        Ok(())
+    }
+}

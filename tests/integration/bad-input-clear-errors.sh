@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Bad input gets a clear error and an ordinary exit status, never a signal: a file that is not
+# qcow2, a truncated header, and creation (not implemented yet: -ENOTSUP with a message).
+. "$(dirname "$0")/lib.sh"
+
+head -c 1M /dev/urandom > "$SCRATCH/random.img"
+expect_status 1 "info on random bytes" "$QEMU_IMG" info -f qcow2b "$SCRATCH/random.img"
+expect_output "qcow2b|qcow2|magic"
+
+"$SYS_QEMU_IMG" create -q -f qcow2 "$SCRATCH/t.qcow2" 1M
+head -c 50 "$SCRATCH/t.qcow2" > "$SCRATCH/truncated.qcow2"
+expect_status 1 "info on a truncated header" "$QEMU_IMG" info -f qcow2b "$SCRATCH/truncated.qcow2"
+
+expect_status 1 "read from random bytes" "$QEMU_IO" -f qcow2b -c 'read 0 4k' "$SCRATCH/random.img"
+
+expect_status 1 "create" "$QEMU_IMG" create -f qcow2b "$SCRATCH/new.qcow2" 1M
+expect_output "does not support image creation"
+
+# Checking is not implemented yet: qemu-img must say so (exit 63), not report a clean image.
+expect_status 63 "check" "$QEMU_IMG" check -f qcow2b "$SCRATCH/t.qcow2"
+expect_output "does not support checks"
