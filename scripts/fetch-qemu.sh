@@ -69,6 +69,7 @@ unpack_and_patch() {
   say "dpkg-source -x (Debian's patch series)"
   dpkg-source --no-check -x "$(ls "$QEMU_PKG_DIR"/qemu_*.dsc | head -n1)" "$fresh" >/dev/null \
     || die "dpkg-source -x failed"
+  rm -f "$BUILD_ROOT"/qemu_*.orig.tar.*    # dpkg-source leaves a copy beside its output
   local p
   while read -r p; do
     case "$p" in ''|'#'*) continue ;; esac
