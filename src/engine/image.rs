@@ -6,16 +6,17 @@
 //! `write_back` (`writeback.rs`) writes it in the order the format's crash consistency
 //! needs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::cache::TableCache;
-use super::compress::decompress_cluster;
 use super::counters::Counters;
-use super::entry::{Cluster, L2Entry};
+use super::dataio::{DataContext, SliceSource, SliceTarget};
+use super::entry::Cluster;
 use super::error::{Error, Result};
 use super::header::{AutoclearFeatures, Header, IncompatibleFeatures, MAX_CLUSTER_BITS};
 use super::layout::{self, Region};
 use super::refcount::RefcountGeometry;
+use super::request::InflightAlloc;
 use super::storage::{Backing, Storage};
 use super::{Mapping, OpenOptions};
 
@@ -50,8 +51,16 @@ pub struct Image<S: Storage> {
     /// Host clusters whose refcount must drop by one once the L2/L1 entries that stopped
     /// referencing them are written (applied by `write_back`).
     pub(super) pending_frees: Vec<u64>,
-    /// Host clusters freed since the last guest flush: not reused before it.
-    pub(super) quarantine: BTreeSet<u64>,
+    /// Freed host clusters not yet reusable, with the I/O epoch they were freed in: they
+    /// wait for the next guest flush and for the I/O in flight when they were freed
+    /// (`release_quarantine`, and the module comment of `request.rs`).
+    pub(super) quarantine: BTreeMap<u64, u64>,
+    /// The current I/O epoch: advanced by every guest flush.
+    pub(super) io_epoch: u64,
+    /// Outstanding request tickets per I/O epoch.
+    pub(super) inflight_tickets: BTreeMap<u64, u32>,
+    /// Guest cluster ranges whose allocation is in flight.
+    pub(super) inflight_allocs: Vec<InflightAlloc>,
     /// Where the allocator starts looking for a free host cluster.
     pub(super) free_cluster_hint: u64,
     /// End of the host file as the engine knows it: the file length at open or the end of the
@@ -176,7 +185,10 @@ impl<S: Storage> Image<S> {
             l2_cache: TableCache::new(usize::try_from(l2_tables).unwrap_or(usize::MAX)),
             refblock_cache: TableCache::new(usize::try_from(refblocks).unwrap_or(usize::MAX)),
             pending_frees: Vec::new(),
-            quarantine: BTreeSet::new(),
+            quarantine: BTreeMap::new(),
+            io_epoch: 0,
+            inflight_tickets: BTreeMap::new(),
+            inflight_allocs: Vec::new(),
             free_cluster_hint: 0,
             host_end: file_len,
             unordered_writes: false,
@@ -240,7 +252,7 @@ impl<S: Storage> Image<S> {
         )
     }
 
-    fn check_range(&self, guest_offset: u64, len: u64) -> Result<()> {
+    pub(super) fn check_range(&self, guest_offset: u64, len: u64) -> Result<()> {
         let size = self.header.virtual_size;
         match guest_offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
@@ -252,87 +264,34 @@ impl<S: Storage> Image<S> {
         }
     }
 
+    /// What the data step needs besides the request's buffer.
+    pub fn data_context<'a>(&'a self, backing: Option<&'a dyn Backing>) -> DataContext<'a, S> {
+        DataContext {
+            storage: &self.storage,
+            backing,
+            compression: self.header.compression_type,
+            cluster_size: self.cluster_size(),
+        }
+    }
+
     /// Guest bytes into `buf`. Unallocated clusters read from `backing` (zeros past its end,
-    /// zeros if there is none).
+    /// zeros if there is none). Plan, data step and finish in one call: see `request.rs` for
+    /// the steps a concurrent caller runs itself.
     pub fn read(
         &mut self,
         guest_offset: u64,
         buf: &mut [u8],
         backing: Option<&dyn Backing>,
     ) -> Result<()> {
-        self.check_range(guest_offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let offset = guest_offset + done as u64;
-            let (cluster, run_bytes) = self.lookup_run(offset, (buf.len() - done) as u64)?;
-            let end = done + run_bytes as usize;
-            let Some(chunk) = buf.get_mut(done..end) else {
-                return Err(Error::Corrupt(
-                    "lookup returned a run past the request".into(),
-                ));
-            };
-            self.read_run(cluster, offset, chunk, backing)?;
-            done = end;
-        }
-        Ok(())
-    }
-
-    /// The data step of a read: moves bytes for one run that `lookup_run` described.
-    fn read_run(
-        &mut self,
-        cluster: Cluster,
-        guest_offset: u64,
-        chunk: &mut [u8],
-        backing: Option<&dyn Backing>,
-    ) -> Result<()> {
-        let in_cluster = guest_offset & (self.cluster_size() - 1);
-        match cluster {
-            Cluster::Unallocated => read_backing(backing, guest_offset, chunk),
-            Cluster::Zero { .. } => {
-                chunk.fill(0);
-                Ok(())
-            }
-            Cluster::Data { host_offset, .. } => self
-                .storage
-                .read_at(host_offset + in_cluster, chunk)
-                .map_err(io(format!(
-                    "reading guest data at host offset {host_offset:#x}"
-                ))),
-            Cluster::Compressed { .. } => {
-                let whole = self.read_compressed(cluster)?;
-                let start = in_cluster as usize;
-                let src = whole
-                    .get(start..start + chunk.len())
-                    .ok_or_else(|| Error::Corrupt("compressed run past the cluster".into()))?;
-                chunk.copy_from_slice(src);
-                Ok(())
-            }
-        }
-    }
-
-    /// Decompresses a whole compressed cluster.
-    pub(super) fn read_compressed(&mut self, cluster: Cluster) -> Result<Vec<u8>> {
-        let Cluster::Compressed {
-            host_offset,
-            max_len_bytes,
-        } = cluster
-        else {
-            return Err(Error::Corrupt("not a compressed cluster".into()));
+        let plan = self.plan_read(guest_offset, buf.len() as u64)?;
+        let mut target = SliceTarget {
+            buf,
+            storage: &self.storage,
+            backing,
         };
-        // The descriptor may claim more sectors than the file holds; never read past the end.
-        let available = self.host_end.saturating_sub(host_offset);
-        let len = max_len_bytes
-            .min(available)
-            .min(2 * self.cluster_size() + 512);
-        let mut input = vec![0u8; len as usize];
-        self.storage
-            .read_at(host_offset, &mut input)
-            .map_err(io(format!(
-                "reading compressed cluster at {host_offset:#x}"
-            )))?;
-        let mut out = vec![0u8; self.cluster_size() as usize];
-        decompress_cluster(self.header.compression_type, &input, &mut out)?;
-        Ok(out)
+        let result = self.data_context(backing).read(&plan, &mut target);
+        self.finish_read(plan);
+        result
     }
 
     /// Writes guest bytes at any offset, length and alignment inside the virtual size.
@@ -342,116 +301,26 @@ impl<S: Storage> Image<S> {
         buf: &[u8],
         backing: Option<&dyn Backing>,
     ) -> Result<()> {
-        if self.read_only {
-            return Err(Error::ReadOnly);
-        }
-        self.check_range(guest_offset, buf.len() as u64)?;
-        let cluster_size = self.cluster_size();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let offset = guest_offset + done as u64;
-            let in_cluster = offset & (cluster_size - 1);
-            let n = ((cluster_size - in_cluster) as usize).min(buf.len() - done);
-            let Some(chunk) = buf.get(done..done + n) else {
-                return Err(Error::Corrupt("write chunk out of bounds".into()));
-            };
-            self.write_in_cluster(offset, chunk, backing)?;
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// Writes `data` (inside one guest cluster) at `guest_offset`.
-    fn write_in_cluster(
-        &mut self,
-        guest_offset: u64,
-        data: &[u8],
-        backing: Option<&dyn Backing>,
-    ) -> Result<()> {
-        let cluster_size = self.cluster_size();
-        let guest_cluster = guest_offset >> self.cluster_bits;
-        let in_cluster = (guest_offset & (cluster_size - 1)) as usize;
-
-        // Metadata: find (or make, or copy) a writable L2 table and read the entry.
-        let (l2_offset, l2_index) = self.l2_table_for_write(guest_cluster)?;
-        let cluster = self.l2_entry(l2_offset, l2_index, guest_cluster)?;
-
-        if let Cluster::Data {
-            host_offset,
-            copied: true,
-        } = cluster
-        {
-            // In place: the cluster is ours alone and already referenced, so no metadata
-            // changes and no ordering are needed.
-            self.check_data_target(host_offset)?;
-            return self.write_data(host_offset + in_cluster as u64, data, false);
-        }
-
-        // Everything else gets a whole new cluster: the old content (backing file, zeros, a
-        // shared or compressed cluster) with `data` on top.
-        let mut whole = vec![0u8; cluster_size as usize];
-        if data.len() as u64 != cluster_size {
-            self.read_cluster_content(
-                cluster,
-                guest_cluster << self.cluster_bits,
-                &mut whole,
-                backing,
-            )?;
-        }
-        if let Some(dst) = whole.get_mut(in_cluster..in_cluster + data.len()) {
-            dst.copy_from_slice(data);
-        }
-
-        let (host_offset, old_clusters) = match cluster {
-            // A preallocated zero cluster that is ours alone is reused as it is.
-            Cluster::Zero {
-                host_offset,
-                copied: true,
-            } if host_offset != 0 => {
-                self.check_data_target(host_offset)?;
-                (host_offset, Vec::new())
-            }
-            other => (self.alloc_cluster()?, self.host_clusters_of(other)),
+        let Some(plan) = self.plan_write(guest_offset, buf.len() as u64)? else {
+            return Err(Error::Invalid(
+                "write overlaps an allocation in flight; plan it again once that finishes".into(),
+            ));
         };
-        // Data step: the whole cluster goes to its new place before any metadata names it.
-        self.write_data(host_offset, &whole, true)?;
-        // (a) The L2 entry stays in the cache; write_back writes it only after an ordering
-        // point that follows this data write.
-        self.set_l2_entry(l2_offset, l2_index, L2Entry::data_copied(host_offset))?;
-        // The old clusters lose this reference once the new L2 entry is on disk (write_back
-        // stage 5).
-        self.pending_frees.extend(old_clusters);
-        Ok(())
-    }
-
-    /// The current content of a guest cluster, for a partial write.
-    fn read_cluster_content(
-        &mut self,
-        cluster: Cluster,
-        guest_cluster_offset: u64,
-        out: &mut [u8],
-        backing: Option<&dyn Backing>,
-    ) -> Result<()> {
-        match cluster {
-            Cluster::Unallocated => read_backing(backing, guest_cluster_offset, out),
-            Cluster::Zero { .. } => {
-                out.fill(0);
-                Ok(())
-            }
-            Cluster::Data { host_offset, .. } => self
-                .storage
-                .read_at(host_offset, out)
-                .map_err(io(format!("reading cluster {host_offset:#x} to copy it"))),
-            Cluster::Compressed { .. } => {
-                let whole = self.read_compressed(cluster)?;
-                out.copy_from_slice(whole.get(..out.len()).unwrap_or(&whole));
-                Ok(())
+        let mut source = SliceSource {
+            buf,
+            storage: &self.storage,
+        };
+        match self.data_context(backing).write(&plan, &mut source) {
+            Ok(()) => self.finish_write(plan),
+            Err(e) => {
+                self.abort_write(plan);
+                Err(e)
             }
         }
     }
 
     /// Refuses a data write that would land on the header or a table.
-    fn check_data_target(&self, host_offset: u64) -> Result<()> {
+    pub(super) fn check_data_target(&self, host_offset: u64) -> Result<()> {
         let end = host_offset + self.cluster_size();
         if let Some(r) = self
             .metadata_regions
@@ -466,22 +335,6 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
-    /// The data step of a write. `allocating` marks a write to a newly allocated cluster,
-    /// which metadata written later depends on (ordering rule (a) in `write_back`).
-    fn write_data(&mut self, host_offset: u64, data: &[u8], allocating: bool) -> Result<()> {
-        self.storage
-            .write_at(host_offset, data)
-            .map_err(io(format!(
-                "writing guest data at host offset {host_offset:#x}"
-            )))?;
-        self.counters.data_writes += 1;
-        self.unflushed_writes = true;
-        if allocating {
-            self.unordered_writes = true;
-        }
-        Ok(())
-    }
-
     /// Writes all dirty metadata back (in order, see `write_back`), then makes everything
     /// durable with one storage flush, skipped if nothing was written since the last one.
     pub fn flush(&mut self) -> Result<()> {
@@ -490,11 +343,8 @@ impl<S: Storage> Image<S> {
         if self.unflushed_writes {
             self.storage_flush()?;
         }
-        // (d) Clusters freed before this flush may be reused from now on.
-        if let Some(&lowest) = self.quarantine.first() {
-            self.free_cluster_hint = self.free_cluster_hint.min(lowest);
-        }
-        self.quarantine.clear();
+        self.io_epoch += 1;
+        self.release_quarantine();
         Ok(())
     }
 
@@ -530,18 +380,5 @@ impl<S: Storage> Image<S> {
             Cluster::Compressed { .. } => Mapping::Compressed,
         };
         Ok((mapping, run_bytes))
-    }
-}
-
-/// Reads from the backing file, or zeros without one.
-fn read_backing(backing: Option<&dyn Backing>, guest_offset: u64, out: &mut [u8]) -> Result<()> {
-    match backing {
-        Some(b) => b
-            .read_at(guest_offset, out)
-            .map_err(io(format!("reading the backing file at {guest_offset:#x}"))),
-        None => {
-            out.fill(0);
-            Ok(())
-        }
     }
 }

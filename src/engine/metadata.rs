@@ -274,7 +274,7 @@ impl<S: Storage> Image<S> {
     fn find_free_cluster(&mut self) -> Result<u64> {
         let mut cluster = self.free_cluster_hint.max(1);
         loop {
-            if self.quarantine.contains(&cluster) {
+            if self.quarantine.contains_key(&cluster) {
                 cluster += 1;
                 continue;
             }
@@ -289,7 +289,7 @@ impl<S: Storage> Image<S> {
             let rc = self.rc;
             let found = self.refblock_cache.get(offset).and_then(|block| {
                 (first_index..per_block).find(|&i| {
-                    rc.get(block, i) == 0 && !self.quarantine.contains(&(block_start + i))
+                    rc.get(block, i) == 0 && !self.quarantine.contains_key(&(block_start + i))
                 })
             });
             match found {
@@ -341,6 +341,62 @@ impl<S: Storage> Image<S> {
                 }
             }
         }
+    }
+
+    /// Allocates up to `wanted` contiguous host clusters (at least one) and returns the
+    /// offset of the first and how many were allocated. The run grows while the following
+    /// clusters are free and counted by an existing refcount block.
+    pub(super) fn alloc_run(&mut self, wanted: u64) -> Result<(u64, u64)> {
+        let first = self.alloc_cluster()?;
+        let mut got = 1;
+        while got < wanted && self.claim_if_free((first >> self.cluster_bits) + got)? {
+            got += 1;
+        }
+        Ok((first, got))
+    }
+
+    /// Allocates host cluster `cluster` if it is free and an existing refcount block counts
+    /// it; false otherwise (nothing changes).
+    fn claim_if_free(&mut self, cluster: u64) -> Result<bool> {
+        let Some(host_offset) = cluster
+            .checked_mul(self.cluster_size())
+            .filter(|&o| o & !super::entry::OFFSET_MASK == 0)
+        else {
+            return Ok(false);
+        };
+        if self.quarantine.contains_key(&cluster) {
+            return Ok(false);
+        }
+        let (rt_index, _) = self.rc.locate(cluster);
+        match self.refblock_offset(rt_index)? {
+            None | Some(0) => Ok(false),
+            Some(_) => {
+                if self.refcount(cluster)? != 0
+                    || self.check_free_cluster_is_unused(host_offset).is_err()
+                {
+                    return Ok(false);
+                }
+                self.set_refcount(cluster, 1)?;
+                self.note_allocated(cluster);
+                Ok(true)
+            }
+        }
+    }
+
+    /// (d) Makes freed host clusters reusable once a guest flush has ended the I/O epoch they
+    /// were freed in, and no request planned in that epoch or earlier is still in flight (its
+    /// data step may still touch them).
+    pub(super) fn release_quarantine(&mut self) {
+        let limit = self.oldest_inflight_epoch().min(self.io_epoch);
+        let mut lowest = u64::MAX;
+        self.quarantine.retain(|&cluster, &mut freed_in| {
+            let keep = freed_in >= limit;
+            if !keep {
+                lowest = lowest.min(cluster);
+            }
+            keep
+        });
+        self.free_cluster_hint = self.free_cluster_hint.min(lowest);
     }
 
     /// Allocates `count` contiguous host clusters past everything in use (for tables that
@@ -438,7 +494,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// Applies the deferred refcount decrements (write_back stage 5). Clusters reaching 0 go
-    /// into quarantine until the next flush.
+    /// into quarantine (see `release_quarantine`).
     pub(super) fn apply_pending_frees(&mut self) -> Result<()> {
         let frees = std::mem::take(&mut self.pending_frees);
         for cluster in frees {
@@ -450,7 +506,7 @@ impl<S: Storage> Image<S> {
             }
             self.set_refcount(cluster, current - 1)?;
             if current == 1 {
-                self.quarantine.insert(cluster);
+                self.quarantine.insert(cluster, self.io_epoch);
             }
         }
         Ok(())

@@ -10,17 +10,22 @@
 //! - `image`: [`Image`], opening and the guest-facing read/write/map/flush.
 //! - `metadata`: cluster lookup, L2 allocation and copy-on-write, the cluster allocator.
 //! - `writeback`: the one routine that writes dirty metadata back, in the required order.
+//! - `request`: request plans (reads, writes), in-flight allocations and I/O tickets.
+//! - `dataio`: the data step of a request, over slices or QEMU I/O vectors.
 //! - `resize`: growing the virtual size (and the L1 table).
 //! - `zeroes`: write_zeroes and discard (zero flag, unallocation).
 //! - `compress`: compressed cluster decoding (raw deflate, zstd).
 //!
 //! Data I/O (guest bytes to and from host clusters) is kept apart from metadata work: a
-//! metadata step answers "where", then a plain storage call moves the bytes. Today the glue
-//! serialises every call; a later change runs the data I/O without the metadata lock.
+//! request is planned under the metadata lock (`request`: where the bytes go, which clusters
+//! are allocated), its bytes move without the lock (`dataio`), and it is finished under the
+//! lock (new clusters linked into their L2 tables). The engine's own `read`/`write` run the
+//! three steps in one call; the QEMU glue runs them around its `CoMutex`.
 
 pub mod cache;
 mod compress;
 mod counters;
+pub mod dataio;
 pub mod entry;
 pub mod error;
 pub mod header;
@@ -28,6 +33,7 @@ mod image;
 pub mod layout;
 mod metadata;
 pub mod refcount;
+pub mod request;
 mod resize;
 pub mod storage;
 mod writeback;
@@ -36,6 +42,7 @@ mod zeroes;
 pub use counters::Counters;
 pub use error::{Error, Result};
 pub use image::Image;
+pub use request::{ReadPlan, ReadSource, WritePiece, WritePlan};
 pub use storage::{Backing, MemStorage, Storage};
 
 /// How to open an image.

@@ -91,6 +91,11 @@ impl MemStorage {
     pub fn into_inner(self) -> Vec<u8> {
         self.bytes.into_inner()
     }
+
+    /// A copy of the bytes as they are now.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.bytes.borrow().clone()
+    }
 }
 
 impl Storage for MemStorage {

@@ -1,0 +1,242 @@
+//! The data step of a request (see [`super::request`]): moves guest bytes as a plan says,
+//! without touching metadata, so it runs without the metadata lock.
+//!
+//! The request's own buffer is reached through [`ReadTarget`] and [`WriteSource`], so the QEMU
+//! glue can hand the file child its I/O vector directly (no copy), while the engine's own
+//! [`super::Image::read`] and [`super::Image::write`] use plain slices. Copy-on-write fills and
+//! compressed clusters go through small buffers of their own, read with [`Storage`] and
+//! [`Backing`].
+
+use std::io;
+
+use super::compress::decompress_cluster;
+use super::error::{Error, Result};
+use super::header::CompressionType;
+use super::request::{CowFill, CowSource, ReadPlan, ReadSource, WritePiece, WritePlan};
+use super::storage::{Backing, Storage};
+
+/// The buffer of a guest read: bytes `[at, at + len)` of the request.
+pub trait ReadTarget {
+    /// Reads the image file at `host_offset` into request bytes `[at, at + len)`.
+    fn read_file(&mut self, host_offset: u64, at: usize, len: usize) -> io::Result<()>;
+    /// Reads the backing file at `guest_offset` (zeros past its end, zeros if there is none).
+    fn read_backing(&mut self, guest_offset: u64, at: usize, len: usize) -> io::Result<()>;
+    fn fill_zero(&mut self, at: usize, len: usize);
+    fn copy_from(&mut self, at: usize, src: &[u8]);
+}
+
+/// The buffer of a guest write.
+pub trait WriteSource {
+    /// Writes `head`, request bytes `[at, at + len)` and `tail` contiguously at `host_offset`.
+    fn write_file(
+        &mut self,
+        host_offset: u64,
+        head: &[u8],
+        at: usize,
+        len: usize,
+        tail: &[u8],
+    ) -> io::Result<()>;
+}
+
+/// What the data step reads besides the request's buffer.
+pub struct DataContext<'a, S: Storage> {
+    pub storage: &'a S,
+    pub backing: Option<&'a dyn Backing>,
+    pub compression: CompressionType,
+    pub cluster_size: u64,
+}
+
+fn io_error(context: String) -> impl FnOnce(io::Error) -> Error {
+    move |e| Error::io(context, e)
+}
+
+impl<S: Storage> DataContext<'_, S> {
+    /// Decompresses a whole compressed cluster.
+    fn decompress(&self, host_offset: u64, read_len: u64) -> Result<Vec<u8>> {
+        let mut input = vec![0u8; read_len as usize];
+        self.storage
+            .read_at(host_offset, &mut input)
+            .map_err(io_error(format!(
+                "reading compressed cluster at {host_offset:#x}"
+            )))?;
+        let mut out = vec![0u8; self.cluster_size as usize];
+        decompress_cluster(self.compression, &input, &mut out)?;
+        Ok(out)
+    }
+
+    /// The data step of a read.
+    pub fn read(&self, plan: &ReadPlan, target: &mut dyn ReadTarget) -> Result<()> {
+        let mut at = 0usize;
+        for piece in &plan.pieces {
+            let len = piece.len as usize;
+            match piece.source {
+                ReadSource::Zeros => target.fill_zero(at, len),
+                ReadSource::Backing { guest_offset } => target
+                    .read_backing(guest_offset, at, len)
+                    .map_err(io_error(format!(
+                        "reading the backing file at {guest_offset:#x}"
+                    )))?,
+                ReadSource::Data { host_offset } => target
+                    .read_file(host_offset, at, len)
+                    .map_err(io_error(format!(
+                        "reading guest data at host offset {host_offset:#x}"
+                    )))?,
+                ReadSource::Compressed {
+                    host_offset,
+                    read_len,
+                    offset_in_cluster,
+                } => {
+                    let whole = self.decompress(host_offset, read_len)?;
+                    let start = offset_in_cluster as usize;
+                    let part = whole.get(start..start + len).ok_or_else(|| {
+                        Error::Corrupt("compressed read past the end of its cluster".into())
+                    })?;
+                    target.copy_from(at, part);
+                }
+            }
+            at += len;
+        }
+        Ok(())
+    }
+
+    /// The old content a copy-on-write fill takes.
+    fn cow_bytes(&self, fill: CowFill) -> Result<Vec<u8>> {
+        let mut bytes = vec![0u8; fill.len];
+        if fill.len == 0 {
+            return Ok(bytes);
+        }
+        match fill.source {
+            CowSource::Zeros => {}
+            // Without a backing file the old content is zeros, as `bytes` already is.
+            CowSource::Backing { guest_offset } => {
+                if let Some(b) = self.backing {
+                    b.read_at(guest_offset, &mut bytes)
+                        .map_err(io_error(format!(
+                            "reading the backing file at {guest_offset:#x} to copy it"
+                        )))?;
+                }
+            }
+            CowSource::Data { host_offset } => self
+                .storage
+                .read_at(host_offset, &mut bytes)
+                .map_err(io_error(format!(
+                    "reading cluster data at {host_offset:#x} to copy it"
+                )))?,
+            CowSource::Compressed {
+                host_offset,
+                read_len,
+                offset_in_cluster,
+            } => {
+                let whole = self.decompress(host_offset, read_len)?;
+                let start = offset_in_cluster as usize;
+                let part = whole.get(start..start + fill.len).ok_or_else(|| {
+                    Error::Corrupt("copy-on-write past the end of a compressed cluster".into())
+                })?;
+                bytes.copy_from_slice(part);
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// The data step of a write: every piece's bytes reach the file (new clusters whole, with
+    /// their copy-on-write fills) before the plan is finished.
+    pub fn write(&self, plan: &WritePlan, source: &mut dyn WriteSource) -> Result<()> {
+        for piece in &plan.pieces {
+            let (host_offset, head, req_at, len, tail) = match *piece {
+                WritePiece::InPlace {
+                    host_offset,
+                    req_at,
+                    len,
+                } => (host_offset, Vec::new(), req_at, len, Vec::new()),
+                WritePiece::Allocate {
+                    host_offset,
+                    req_at,
+                    len,
+                    head,
+                    tail,
+                    ..
+                } => (
+                    host_offset,
+                    self.cow_bytes(head)?,
+                    req_at,
+                    len,
+                    self.cow_bytes(tail)?,
+                ),
+            };
+            source
+                .write_file(host_offset, &head, req_at, len, &tail)
+                .map_err(io_error(format!(
+                    "writing guest data at host offset {host_offset:#x}"
+                )))?;
+        }
+        Ok(())
+    }
+}
+
+/// A read into a byte slice (the engine's own [`super::Image::read`]).
+pub struct SliceTarget<'a, S: Storage> {
+    pub buf: &'a mut [u8],
+    pub storage: &'a S,
+    pub backing: Option<&'a dyn Backing>,
+}
+
+fn out_of_buffer() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+impl<S: Storage> ReadTarget for SliceTarget<'_, S> {
+    fn read_file(&mut self, host_offset: u64, at: usize, len: usize) -> io::Result<()> {
+        let dst = self.buf.get_mut(at..at + len).ok_or_else(out_of_buffer)?;
+        self.storage.read_at(host_offset, dst)
+    }
+
+    fn read_backing(&mut self, guest_offset: u64, at: usize, len: usize) -> io::Result<()> {
+        let dst = self.buf.get_mut(at..at + len).ok_or_else(out_of_buffer)?;
+        match self.backing {
+            Some(b) => b.read_at(guest_offset, dst),
+            None => {
+                dst.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn fill_zero(&mut self, at: usize, len: usize) {
+        if let Some(dst) = self.buf.get_mut(at..at + len) {
+            dst.fill(0);
+        }
+    }
+
+    fn copy_from(&mut self, at: usize, src: &[u8]) {
+        if let Some(dst) = self.buf.get_mut(at..at + src.len()) {
+            dst.copy_from_slice(src);
+        }
+    }
+}
+
+/// A write from a byte slice (the engine's own [`super::Image::write`]).
+pub struct SliceSource<'a, S: Storage> {
+    pub buf: &'a [u8],
+    pub storage: &'a S,
+}
+
+impl<S: Storage> WriteSource for SliceSource<'_, S> {
+    fn write_file(
+        &mut self,
+        host_offset: u64,
+        head: &[u8],
+        at: usize,
+        len: usize,
+        tail: &[u8],
+    ) -> io::Result<()> {
+        let data = self.buf.get(at..at + len).ok_or_else(out_of_buffer)?;
+        if head.is_empty() && tail.is_empty() {
+            return self.storage.write_at(host_offset, data);
+        }
+        let mut whole = Vec::with_capacity(head.len() + len + tail.len());
+        whole.extend_from_slice(head);
+        whole.extend_from_slice(data);
+        whole.extend_from_slice(tail);
+        self.storage.write_at(host_offset, &whole)
+    }
+}
