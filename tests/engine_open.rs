@@ -41,6 +41,7 @@ fn assert_err(result: Result<Image<MemStorage>, Error>, variant: &str, needle: &
         Error::Io { .. } => "Io",
         Error::ReadOnly => "ReadOnly",
         Error::OutOfRange { .. } => "OutOfRange",
+        Error::BadOption(_) => "BadOption",
     };
     assert_eq!(got, variant, "{err}");
     assert!(

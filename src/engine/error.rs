@@ -20,6 +20,9 @@ pub enum Error {
     Corrupt(String),
     /// A write was attempted on an image opened read-only. Maps to EACCES.
     ReadOnly,
+    /// An option or argument given by the user is not acceptable (the message says which and
+    /// why). Maps to EINVAL.
+    BadOption(String),
     /// A guest request outside the image. Maps to EINVAL.
     OutOfRange { offset: u64, len: u64, size: u64 },
 }
@@ -31,7 +34,7 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            Error::Invalid(_) | Error::OutOfRange { .. } => libc::EINVAL,
+            Error::Invalid(_) | Error::BadOption(_) | Error::OutOfRange { .. } => libc::EINVAL,
             Error::Unsupported(_) => libc::ENOTSUP,
             Error::Corrupt(_) => libc::EIO,
             Error::ReadOnly => libc::EACCES,
@@ -55,6 +58,7 @@ impl fmt::Display for Error {
             Error::Unsupported(msg) => write!(f, "not supported by qcow2b: {msg}"),
             Error::Corrupt(msg) => write!(f, "qcow2 metadata corrupt: {msg}"),
             Error::ReadOnly => write!(f, "image is opened read-only"),
+            Error::BadOption(msg) => write!(f, "{msg}"),
             Error::OutOfRange { offset, len, size } => {
                 write!(
                     f,

@@ -124,23 +124,6 @@ impl<S: Storage> Image<S> {
         let header = Header::parse(&first)?;
         let metadata_regions = layout::validate(&header, file_len)?;
 
-        let read_only = opts.read_only;
-        if !read_only && header.incompatible.contains(IncompatibleFeatures::CORRUPT) {
-            return Err(Error::Corrupt(
-                "the image is marked corrupt (incompatible feature bit 1) and cannot be opened \
-                 read-write; open it read-only, or repair it with `qemu-img check -r all`"
-                    .into(),
-            ));
-        }
-        if !read_only && header.incompatible.contains(IncompatibleFeatures::DIRTY) {
-            return Err(Error::Unsupported(
-                "the image is dirty (incompatible feature bit 0): its refcounts need a rebuild, \
-                 which qcow2b does not do yet; open it read-only, or repair it with `qemu-img \
-                 check -r all`"
-                    .into(),
-            ));
-        }
-
         let cluster_bits = header.cluster_bits;
         let cluster_size = header.cluster_size();
         let l1 = read_table(
@@ -175,7 +158,8 @@ impl<S: Storage> Image<S> {
                 cluster_bits,
             },
             storage,
-            read_only,
+            // Read-only until `make_writable` says otherwise, below.
+            read_only: true,
             cluster_bits,
             metadata_regions,
             l1,
@@ -196,10 +180,60 @@ impl<S: Storage> Image<S> {
             counters: Counters::default(),
             header,
         };
-        if !read_only && image.header.autoclear.0 != 0 {
-            image.clear_autoclear_features()?;
+        if !opts.read_only {
+            image.make_writable()?;
         }
         Ok(image)
+    }
+
+    /// Allows writes from now on (a read-write open, or QEMU's reopen from read-only to
+    /// read-write): refuses an image marked corrupt or dirty, and clears the autoclear
+    /// features this engine does not maintain before anything else is written.
+    pub fn make_writable(&mut self) -> Result<()> {
+        if !self.read_only {
+            return Ok(());
+        }
+        self.check_can_write()?;
+        self.read_only = false;
+        if self.header.autoclear.0 != 0 {
+            self.clear_autoclear_features()?;
+        }
+        Ok(())
+    }
+
+    /// Whether `make_writable` may succeed: refuses images marked corrupt or dirty.
+    pub fn check_can_write(&self) -> Result<()> {
+        let incompatible = self.header.incompatible;
+        if incompatible.contains(IncompatibleFeatures::CORRUPT) {
+            return Err(Error::Corrupt(
+                "the image is marked corrupt (incompatible feature bit 1) and cannot be opened \
+                 read-write; open it read-only, or repair it with `qemu-img check -r all`"
+                    .into(),
+            ));
+        }
+        if incompatible.contains(IncompatibleFeatures::DIRTY) {
+            return Err(Error::Unsupported(
+                "the image is dirty (incompatible feature bit 0): its refcounts need a rebuild, \
+                 which qcow2b does not do yet; open it read-only, or repair it with `qemu-img \
+                 check -r all`"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses writes from now on (QEMU's reopen to read-only): everything is written back
+    /// and made durable first.
+    pub fn make_read_only(&mut self) -> Result<()> {
+        if !self.read_only {
+            self.flush()?;
+            self.read_only = true;
+        }
+        Ok(())
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// This engine maintains none of the autoclear features (bitmaps are not updated on

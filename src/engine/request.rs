@@ -62,6 +62,14 @@ pub struct ReadPlan {
     ticket: Option<Ticket>,
 }
 
+impl ReadPlan {
+    /// Whether `finish_read` has something to release (the plan names host clusters). A plan
+    /// that holds no ticket may simply be dropped.
+    pub fn holds_ticket(&self) -> bool {
+        self.ticket.is_some()
+    }
+}
+
 /// Where the bytes of a copy-on-write fill (the part of a new cluster the request does not
 /// cover) come from: the old content of that guest cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

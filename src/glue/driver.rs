@@ -1,10 +1,8 @@
 //! The `qcow2b` BlockDriver: QEMU's callbacks, each a thin trampoline into the engine.
 //!
-//! Every callback follows one shape: recover the node's [`State`] from `bs->opaque`, run the
-//! body inside [`ffi::guard`] (no panic reaches C; errors become `-errno` there), and for
-//! requests, hold the node's `CoMutex` around the engine call. The engine is not re-entrant:
-//! a coroutine that yields inside it (waiting for I/O) keeps the mutex, so a second request
-//! on the same node waits in `qemu_co_mutex_lock` rather than seeing half-updated metadata.
+//! Every callback follows one shape: recover the node (`node.rs`), run the body inside
+//! [`guard`]/[`guard_errp`] (no panic reaches C; errors become `-errno` there), and reach the
+//! engine through the node's lock. Guest reads and writes are in `request.rs`.
 //!
 //! Format probing is left to QEMU's qcow2 (no `bdrv_probe`): qcow2b drives the same on-disk
 //! format and is used only when asked for by name.
@@ -13,61 +11,21 @@ use std::ffi::{c_char, c_int, CStr};
 use std::ptr;
 
 use super::bindings::{
-    self, BdrvChild, BlockDriver, BlockDriverInfo, BlockDriverState, QDict, QEMUIOVector,
+    self, BDRVReopenState, BlockDriver, BlockDriverInfo, BlockDriverState, BlockReopenQueue, QDict,
+    QEMUIOVector,
 };
 use super::ffi::{guard, guard_errp};
+use super::node::Node;
+use super::opts::{leak_list, size_opt, Opts};
+use super::request;
 use super::storage::ChildStorage;
 use crate::engine::{Error, Image, Mapping, OpenOptions};
 
-/// What qcow2b keeps per open node; `bs->opaque` holds a pointer to it.
-struct State {
-    image: Image<ChildStorage>,
-    /// Serialises engine calls between coroutines of this node (see the module comment).
-    lock: bindings::CoMutex,
-}
-
-/// # Safety
-/// `bs` must be a node opened by [`qcow2b_open`] and not yet closed.
-unsafe fn state<'a>(bs: *mut BlockDriverState) -> &'a mut State {
-    // SAFETY: qcow2b_open stored a Box<State> pointer in the opaque area (instance_size is one
-    // pointer); it stays valid until qcow2b_close.
-    unsafe { &mut **((*bs).opaque as *mut *mut State) }
-}
-
-/// Runs `f` with the node's engine while holding its CoMutex.
-///
-/// # Safety
-/// Must run in a coroutine of the node's AioContext; `bs` as for [`state`].
-unsafe fn with_image<T>(
-    bs: *mut BlockDriverState,
-    f: impl FnOnce(&mut Image<ChildStorage>, Option<ChildStorage>) -> T,
-) -> T {
-    // SAFETY: the caller's contract.
-    let st = unsafe { state(bs) };
-    // SAFETY: the mutex was initialised in open and lives as long as the State.
-    unsafe { bindings::qemu_co_mutex_lock(&mut st.lock) };
-    // SAFETY: bs is valid; a backing child, when present, stays attached while requests run.
-    let backing = unsafe { backing_of(bs) };
-    let out = f(&mut st.image, backing);
-    // SAFETY: locked above by this coroutine.
-    unsafe { bindings::qemu_co_mutex_unlock(&mut st.lock) };
-    out
-}
-
-/// # Safety
-/// `bs` must be a valid node.
-unsafe fn backing_of(bs: *mut BlockDriverState) -> Option<ChildStorage> {
-    // SAFETY: bs is valid per the caller.
-    let child: *mut BdrvChild = unsafe { (*bs).backing };
-    // SAFETY: a non-NULL backing child is valid while attached.
-    (!child.is_null()).then(|| unsafe { ChildStorage::new(child) })
-}
-
-/// Copies `value` into a fixed C char array, truncating and NUL-terminating.
-fn set_c_string(dst: &mut [c_char], value: &str) -> Result<(), Error> {
+/// Copies `value` into a fixed C char array, NUL-terminated; refuses what does not fit.
+fn set_c_string(dst: &mut [c_char], value: &str, what: &str) -> Result<(), Error> {
     if value.len() >= dst.len() {
         return Err(Error::Invalid(format!(
-            "backing file name of {} bytes is too long",
+            "{what} of {} bytes is too long",
             value.len()
         )));
     }
@@ -75,6 +33,98 @@ fn set_c_string(dst: &mut [c_char], value: &str) -> Result<(), Error> {
         *d = s as c_char;
     }
     dst[value.len()] = 0;
+    Ok(())
+}
+
+const L2_CACHE_SIZE: &CStr = c"l2-cache-size";
+const REFCOUNT_CACHE_SIZE: &CStr = c"refcount-cache-size";
+const CACHE_SIZE: &CStr = c"cache-size";
+
+/// The runtime options (`-drive driver=qcow2b,...`, `-blockdev`), built once.
+fn runtime_opts() -> *mut bindings::QemuOptsList {
+    use std::sync::OnceLock;
+    struct List(*mut bindings::QemuOptsList);
+    // SAFETY: the list is built once, never changed afterwards, and only read by QEMU.
+    unsafe impl Send for List {}
+    // SAFETY: as above.
+    unsafe impl Sync for List {}
+    static LIST: OnceLock<List> = OnceLock::new();
+    LIST.get_or_init(|| {
+        List(leak_list::<4>(
+            c"qcow2b",
+            &[
+                size_opt(
+                    L2_CACHE_SIZE,
+                    c"Maximum bytes of L2 tables cached (default: enough for the whole disk, at most 32 MiB)",
+                ),
+                size_opt(
+                    REFCOUNT_CACHE_SIZE,
+                    c"Maximum bytes of refcount blocks cached (default: 4 clusters)",
+                ),
+                size_opt(
+                    CACHE_SIZE,
+                    c"Maximum bytes of both caches together (split as QEMU's qcow2 does)",
+                ),
+            ],
+        ))
+    })
+    .0
+}
+
+/// The engine's cache sizes from the runtime options, with QEMU's rules for `cache-size`.
+fn open_options(opts: &Opts, read_only: bool) -> Result<OpenOptions, Error> {
+    let l2 = opts.size(L2_CACHE_SIZE);
+    let refcount = opts.size(REFCOUNT_CACHE_SIZE);
+    let (l2_cache_bytes, refcount_cache_bytes) = match (opts.size(CACHE_SIZE), l2, refcount) {
+        (None, l2, rc) => (l2, rc),
+        (Some(_), Some(_), Some(_)) => {
+            return Err(Error::BadOption(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same \
+                 time"
+                    .into(),
+            ))
+        }
+        (Some(total), Some(l2), None) => (
+            Some(l2),
+            Some(total.checked_sub(l2).ok_or_else(|| {
+                Error::BadOption("l2-cache-size may not exceed cache-size".into())
+            })?),
+        ),
+        (Some(total), None, Some(rc)) => (
+            Some(total.checked_sub(rc).ok_or_else(|| {
+                Error::BadOption("refcount-cache-size may not exceed cache-size".into())
+            })?),
+            Some(rc),
+        ),
+        // The engine takes what the disk needs for L2 tables (at most the total) and gives
+        // the rest to refcount blocks.
+        (Some(total), None, None) => (Some(total), None),
+    };
+    Ok(OpenOptions {
+        read_only,
+        l2_cache_bytes,
+        refcount_cache_bytes,
+    })
+}
+
+/// Publishes what QEMU's generic code reads from the node after open or a resize.
+///
+/// # Safety
+/// `bs` valid.
+unsafe fn publish_image_fields(
+    bs: *mut BlockDriverState,
+    image: &Image<ChildStorage>,
+) -> Result<(), Error> {
+    // SAFETY: per the caller.
+    let bs = unsafe { &mut *bs };
+    bs.total_sectors = (image.virtual_size() / 512) as i64;
+    if let Some(name) = image.backing_file() {
+        set_c_string(&mut bs.backing_file, name, "backing file name")?;
+        set_c_string(&mut bs.auto_backing_file, name, "backing file name")?;
+        if let Some(fmt) = image.backing_format() {
+            set_c_string(&mut bs.backing_format, fmt, "backing format")?;
+        }
+    }
     Ok(())
 }
 
@@ -93,46 +143,28 @@ unsafe extern "C" fn qcow2b_open(
                 // errp already says why.
                 return Ok(ret);
             }
-            let read_only = flags & bindings::BDRV_O_RDWR as c_int == 0;
-            let opts = OpenOptions {
-                read_only,
-                ..OpenOptions::default()
+            let Some(opts) = Opts::absorb(runtime_opts(), options, errp) else {
+                return Ok(-libc::EINVAL);
             };
-            let image = Image::open(ChildStorage::new((*bs).file), &opts)?;
-
-            (*bs).total_sectors = (image.virtual_size() / 512) as i64;
-            if let Some(name) = image.backing_file() {
-                set_c_string(&mut (*bs).backing_file, name)?;
-                set_c_string(&mut (*bs).auto_backing_file, name)?;
-                if let Some(fmt) = image.backing_format() {
-                    set_c_string(&mut (*bs).backing_format, fmt)?;
-                }
-            }
-            let st = Box::into_raw(Box::new(State {
-                image,
-                lock: Default::default(),
-            }));
-            bindings::qemu_co_mutex_init(&mut (*st).lock);
-            *((*bs).opaque as *mut *mut State) = st;
+            let read_only = flags & bindings::BDRV_O_RDWR as c_int == 0;
+            let open_options = open_options(&opts, read_only)?;
+            let image = Image::open(ChildStorage::new((*bs).file), &open_options)?;
+            publish_image_fields(bs, &image)?;
+            (*bs).supported_zero_flags =
+                bindings::BDRV_REQ_MAY_UNMAP | bindings::BDRV_REQ_NO_FALLBACK;
+            let node = Box::into_raw(Node::new(image, open_options));
+            *((*bs).opaque as *mut *mut Node) = node;
             Ok(0)
         })
     }
 }
 
 unsafe extern "C" fn qcow2b_close(bs: *mut BlockDriverState) {
-    // SAFETY: QEMU closes only nodes it opened; the pointer is taken out so nothing uses it again.
-    let st = unsafe {
-        let slot = (*bs).opaque as *mut *mut State;
-        let st = *slot;
-        *slot = ptr::null_mut();
-        st
-    };
-    if st.is_null() {
+    // SAFETY: QEMU closes only nodes it opened, drained; nothing uses the node afterwards.
+    let Some(node) = (unsafe { Node::take(bs) }) else {
         return;
-    }
-    // SAFETY: st came from Box::into_raw in qcow2b_open.
-    let st = unsafe { Box::from_raw(st) };
-    let ret = guard("close", move || st.image.close().map(|_| 0));
+    };
+    let ret = guard("close", move || node.into_image().close().map(|_| 0));
     if ret < 0 {
         eprintln!(
             "qcow2b: writing metadata back on close failed: {}",
@@ -150,16 +182,9 @@ unsafe extern "C" fn qcow2b_co_preadv_part(
     _flags: bindings::BdrvRequestFlags,
 ) -> c_int {
     guard("read", || {
-        let mut buf = vec![0u8; bytes as usize];
-        // SAFETY: called by the block layer in a coroutine of a node we opened.
-        unsafe {
-            with_image(bs, |img, backing| {
-                img.read(offset as u64, &mut buf, backing.as_ref().map(|b| b as _))
-            })
-        }?;
-        // SAFETY: the qiov has room for `bytes` bytes from qiov_offset (block-layer contract).
-        unsafe { bindings::qemu_iovec_from_buf(qiov, qiov_offset, buf.as_ptr().cast(), buf.len()) };
-        Ok(0)
+        // SAFETY: called by the block layer in a coroutine of a node we opened, with a qiov
+        // of `bytes` bytes from qiov_offset (offsets and sizes are non-negative there).
+        unsafe { request::read(bs, offset as u64, bytes as u64, qiov, qiov_offset) }.map(|_| 0)
     })
 }
 
@@ -172,18 +197,83 @@ unsafe extern "C" fn qcow2b_co_pwritev_part(
     _flags: bindings::BdrvRequestFlags,
 ) -> c_int {
     guard("write", || {
-        let mut buf = vec![0u8; bytes as usize];
-        // SAFETY: the qiov holds `bytes` bytes from qiov_offset (block-layer contract).
-        unsafe {
-            bindings::qemu_iovec_to_buf(qiov, qiov_offset, buf.as_mut_ptr().cast(), buf.len())
-        };
+        // SAFETY: as for reads.
+        unsafe { request::write(bs, offset as u64, bytes as u64, qiov, qiov_offset) }.map(|_| 0)
+    })
+}
+
+/// Runs a metadata-only change of a guest range once no allocation in flight overlaps it.
+///
+/// # Safety
+/// In a coroutine of the node's AioContext; `bs` an open qcow2b node.
+unsafe fn change_range(
+    bs: *mut BlockDriverState,
+    offset: u64,
+    bytes: u64,
+    change: impl FnOnce(&mut Image<ChildStorage>) -> Result<(), Error>,
+) -> Result<(), Error> {
+    // SAFETY: per the caller.
+    let mut locked = unsafe { Node::of(bs).lock() }?;
+    while locked.image().write_conflicts(offset, bytes) {
+        locked.wait_for_allocations();
+    }
+    change(locked.image())
+}
+
+/// Whether a range covers whole clusters only (its end may be the end of the disk).
+fn whole_clusters(image: &Image<ChildStorage>, offset: u64, bytes: u64) -> bool {
+    let mask = image.cluster_size() - 1;
+    let end = offset + bytes;
+    offset & mask == 0 && (end & mask == 0 || end == image.virtual_size())
+}
+
+unsafe extern "C" fn qcow2b_co_pwrite_zeroes(
+    bs: *mut BlockDriverState,
+    offset: i64,
+    bytes: i64,
+    flags: bindings::BdrvRequestFlags,
+) -> c_int {
+    let unmap = flags & bindings::BDRV_REQ_MAY_UNMAP != 0;
+    guard("write_zeroes", || {
         // SAFETY: called by the block layer in a coroutine of a node we opened.
         unsafe {
-            with_image(bs, |img, backing| {
-                img.write(offset as u64, &buf, backing.as_ref().map(|b| b as _))
+            change_range(bs, offset as u64, bytes as u64, |image| {
+                // The zero flag needs version 3 and whole clusters; for anything else the
+                // block layer writes zeros through the ordinary write path.
+                if image.header().version < 3 || !whole_clusters(image, offset as u64, bytes as u64)
+                {
+                    return Err(Error::Unsupported("zero flag for this range".into()));
+                }
+                image.write_zeroes(offset as u64, bytes as u64, unmap, None)
             })
-        }?;
-        Ok(0)
+        }
+        .map(|_| 0)
+    })
+}
+
+unsafe extern "C" fn qcow2b_co_pdiscard(
+    bs: *mut BlockDriverState,
+    offset: i64,
+    bytes: i64,
+) -> c_int {
+    guard("discard", || {
+        // SAFETY: called by the block layer in a coroutine of a node we opened.
+        let has_backing = unsafe { !(*bs).backing.is_null() };
+        // SAFETY: as above.
+        unsafe {
+            change_range(bs, offset as u64, bytes as u64, |image| {
+                // On version 2 a discarded cluster reads from the backing file again, which
+                // would show stale data: refused, as QEMU's qcow2 does. Partial clusters are
+                // left alone (discard is advisory).
+                if (image.header().version < 3 && has_backing)
+                    || !whole_clusters(image, offset as u64, bytes as u64)
+                {
+                    return Err(Error::Unsupported("discard of this range".into()));
+                }
+                image.discard(offset as u64, bytes as u64)
+            })
+        }
+        .map(|_| 0)
     })
 }
 
@@ -192,8 +282,34 @@ unsafe extern "C" fn qcow2b_co_flush_to_os(bs: *mut BlockDriverState) -> c_int {
     // layer's own flush of bs->file afterwards finds nothing new and costs no second sync.
     guard("flush", || {
         // SAFETY: called by the block layer in a coroutine of a node we opened.
-        unsafe { with_image(bs, |img, _| img.flush()) }.map(|_| 0)
+        let mut locked = unsafe { Node::of(bs).lock() }?;
+        locked.image().flush().map(|_| 0)
     })
+}
+
+unsafe extern "C" fn qcow2b_co_truncate(
+    bs: *mut BlockDriverState,
+    offset: i64,
+    _exact: bool,
+    prealloc: bindings::PreallocMode,
+    _flags: bindings::BdrvRequestFlags,
+    errp: *mut *mut bindings::Error,
+) -> c_int {
+    // SAFETY: QEMU passes a valid node and errp; we run in a coroutine of the node.
+    unsafe {
+        guard_errp("truncate", errp, || {
+            if prealloc != bindings::PREALLOC_MODE_OFF {
+                return Err(Error::Unsupported(
+                    "resizing with preallocation (only preallocation=off)".into(),
+                ));
+            }
+            let mut locked = Node::of(bs).lock()?;
+            let image = locked.image();
+            image.truncate(offset as u64)?;
+            publish_image_fields(bs, image)?;
+            Ok(0)
+        })
+    }
 }
 
 unsafe extern "C" fn qcow2b_co_block_status(
@@ -206,9 +322,11 @@ unsafe extern "C" fn qcow2b_co_block_status(
     file: *mut *mut BlockDriverState,
 ) -> c_int {
     guard("block_status", || {
-        // SAFETY: called in a coroutine of a node we opened.
-        let (mapping, len) =
-            unsafe { with_image(bs, |img, _| img.map(offset as u64, bytes as u64)) }?;
+        let (mapping, len) = {
+            // SAFETY: called in a coroutine of a node we opened.
+            let mut locked = unsafe { Node::of(bs).lock() }?;
+            locked.image().map(offset as u64, bytes as u64)?
+        };
         // SAFETY: the out-pointers are valid (block-layer contract); bs->file is open.
         unsafe {
             *pnum = len as i64;
@@ -226,6 +344,113 @@ unsafe extern "C" fn qcow2b_co_block_status(
     })
 }
 
+unsafe extern "C" fn qcow2b_refresh_limits(
+    bs: *mut BlockDriverState,
+    _errp: *mut *mut bindings::Error,
+) {
+    // SAFETY: QEMU passes an open node, drained.
+    unsafe {
+        let cluster_size = Node::of(bs).image_drained().cluster_size() as u32;
+        // The zero flag and discards work on whole clusters.
+        (*bs).bl.pwrite_zeroes_alignment = cluster_size;
+        (*bs).bl.pdiscard_alignment = cluster_size;
+    }
+}
+
+unsafe extern "C" fn qcow2b_has_zero_init(_bs: *mut BlockDriverState) -> c_int {
+    // A new qcow2 image reads as zeros wherever nothing was written (no external data file).
+    1
+}
+
+unsafe extern "C" fn qcow2b_reopen_prepare(
+    state: *mut BDRVReopenState,
+    _queue: *mut BlockReopenQueue,
+    errp: *mut *mut bindings::Error,
+) -> c_int {
+    // SAFETY: QEMU passes a valid reopen state of a drained qcow2b node, and errp.
+    unsafe {
+        guard_errp("reopen", errp, || {
+            let read_only = (*state).flags & bindings::BDRV_O_RDWR as c_int == 0;
+            let image = Node::of((*state).bs).image_drained();
+            if read_only {
+                // Before the file child loses write permission: everything out, durably.
+                image.flush()?;
+            } else {
+                // What make_writable would refuse in commit_post, where it cannot fail.
+                image.check_can_write()?;
+            }
+            Ok(0)
+        })
+    }
+}
+
+unsafe extern "C" fn qcow2b_reopen_commit(state: *mut BDRVReopenState) {
+    // SAFETY: as in prepare.
+    unsafe {
+        if (*state).flags & bindings::BDRV_O_RDWR as c_int == 0 {
+            let bs = (*state).bs;
+            let ret = guard("reopen", || {
+                Node::of(bs).image_drained().make_read_only().map(|_| 0)
+            });
+            if ret < 0 {
+                eprintln!(
+                    "qcow2b: reopen read-only: {}",
+                    std::io::Error::from_raw_os_error(-ret)
+                );
+            }
+        }
+    }
+}
+
+unsafe extern "C" fn qcow2b_reopen_commit_post(state: *mut BDRVReopenState) {
+    // Becoming writable writes the header (autoclear bits), which needs the file child's
+    // write permission: granted only after commit.
+    // SAFETY: as in prepare.
+    unsafe {
+        if (*state).flags & bindings::BDRV_O_RDWR as c_int != 0 {
+            let bs = (*state).bs;
+            let ret = guard("reopen", || {
+                Node::of(bs).image_drained().make_writable().map(|_| 0)
+            });
+            if ret < 0 {
+                eprintln!(
+                    "qcow2b: reopen read-write failed, the node stays read-only: {}",
+                    std::io::Error::from_raw_os_error(-ret)
+                );
+            }
+        }
+    }
+}
+
+unsafe extern "C" fn qcow2b_reopen_abort(_state: *mut BDRVReopenState) {}
+
+unsafe extern "C" fn qcow2b_inactivate(bs: *mut BlockDriverState) -> c_int {
+    // Before another process takes the image over (migration): everything out, durably.
+    guard("inactivate", || {
+        // SAFETY: QEMU inactivates a drained, open node.
+        unsafe { Node::of(bs).image_drained() }.flush().map(|_| 0)
+    })
+}
+
+unsafe extern "C" fn qcow2b_co_invalidate_cache(
+    bs: *mut BlockDriverState,
+    errp: *mut *mut bindings::Error,
+) {
+    // Another process may have changed the image (incoming migration): read it anew.
+    // SAFETY: QEMU passes an open node and errp; the node is drained.
+    unsafe {
+        guard_errp("invalidate_cache", errp, || {
+            let node = Node::of(bs);
+            let fresh = Image::open(ChildStorage::new((*bs).file), &node.open_options)?;
+            publish_image_fields(bs, &fresh)?;
+            // The old state is dropped unflushed: its metadata is what the other side wrote
+            // over, and this side wrote nothing since it was inactivated.
+            let _old = std::mem::replace(node.image_drained(), fresh);
+            Ok(0)
+        })
+    };
+}
+
 unsafe extern "C" fn qcow2b_get_info(
     bs: *mut BlockDriverState,
     bdi: *mut BlockDriverInfo,
@@ -233,10 +458,55 @@ unsafe extern "C" fn qcow2b_get_info(
     guard("get_info", || {
         // SAFETY: bs is an open qcow2b node and bdi a valid out-pointer.
         unsafe {
-            (*bdi).cluster_size = state(bs).image.cluster_size() as c_int;
+            let image = Node::of(bs).image_drained();
+            (*bdi).cluster_size = image.cluster_size() as c_int;
+            (*bdi).is_dirty = false;
         }
         Ok(0)
     })
+}
+
+unsafe extern "C" fn qcow2b_get_specific_info(
+    bs: *mut BlockDriverState,
+    errp: *mut *mut bindings::Error,
+) -> *mut bindings::ImageInfoSpecific {
+    let mut out = ptr::null_mut();
+    // SAFETY: bs is an open qcow2b node; the QAPI objects are allocated with glib, as QEMU
+    // frees them with qapi_free_ImageInfoSpecific.
+    unsafe {
+        guard_errp("get_specific_info", errp, || {
+            let header = Node::of(bs).image_drained().header().clone();
+            let info: *mut bindings::ImageInfoSpecificQCow2 =
+                bindings::g_malloc0(std::mem::size_of::<bindings::ImageInfoSpecificQCow2>() as u64)
+                    .cast();
+            let compat = if header.version >= 3 { c"1.1" } else { c"0.10" };
+            (*info).compat = bindings::g_strdup(compat.as_ptr());
+            (*info).refcount_bits = 1i64 << header.refcount_order;
+            if header.version >= 3 {
+                (*info).has_lazy_refcounts = true;
+                (*info).lazy_refcounts = header.compatible.0 & 1 != 0;
+                (*info).has_corrupt = true;
+                (*info).corrupt = header.incompatible.0 & 2 != 0;
+                (*info).has_extended_l2 = true;
+            }
+            (*info).compression_type = match header.compression_type {
+                crate::engine::header::CompressionType::Zlib => {
+                    bindings::QCOW2_COMPRESSION_TYPE_ZLIB
+                }
+                crate::engine::header::CompressionType::Zstd => {
+                    bindings::QCOW2_COMPRESSION_TYPE_ZSTD
+                }
+            };
+            let spec: *mut bindings::ImageInfoSpecific =
+                bindings::g_malloc0(std::mem::size_of::<bindings::ImageInfoSpecific>() as u64)
+                    .cast();
+            (*spec).type_ = bindings::IMAGE_INFO_SPECIFIC_KIND_QCOW2;
+            (*spec).u.qcow2.data = info;
+            out = spec;
+            Ok(0)
+        });
+    }
+    out
 }
 
 static FORMAT_NAME: &CStr = c"qcow2b";
@@ -248,17 +518,29 @@ pub extern "C" fn qcow2b_register() {
     guard("register", || {
         let drv = BlockDriver {
             format_name: FORMAT_NAME.as_ptr(),
-            instance_size: std::mem::size_of::<*mut State>() as c_int,
+            instance_size: std::mem::size_of::<*mut Node>() as c_int,
             is_format: true,
             supports_backing: true,
             bdrv_open: Some(qcow2b_open),
             bdrv_close: Some(qcow2b_close),
+            bdrv_reopen_prepare: Some(qcow2b_reopen_prepare),
+            bdrv_reopen_commit: Some(qcow2b_reopen_commit),
+            bdrv_reopen_commit_post: Some(qcow2b_reopen_commit_post),
+            bdrv_reopen_abort: Some(qcow2b_reopen_abort),
             bdrv_child_perm: Some(bindings::bdrv_default_perms),
             bdrv_co_preadv_part: Some(qcow2b_co_preadv_part),
             bdrv_co_pwritev_part: Some(qcow2b_co_pwritev_part),
+            bdrv_co_pwrite_zeroes: Some(qcow2b_co_pwrite_zeroes),
+            bdrv_co_pdiscard: Some(qcow2b_co_pdiscard),
             bdrv_co_flush_to_os: Some(qcow2b_co_flush_to_os),
+            bdrv_co_truncate: Some(qcow2b_co_truncate),
             bdrv_co_block_status: Some(qcow2b_co_block_status),
+            bdrv_refresh_limits: Some(qcow2b_refresh_limits),
+            bdrv_has_zero_init: Some(qcow2b_has_zero_init),
+            bdrv_inactivate: Some(qcow2b_inactivate),
+            bdrv_co_invalidate_cache: Some(qcow2b_co_invalidate_cache),
             bdrv_get_info: Some(qcow2b_get_info),
+            bdrv_get_specific_info: Some(qcow2b_get_specific_info),
             ..Default::default()
         };
         // The table lives for the whole process, as QEMU's static driver tables do.

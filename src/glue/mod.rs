@@ -4,9 +4,15 @@
 //! - `ffi`: the one place where engine errors become `-errno` plus an `Error **errp` message,
 //!   and where panics are stopped before they reach C;
 //! - `storage`: the engine's [`crate::engine::Storage`] over a `BdrvChild`;
+//! - `node`: the per-node state and its metadata lock (`CoMutex`, `CoQueue`);
+//! - `request`: guest reads and writes, with the data step on the request's `QEMUIOVector`;
+//! - `opts`: QEMU option lists declared from Rust tables;
 //! - `driver`: the `BlockDriver` table registered under the format name `qcow2b`.
 
 mod bindings;
 mod driver;
 mod ffi;
+mod node;
+mod opts;
+mod request;
 mod storage;

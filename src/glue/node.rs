@@ -1,0 +1,166 @@
+//! What qcow2b keeps per open node, and the node's metadata lock.
+//!
+//! The engine is not re-entrant. Each guest request runs the engine's three steps (see
+//! `engine/request.rs`): plan and finish hold the node's `CoMutex`, the data step does not. A
+//! coroutine that yields inside the engine (a metadata read or write) keeps the mutex, so
+//! other requests on the node wait in `qemu_co_mutex_lock` rather than seeing half-updated
+//! metadata. Requests that must wait for an allocation in flight sleep on a `CoQueue` that
+//! drops the mutex while they sleep.
+//!
+//! All coroutines of a node run in the node's AioContext thread, one at a time; the mutex
+//! orders them across yields. So `&mut Image` is handed out only through [`Locked`], whose
+//! lifetime is the time the mutex is held.
+
+use std::cell::{Cell, UnsafeCell};
+use std::ffi::c_void;
+
+use super::bindings::{self, BlockDriverState, CoMutex, CoQueue, QemuLockable};
+use super::storage::ChildStorage;
+use crate::engine::{Error, Image, OpenOptions};
+
+pub struct Node {
+    image: UnsafeCell<Image<ChildStorage>>,
+    lock: UnsafeCell<CoMutex>,
+    /// Requests waiting for an allocation in flight to finish.
+    alloc_waiters: UnsafeCell<CoQueue>,
+    /// Set when a panic unwound while the lock was held: the in-memory metadata may be half
+    /// updated, so the node refuses every further request.
+    poisoned: Cell<bool>,
+    /// How the image was opened (for `invalidate_cache`).
+    pub open_options: OpenOptions,
+}
+
+impl Node {
+    /// Boxes a node for `bs->opaque`. The mutex and queue are initialised in place, since
+    /// QEMU's initialisers may record their own address.
+    pub fn new(image: Image<ChildStorage>, open_options: OpenOptions) -> Box<Node> {
+        let node = Box::new(Node {
+            image: UnsafeCell::new(image),
+            lock: UnsafeCell::new(CoMutex::default()),
+            alloc_waiters: UnsafeCell::new(CoQueue::default()),
+            poisoned: Cell::new(false),
+            open_options,
+        });
+        // SAFETY: both objects are zeroed and live at their final heap address.
+        unsafe {
+            bindings::qemu_co_mutex_init(node.lock.get());
+            bindings::qemu_co_queue_init(node.alloc_waiters.get());
+        }
+        node
+    }
+
+    /// The node of `bs`.
+    ///
+    /// # Safety
+    /// `bs` must be a node opened by qcow2b and not yet closed.
+    pub unsafe fn of<'a>(bs: *mut BlockDriverState) -> &'a Node {
+        // SAFETY: qcow2b_open stored a Box<Node> pointer in the opaque area (instance_size is
+        // one pointer); it stays valid until qcow2b_close.
+        unsafe { &**((*bs).opaque as *const *const Node) }
+    }
+
+    /// Takes the metadata lock (yielding while another coroutine holds it).
+    ///
+    /// # Safety
+    /// Must run in a coroutine in the node's AioContext.
+    pub unsafe fn lock(&self) -> Result<Locked<'_>, Error> {
+        // SAFETY: the mutex was initialised in `new` and lives as long as the node.
+        unsafe { bindings::qemu_co_mutex_lock(self.lock.get()) };
+        let locked = Locked { node: self };
+        if self.poisoned.get() {
+            return Err(Error::Corrupt(
+                "an internal error stopped qcow2b on this node; close and reopen the image \
+                 (check it with `qemu-img check` first)"
+                    .into(),
+            ));
+        }
+        Ok(locked)
+    }
+
+    /// The image, for callers outside any coroutine with the node drained (open, close,
+    /// reopen, info): nothing else can run on the node then.
+    ///
+    /// # Safety
+    /// No request may be in flight on the node, and the reference must not outlive that.
+    // The `&mut` comes from the node's UnsafeCell; the caller's contract makes it unique.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn image_drained(&self) -> &mut Image<ChildStorage> {
+        // SAFETY: per the caller, nothing else uses the image now.
+        unsafe { &mut *self.image.get() }
+    }
+
+    /// Takes the node out of `bs->opaque` for closing.
+    ///
+    /// # Safety
+    /// `bs` must be a node opened by qcow2b; nothing may use it afterwards.
+    pub unsafe fn take(bs: *mut BlockDriverState) -> Option<Box<Node>> {
+        // SAFETY: per the caller; the slot holds a Box<Node> pointer or NULL.
+        unsafe {
+            let slot = (*bs).opaque as *mut *mut Node;
+            let node = std::mem::replace(&mut *slot, std::ptr::null_mut());
+            (!node.is_null()).then(|| Box::from_raw(node))
+        }
+    }
+
+    pub fn into_image(self: Box<Node>) -> Image<ChildStorage> {
+        self.image.into_inner()
+    }
+}
+
+/// The metadata lock, held: the only way to the engine while requests may be in flight.
+pub struct Locked<'a> {
+    node: &'a Node,
+}
+
+unsafe extern "C" fn co_mutex_lock(object: *mut c_void) {
+    // SAFETY: `object` is the node's CoMutex (see Locked::wait_for_allocations).
+    unsafe { bindings::qemu_co_mutex_lock(object.cast()) }
+}
+
+unsafe extern "C" fn co_mutex_unlock(object: *mut c_void) {
+    // SAFETY: as above.
+    unsafe { bindings::qemu_co_mutex_unlock(object.cast()) }
+}
+
+impl Locked<'_> {
+    pub fn image(&mut self) -> &mut Image<ChildStorage> {
+        // SAFETY: the mutex is held for as long as `self` lives, and `&mut self` keeps this
+        // the only reference handed out.
+        unsafe { &mut *self.node.image.get() }
+    }
+
+    /// Sleeps until some allocation in flight finishes, with the lock dropped meanwhile;
+    /// holds it again on return.
+    pub fn wait_for_allocations(&mut self) {
+        let mut lockable = QemuLockable {
+            object: self.node.lock.get().cast(),
+            lock: Some(co_mutex_lock),
+            unlock: Some(co_mutex_unlock),
+        };
+        // SAFETY: we are in a coroutine holding the mutex that `lockable` names; the queue
+        // was initialised in Node::new.
+        unsafe {
+            bindings::qemu_co_queue_wait_impl(self.node.alloc_waiters.get(), &mut lockable, 0)
+        };
+    }
+
+    /// Wakes every request waiting for an allocation to finish.
+    pub fn wake_allocation_waiters(&mut self) {
+        // SAFETY: the queue was initialised in Node::new; we run in a coroutine.
+        unsafe {
+            if !bindings::qemu_co_queue_empty(self.node.alloc_waiters.get()) {
+                bindings::qemu_co_queue_restart_all(self.node.alloc_waiters.get());
+            }
+        }
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.node.poisoned.set(true);
+        }
+        // SAFETY: this coroutine took the mutex in Node::lock.
+        unsafe { bindings::qemu_co_mutex_unlock(self.node.lock.get()) };
+    }
+}

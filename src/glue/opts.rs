@@ -1,0 +1,108 @@
+//! QEMU option lists (`QemuOptsList`) declared from Rust tables: the driver's runtime options
+//! (`-drive driver=qcow2b,l2-cache-size=...`) and its creation options (`qemu-img create -o`).
+//!
+//! A `QemuOptsList` ends in a flexible array of `QemuOptDesc` terminated by an entry whose name
+//! is NULL; [`OptsList`] lays the array out right after the header, as C does.
+
+use std::ffi::CStr;
+use std::ptr;
+
+use super::bindings::{self, QemuOptDesc, QemuOptType, QemuOptsList};
+
+/// One option: its name, type and help text.
+pub struct Opt {
+    pub name: &'static CStr,
+    pub kind: QemuOptType,
+    pub help: &'static CStr,
+}
+
+pub const fn size_opt(name: &'static CStr, help: &'static CStr) -> Opt {
+    Opt {
+        name,
+        kind: bindings::QEMU_OPT_SIZE,
+        help,
+    }
+}
+
+/// A `QemuOptsList` with `N` descriptors (the last one the NULL terminator), laid out as the C
+/// flexible array member expects.
+#[repr(C)]
+pub struct OptsList<const N: usize> {
+    list: QemuOptsList,
+    desc: [QemuOptDesc; N],
+}
+
+/// Builds a list named `name` from `opts` and leaks it: QEMU keeps pointers to option lists for
+/// the whole process (driver tables, `qemu-img create -o help`).
+///
+/// `N` must be `opts.len() + 1`; a wrong `N` is a programming error caught at registration.
+pub fn leak_list<const N: usize>(name: &'static CStr, opts: &[Opt]) -> *mut QemuOptsList {
+    assert_eq!(
+        N,
+        opts.len() + 1,
+        "option list {name:?} needs room for its terminator"
+    );
+    let mut desc = [QemuOptDesc {
+        name: ptr::null(),
+        type_: 0,
+        help: ptr::null(),
+        def_value_str: ptr::null(),
+    }; N];
+    for (d, o) in desc.iter_mut().zip(opts) {
+        d.name = o.name.as_ptr();
+        d.type_ = o.kind;
+        d.help = o.help.as_ptr();
+    }
+    let list = Box::leak(Box::new(OptsList::<N> {
+        list: QemuOptsList {
+            name: name.as_ptr(),
+            ..Default::default()
+        },
+        desc,
+    }));
+    let head = &mut list.list;
+    // QTAILQ_HEAD_INITIALIZER: an empty tail queue's last-pointer points at its own first field.
+    // SAFETY: tqh_circ is the union member QTAILQ uses; writing it initialises it.
+    head.head.tqh_circ.tql_prev = unsafe { &mut head.head.tqh_circ };
+    &mut list.list
+}
+
+/// Owned `QemuOpts` filled from a `QDict`; deleted on drop.
+pub struct Opts(*mut bindings::QemuOpts);
+
+impl Opts {
+    /// Creates options of `list` and moves the keys it knows out of `options` (the rest stay,
+    /// so the block layer can report unknown ones).
+    ///
+    /// # Safety
+    /// `list` must be a list from [`leak_list`]; `options` a valid QDict; `errp` valid.
+    pub unsafe fn absorb(
+        list: *mut QemuOptsList,
+        options: *mut bindings::QDict,
+        errp: *mut *mut bindings::Error,
+    ) -> Option<Opts> {
+        // SAFETY: per the caller; a NULL id and fail_if_exists=false cannot fail.
+        let opts = unsafe { bindings::qemu_opts_create(list, ptr::null(), 0, errp) };
+        if opts.is_null() {
+            return None;
+        }
+        let opts = Opts(opts);
+        // SAFETY: opts was just created; options and errp are valid per the caller.
+        unsafe { bindings::qemu_opts_absorb_qdict(opts.0, options, errp) }.then_some(opts)
+    }
+
+    /// The size option `name`, if it was given.
+    pub fn size(&self, name: &CStr) -> Option<u64> {
+        // SAFETY: self.0 is a live QemuOpts; name is NUL-terminated.
+        let present = unsafe { !bindings::qemu_opt_get(self.0, name.as_ptr()).is_null() };
+        // SAFETY: as above.
+        present.then(|| unsafe { bindings::qemu_opt_get_size(self.0, name.as_ptr(), 0) })
+    }
+}
+
+impl Drop for Opts {
+    fn drop(&mut self) {
+        // SAFETY: self.0 came from qemu_opts_create and is deleted once.
+        unsafe { bindings::qemu_opts_del(self.0) };
+    }
+}
