@@ -7,6 +7,7 @@
 //! - [`entry`]: L1, L2 and refcount table entries and their flag bits.
 //! - [`refcount`]: refcount block entries of 1 to 64 bits.
 //! - [`cache`]: the write-back cache of L2 tables and refcount blocks.
+//! - [`create`]: creating new images (`qemu-img create`) and measuring them (`qemu-img measure`).
 //! - `image`: [`Image`], opening and the guest-facing read/write/map/flush.
 //! - `metadata`: cluster lookup, L2 allocation and copy-on-write, the cluster allocator.
 //! - `writeback`: the one routine that writes dirty metadata back, in the required order.
@@ -25,6 +26,7 @@
 pub mod cache;
 mod compress;
 mod counters;
+pub mod create;
 pub mod dataio;
 pub mod entry;
 pub mod error;
@@ -40,6 +42,7 @@ mod writeback;
 mod zeroes;
 
 pub use counters::Counters;
+pub use create::{create, measure, CreateOptions, Measure};
 pub use error::{Error, Result};
 pub use image::Image;
 pub use request::{ReadPlan, ReadSource, WritePiece, WritePlan};

@@ -8,6 +8,7 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 
 /// The file that holds the qcow2 image.
 ///
@@ -29,6 +30,21 @@ pub trait Storage {
     }
     /// Truncates or extends the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reserves space for `offset..offset + len` (growing the file if it ends before), so
+    /// later writes there cannot fail for lack of space (`preallocation=falloc`). Bytes past
+    /// the old end of the file read as zeros afterwards; bytes before it may be zeroed. The
+    /// default writes zeros; [`File`] uses `posix_fallocate`.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK_BYTES: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK_BYTES.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK_BYTES.min(len - done) as usize;
+            self.write_at(offset + done, &zeros[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
 }
 
 /// What an unallocated guest cluster reads through to.
@@ -69,6 +85,22 @@ impl Storage for File {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
+        let start = libc::off_t::try_from(offset).map_err(|_| too_big())?;
+        let count = libc::off_t::try_from(len).map_err(|_| too_big())?;
+        if count == 0 {
+            return Ok(());
+        }
+        // SAFETY: the descriptor is open for as long as `self` is borrowed, and
+        // posix_fallocate reads or writes no memory of this process. (glibc emulates it on
+        // file systems without fallocate.)
+        match unsafe { libc::posix_fallocate(self.as_raw_fd(), start, count) } {
+            0 => Ok(()),
+            err => Err(io::Error::from_raw_os_error(err)),
+        }
     }
 }
 
