@@ -11,6 +11,7 @@
 #include "qapi/error.h"
 #include "qapi/qmp/qdict.h"
 #include "qapi/qmp/qstring.h"
+#include "sysemu/block-backend.h"
 
 /* Exported by Rust (src/glue/driver.rs), called from QEMU's block/qcow2b.c at start-up. */
 void qcow2b_register(void);

@@ -14,6 +14,7 @@ use super::bindings::{
     self, BDRVReopenState, BlockDriver, BlockDriverInfo, BlockDriverState, BlockReopenQueue, QDict,
     QEMUIOVector,
 };
+use super::create;
 use super::ffi::{guard, guard_errp};
 use super::node::Node;
 use super::opts::{leak_list, size_opt, Opts};
@@ -541,6 +542,9 @@ pub extern "C" fn qcow2b_register() {
             bdrv_co_invalidate_cache: Some(qcow2b_co_invalidate_cache),
             bdrv_get_info: Some(qcow2b_get_info),
             bdrv_get_specific_info: Some(qcow2b_get_specific_info),
+            bdrv_co_create_opts: Some(create::qcow2b_co_create_opts),
+            bdrv_measure: Some(create::qcow2b_measure),
+            create_opts: create::create_opts(),
             ..Default::default()
         };
         // The table lives for the whole process, as QEMU's static driver tables do.

@@ -7,9 +7,11 @@
 //! - `node`: the per-node state and its metadata lock (`CoMutex`, `CoQueue`);
 //! - `request`: guest reads and writes, with the data step on the request's `QEMUIOVector`;
 //! - `opts`: QEMU option lists declared from Rust tables;
+//! - `create`: `qemu-img create` and `qemu-img measure` (QEMU option lists to the engine's);
 //! - `driver`: the `BlockDriver` table registered under the format name `qcow2b`.
 
 mod bindings;
+mod create;
 mod driver;
 mod ffi;
 mod node;

@@ -24,6 +24,30 @@ pub const fn size_opt(name: &'static CStr, help: &'static CStr) -> Opt {
     }
 }
 
+pub const fn string_opt(name: &'static CStr, help: &'static CStr) -> Opt {
+    Opt {
+        name,
+        kind: bindings::QEMU_OPT_STRING,
+        help,
+    }
+}
+
+pub const fn bool_opt(name: &'static CStr, help: &'static CStr) -> Opt {
+    Opt {
+        name,
+        kind: bindings::QEMU_OPT_BOOL,
+        help,
+    }
+}
+
+pub const fn number_opt(name: &'static CStr, help: &'static CStr) -> Opt {
+    Opt {
+        name,
+        kind: bindings::QEMU_OPT_NUMBER,
+        help,
+    }
+}
+
 /// A `QemuOptsList` with `N` descriptors (the last one the NULL terminator), laid out as the C
 /// flexible array member expects.
 #[repr(C)]
@@ -105,4 +129,55 @@ impl Drop for Opts {
         // SAFETY: self.0 came from qemu_opts_create and is deleted once.
         unsafe { bindings::qemu_opts_del(self.0) };
     }
+}
+
+/// The value of option `opt` in `opts` as text, if it was given (sizes and numbers in
+/// decimal bytes, booleans as on/off), so it can be handed to a parser of `-o key=value`.
+/// With `take`, the option is removed from `opts` (what is left goes to the protocol layer).
+///
+/// # Safety
+/// `opts` must be a live `QemuOpts` whose list has `opt`.
+pub unsafe fn value_text(opts: *mut bindings::QemuOpts, opt: &Opt, take: bool) -> Option<String> {
+    let name = opt.name.as_ptr();
+    // SAFETY: per the caller; qemu_opt_get returns NULL for an option not given (our lists
+    // have no defaults) or a string owned by `opts`.
+    let raw = unsafe { bindings::qemu_opt_get(opts, name) };
+    if raw.is_null() {
+        return None;
+    }
+    // SAFETY: as above: the option is present, so the typed getters parse its value; the
+    // string from qemu_opt_get_del is ours to free.
+    Some(unsafe {
+        match (opt.kind, take) {
+            (bindings::QEMU_OPT_SIZE, false) => {
+                bindings::qemu_opt_get_size(opts, name, 0).to_string()
+            }
+            (bindings::QEMU_OPT_SIZE, true) => {
+                bindings::qemu_opt_get_size_del(opts, name, 0).to_string()
+            }
+            (bindings::QEMU_OPT_NUMBER, false) => {
+                bindings::qemu_opt_get_number(opts, name, 0).to_string()
+            }
+            (bindings::QEMU_OPT_NUMBER, true) => {
+                bindings::qemu_opt_get_number_del(opts, name, 0).to_string()
+            }
+            (bindings::QEMU_OPT_BOOL, _) => {
+                let on = if take {
+                    bindings::qemu_opt_get_bool_del(opts, name, false)
+                } else {
+                    bindings::qemu_opt_get_bool(opts, name, false)
+                };
+                if on { "on" } else { "off" }.to_owned()
+            }
+            (_, false) => std::ffi::CStr::from_ptr(raw).to_string_lossy().into_owned(),
+            (_, true) => {
+                let owned = bindings::qemu_opt_get_del(opts, name);
+                let text = std::ffi::CStr::from_ptr(owned)
+                    .to_string_lossy()
+                    .into_owned();
+                bindings::g_free(owned.cast());
+                text
+            }
+        }
+    })
 }

@@ -121,3 +121,113 @@ impl Backing for ChildStorage {
         Ok(())
     }
 }
+
+/// A `BlockBackend` on a protocol node: the storage of an image being created.
+pub struct BlkStorage {
+    blk: *mut bindings::BlockBackend,
+}
+
+impl BlkStorage {
+    /// Opens `filename` (a protocol node, read-write and resizable) for image creation.
+    ///
+    /// # Safety
+    /// `filename` is a valid C string; `errp` is NULL or valid.
+    pub unsafe fn open(
+        filename: *const std::ffi::c_char,
+        errp: *mut *mut bindings::Error,
+    ) -> Option<BlkStorage> {
+        let flags = bindings::BDRV_O_RDWR | bindings::BDRV_O_RESIZE | bindings::BDRV_O_PROTOCOL;
+        // SAFETY: per the caller; NULL reference and options are allowed.
+        let blk = unsafe {
+            bindings::blk_new_open(
+                filename,
+                std::ptr::null(),
+                std::ptr::null_mut(),
+                flags as i32,
+                errp,
+            )
+        };
+        if blk.is_null() {
+            return None;
+        }
+        // SAFETY: blk was just opened; creation writes tables past the current end.
+        unsafe { bindings::blk_set_allow_write_beyond_eof(blk, true) };
+        Some(BlkStorage { blk })
+    }
+}
+
+impl Drop for BlkStorage {
+    fn drop(&mut self) {
+        // SAFETY: the backend was opened in `open` and is released once.
+        unsafe { bindings::blk_unref(self.blk) };
+    }
+}
+
+impl Storage for BlkStorage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: blk is open; buf is valid for writes of buf.len() bytes.
+        check(unsafe {
+            bindings::blk_pread(
+                self.blk,
+                i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+                check_len(buf.len())?,
+                buf.as_mut_ptr().cast(),
+                0,
+            )
+        })
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: blk is open; buf is valid for reads of buf.len() bytes.
+        check(unsafe {
+            bindings::blk_pwrite(
+                self.blk,
+                i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+                check_len(buf.len())?,
+                buf.as_ptr().cast(),
+                0,
+            )
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // SAFETY: blk is open.
+        check(unsafe { bindings::blk_flush(self.blk) })
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        // SAFETY: blk is open.
+        let len = unsafe { bindings::blk_getlength(self.blk) };
+        u64::try_from(len).map_err(|_| io::Error::from_raw_os_error(-(len as i32)))
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.truncate(len, bindings::PREALLOC_MODE_OFF)
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        // The protocol driver reserves the space (fallocate for files), as QEMU's qcow2 does
+        // for preallocation=falloc; a range inside the file is already backed.
+        let end = offset.saturating_add(len);
+        if end <= self.len()? {
+            return Ok(());
+        }
+        self.truncate(end, bindings::PREALLOC_MODE_FALLOC)
+    }
+}
+
+impl BlkStorage {
+    fn truncate(&self, len: u64, prealloc: bindings::PreallocMode) -> io::Result<()> {
+        let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: blk is open; errp NULL keeps only the errno.
+        check(unsafe {
+            bindings::blk_truncate(self.blk, len, false, prealloc, 0, std::ptr::null_mut())
+        })
+    }
+}

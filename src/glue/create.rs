@@ -1,0 +1,199 @@
+//! Image creation (`qemu-img create -f qcow2b`) and measurement (`qemu-img measure -O
+//! qcow2b`): QEMU's option lists in, the engine's `create`/`measure` out. The image is
+//! standard qcow2, exactly as `-f qcow2` would make it.
+
+use std::ffi::{c_char, c_int};
+use std::sync::OnceLock;
+
+use super::bindings::{self, BlockDriver, BlockDriverState, QemuOpts};
+use super::ffi::{guard_errp, set_error};
+use super::opts::{bool_opt, leak_list, number_opt, size_opt, string_opt, value_text, Opt};
+use super::storage::BlkStorage;
+use crate::engine::{create, measure, CreateOptions, Error};
+
+/// The creation options, named as for QEMU's qcow2. Those the engine refuses (encryption,
+/// external data files, extended L2) are listed too, so asking for them gets a message
+/// naming the feature rather than "unknown option".
+const CREATE_OPTS: [Opt; 14] = [
+    size_opt(c"size", c"Virtual disk size"),
+    string_opt(c"compat", c"Compatibility level (v2 [0.10], v3 [1.1])"),
+    string_opt(c"backing_file", c"File name of a base image"),
+    string_opt(c"backing_fmt", c"Image format of the base image"),
+    size_opt(c"cluster_size", c"qcow2 cluster size"),
+    string_opt(
+        c"preallocation",
+        c"Preallocation mode (allowed values: off, metadata, falloc, full)",
+    ),
+    bool_opt(c"lazy_refcounts", c"Postpone refcount updates"),
+    number_opt(
+        c"refcount_bits",
+        c"Width of a reference count entry in bits",
+    ),
+    string_opt(
+        c"compression_type",
+        c"Compression method used for image cluster compression (zlib, zstd)",
+    ),
+    bool_opt(
+        c"encryption",
+        c"Encrypt the image with AES (not supported by qcow2b)",
+    ),
+    string_opt(
+        c"encrypt.format",
+        c"Encrypt the image, format choices: 'aes', 'luks' (not supported by qcow2b)",
+    ),
+    string_opt(
+        c"data_file",
+        c"File name of an external data file (not supported by qcow2b)",
+    ),
+    bool_opt(
+        c"data_file_raw",
+        c"The external data file must stay valid as a raw image (not supported by qcow2b)",
+    ),
+    bool_opt(
+        c"extended_l2",
+        c"Extended L2 tables (not supported by qcow2b)",
+    ),
+];
+
+/// The option list for `BlockDriver.create_opts`, built once.
+pub fn create_opts() -> *mut bindings::QemuOptsList {
+    struct List(*mut bindings::QemuOptsList);
+    // SAFETY: built once, never changed afterwards, only read by QEMU.
+    unsafe impl Send for List {}
+    // SAFETY: as above.
+    unsafe impl Sync for List {}
+    static LIST: OnceLock<List> = OnceLock::new();
+    LIST.get_or_init(|| List(leak_list::<15>(c"qcow2b-create-opts", &CREATE_OPTS)))
+        .0
+}
+
+/// The engine's options from QEMU's; with `take`, they are removed from `opts`, leaving the
+/// protocol layer's (as QEMU's qcow2 does before creating the file).
+///
+/// # Safety
+/// `opts` is a live `QemuOpts` of (a superset of) the creation option list.
+unsafe fn create_options(opts: *mut QemuOpts, take: bool) -> Result<CreateOptions, Error> {
+    let mut options = CreateOptions::new(0);
+    for opt in &CREATE_OPTS {
+        // SAFETY: per the caller.
+        if let Some(value) = unsafe { value_text(opts, opt, take) } {
+            options.set(&opt.name.to_string_lossy(), &value)?;
+        }
+    }
+    Ok(options)
+}
+
+pub unsafe extern "C" fn qcow2b_co_create_opts(
+    _drv: *mut BlockDriver,
+    filename: *const c_char,
+    opts: *mut QemuOpts,
+    errp: *mut *mut bindings::Error,
+) -> c_int {
+    // SAFETY: QEMU passes a valid file name, options and errp; we run in a coroutine.
+    unsafe {
+        guard_errp("create", errp, || {
+            let options = create_options(opts, true)?;
+            // Refuse bad options before anything exists on disk.
+            options.validate()?;
+            // The protocol layer makes the file (it takes the options it knows, such as
+            // preallocation for file-posix); the engine writes the image into it.
+            let ret = bindings::bdrv_create_file(filename, opts, errp);
+            if ret < 0 {
+                return Ok(ret);
+            }
+            let Some(storage) = BlkStorage::open(filename, errp) else {
+                return Ok(-libc::EIO);
+            };
+            create(&storage, &options)?;
+            Ok(0)
+        })
+    }
+}
+
+/// Bytes of `in_bs` that hold data, counted in whole clusters of `cluster_size` as QEMU's
+/// qcow2 measure counts them.
+///
+/// # Safety
+/// `in_bs` is an open node.
+unsafe fn allocated_bytes(in_bs: *mut BlockDriverState, cluster_size: u64) -> Result<u64, Error> {
+    // SAFETY: per the caller.
+    let size = unsafe { bindings::bdrv_getlength(in_bs) };
+    let size = u64::try_from(size).map_err(|_| {
+        Error::io(
+            "getting the source image length",
+            std::io::Error::from_raw_os_error(-(size as i32)),
+        )
+    })?;
+    let mut required = 0u64;
+    let mut offset = 0u64;
+    while offset < size {
+        let mut pnum = 0i64;
+        // SAFETY: in_bs is open; NULL base, map and file are allowed.
+        let ret = unsafe {
+            bindings::bdrv_block_status_above(
+                in_bs,
+                std::ptr::null_mut(),
+                offset as i64,
+                (size - offset) as i64,
+                &mut pnum,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+        if ret < 0 {
+            return Err(Error::io(
+                format!("getting the allocation status of the source at {offset}"),
+                std::io::Error::from_raw_os_error(-ret),
+            ));
+        }
+        let mut len = u64::try_from(pnum).unwrap_or(0).max(1);
+        let data = (bindings::BDRV_BLOCK_DATA | bindings::BDRV_BLOCK_ALLOCATED) as c_int;
+        if ret & bindings::BDRV_BLOCK_ZERO as c_int == 0 && ret & data == data {
+            // Whole clusters: the rest of the last one is skipped, the start of the first
+            // one counted.
+            len = (offset + len).next_multiple_of(cluster_size) - offset;
+            required += offset % cluster_size + len;
+        }
+        offset += len;
+    }
+    Ok(required)
+}
+
+pub unsafe extern "C" fn qcow2b_measure(
+    opts: *mut QemuOpts,
+    in_bs: *mut BlockDriverState,
+    errp: *mut *mut bindings::Error,
+) -> *mut bindings::BlockMeasureInfo {
+    let mut info = std::ptr::null_mut();
+    // SAFETY: QEMU passes live options, a NULL or open source node, and errp.
+    unsafe {
+        guard_errp("measure", errp, || {
+            let mut options = create_options(opts, false)?;
+            let allocated = if in_bs.is_null() {
+                None
+            } else {
+                let len = bindings::bdrv_getlength(in_bs);
+                options.size_bytes = u64::try_from(len).unwrap_or(0);
+                Some(allocated_bytes(in_bs, options.cluster_size_bytes)?)
+            };
+            let m = measure(&options, allocated)?;
+            let out: *mut bindings::BlockMeasureInfo =
+                bindings::g_malloc0(std::mem::size_of::<bindings::BlockMeasureInfo>() as u64)
+                    .cast();
+            (*out).required = m.required as i64;
+            (*out).fully_allocated = m.fully_allocated as i64;
+            info = out;
+            Ok(0)
+        });
+    }
+    if info.is_null() && !errp.is_null() {
+        // SAFETY: guard_errp set *errp on every failure; this only covers a success that
+        // produced nothing, which cannot happen, so the message is never shown.
+        unsafe {
+            if (*errp).is_null() {
+                set_error(errp, "qcow2b: measure produced no result");
+            }
+        }
+    }
+    info
+}
