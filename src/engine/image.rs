@@ -16,6 +16,7 @@ use super::error::{Error, Result};
 use super::header::{AutoclearFeatures, Header, IncompatibleFeatures, MAX_CLUSTER_BITS};
 use super::layout::{self, Region};
 use super::refcount::RefcountGeometry;
+use super::snapshot::{self, Snapshot};
 use super::storage::{Backing, Storage};
 use super::{Mapping, OpenOptions};
 
@@ -62,6 +63,8 @@ pub struct Image<S: Storage> {
     /// Some write was issued since the last storage flush.
     pub(super) unflushed_writes: bool,
     pub(super) counters: Counters,
+    /// The internal snapshot table, parsed and validated at open (`snapshot.rs`).
+    pub(super) snapshots: Vec<Snapshot>,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -113,21 +116,14 @@ impl<S: Storage> Image<S> {
                 .map_err(io("reading the header"))?;
         }
         let header = Header::parse(&first)?;
-        let metadata_regions = layout::validate(&header, file_len)?;
+        let mut metadata_regions = layout::validate(&header, file_len)?;
+        let snapshots = snapshot::read_table(&storage, &header, file_len, &mut metadata_regions)?;
 
         let read_only = opts.read_only;
         if !read_only && header.incompatible.contains(IncompatibleFeatures::CORRUPT) {
             return Err(Error::Corrupt(
                 "the image is marked corrupt (incompatible feature bit 1) and cannot be opened \
                  read-write; open it read-only, or repair it with `qemu-img check -r all`"
-                    .into(),
-            ));
-        }
-        if !read_only && header.incompatible.contains(IncompatibleFeatures::DIRTY) {
-            return Err(Error::Unsupported(
-                "the image is dirty (incompatible feature bit 0): its refcounts need a rebuild, \
-                 which qcow2b does not do yet; open it read-only, or repair it with `qemu-img \
-                 check -r all`"
                     .into(),
             ));
         }
@@ -182,8 +178,17 @@ impl<S: Storage> Image<S> {
             unordered_writes: false,
             unflushed_writes: false,
             counters: Counters::default(),
+            snapshots,
             header,
         };
+        if !read_only
+            && image
+                .header
+                .incompatible
+                .contains(IncompatibleFeatures::DIRTY)
+        {
+            image.repair_dirty_image()?;
+        }
         if !read_only && image.header.autoclear.0 != 0 {
             image.clear_autoclear_features()?;
         }

@@ -13,12 +13,18 @@
 //! - `resize`: growing the virtual size (and the L1 table).
 //! - `zeroes`: write_zeroes and discard (zero flag, unallocation).
 //! - `compress`: compressed cluster decoding (raw deflate, zstd).
+//! - [`snapshot`]: the internal snapshot table (parsed and validated at open).
+//! - `check`: `qemu-img check` for qcow2: counting, comparing, repairing; the repair of
+//!   images opened with the dirty bit.
+//! - `references`: counting the references to every host cluster (for `check`).
+//! - `rebuild`: rebuilding the refcount table and blocks from counted references.
 //!
 //! Data I/O (guest bytes to and from host clusters) is kept apart from metadata work: a
 //! metadata step answers "where", then a plain storage call moves the bytes. Today the glue
 //! serialises every call; a later change runs the data I/O without the metadata lock.
 
 pub mod cache;
+mod check;
 mod compress;
 mod counters;
 pub mod entry;
@@ -27,15 +33,20 @@ pub mod header;
 mod image;
 pub mod layout;
 mod metadata;
+mod rebuild;
 pub mod refcount;
+mod references;
 mod resize;
+pub mod snapshot;
 pub mod storage;
 mod writeback;
 mod zeroes;
 
+pub use check::{CheckFix, CheckReport, FragmentationInfo};
 pub use counters::Counters;
 pub use error::{Error, Result};
 pub use image::Image;
+pub use snapshot::Snapshot;
 pub use storage::{Backing, MemStorage, Storage};
 
 /// How to open an image.
