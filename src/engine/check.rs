@@ -246,7 +246,7 @@ impl<S: Storage> Image<S> {
             // Step 4: the refcounts the COPIED flags are checked against are on disk.
             self.ordering_point()?;
         }
-        self.check_copied_flags(&mut report, fix, file_len)?;
+        self.check_copied_flags(&mut report, fix)?;
         report.image_end_offset = (highest + 1) << self.cluster_bits;
         if fix != CheckFix::None && report.corruptions == 0 && report.check_errors == 0 {
             self.mark_clean_and_consistent()?;
@@ -293,12 +293,7 @@ impl<S: Storage> Image<S> {
     /// stored refcount of what it names is 1 (QEMU's `check_oflag_copied`). Repairs with
     /// [`CheckFix::All`], and with [`CheckFix::Leaks`] when nothing else is wrong (the
     /// refcounts are trustworthy then).
-    fn check_copied_flags(
-        &mut self,
-        report: &mut CheckReport,
-        fix: CheckFix,
-        file_len: u64,
-    ) -> Result<()> {
+    fn check_copied_flags(&mut self, report: &mut CheckReport, fix: CheckFix) -> Result<()> {
         let repair = match fix {
             CheckFix::All => true,
             CheckFix::Leaks => {
@@ -308,6 +303,7 @@ impl<S: Storage> Image<S> {
         };
         let verb = if repair { "Repairing" } else { "ERROR" };
         let cluster_size = self.cluster_size();
+        let file_len = self.file_len()?;
         let mut stored = StoredRefcounts { blocks: Vec::new() };
         let l1_offset = self.header.l1_table_offset;
         let mut l1 = vec![0u8; self.header.l1_size_entries as usize * 8];
