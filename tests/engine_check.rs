@@ -580,6 +580,93 @@ fn refcount_block_overlapping_an_l2_table_is_moved_by_a_rebuild() {
     f.assert_repaired_and_data_unchanged();
 }
 
+#[test]
+fn misaligned_refcount_block_is_unreadable_like_in_qemu_and_rebuilt_where_qemu_gives_up() {
+    let f = fixture("cluster_size=65536", &["io:write -P 0x11 0 256k"]);
+    let l = layout_of(&f.img);
+    file_write(
+        &f.img,
+        l.reftable_offset,
+        &(l.refblock0 + 0x200).to_be_bytes(),
+    );
+    f.keep_copy();
+
+    let report = check_file(&f.img, &ro(), CheckFix::None);
+    assert_message(&report, "ERROR refcount block 0 is not cluster aligned");
+    assert_message(&report, "Can't get refcount for cluster 0");
+    assert_eq!(report.corruptions, 1);
+    assert_same_as_qemu(&report, &f.img);
+
+    // QEMU's own repair fails here (it marks the image corrupt and refuses to write).
+    let report = check_file(&f.img, &rw(), CheckFix::All);
+    assert!(report.rebuilt_refcounts);
+    assert!(report.is_clean(), "{report:#?}");
+    f.assert_repaired_and_data_unchanged();
+}
+
+#[test]
+fn reserved_bits_in_l1_and_l2_entries_are_cleared_keeping_the_mapping() {
+    let f = fixture("cluster_size=65536", &["io:write -P 0x11 0 256k"]);
+    let l = layout_of(&f.img);
+    let l1_entry = file_be64(&f.img, l.l1_offset);
+    file_write(&f.img, l.l1_offset, &(l1_entry | 2).to_be_bytes());
+    let l2_entry = file_be64(&f.img, l.l2_of_l1_entry0 + 8);
+    file_write(&f.img, l.l2_of_l1_entry0 + 8, &(l2_entry | 2).to_be_bytes());
+    f.keep_copy();
+
+    let report = check_file(&f.img, &ro(), CheckFix::None);
+    assert_eq!(report.corruptions, 2, "{report:#?}");
+    assert_message(&report, "ERROR found L1 entry with reserved bits set");
+    assert_message(&report, "ERROR found l2 entry with reserved bits set");
+    assert_same_as_qemu(&report, &f.img);
+
+    let report = check_file(&f.img, &rw(), CheckFix::All);
+    assert!(
+        report.is_clean() && report.corruptions_fixed == 2,
+        "{report:#?}"
+    );
+    assert_eq!(file_be64(&f.img, l.l1_offset), l1_entry);
+    assert_eq!(file_be64(&f.img, l.l2_of_l1_entry0 + 8), l2_entry);
+    f.assert_repaired_and_data_unchanged();
+}
+
+#[test]
+fn misaligned_data_and_preallocated_zero_clusters_are_dropped_by_full_repair() {
+    let f = fixture("cluster_size=65536", &["io:write -P 0x11 0 256k"]);
+    let l = layout_of(&f.img);
+    // Guest cluster 1: data at a misaligned offset; guest cluster 2: a preallocated zero
+    // cluster at a misaligned offset.
+    let e1 = file_be64(&f.img, l.l2_of_l1_entry0 + 8);
+    file_write(&f.img, l.l2_of_l1_entry0 + 8, &(e1 + 0x200).to_be_bytes());
+    let e2 = file_be64(&f.img, l.l2_of_l1_entry0 + 16);
+    file_write(
+        &f.img,
+        l.l2_of_l1_entry0 + 16,
+        &((e2 + 0x200) | 1).to_be_bytes(),
+    );
+
+    let report = check_file(&f.img, &ro(), CheckFix::None);
+    assert_message(&report, "Data cluster is not properly aligned");
+    assert_message(&report, "Preallocated cluster is not properly aligned");
+    assert_same_as_qemu(&report, &f.img);
+
+    let report = check_file(&f.img, &rw(), CheckFix::All);
+    assert_eq!(report.corruptions, 0, "{report:#?}");
+    assert_eq!(
+        report.leaks, 0,
+        "the dropped clusters are freed: {report:#?}"
+    );
+    qemu_img_check(&f.img);
+    qemu_io(
+        &f.img,
+        &[
+            "read -P 0x11 0 64k",
+            "read -P 0 64k 128k",
+            "read -P 0x11 192k 64k",
+        ],
+    );
+}
+
 /// The image a QEMU with lazy refcounts leaves when it is killed: dirty bit set, refcounts
 /// of everything allocated since open missing.
 fn killed_lazy_refcounts_image() -> Fixture {

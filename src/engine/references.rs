@@ -827,3 +827,32 @@ impl Walk {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_above_u16_spill_and_come_back() {
+        let mut refs = HostRefs::new(4, u64::MAX);
+        refs.set(2, 70_000);
+        assert_eq!(refs.get(2), 70_000);
+        refs.set(2, 3);
+        assert_eq!(refs.get(2), 3);
+        assert!(refs.large.is_empty());
+        refs.set(10, 1);
+        assert_eq!(
+            (refs.len(), refs.get(10), refs.get(9), refs.get(99)),
+            (11, 1, 0, 0)
+        );
+        assert!(refs.any_in(10, 11) && !refs.any_in(3, 10) && !refs.any_in(50, 60));
+    }
+
+    #[test]
+    fn occupied_ranges_merge_and_answer_overlaps() {
+        let o = Occupied::from_ranges(vec![(100, 200), (0, 10), (150, 300), (300, 310)]);
+        assert_eq!(o.0, vec![(0, 10), (100, 310)]);
+        assert!(o.overlaps(5, 6) && o.overlaps(309, 400) && o.overlaps(50, 101));
+        assert!(!o.overlaps(10, 100) && !o.overlaps(310, 1000));
+    }
+}
