@@ -27,7 +27,7 @@ use super::entry::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use super::error::{Error, Result};
 use super::header::IncompatibleFeatures;
 use super::image::Image;
-use super::references::{Walk, REFTABLE_OFFSET_MASK};
+use super::references::{read_be64_table, MetadataSpace, Walk, REFTABLE_OFFSET_MASK};
 use super::storage::Storage;
 
 /// Most messages a report keeps; later ones are only counted.
@@ -126,14 +126,6 @@ struct Counts {
     leaks_fixed: u64,
 }
 
-fn be64_at(bytes: &[u8], index: usize) -> u64 {
-    let mut b = [0u8; 8];
-    if let Some(s) = bytes.get(index * 8..index * 8 + 8) {
-        b.copy_from_slice(s);
-    }
-    u64::from_be_bytes(b)
-}
-
 /// Stored refcounts read straight from the file, a few blocks cached (for the COPIED check).
 struct StoredRefcounts {
     blocks: Vec<(u64, Vec<u8>)>,
@@ -204,7 +196,7 @@ impl<S: Storage> Image<S> {
         result
     }
 
-    fn file_len(&self) -> Result<u64> {
+    pub(super) fn file_len(&self) -> Result<u64> {
         self.storage
             .len()
             .map_err(|e| Error::io("getting the image file length", e))
@@ -306,12 +298,10 @@ impl<S: Storage> Image<S> {
         let file_len = self.file_len()?;
         let mut stored = StoredRefcounts { blocks: Vec::new() };
         let l1_offset = self.header.l1_table_offset;
-        let mut l1 = vec![0u8; self.header.l1_size_entries as usize * 8];
-        self.storage
-            .read_at(l1_offset, &mut l1)
-            .map_err(|e| Error::io("reading the L1 table", e))?;
-        for l1_index in 0..self.header.l1_size_entries as usize {
-            let l1_entry = be64_at(&l1, l1_index);
+        let l1_entries = u64::from(self.header.l1_size_entries);
+        let l1 = read_be64_table(&self.storage, l1_offset, l1_entries, "the L1 table")?;
+        let metadata = MetadataSpace::of(self);
+        for (l1_index, &l1_entry) in l1.iter().enumerate() {
             let l2_offset = l1_entry & OFFSET_MASK;
             if l2_offset == 0 {
                 continue;
@@ -337,13 +327,11 @@ impl<S: Storage> Image<S> {
             if !l2_offset.is_multiple_of(cluster_size) || l2_offset >= file_len {
                 continue;
             }
-            let mut table = vec![0u8; cluster_size as usize];
-            self.storage
-                .read_at(l2_offset, &mut table)
-                .map_err(|e| Error::io(format!("reading the L2 table at {l2_offset:#x}"), e))?;
+            let mut table =
+                read_be64_table(&self.storage, l2_offset, cluster_size / 8, "an L2 table")?;
             let mut flipped = 0u64;
-            for index in 0..(cluster_size / 8) as usize {
-                let entry = be64_at(&table, index);
+            for slot in table.iter_mut() {
+                let entry = *slot;
                 let data_offset = entry & OFFSET_MASK;
                 if entry & OFLAG_COMPRESSED != 0 || data_offset == 0 {
                     continue;
@@ -357,10 +345,7 @@ impl<S: Storage> Image<S> {
                          refcount={refcount}"
                     ));
                     if repair {
-                        let fixed = (entry ^ OFLAG_COPIED).to_be_bytes();
-                        if let Some(slot) = table.get_mut(index * 8..index * 8 + 8) {
-                            slot.copy_from_slice(&fixed);
-                        }
+                        *slot = entry ^ OFLAG_COPIED;
                         flipped += 1;
                     } else {
                         report.corruptions += 1;
@@ -368,7 +353,7 @@ impl<S: Storage> Image<S> {
                 }
             }
             if flipped > 0 {
-                if self.metadata_overlaps(l2_offset, l2_offset + cluster_size) {
+                if metadata.overlaps(l2_offset, l2_offset + cluster_size) {
                     report.check_errors += 1;
                     report.corruptions += flipped;
                     report.note(format!(
@@ -377,22 +362,12 @@ impl<S: Storage> Image<S> {
                     ));
                     continue;
                 }
-                self.write_metadata(l2_offset, &table, "repairing COPIED flags in an L2 table")?;
+                let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+                self.write_metadata(l2_offset, &bytes, "repairing COPIED flags in an L2 table")?;
                 report.corruptions_fixed += flipped;
             }
         }
         Ok(())
-    }
-
-    /// Whether `start..end` overlaps the header, an L1 table, the snapshot table, the
-    /// refcount table or a refcount block.
-    fn metadata_overlaps(&self, start: u64, end: u64) -> bool {
-        let cluster_size = self.cluster_size();
-        self.metadata_regions.iter().any(|r| r.overlaps(start, end))
-            || self.reftable.iter().any(|&e| {
-                let block = e & REFTABLE_OFFSET_MASK;
-                block != 0 && block < end && start < block.saturating_add(cluster_size)
-            })
     }
 
     /// Clears the dirty and corrupt bits (when set) once the refcounts they warn about are
@@ -418,19 +393,19 @@ impl<S: Storage> Image<S> {
     /// and refcount tables again.
     fn reload_after_repair(&mut self) -> Result<()> {
         let file_len = self.file_len()?;
-        self.l1 = read_table(
+        self.l1 = read_be64_table(
             &self.storage,
             self.header.l1_table_offset,
             u64::from(self.header.l1_size_entries),
-            "L1 table",
+            "the L1 table",
         )?;
         let reftable_entries =
             (u64::from(self.header.refcount_table_clusters) << self.cluster_bits) / 8;
-        self.reftable = read_table(
+        self.reftable = read_be64_table(
             &self.storage,
             self.header.refcount_table_offset,
             reftable_entries,
-            "refcount table",
+            "the refcount table",
         )?;
         self.l1_dirty.clear();
         self.reftable_dirty.clear();
@@ -460,13 +435,4 @@ impl<S: Storage> Image<S> {
         }
         Ok(())
     }
-}
-
-/// Reads a table of big-endian u64 entries; the caller checked the range against the file.
-fn read_table<S: Storage>(storage: &S, offset: u64, entries: u64, what: &str) -> Result<Vec<u64>> {
-    let mut bytes = vec![0u8; (entries * 8) as usize];
-    storage
-        .read_at(offset, &mut bytes)
-        .map_err(|e| Error::io(format!("reading the {what}"), e))?;
-    Ok((0..entries as usize).map(|i| be64_at(&bytes, i)).collect())
 }

@@ -94,10 +94,7 @@ impl<S: Storage> Image<S> {
         let cluster_size = self.cluster_size();
         let cluster_bits = self.cluster_bits;
         let per_block = self.rc.entries_per_block();
-        let file_len = self
-            .storage
-            .len()
-            .map_err(|e| Error::io("getting the image file length", e))?;
+        let file_len = self.file_len()?;
         let area_start = file_len
             .div_ceil(cluster_size)
             .max(refs.len())

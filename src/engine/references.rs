@@ -120,6 +120,71 @@ impl Occupied {
     }
 }
 
+/// Where metadata lies, for the question whether a reference (or a repair write) lands on
+/// it.
+pub(super) struct MetadataSpace {
+    /// The header, L1 tables and snapshot table: a reference into them is dropped.
+    tables: Occupied,
+    /// The refcount table and blocks: a reference into them calls for a rebuild.
+    refcounts: Occupied,
+}
+
+impl MetadataSpace {
+    pub(super) fn of<S: Storage>(image: &Image<S>) -> MetadataSpace {
+        let cluster_size = image.cluster_size();
+        let tables = Occupied::from_ranges(
+            image
+                .metadata_regions
+                .iter()
+                .filter(|r| r.name != "refcount table")
+                .map(|r| (r.start, r.end))
+                .collect(),
+        );
+        let reftable_start = image.header.refcount_table_offset;
+        let reftable_bytes = u64::from(image.header.refcount_table_clusters) << image.cluster_bits;
+        let mut refcount_ranges = vec![(reftable_start, reftable_start + reftable_bytes)];
+        refcount_ranges.extend(
+            image
+                .reftable
+                .iter()
+                .filter(|&&e| e != 0 && e & REFTABLE_RESERVED_MASK == 0)
+                .filter(|&&e| e.is_multiple_of(cluster_size))
+                .map(|&e| (e, e.saturating_add(cluster_size))),
+        );
+        MetadataSpace {
+            tables,
+            refcounts: Occupied::from_ranges(refcount_ranges),
+        }
+    }
+
+    /// Whether `start..end` overlaps any of it.
+    pub(super) fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.tables.overlaps(start, end) || self.refcounts.overlaps(start, end)
+    }
+}
+
+/// Reads `entries` big-endian u64 at `offset` (bytes past the end of the file read as
+/// zeros); the caller bounds `entries` by the file length.
+pub(super) fn read_be64_table<S: Storage>(
+    storage: &S,
+    offset: u64,
+    entries: u64,
+    what: &str,
+) -> Result<Vec<u64>> {
+    let mut bytes = vec![0u8; (entries * 8) as usize];
+    storage
+        .read_at(offset, &mut bytes)
+        .map_err(|e| Error::io(format!("reading {what} at {offset:#x}"), e))?;
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            u64::from_be_bytes(b)
+        })
+        .collect())
+}
+
 /// The bookkeeping of one counting pass (and of the comparison that follows it).
 pub(super) struct Walk {
     pub(super) fix: CheckFix,
@@ -139,36 +204,12 @@ pub(super) struct Walk {
     cluster_bits: u32,
     file_len: u64,
     version: u32,
-    /// The header, L1 tables and snapshot table: a reference into them is dropped.
-    table_space: Occupied,
-    /// The refcount table and blocks: a reference into them calls for a rebuild.
-    refcount_space: Occupied,
+    metadata: MetadataSpace,
 }
 
 impl Walk {
     pub(super) fn new<S: Storage>(image: &Image<S>, fix: CheckFix, file_len: u64) -> Walk {
-        let cluster_size = image.cluster_size();
-        let clusters = file_len.div_ceil(cluster_size);
-        let table_space = Occupied::from_ranges(
-            image
-                .metadata_regions
-                .iter()
-                .filter(|r| r.name != "refcount table")
-                .map(|r| (r.start, r.end))
-                .collect(),
-        );
-        let reftable_start = image.header.refcount_table_offset;
-        let reftable_end = reftable_start
-            + (u64::from(image.header.refcount_table_clusters) << image.cluster_bits);
-        let mut refcount_ranges = vec![(reftable_start, reftable_end)];
-        refcount_ranges.extend(
-            image
-                .reftable
-                .iter()
-                .filter(|&&e| e != 0 && e & REFTABLE_RESERVED_MASK == 0)
-                .filter(|&&e| e.is_multiple_of(cluster_size))
-                .map(|&e| (e, e.saturating_add(cluster_size))),
-        );
+        let clusters = file_len.div_ceil(image.cluster_size());
         Walk {
             fix,
             report: CheckReport::default(),
@@ -181,8 +222,7 @@ impl Walk {
             cluster_bits: image.cluster_bits,
             file_len,
             version: image.header.version,
-            table_space,
-            refcount_space: Occupied::from_ranges(refcount_ranges),
+            metadata: MetadataSpace::of(image),
         }
     }
 
@@ -251,7 +291,7 @@ impl Walk {
     /// file) lands on metadata; reports it. Returns true if the reference must be dropped
     /// (it lies on the header or a table that is not part of the refcount structure).
     fn reference_lands_on_metadata(&mut self, what: &str, start: u64, end: u64) -> bool {
-        if self.table_space.overlaps(start, end) {
+        if self.metadata.tables.overlaps(start, end) {
             if self.fix == CheckFix::All {
                 self.repaired(format!(
                     "Repairing {what} at {start:#x} overlaps the header, an L1 table or the \
@@ -263,7 +303,7 @@ impl Walk {
                 "ERROR {what} at {start:#x} overlaps the header, an L1 table or the snapshot \
                  table"
             ));
-        } else if self.refcount_space.overlaps(start, end) {
+        } else if self.metadata.refcounts.overlaps(start, end) {
             // The refcount structure is what gives way: a rebuild moves it.
             self.rebuild = true;
             self.corruption(format!(
@@ -320,28 +360,6 @@ impl Walk {
         Ok(())
     }
 
-    /// Reads `entries` big-endian u64 at `offset`.
-    fn read_entries<S: Storage>(
-        image: &Image<S>,
-        offset: u64,
-        entries: u64,
-        what: &str,
-    ) -> Result<Vec<u64>> {
-        let mut bytes = vec![0u8; (entries * 8) as usize];
-        image
-            .storage
-            .read_at(offset, &mut bytes)
-            .map_err(|e| Error::io(format!("reading {what} at {offset:#x}"), e))?;
-        Ok(bytes
-            .chunks_exact(8)
-            .map(|c| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(c);
-                u64::from_be_bytes(b)
-            })
-            .collect())
-    }
-
     fn walk_l1<S: Storage>(
         &mut self,
         image: &mut Image<S>,
@@ -355,7 +373,12 @@ impl Walk {
         let cluster_size = self.cluster_size();
         self.count_region(l1_offset, u64::from(l1_entries) * 8);
         // The table lies inside the file (checked at open), so this allocation is bounded.
-        let table = Self::read_entries(image, l1_offset, u64::from(l1_entries), "an L1 table")?;
+        let table = read_be64_table(
+            &image.storage,
+            l1_offset,
+            u64::from(l1_entries),
+            "an L1 table",
+        )?;
         let fix_all = self.fix == CheckFix::All;
         for (index, &raw) in table.iter().enumerate() {
             if raw == 0 {
@@ -433,16 +456,11 @@ impl Walk {
         let cluster_size = self.cluster_size();
         let entries = cluster_size / 8;
         // Bytes past the end of the file read as zeros, as QEMU reads them.
-        let mut table = Self::read_entries(image, l2_offset, entries, "an L2 table")?;
+        let mut table = read_be64_table(&image.storage, l2_offset, entries, "an L2 table")?;
         // Repairs are written only to a table that is where a table may be.
         let writable = l2_offset.is_multiple_of(cluster_size)
             && l2_offset < self.file_len
-            && !self
-                .table_space
-                .overlaps(l2_offset, l2_offset + cluster_size)
-            && !self
-                .refcount_space
-                .overlaps(l2_offset, l2_offset + cluster_size);
+            && !self.metadata.overlaps(l2_offset, l2_offset + cluster_size);
         let fix_all = self.fix == CheckFix::All && writable;
         let mut dirty = false;
         let mut next_contiguous = 0u64;
@@ -653,7 +671,12 @@ impl Walk {
             if !self.count_region(table_offset, table_bytes) {
                 continue;
             }
-            let table = Self::read_entries(image, table_offset, table_entries, "a bitmap table")?;
+            let table = read_be64_table(
+                &image.storage,
+                table_offset,
+                table_entries,
+                "a bitmap table",
+            )?;
             for entry in table {
                 let offset = entry & OFFSET_MASK;
                 let invalid = entry & BITMAP_TABLE_RESERVED_MASK != 0
