@@ -21,6 +21,18 @@
 //!    to repair;
 //! 7. the engine drops its caches and reloads the L1 and refcount tables, and a storage flush
 //!    makes everything durable.
+//!
+//! Where this differs from QEMU 10's check (same counts otherwise):
+//! - an L2 table, data or compressed cluster on top of other metadata is a corruption of its
+//!   own (QEMU only sees the refcount mismatch); so is a refcount table sharing a cluster;
+//! - repair drops references QEMU leaves in place (misaligned data clusters, clusters and L2
+//!   tables past the end of the file, references into the header or an L1 or snapshot
+//!   table) and clears reserved bits;
+//! - a refcount block outside the file is replaced by a rebuild, where QEMU grows the file to
+//!   reach it, and a misaligned one is rebuilt too (QEMU's repair gives up);
+//! - a snapshot table QEMU would repair (too many snapshots, oversized extra data) is refused
+//!   at open, and version 3 entries with less than 16 bytes of extra data stay reported as
+//!   corruptions: this engine does not rewrite snapshot tables.
 
 use super::cache::TableCache;
 use super::entry::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};

@@ -13,8 +13,10 @@
 //! are cleared, a compressed entry loses a COPIED flag, and a reference that is misaligned,
 //! past the end of the file or on top of the header or an L1 or snapshot table is dropped (an
 //! L2 entry becomes a zero cluster on version 3, unallocated on version 2; an L1 entry
-//! becomes 0). Each repaired table is written back at once; the caller puts an ordering point
-//! after the walk, before any refcount is lowered.
+//! becomes 0). A reference on top of the refcount table or a refcount block is kept: the
+//! refcount structure gives way instead (a rebuild moves it). Each repaired table is written
+//! back at once; the caller puts an ordering point after the walk, before any refcount is
+//! lowered.
 
 use std::collections::HashMap;
 
