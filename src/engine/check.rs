@@ -92,7 +92,7 @@ pub struct CheckReport {
     pub rebuilt_refcounts: bool,
     /// One line per problem, in QEMU's words ("Leaked cluster 9 refcount=1 reference=0").
     pub messages: Vec<String>,
-    /// Messages left out past [`MAX_CHECK_MESSAGES`].
+    /// Messages left out past `MAX_CHECK_MESSAGES` (1000).
     pub messages_dropped: u64,
 }
 
