@@ -254,11 +254,19 @@ fn corrupt_bit_refuses_read_write_but_allows_read_only() {
 }
 
 #[test]
-fn dirty_bit_refuses_read_write_until_refcount_rebuild_exists() {
+fn dirty_image_is_repaired_and_marked_clean_on_read_write_open_but_not_read_only() {
     let mut b = valid();
     put64(&mut b, field::INCOMPATIBLE, 1);
-    assert_err(open(b.clone(), &RW), "Unsupported", "dirty");
-    assert!(open(b, &RO).is_ok());
+    // Read-only: opens as it is, dirty bit and all, and writes nothing.
+    let image = open(b.clone(), &RO).unwrap();
+    assert_eq!(image.storage().bytes_copy(), b);
+    // Read-write: the refcounts are checked and repaired, then the bit is cleared on disk
+    // before the open returns.
+    let image = open(b, &RW).unwrap();
+    let header = Header::parse(&image.storage().bytes_copy()[..65536]).unwrap();
+    assert_eq!(header.incompatible.0 & 1, 0, "dirty bit cleared on disk");
+    assert_eq!(image.header().incompatible.0 & 1, 0);
+    image.close().unwrap();
 }
 
 #[test]

@@ -204,3 +204,186 @@ impl<S: Storage> Backing for ImageBacking<S> {
             .map_err(|e| io::Error::other(e.to_string()))
     }
 }
+
+/// A JSON value, enough to read what `qemu-img ... --output=json` prints.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Json {
+    Null,
+    Bool(bool),
+    /// Numbers are kept as written.
+    Number(String),
+    Str(String),
+    Array(Vec<Json>),
+    Object(Vec<(String, Json)>),
+}
+
+impl Json {
+    pub fn parse(text: &str) -> Json {
+        let bytes = text.as_bytes();
+        let mut at = 0;
+        let value = Self::value(bytes, &mut at);
+        Self::skip_ws(bytes, &mut at);
+        assert_eq!(at, bytes.len(), "trailing bytes after JSON: {text}");
+        value
+    }
+
+    /// The member `key` of an object (None if absent or not an object).
+    pub fn get(&self, key: &str) -> Option<&Json> {
+        match self {
+            Json::Object(members) => members.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// The number member `key`, 0 when absent (qemu-img leaves out zero counts).
+    pub fn u64_or_0(&self, key: &str) -> u64 {
+        match self.get(key) {
+            None => 0,
+            Some(Json::Number(n)) => n.parse().unwrap_or_else(|_| panic!("{key}: {n}")),
+            Some(other) => panic!("{key} is not a number: {other:?}"),
+        }
+    }
+
+    pub fn str_of(&self, key: &str) -> Option<&str> {
+        match self.get(key) {
+            Some(Json::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn array(&self) -> &[Json] {
+        match self {
+            Json::Array(items) => items,
+            _ => &[],
+        }
+    }
+
+    fn skip_ws(b: &[u8], at: &mut usize) {
+        while *at < b.len() && b[*at].is_ascii_whitespace() {
+            *at += 1;
+        }
+    }
+
+    fn value(b: &[u8], at: &mut usize) -> Json {
+        Self::skip_ws(b, at);
+        match b[*at] {
+            b'{' => {
+                *at += 1;
+                let mut members = Vec::new();
+                loop {
+                    Self::skip_ws(b, at);
+                    if b[*at] == b'}' {
+                        *at += 1;
+                        return Json::Object(members);
+                    }
+                    let Json::Str(key) = Self::value(b, at) else {
+                        panic!("object key expected at {at}");
+                    };
+                    Self::skip_ws(b, at);
+                    assert_eq!(b[*at], b':');
+                    *at += 1;
+                    members.push((key, Self::value(b, at)));
+                    Self::skip_ws(b, at);
+                    if b[*at] == b',' {
+                        *at += 1;
+                    }
+                }
+            }
+            b'[' => {
+                *at += 1;
+                let mut items = Vec::new();
+                loop {
+                    Self::skip_ws(b, at);
+                    if b[*at] == b']' {
+                        *at += 1;
+                        return Json::Array(items);
+                    }
+                    items.push(Self::value(b, at));
+                    Self::skip_ws(b, at);
+                    if b[*at] == b',' {
+                        *at += 1;
+                    }
+                }
+            }
+            b'"' => {
+                *at += 1;
+                let mut s = Vec::new();
+                while b[*at] != b'"' {
+                    if b[*at] == b'\\' {
+                        *at += 1;
+                        s.push(match b[*at] {
+                            b'n' => b'\n',
+                            b't' => b'\t',
+                            other => other,
+                        });
+                    } else {
+                        s.push(b[*at]);
+                    }
+                    *at += 1;
+                }
+                *at += 1;
+                Json::Str(String::from_utf8(s).unwrap())
+            }
+            b't' => {
+                *at += 4;
+                Json::Bool(true)
+            }
+            b'f' => {
+                *at += 5;
+                Json::Bool(false)
+            }
+            b'n' => {
+                *at += 4;
+                Json::Null
+            }
+            _ => {
+                let start = *at;
+                while *at < b.len()
+                    && (b[*at] == b'-' || b[*at] == b'.' || b[*at].is_ascii_alphanumeric())
+                {
+                    *at += 1;
+                }
+                Json::Number(String::from_utf8(b[start..*at].to_vec()).unwrap())
+            }
+        }
+    }
+}
+
+/// `qemu-img check --output=json` of an image: its exit code and its report.
+pub fn qemu_img_check_json(path: &Path) -> (i32, Json) {
+    let out = run(Command::new("qemu-img")
+        .args(["check", "-f", "qcow2", "--output=json"])
+        .arg(path));
+    let text = String::from_utf8_lossy(&out.stdout);
+    (out.status.code().unwrap_or(-1), Json::parse(&text))
+}
+
+/// `qemu-img info --output=json` of an image.
+pub fn qemu_img_info_json(path: &Path) -> Json {
+    let text = run_ok(
+        Command::new("qemu-img")
+            .args(["info", "-f", "qcow2", "--output=json"])
+            .arg(path),
+    );
+    // run_ok appends stderr; info prints nothing there on success.
+    Json::parse(&text)
+}
+
+/// Reads a big-endian u64 at `at` of a file.
+pub fn file_be64(path: &Path, at: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    File::open(path).unwrap().read_exact_at(&mut b, at).unwrap();
+    u64::from_be_bytes(b)
+}
+
+/// Writes bytes at `at` of a file.
+pub fn file_write(path: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(bytes, at)
+        .unwrap();
+}

@@ -17,11 +17,11 @@ pub const OFLAG_ZERO: u64 = 1;
 /// Bits 9..=55: a cluster-aligned host offset.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Reserved bits of an L1 entry (0..=8 and 56..=62).
-const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+pub const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
 /// Reserved bits of a standard L2 entry (1..=8 and 56..=61).
-const L2_STANDARD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
+pub const L2_STANDARD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// Reserved bits of a refcount table entry (0..=8).
-const REFTABLE_RESERVED_MASK: u64 = 0x1ff;
+pub const REFTABLE_RESERVED_MASK: u64 = 0x1ff;
 
 /// An L1 table entry: where the L2 table for one range of guest clusters lives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

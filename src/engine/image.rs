@@ -17,6 +17,7 @@ use super::header::{AutoclearFeatures, Header, IncompatibleFeatures, MAX_CLUSTER
 use super::layout::{self, Region};
 use super::refcount::RefcountGeometry;
 use super::request::InflightAlloc;
+use super::snapshot::{self, Snapshot};
 use super::storage::{Backing, Storage};
 use super::{Mapping, OpenOptions};
 
@@ -71,6 +72,8 @@ pub struct Image<S: Storage> {
     /// Some write was issued since the last storage flush.
     pub(super) unflushed_writes: bool,
     pub(super) counters: Counters,
+    /// The internal snapshot table, parsed and validated at open (`snapshot.rs`).
+    pub(super) snapshots: Vec<Snapshot>,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -122,7 +125,8 @@ impl<S: Storage> Image<S> {
                 .map_err(io("reading the header"))?;
         }
         let header = Header::parse(&first)?;
-        let metadata_regions = layout::validate(&header, file_len)?;
+        let mut metadata_regions = layout::validate(&header, file_len)?;
+        let snapshots = snapshot::read_table(&storage, &header, file_len, &mut metadata_regions)?;
 
         let cluster_bits = header.cluster_bits;
         let cluster_size = header.cluster_size();
@@ -178,6 +182,7 @@ impl<S: Storage> Image<S> {
             unordered_writes: false,
             unflushed_writes: false,
             counters: Counters::default(),
+            snapshots,
             header,
         };
         if !opts.read_only {
@@ -195,27 +200,37 @@ impl<S: Storage> Image<S> {
         }
         self.check_can_write()?;
         self.read_only = false;
+        let made = self.repair_if_dirty_and_clear_autoclear();
+        if made.is_err() {
+            self.read_only = true;
+        }
+        made
+    }
+
+    /// The writes that becoming writable needs: an image left dirty (lazy refcounts, then a
+    /// crash) gets its refcounts repaired and the bit cleared before anything else, as QEMU
+    /// does; the autoclear features this engine does not maintain are cleared.
+    fn repair_if_dirty_and_clear_autoclear(&mut self) -> Result<()> {
+        if self
+            .header
+            .incompatible
+            .contains(IncompatibleFeatures::DIRTY)
+        {
+            self.repair_dirty_image()?;
+        }
         if self.header.autoclear.0 != 0 {
             self.clear_autoclear_features()?;
         }
         Ok(())
     }
 
-    /// Whether `make_writable` may succeed: refuses images marked corrupt or dirty.
+    /// Whether `make_writable` may succeed without writing: refuses images marked corrupt.
     pub fn check_can_write(&self) -> Result<()> {
         let incompatible = self.header.incompatible;
         if incompatible.contains(IncompatibleFeatures::CORRUPT) {
             return Err(Error::Corrupt(
                 "the image is marked corrupt (incompatible feature bit 1) and cannot be opened \
                  read-write; open it read-only, or repair it with `qemu-img check -r all`"
-                    .into(),
-            ));
-        }
-        if incompatible.contains(IncompatibleFeatures::DIRTY) {
-            return Err(Error::Unsupported(
-                "the image is dirty (incompatible feature bit 0): its refcounts need a rebuild, \
-                 which qcow2b does not do yet; open it read-only, or repair it with `qemu-img \
-                 check -r all`"
                     .into(),
             ));
         }

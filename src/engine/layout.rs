@@ -134,8 +134,8 @@ pub fn validate(h: &Header, file_len: u64) -> Result<Vec<Region>> {
         file_len,
     )?);
 
-    // Snapshot table: only its start is checked here (entries have variable length and are
-    // not read by this engine).
+    // Snapshot table: only its start is checked here (entries have variable length;
+    // `snapshot.rs` reads and checks them).
     if h.nb_snapshots > MAX_SNAPSHOTS {
         return Err(invalid(format!(
             "nb_snapshots {} above {MAX_SNAPSHOTS}",

@@ -16,6 +16,11 @@
 //! - `resize`: growing the virtual size (and the L1 table).
 //! - `zeroes`: write_zeroes and discard (zero flag, unallocation).
 //! - `compress`: compressed cluster decoding (raw deflate, zstd).
+//! - [`snapshot`]: the internal snapshot table (parsed and validated at open).
+//! - `check`: `qemu-img check` for qcow2: counting, comparing, repairing; the repair of
+//!   images opened with the dirty bit.
+//! - `references`: counting the references to every host cluster (for `check`).
+//! - `rebuild`: rebuilding the refcount table and blocks from counted references.
 //!
 //! Data I/O (guest bytes to and from host clusters) is kept apart from metadata work: a
 //! request is planned under the metadata lock (`request`: where the bytes go, which clusters
@@ -24,6 +29,7 @@
 //! three steps in one call; the QEMU glue runs them around its `CoMutex`.
 
 pub mod cache;
+mod check;
 mod compress;
 mod counters;
 pub mod create;
@@ -34,18 +40,23 @@ pub mod header;
 mod image;
 pub mod layout;
 mod metadata;
+mod rebuild;
 pub mod refcount;
+mod references;
 pub mod request;
 mod resize;
+pub mod snapshot;
 pub mod storage;
 mod writeback;
 mod zeroes;
 
+pub use check::{CheckFix, CheckReport, FragmentationInfo};
 pub use counters::Counters;
 pub use create::{create, measure, CreateOptions, Measure};
 pub use error::{Error, Result};
 pub use image::Image;
 pub use request::{ReadPlan, ReadSource, WritePiece, WritePlan};
+pub use snapshot::Snapshot;
 pub use storage::{Backing, MemStorage, Storage};
 
 /// How to open an image.

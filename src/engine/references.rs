@@ -1,0 +1,883 @@
+//! Counting references: the expected refcount of every host cluster, computed by walking
+//! everything that names a cluster (the first step of a check, see `check.rs`).
+//!
+//! What holds a reference, as QEMU counts it: the header cluster; the active L1 table and
+//! every snapshot's L1 table; each L2 table once per L1 entry naming it (a table shared by a
+//! snapshot and the active L1 counts twice, and so do the clusters it names, since QEMU
+//! raised their refcounts when it took the snapshot); each data cluster (standard and
+//! preallocated zero clusters); each host cluster a compressed cluster's sectors touch; the
+//! snapshot table; the refcount table and every refcount block; and the bitmap directory,
+//! tables and data clusters, but only while the bitmaps autoclear bit says they are valid.
+//!
+//! With [`CheckFix::All`] the walk also repairs the entries it cannot count: reserved bits
+//! are cleared, a compressed entry loses a COPIED flag, and a reference that is misaligned,
+//! past the end of the file or on top of the header or an L1 or snapshot table is dropped (an
+//! L2 entry becomes a zero cluster on version 3, unallocated on version 2; an L1 entry
+//! becomes 0). A reference on top of the refcount table or a refcount block is kept: the
+//! refcount structure gives way instead (a rebuild moves it). Each repaired table is written
+//! back at once; the caller puts an ordering point after the walk, before any refcount is
+//! lowered.
+
+use std::collections::HashMap;
+
+use super::check::{CheckFix, CheckReport};
+use super::entry::{
+    Cluster, L2Entry, L1_RESERVED_MASK, L2_STANDARD_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED,
+    OFLAG_COPIED, OFLAG_ZERO, REFTABLE_RESERVED_MASK,
+};
+use super::error::{Error, Result};
+use super::header::AutoclearFeatures;
+use super::image::Image;
+use super::refcount::RefcountGeometry;
+use super::snapshot;
+use super::storage::Storage;
+
+/// Bits 9..=63 of a refcount table entry (QEMU's `REFT_OFFSET_MASK`).
+pub(super) const REFTABLE_OFFSET_MASK: u64 = !REFTABLE_RESERVED_MASK;
+/// Reserved bits of a bitmap table entry, and its "all ones" flag.
+const BITMAP_TABLE_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
+const BITMAP_TABLE_ALL_ONES: u64 = 1;
+/// Fixed part of a bitmap directory entry.
+const BITMAP_DIRECTORY_ENTRY_BYTES: usize = 24;
+
+/// A saturated `u16` entry: the real count is in [`HostRefs::large`].
+const SPILLED: u16 = u16::MAX;
+
+/// The expected refcount of each host cluster: two bytes per cluster of the file, with the
+/// rare counts of 65535 and above kept aside.
+pub(super) struct HostRefs {
+    small: Vec<u16>,
+    large: HashMap<u64, u64>,
+    /// The largest refcount the image can store; counting stops there (an overflow).
+    pub(super) max: u64,
+}
+
+impl HostRefs {
+    pub(super) fn new(clusters: u64, max: u64) -> HostRefs {
+        HostRefs {
+            small: vec![0; clusters as usize],
+            large: HashMap::new(),
+            max,
+        }
+    }
+
+    /// Clusters covered (the file's, plus any counted past its end).
+    pub(super) fn len(&self) -> u64 {
+        self.small.len() as u64
+    }
+
+    pub(super) fn get(&self, cluster: u64) -> u64 {
+        match self.small.get(cluster as usize) {
+            None => 0,
+            Some(&SPILLED) => self.large.get(&cluster).copied().unwrap_or(0),
+            Some(&v) => u64::from(v),
+        }
+    }
+
+    pub(super) fn set(&mut self, cluster: u64, value: u64) {
+        let index = cluster as usize;
+        if index >= self.small.len() {
+            self.small.resize(index + 1, 0);
+        }
+        if value >= u64::from(SPILLED) {
+            self.small[index] = SPILLED;
+            self.large.insert(cluster, value);
+        } else {
+            if self.small[index] == SPILLED {
+                self.large.remove(&cluster);
+            }
+            self.small[index] = value as u16;
+        }
+    }
+
+    /// Whether any cluster in `start..end` has a reference.
+    pub(super) fn any_in(&self, start: u64, end: u64) -> bool {
+        let end = (end as usize).min(self.small.len());
+        let start = (start as usize).min(end);
+        self.small[start..end].iter().any(|&v| v != 0)
+    }
+}
+
+/// Byte ranges of the file, merged and sorted, for overlap questions.
+#[derive(Default)]
+struct Occupied(Vec<(u64, u64)>);
+
+impl Occupied {
+    fn from_ranges(mut ranges: Vec<(u64, u64)>) -> Occupied {
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        Occupied(merged)
+    }
+
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        // The last range starting before `end` is the only candidate (ranges are disjoint).
+        let i = self.0.partition_point(|&(s, _)| s < end);
+        i > 0 && self.0.get(i - 1).is_some_and(|&(_, e)| e > start)
+    }
+}
+
+/// Where metadata lies, for the question whether a reference (or a repair write) lands on
+/// it.
+pub(super) struct MetadataSpace {
+    /// The header, L1 tables and snapshot table: a reference into them is dropped.
+    tables: Occupied,
+    /// The refcount table and blocks: a reference into them calls for a rebuild.
+    refcounts: Occupied,
+}
+
+impl MetadataSpace {
+    pub(super) fn of<S: Storage>(image: &Image<S>) -> MetadataSpace {
+        let cluster_size = image.cluster_size();
+        let tables = Occupied::from_ranges(
+            image
+                .metadata_regions
+                .iter()
+                .filter(|r| r.name != "refcount table")
+                .map(|r| (r.start, r.end))
+                .collect(),
+        );
+        let reftable_start = image.header.refcount_table_offset;
+        let reftable_bytes = u64::from(image.header.refcount_table_clusters) << image.cluster_bits;
+        let mut refcount_ranges = vec![(reftable_start, reftable_start + reftable_bytes)];
+        refcount_ranges.extend(
+            image
+                .reftable
+                .iter()
+                .filter(|&&e| e != 0 && e & REFTABLE_RESERVED_MASK == 0)
+                .filter(|&&e| e.is_multiple_of(cluster_size))
+                .map(|&e| (e, e.saturating_add(cluster_size))),
+        );
+        MetadataSpace {
+            tables,
+            refcounts: Occupied::from_ranges(refcount_ranges),
+        }
+    }
+
+    /// Whether `start..end` overlaps any of it.
+    pub(super) fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.tables.overlaps(start, end) || self.refcounts.overlaps(start, end)
+    }
+}
+
+/// Reads `entries` big-endian u64 at `offset` (bytes past the end of the file read as
+/// zeros); the caller bounds `entries` by the file length.
+pub(super) fn read_be64_table<S: Storage>(
+    storage: &S,
+    offset: u64,
+    entries: u64,
+    what: &str,
+) -> Result<Vec<u64>> {
+    let mut bytes = vec![0u8; (entries * 8) as usize];
+    storage
+        .read_at(offset, &mut bytes)
+        .map_err(|e| Error::io(format!("reading {what} at {offset:#x}"), e))?;
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            u64::from_be_bytes(b)
+        })
+        .collect())
+}
+
+/// The bookkeeping of one counting pass (and of the comparison that follows it).
+pub(super) struct Walk {
+    pub(super) fix: CheckFix,
+    pub(super) report: CheckReport,
+    pub(super) refs: HostRefs,
+    /// The refcount structure is broken (a block missing, outside the file, misaligned or
+    /// overlapping): fixing needs a rebuild rather than changes in place.
+    pub(super) rebuild: bool,
+    /// Clusters counted for the refcount table and blocks: what a rebuild replaces.
+    pub(super) refcount_structure: Vec<u64>,
+    /// Some repair rewrote an entry: order it before lowering any refcount.
+    pub(super) wrote_entries: bool,
+    /// Messages are not recorded (the verification pass after a rebuild).
+    pub(super) quiet: bool,
+    /// Check errors counted for refcounts that could not be read (misaligned blocks).
+    pub(super) unreadable_refcounts: u64,
+    cluster_bits: u32,
+    file_len: u64,
+    version: u32,
+    metadata: MetadataSpace,
+}
+
+impl Walk {
+    pub(super) fn new<S: Storage>(image: &Image<S>, fix: CheckFix, file_len: u64) -> Walk {
+        let clusters = file_len.div_ceil(image.cluster_size());
+        Walk {
+            fix,
+            report: CheckReport::default(),
+            refs: HostRefs::new(clusters, image.rc.max_refcount()),
+            rebuild: false,
+            refcount_structure: Vec::new(),
+            wrote_entries: false,
+            quiet: false,
+            unreadable_refcounts: 0,
+            cluster_bits: image.cluster_bits,
+            file_len,
+            version: image.header.version,
+            metadata: MetadataSpace::of(image),
+        }
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1u64 << self.cluster_bits
+    }
+
+    fn note(&mut self, msg: String) {
+        if !self.quiet {
+            self.report.note(msg);
+        }
+    }
+
+    /// An inconsistency left as it is.
+    pub(super) fn corruption(&mut self, msg: String) {
+        self.report.corruptions += 1;
+        self.note(msg);
+    }
+
+    /// An inconsistency repaired.
+    fn repaired(&mut self, msg: String) {
+        self.report.corruptions_fixed += 1;
+        self.note(msg);
+    }
+
+    /// What a dropped L2 entry becomes: reads as zeros on version 3 (as the bytes past the
+    /// end of the file did), unallocated on version 2.
+    fn dropped_l2_entry(&self) -> u64 {
+        if self.version >= 3 {
+            OFLAG_ZERO
+        } else {
+            0
+        }
+    }
+
+    /// Counts one reference to every cluster `offset..offset + size` touches. A region ending
+    /// a cluster or more past the end of the file is a corruption and is not counted (QEMU
+    /// allows the last cluster to be partly past the end). Returns whether it was counted.
+    fn count_region(&mut self, offset: u64, size: u64) -> bool {
+        if size == 0 {
+            return true;
+        }
+        let end = offset.saturating_add(size);
+        if end.saturating_sub(self.file_len) >= self.cluster_size() {
+            self.corruption(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one \
+                 cluster or more: offset {offset:#x} size {size:#x}"
+            ));
+            return false;
+        }
+        for cluster in offset >> self.cluster_bits..=(end - 1) >> self.cluster_bits {
+            let count = self.refs.get(cluster);
+            if count >= self.refs.max {
+                self.corruption(format!(
+                    "ERROR: overflow cluster offset={:#x}",
+                    cluster << self.cluster_bits
+                ));
+                continue;
+            }
+            self.refs.set(cluster, count + 1);
+        }
+        true
+    }
+
+    /// Whether a reference to `start..end` (past the checks for alignment and the end of the
+    /// file) lands on metadata; reports it. Returns true if the reference must be dropped
+    /// (it lies on the header or a table that is not part of the refcount structure).
+    fn reference_lands_on_metadata(&mut self, what: &str, start: u64, end: u64) -> bool {
+        if self.metadata.tables.overlaps(start, end) {
+            if self.fix == CheckFix::All {
+                self.repaired(format!(
+                    "Repairing {what} at {start:#x} overlaps the header, an L1 table or the \
+                     snapshot table; reference dropped"
+                ));
+                return true;
+            }
+            self.corruption(format!(
+                "ERROR {what} at {start:#x} overlaps the header, an L1 table or the snapshot \
+                 table"
+            ));
+        } else if self.metadata.refcounts.overlaps(start, end) {
+            // The refcount structure is what gives way: a rebuild moves it.
+            self.rebuild = true;
+            self.corruption(format!(
+                "ERROR {what} at {start:#x} overlaps the refcount table or a refcount block"
+            ));
+        }
+        false
+    }
+
+    /// Counts everything: header, L1 and L2 tables with their clusters, snapshots, the
+    /// refcount structure and bitmaps. Repairs entries on the way with [`CheckFix::All`].
+    pub(super) fn count_all<S: Storage>(&mut self, image: &mut Image<S>) -> Result<()> {
+        let cluster_size = self.cluster_size();
+        self.count_region(0, cluster_size);
+
+        let (l1_offset, l1_entries) = (image.header.l1_table_offset, image.header.l1_size_entries);
+        self.walk_l1(image, l1_offset, l1_entries, true)?;
+        let snapshot_l1s: Vec<(u64, u32)> = image
+            .snapshots
+            .iter()
+            .map(|s| (s.l1_table_offset, s.l1_size_entries))
+            .collect();
+        for (offset, entries) in snapshot_l1s {
+            self.walk_l1(image, offset, entries, false)?;
+        }
+        let table_bytes = snapshot::table_bytes(&image.header, &image.snapshots);
+        self.count_region(image.header.snapshots_offset, table_bytes);
+
+        let reftable_offset = image.header.refcount_table_offset;
+        let reftable_bytes = u64::from(image.header.refcount_table_clusters) << image.cluster_bits;
+        let reftable_counted = self.count_region(reftable_offset, reftable_bytes);
+        let reftable_clusters = reftable_offset >> self.cluster_bits
+            ..(reftable_offset + reftable_bytes).div_ceil(cluster_size);
+        if reftable_counted {
+            self.refcount_structure.extend(reftable_clusters.clone());
+        }
+
+        self.count_bitmaps(image)?;
+
+        // Beyond QEMU: a refcount table sharing a cluster with anything else is part of a
+        // broken refcount structure, like a refcount block would be.
+        if reftable_counted {
+            for cluster in reftable_clusters {
+                let count = self.refs.get(cluster);
+                if count != 1 {
+                    self.rebuild = true;
+                    self.corruption(format!(
+                        "ERROR refcount table cluster {cluster} reference={count}"
+                    ));
+                }
+            }
+        }
+        self.count_refblocks(image);
+        Ok(())
+    }
+
+    fn walk_l1<S: Storage>(
+        &mut self,
+        image: &mut Image<S>,
+        l1_offset: u64,
+        l1_entries: u32,
+        active: bool,
+    ) -> Result<()> {
+        if l1_entries == 0 {
+            return Ok(());
+        }
+        let cluster_size = self.cluster_size();
+        self.count_region(l1_offset, u64::from(l1_entries) * 8);
+        // The table lies inside the file (checked at open), so this allocation is bounded.
+        let table = read_be64_table(
+            &image.storage,
+            l1_offset,
+            u64::from(l1_entries),
+            "an L1 table",
+        )?;
+        let fix_all = self.fix == CheckFix::All;
+        for (index, &raw) in table.iter().enumerate() {
+            if raw == 0 {
+                continue;
+            }
+            let mut entry = raw;
+            if raw & L1_RESERVED_MASK != 0 {
+                if fix_all {
+                    entry &= !L1_RESERVED_MASK;
+                    self.repaired(format!(
+                        "Repairing L1 entry with reserved bits set: {raw:x}"
+                    ));
+                } else {
+                    self.corruption(format!(
+                        "ERROR found L1 entry with reserved bits set: {raw:x}"
+                    ));
+                }
+            }
+            let l2_offset = entry & OFFSET_MASK;
+            let misaligned = !l2_offset.is_multiple_of(cluster_size);
+            let past_eof = l2_offset >= self.file_len;
+            let l2_end = l2_offset.saturating_add(cluster_size);
+            let drop = if l2_offset == 0 {
+                false
+            } else if fix_all && misaligned {
+                self.repaired(format!(
+                    "Repairing l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry \
+                     dropped"
+                ));
+                true
+            } else if fix_all && past_eof {
+                self.repaired(format!(
+                    "Repairing l2_offset={l2_offset:x}: Table is beyond the end of the file; \
+                     L1 entry dropped"
+                ));
+                true
+            } else {
+                !misaligned
+                    && !past_eof
+                    && self.reference_lands_on_metadata(
+                        &format!("L2 table of L1 entry {index}"),
+                        l2_offset,
+                        l2_end,
+                    )
+            };
+            if drop {
+                entry = 0;
+            }
+            if entry != raw {
+                let at = l1_offset + index as u64 * 8;
+                image.write_metadata(at, &entry.to_be_bytes(), "repairing an L1 entry")?;
+                self.wrote_entries = true;
+            }
+            if drop || l2_offset == 0 {
+                continue;
+            }
+            self.count_region(l2_offset, cluster_size);
+            if misaligned {
+                self.corruption(format!(
+                    "ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry \
+                     corrupted"
+                ));
+            }
+            self.walk_l2(image, l2_offset, active)?;
+        }
+        Ok(())
+    }
+
+    fn walk_l2<S: Storage>(
+        &mut self,
+        image: &mut Image<S>,
+        l2_offset: u64,
+        active: bool,
+    ) -> Result<()> {
+        let cluster_size = self.cluster_size();
+        let entries = cluster_size / 8;
+        // Bytes past the end of the file read as zeros, as QEMU reads them.
+        let mut table = read_be64_table(&image.storage, l2_offset, entries, "an L2 table")?;
+        // Repairs are written only to a table that is where a table may be.
+        let writable = l2_offset.is_multiple_of(cluster_size)
+            && l2_offset < self.file_len
+            && !self.metadata.overlaps(l2_offset, l2_offset + cluster_size);
+        let fix_all = self.fix == CheckFix::All && writable;
+        let mut dirty = false;
+        let mut next_contiguous = 0u64;
+        for slot in table.iter_mut() {
+            let raw = *slot;
+            let entry = if raw & OFLAG_COMPRESSED != 0 {
+                self.check_compressed(raw, fix_all, active)
+            } else {
+                self.check_standard(raw, fix_all, active, &mut next_contiguous)
+            };
+            if entry != raw {
+                *slot = entry;
+                dirty = true;
+            }
+        }
+        if dirty {
+            let mut bytes = Vec::with_capacity(cluster_size as usize);
+            for e in &table {
+                bytes.extend_from_slice(&e.to_be_bytes());
+            }
+            image.write_metadata(l2_offset, &bytes, "repairing an L2 table")?;
+            self.wrote_entries = true;
+        }
+        Ok(())
+    }
+
+    /// Checks and counts a compressed L2 entry; returns the entry as it should be.
+    fn check_compressed(&mut self, raw: u64, fix_all: bool, active: bool) -> u64 {
+        let mut entry = raw;
+        if raw & OFLAG_COPIED != 0 {
+            let coffset = raw & !(OFLAG_COPIED | OFLAG_COMPRESSED);
+            if fix_all {
+                entry &= !OFLAG_COPIED;
+                self.repaired(format!(
+                    "Repairing: coffset={coffset:#x}: copied flag must never be set for \
+                     compressed clusters"
+                ));
+            } else {
+                self.corruption(format!(
+                    "ERROR: coffset={coffset:#x}: copied flag must never be set for compressed \
+                     clusters"
+                ));
+            }
+        }
+        let decoded = L2Entry(entry & !OFLAG_COPIED).decode(self.cluster_bits, self.version, 0);
+        let Ok(Cluster::Compressed {
+            host_offset,
+            max_len_bytes,
+        }) = decoded
+        else {
+            return entry;
+        };
+        let end = host_offset.saturating_add(max_len_bytes);
+        if fix_all {
+            let dropped = if end.saturating_sub(self.file_len) >= self.cluster_size() {
+                self.repaired(format!(
+                    "Repairing compressed cluster at {host_offset:#x} of {max_len_bytes} bytes \
+                     beyond the end of the file; L2 entry dropped"
+                ));
+                true
+            } else {
+                self.reference_lands_on_metadata("compressed cluster", host_offset, end)
+            };
+            if dropped {
+                return self.dropped_l2_entry();
+            }
+        } else if end.saturating_sub(self.file_len) < self.cluster_size() {
+            self.reference_lands_on_metadata("compressed cluster", host_offset, end);
+        }
+        self.count_region(host_offset, max_len_bytes);
+        if active {
+            let frag = &mut self.report.fragmentation;
+            frag.allocated_clusters += 1;
+            frag.compressed_clusters += 1;
+            // Compressed clusters are fragmented by nature (QEMU counts them so).
+            frag.fragmented_clusters += 1;
+        }
+        entry
+    }
+
+    /// Checks and counts a standard L2 entry; returns the entry as it should be.
+    fn check_standard(
+        &mut self,
+        raw: u64,
+        fix_all: bool,
+        active: bool,
+        next_contiguous: &mut u64,
+    ) -> u64 {
+        let cluster_size = self.cluster_size();
+        let mut entry = raw;
+        if raw & L2_STANDARD_RESERVED_MASK != 0 {
+            if fix_all {
+                entry &= !L2_STANDARD_RESERVED_MASK;
+                self.repaired(format!(
+                    "Repairing l2 entry with reserved bits set: {raw:x}"
+                ));
+            } else {
+                self.corruption(format!(
+                    "ERROR found l2 entry with reserved bits set: {raw:x}"
+                ));
+            }
+        }
+        let offset = entry & OFFSET_MASK;
+        if offset == 0 {
+            // Unallocated, or a zero cluster without a host cluster.
+            return entry;
+        }
+        let zero = entry & OFLAG_ZERO != 0;
+        if !offset.is_multiple_of(cluster_size) {
+            let what = if zero {
+                "Preallocated cluster"
+            } else {
+                "Data cluster"
+            };
+            if fix_all {
+                self.repaired(format!(
+                    "Repairing offset={offset:x}: {what} is not properly aligned; L2 entry \
+                     corrupted."
+                ));
+                return self.dropped_l2_entry();
+            }
+            self.corruption(format!(
+                "ERROR offset={offset:x}: {what} is not properly aligned; L2 entry corrupted."
+            ));
+        }
+        if fix_all {
+            let dropped = if offset >= self.file_len {
+                self.repaired(format!(
+                    "Repairing offset={offset:x}: cluster beyond the end of the file; L2 entry \
+                     dropped"
+                ));
+                true
+            } else {
+                self.reference_lands_on_metadata("data cluster", offset, offset + cluster_size)
+            };
+            if dropped {
+                return self.dropped_l2_entry();
+            }
+        } else if offset.is_multiple_of(cluster_size) && offset < self.file_len {
+            self.reference_lands_on_metadata("data cluster", offset, offset + cluster_size);
+        }
+        if active {
+            let frag = &mut self.report.fragmentation;
+            frag.allocated_clusters += 1;
+            if *next_contiguous != 0 && offset != *next_contiguous {
+                frag.fragmented_clusters += 1;
+            }
+            *next_contiguous = offset + cluster_size;
+        }
+        self.count_region(offset, cluster_size);
+        entry
+    }
+
+    /// The bitmap directory, bitmap tables and bitmap data clusters, counted only while the
+    /// bitmaps autoclear bit is set (otherwise QEMU considers the extension stale and its
+    /// clusters leaked).
+    fn count_bitmaps<S: Storage>(&mut self, image: &Image<S>) -> Result<()> {
+        if image.header.autoclear.0 & AutoclearFeatures::BITMAPS == 0 {
+            return Ok(());
+        }
+        let Some(ext) = image.header.bitmaps else {
+            return Ok(());
+        };
+        if ext.nb_bitmaps == 0 {
+            return Ok(());
+        }
+        let cluster_size = self.cluster_size();
+        if !self.count_region(ext.directory_offset, ext.directory_size_bytes) {
+            return Ok(());
+        }
+        // The directory lies inside the file (checked at open).
+        let mut directory = vec![0u8; ext.directory_size_bytes as usize];
+        image
+            .storage
+            .read_at(ext.directory_offset, &mut directory)
+            .map_err(|e| Error::io("reading the bitmap directory", e))?;
+        let mut at = 0usize;
+        for n in 0..ext.nb_bitmaps {
+            let Some(fixed) = directory.get(at..at + BITMAP_DIRECTORY_ENTRY_BYTES) else {
+                self.corruption(format!(
+                    "ERROR bitmap directory entry {n} is beyond the end of the directory"
+                ));
+                return Ok(());
+            };
+            let be64 = |i: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&fixed[i..i + 8]);
+                u64::from_be_bytes(b)
+            };
+            let be32 =
+                |i: usize| u32::from_be_bytes([fixed[i], fixed[i + 1], fixed[i + 2], fixed[i + 3]]);
+            let table_offset = be64(0);
+            let table_entries = u64::from(be32(8));
+            let name_size = usize::from(u16::from_be_bytes([fixed[18], fixed[19]]));
+            let extra_size = be32(20) as usize;
+            at = (at + BITMAP_DIRECTORY_ENTRY_BYTES)
+                .saturating_add(extra_size)
+                .saturating_add(name_size)
+                .next_multiple_of(8);
+            let table_bytes = table_entries * 8;
+            if !table_offset.is_multiple_of(cluster_size) || table_bytes > self.file_len {
+                self.corruption(format!(
+                    "ERROR bitmap {n}: bitmap table at {table_offset:#x} of {table_entries} \
+                     entries is invalid"
+                ));
+                continue;
+            }
+            if !self.count_region(table_offset, table_bytes) {
+                continue;
+            }
+            let table = read_be64_table(
+                &image.storage,
+                table_offset,
+                table_entries,
+                "a bitmap table",
+            )?;
+            for entry in table {
+                let offset = entry & OFFSET_MASK;
+                let invalid = entry & BITMAP_TABLE_RESERVED_MASK != 0
+                    || (offset != 0
+                        && (entry & BITMAP_TABLE_ALL_ONES != 0
+                            || !offset.is_multiple_of(cluster_size)));
+                if invalid {
+                    self.corruption(format!(
+                        "ERROR bitmap {n}: invalid bitmap table entry {entry:#x}"
+                    ));
+                    continue;
+                }
+                if offset != 0 {
+                    self.count_region(offset, cluster_size);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts each refcount block and checks where it lies (QEMU's `check_refblocks`).
+    fn count_refblocks<S: Storage>(&mut self, image: &Image<S>) {
+        let cluster_size = self.cluster_size();
+        let file_clusters = self.file_len.div_ceil(cluster_size);
+        for (index, &raw) in image.reftable.iter().enumerate() {
+            if raw == 0 {
+                continue;
+            }
+            if raw & REFTABLE_RESERVED_MASK != 0 {
+                self.rebuild = true;
+                self.corruption(format!(
+                    "ERROR refcount table entry {index} has reserved bits set"
+                ));
+                continue;
+            }
+            if !raw.is_multiple_of(cluster_size) {
+                self.rebuild = true;
+                self.corruption(format!(
+                    "ERROR refcount block {index} is not cluster aligned; refcount table entry \
+                     corrupted"
+                ));
+                continue;
+            }
+            let cluster = raw >> self.cluster_bits;
+            if cluster >= file_clusters {
+                self.rebuild = true;
+                self.corruption(format!("ERROR refcount block {index} is outside image"));
+                continue;
+            }
+            self.count_region(raw, cluster_size);
+            self.refcount_structure.push(cluster);
+            let count = self.refs.get(cluster);
+            if count != 1 {
+                self.rebuild = true;
+                self.corruption(format!("ERROR refcount block {index} refcount={count}"));
+            }
+        }
+    }
+
+    /// Compares the stored refcounts with the counted references, repairing in place what
+    /// `fix` allows (never a refcount of 0: that block may not exist, so it needs a rebuild).
+    /// Returns the highest cluster with a refcount or a reference.
+    pub(super) fn compare<S: Storage>(
+        &mut self,
+        image: &mut Image<S>,
+        fix: CheckFix,
+    ) -> Result<u64> {
+        let rc: RefcountGeometry = image.rc;
+        let cluster_size = self.cluster_size();
+        let per_block = rc.entries_per_block();
+        let clusters = self.refs.len();
+        let mut highest = 0u64;
+        for block_index in 0..clusters.div_ceil(per_block) {
+            let base = block_index * per_block;
+            let end = (base + per_block).min(clusters);
+            let raw = usize::try_from(block_index)
+                .ok()
+                .and_then(|i| image.reftable.get(i))
+                .copied()
+                .unwrap_or(0);
+            let block_offset = raw & REFTABLE_OFFSET_MASK;
+            if !block_offset.is_multiple_of(cluster_size) {
+                // QEMU cannot read these refcounts either.
+                for cluster in base..end {
+                    self.report.check_errors += 1;
+                    self.unreadable_refcounts += 1;
+                    self.note(format!(
+                        "Can't get refcount for cluster {cluster}: Input/output error"
+                    ));
+                }
+                continue;
+            }
+            let mut block = vec![0u8; cluster_size as usize];
+            if block_offset != 0 {
+                image
+                    .storage
+                    .read_at(block_offset, &mut block)
+                    .map_err(|e| {
+                        Error::io(
+                            format!("reading the refcount block at {block_offset:#x}"),
+                            e,
+                        )
+                    })?;
+            }
+            let mut changed = false;
+            for cluster in base..end {
+                let index = cluster - base;
+                let stored = rc.get(&block, index);
+                let expected = self.refs.get(cluster);
+                if stored > 0 || expected > 0 {
+                    highest = cluster;
+                }
+                if stored == expected {
+                    continue;
+                }
+                let fixable = if stored == 0 {
+                    self.rebuild = true;
+                    false
+                } else if stored > expected {
+                    fix != CheckFix::None
+                } else {
+                    fix == CheckFix::All
+                };
+                let verb = if fixable {
+                    "Repairing"
+                } else if stored < expected {
+                    "ERROR"
+                } else {
+                    "Leaked"
+                };
+                self.note(format!(
+                    "{verb} cluster {cluster} refcount={stored} reference={expected}"
+                ));
+                if fixable {
+                    rc.set(&mut block, index, expected);
+                    changed = true;
+                    if stored > expected {
+                        self.report.leaks_fixed += 1;
+                    } else {
+                        self.report.corruptions_fixed += 1;
+                    }
+                } else if stored < expected {
+                    self.report.corruptions += 1;
+                } else {
+                    self.report.leaks += 1;
+                }
+            }
+            if changed {
+                image.write_metadata(block_offset, &block, "repairing a refcount block")?;
+            }
+        }
+        Ok(highest)
+    }
+
+    /// The version 3 requirement that each snapshot entry has at least 16 bytes of extra
+    /// data. (QEMU rewrites the table to repair this; this engine does not write snapshot
+    /// tables, so it stays a corruption.)
+    pub(super) fn check_snapshot_entries<S: Storage>(&mut self, image: &Image<S>) {
+        if image.header.version < 3 {
+            return;
+        }
+        let incomplete: Vec<usize> = image
+            .snapshots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.extra_data_size < snapshot::V3_MIN_EXTRA_DATA_BYTES)
+            .map(|(i, _)| i)
+            .collect();
+        for i in incomplete {
+            self.corruption(format!("ERROR snapshot table entry {i} is incomplete"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_above_u16_spill_and_come_back() {
+        let mut refs = HostRefs::new(4, u64::MAX);
+        refs.set(2, 70_000);
+        assert_eq!(refs.get(2), 70_000);
+        refs.set(2, 3);
+        assert_eq!(refs.get(2), 3);
+        assert!(refs.large.is_empty());
+        refs.set(10, 1);
+        assert_eq!(
+            (refs.len(), refs.get(10), refs.get(9), refs.get(99)),
+            (11, 1, 0, 0)
+        );
+        assert!(refs.any_in(10, 11) && !refs.any_in(3, 10) && !refs.any_in(50, 60));
+    }
+
+    #[test]
+    fn occupied_ranges_merge_and_answer_overlaps() {
+        let o = Occupied::from_ranges(vec![(100, 200), (0, 10), (150, 300), (300, 310)]);
+        assert_eq!(o.0, vec![(0, 10), (100, 310)]);
+        assert!(o.overlaps(5, 6) && o.overlaps(309, 400) && o.overlaps(50, 101));
+        assert!(!o.overlaps(10, 100) && !o.overlaps(310, 1000));
+    }
+}

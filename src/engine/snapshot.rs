@@ -1,0 +1,336 @@
+//! The internal snapshot table: `nb_snapshots` variable-length entries at `snapshots_offset`,
+//! parsed and validated once at open.
+//!
+//! On-disk entry (all big-endian), each one starting at an 8-byte boundary:
+//! - bytes 0..8 `l1_table_offset`, 8..12 `l1_size` (entries), 12..14 `id_str_size`,
+//!   14..16 `name_size`, 16..20 `date_sec`, 20..24 `date_nsec`, 24..32 `vm_clock_nsec`,
+//!   32..36 `vm_state_size`, 36..40 `extra_data_size`;
+//! - `extra_data_size` bytes of extra data: `vm_state_size_large` (8), `disk_size` (8),
+//!   `icount` (8), then anything a later version adds;
+//! - the id string, then the name string (neither NUL-terminated);
+//! - padding up to the next multiple of 8.
+//!
+//! Everything is checked against QEMU's limits and the file length before it is used, and
+//! reading is bounded by the file length, so a hostile table costs at most the file's size in
+//! memory. A malformed table is [`Error::Invalid`] naming the snapshot and the field.
+
+use super::error::{Error, Result};
+use super::header::Header;
+use super::image::Image;
+use super::layout::{Region, MAX_L1_BYTES, MAX_SNAPSHOTS};
+use super::storage::Storage;
+
+/// QEMU's `QCOW_MAX_SNAPSHOTS_SIZE`: the whole table, at most 64 MiB.
+pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
+/// QEMU's `QCOW_MAX_SNAPSHOT_EXTRA_DATA`.
+pub const MAX_SNAPSHOT_EXTRA_DATA_BYTES: u32 = 1024;
+/// Length of the fixed part of an entry.
+pub const SNAPSHOT_FIXED_BYTES: u64 = 40;
+/// Extra data every version 3 entry must have: `vm_state_size_large` and `disk_size`.
+pub const V3_MIN_EXTRA_DATA_BYTES: u32 = 16;
+
+/// The name of the metadata region of each snapshot's L1 table.
+pub const SNAPSHOT_L1_REGION: &str = "snapshot L1 table";
+/// The name of the metadata region of the snapshot table.
+pub const SNAPSHOT_TABLE_REGION: &str = "snapshot table";
+
+/// One internal snapshot, as its table entry describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The unique id string (QEMU numbers them "1", "2", ...).
+    pub id: String,
+    /// The user-given name (tag).
+    pub name: String,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    /// Guest clock at the time of the snapshot, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Bytes of saved VM state (the 64-bit field from the extra data when present).
+    pub vm_state_size: u64,
+    /// Virtual disk size at the time of the snapshot (from the extra data, else the image's).
+    pub disk_size: u64,
+    /// Instruction count at the time of the snapshot, when recorded.
+    pub icount: Option<u64>,
+    pub l1_table_offset: u64,
+    pub l1_size_entries: u32,
+    /// Extra data bytes the entry has (QEMU requires at least 16 in version 3 images).
+    pub extra_data_size: u32,
+    /// Where the entry starts in the file.
+    pub entry_offset: u64,
+    /// The entry exactly as stored, without its padding: fixed part, extra data (known and
+    /// unknown), id and name. A writer re-emits unknown extra data from here.
+    pub raw: Vec<u8>,
+}
+
+impl Snapshot {
+    /// The extra data bytes that follow the fixed part, as stored.
+    pub fn extra_data(&self) -> &[u8] {
+        let start = SNAPSHOT_FIXED_BYTES as usize;
+        self.raw
+            .get(start..start + self.extra_data_size as usize)
+            .unwrap_or(&[])
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    let mut v = [0u8; 2];
+    if let Some(s) = b.get(at..at + 2) {
+        v.copy_from_slice(s);
+    }
+    u16::from_be_bytes(v)
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    let mut v = [0u8; 4];
+    if let Some(s) = b.get(at..at + 4) {
+        v.copy_from_slice(s);
+    }
+    u32::from_be_bytes(v)
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    if let Some(s) = b.get(at..at + 8) {
+        v.copy_from_slice(s);
+    }
+    u64::from_be_bytes(v)
+}
+
+fn invalid(index: usize, msg: impl std::fmt::Display) -> Error {
+    Error::Invalid(format!("snapshot {index}: {msg}"))
+}
+
+/// Reads `len` bytes at `offset`; the caller checked the range against the file length.
+fn read_bytes<S: Storage>(storage: &S, offset: u64, len: u64) -> Result<Vec<u8>> {
+    let mut bytes = vec![0u8; len as usize];
+    storage
+        .read_at(offset, &mut bytes)
+        .map_err(|e| Error::io(format!("reading the snapshot table at {offset:#x}"), e))?;
+    Ok(bytes)
+}
+
+/// The bytes the table occupies from `snapshots_offset`: every entry padded to 8 bytes except
+/// the last (QEMU's `snapshots_size`).
+pub fn table_bytes(header: &Header, snapshots: &[Snapshot]) -> u64 {
+    snapshots
+        .last()
+        .map(|s| s.entry_offset + s.raw.len() as u64 - header.snapshots_offset)
+        .unwrap_or(0)
+}
+
+/// Parses and validates the snapshot table named by the header. `regions` holds the header,
+/// L1 table and refcount table regions (validated by `layout`); the snapshot table and every
+/// snapshot's L1 table are checked against them and then added to it.
+pub fn read_table<S: Storage>(
+    storage: &S,
+    header: &Header,
+    file_len: u64,
+    regions: &mut Vec<Region>,
+) -> Result<Vec<Snapshot>> {
+    let count = header.nb_snapshots;
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    if count > MAX_SNAPSHOTS {
+        return Err(Error::Invalid(format!(
+            "nb_snapshots {count} above {MAX_SNAPSHOTS}"
+        )));
+    }
+    let cluster_size = header.cluster_size();
+    let table_start = header.snapshots_offset;
+    if table_start == 0 || !table_start.is_multiple_of(cluster_size) {
+        return Err(Error::Invalid(format!(
+            "snapshot table offset {table_start:#x} is 0 or not cluster aligned"
+        )));
+    }
+
+    let mut snapshots = Vec::new();
+    let mut offset = table_start;
+    for index in 0..count as usize {
+        offset = offset.next_multiple_of(8);
+        let snapshot = read_entry(storage, header, file_len, index, offset)?;
+        offset = snapshot.entry_offset + snapshot.raw.len() as u64;
+        if offset - table_start > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(invalid(
+                index,
+                format!(
+                    "the snapshot table grows past {MAX_SNAPSHOT_TABLE_BYTES} bytes (QEMU's \
+                     limit) at this entry"
+                ),
+            ));
+        }
+        snapshots.push(snapshot);
+    }
+
+    let table_region = Region {
+        name: SNAPSHOT_TABLE_REGION,
+        start: table_start,
+        end: offset.next_multiple_of(cluster_size),
+    };
+    if let Some(r) = regions
+        .iter()
+        .find(|r| r.overlaps(table_region.start, table_region.end))
+    {
+        return Err(Error::Invalid(format!(
+            "snapshot table ({:#x}..{:#x}) overlaps the {} ({:#x}..{:#x})",
+            table_region.start, table_region.end, r.name, r.start, r.end
+        )));
+    }
+    regions.push(table_region);
+    let fixed_regions = regions.len();
+
+    for (index, s) in snapshots.iter().enumerate() {
+        if let Some(region) = l1_region(s, index, cluster_size, file_len)? {
+            if let Some(r) = regions
+                .get(..fixed_regions)
+                .unwrap_or(&[])
+                .iter()
+                .find(|r| r.overlaps(region.start, region.end))
+            {
+                return Err(invalid(
+                    index,
+                    format!(
+                        "l1_table_offset {:#x} ({} entries) overlaps the {} ({:#x}..{:#x})",
+                        s.l1_table_offset, s.l1_size_entries, r.name, r.start, r.end
+                    ),
+                ));
+            }
+            regions.push(region);
+        }
+    }
+    Ok(snapshots)
+}
+
+/// Reads and checks the entry starting at `offset` (8-byte aligned).
+fn read_entry<S: Storage>(
+    storage: &S,
+    header: &Header,
+    file_len: u64,
+    index: usize,
+    offset: u64,
+) -> Result<Snapshot> {
+    let past_eof = |what: &str, end: u64| {
+        invalid(
+            index,
+            format!(
+                "{what} at {offset:#x} runs to {end:#x}, past the end of the file ({file_len} \
+                 bytes)"
+            ),
+        )
+    };
+    let fixed_end = offset
+        .checked_add(SNAPSHOT_FIXED_BYTES)
+        .ok_or_else(|| past_eof("entry", u64::MAX))?;
+    if fixed_end > file_len {
+        return Err(past_eof("entry", fixed_end));
+    }
+    let fixed = read_bytes(storage, offset, SNAPSHOT_FIXED_BYTES)?;
+    let l1_table_offset = be64(&fixed, 0);
+    let l1_size_entries = be32(&fixed, 8);
+    let id_size = u64::from(be16(&fixed, 12));
+    let name_size = u64::from(be16(&fixed, 14));
+    let extra_data_size = be32(&fixed, 36);
+    if extra_data_size > MAX_SNAPSHOT_EXTRA_DATA_BYTES {
+        return Err(invalid(
+            index,
+            format!("extra_data_size {extra_data_size} above {MAX_SNAPSHOT_EXTRA_DATA_BYTES}"),
+        ));
+    }
+    let rest = u64::from(extra_data_size) + id_size + name_size;
+    let entry_end = fixed_end + rest;
+    if entry_end > file_len {
+        return Err(past_eof("entry (with extra data, id and name)", entry_end));
+    }
+    let mut raw = fixed;
+    raw.extend_from_slice(&read_bytes(storage, fixed_end, rest)?);
+
+    let extra_start = SNAPSHOT_FIXED_BYTES as usize;
+    let extra = raw
+        .get(extra_start..extra_start + extra_data_size as usize)
+        .unwrap_or(&[]);
+    let extra_field = |at: usize| (extra.len() >= at + 8).then(|| be64(extra, at));
+    let vm_state_size = extra_field(0).unwrap_or(u64::from(be32(&raw, 32)));
+    let disk_size = extra_field(8).unwrap_or(header.virtual_size);
+    let icount = extra_field(16);
+    let id_start = extra_start + extra_data_size as usize;
+    let name_start = id_start + id_size as usize;
+    let text = |start: usize, len: u64| {
+        String::from_utf8_lossy(raw.get(start..start + len as usize).unwrap_or(&[])).into_owned()
+    };
+    Ok(Snapshot {
+        id: text(id_start, id_size),
+        name: text(name_start, name_size),
+        date_sec: be32(&raw, 16),
+        date_nsec: be32(&raw, 20),
+        vm_clock_nsec: be64(&raw, 24),
+        vm_state_size,
+        disk_size,
+        icount,
+        l1_table_offset,
+        l1_size_entries,
+        extra_data_size,
+        entry_offset: offset,
+        raw,
+    })
+}
+
+/// The region a snapshot's L1 table occupies (None for an empty table), checked against
+/// QEMU's size limit, the cluster alignment and the file length.
+fn l1_region(
+    s: &Snapshot,
+    index: usize,
+    cluster_size: u64,
+    file_len: u64,
+) -> Result<Option<Region>> {
+    let bytes = u64::from(s.l1_size_entries) * 8;
+    if bytes > MAX_L1_BYTES {
+        return Err(invalid(
+            index,
+            format!(
+                "l1_size {} too large ({bytes} bytes, limit {MAX_L1_BYTES})",
+                s.l1_size_entries
+            ),
+        ));
+    }
+    if !s.l1_table_offset.is_multiple_of(cluster_size) {
+        return Err(invalid(
+            index,
+            format!(
+                "l1_table_offset {:#x} not cluster aligned",
+                s.l1_table_offset
+            ),
+        ));
+    }
+    if bytes == 0 {
+        return Ok(None);
+    }
+    if s.l1_table_offset == 0 {
+        return Err(invalid(index, "l1_table_offset is 0 (inside the header)"));
+    }
+    let end = s
+        .l1_table_offset
+        .checked_add(bytes)
+        .filter(|&e| e <= file_len);
+    let Some(end) = end else {
+        return Err(invalid(
+            index,
+            format!(
+                "l1_table_offset {:#x} with {} entries extends beyond the end of the file ({} \
+                 bytes)",
+                s.l1_table_offset, s.l1_size_entries, file_len
+            ),
+        ));
+    };
+    Ok(Some(Region {
+        name: SNAPSHOT_L1_REGION,
+        start: s.l1_table_offset,
+        end: end.next_multiple_of(cluster_size),
+    }))
+}
+
+impl<S: Storage> Image<S> {
+    /// The internal snapshots, in table order.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+}
