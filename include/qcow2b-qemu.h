@@ -9,6 +9,7 @@
 #include "qemu/iov.h"
 #include "qemu/option.h"
 #include "qapi/error.h"
+#include "qemu/error-report.h"
 #include "qapi/qmp/qdict.h"
 #include "qapi/qmp/qstring.h"
 #include "sysemu/block-backend.h"

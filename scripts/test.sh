@@ -35,10 +35,11 @@ passed=$((passed + cargo_passed)) failed=$((failed + cargo_failed))
 [ "$cargo_failed" = 0 ] || failures+=("cargo test")
 
 say "integration tests (built QEMU binaries)"
-for t in tests/integration/*.sh; do
-  [ "$(basename "$t")" = lib.sh ] && continue
-  out=$(timeout 300 bash "$t" 2>&1); status=$?
-  record "$(basename "$t" .sh)" "$status"
+for t in tests/integration/*.sh tests/integration/*.py; do
+  case "$(basename "$t")" in lib.sh|qemu_tools.py) continue ;; esac
+  case "$t" in *.py) runner=python3 ;; *) runner=bash ;; esac
+  out=$(timeout 600 "$runner" "$t" 2>&1); status=$?
+  record "$(basename "$t")" "$status"
   [ "$status" = 0 ] || printf '%s\n' "$out" | tail -20 | sed 's/^/    /'
 done
 

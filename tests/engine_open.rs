@@ -12,11 +12,13 @@ const RW: OpenOptions = OpenOptions {
     read_only: false,
     l2_cache_bytes: None,
     refcount_cache_bytes: None,
+    for_check: false,
 };
 const RO: OpenOptions = OpenOptions {
     read_only: true,
     l2_cache_bytes: None,
     refcount_cache_bytes: None,
+    for_check: false,
 };
 
 fn open(bytes: Vec<u8>, opts: &OpenOptions) -> Result<Image<MemStorage>, Error> {
@@ -475,7 +477,7 @@ fn random_metadata_corruption_never_panics() {
         let opts = OpenOptions {
             read_only: round % 5 == 0,
             l2_cache_bytes: Some(1024),
-            refcount_cache_bytes: None,
+            ..Default::default()
         };
         let Ok(mut image) = open(b, &opts) else {
             continue;

@@ -17,7 +17,7 @@ fn rw(l2_cache_bytes: Option<u64>) -> OpenOptions {
     OpenOptions {
         read_only: false,
         l2_cache_bytes,
-        refcount_cache_bytes: None,
+        ..Default::default()
     }
 }
 
@@ -95,8 +95,6 @@ fn differential(cluster_size: u64, with_backing: bool, seed: u64) {
     let backing_ref = backing.as_ref().map(|b| b as &dyn Backing);
 
     let mut rng = XorShift::new(seed);
-    // Which guest clusters hold something of their own (data or zero flag).
-    let mut allocated = vec![false; size.div_ceil(cluster_size) as usize];
     for session in 0..3 {
         // Small caches in some sessions, so evictions write back mid-sequence.
         let l2_cache = if session == 1 {
@@ -121,20 +119,16 @@ fn differential(cluster_size: u64, with_backing: bool, seed: u64) {
             }
             .min(size - offset);
             let range = offset as usize..(offset + len) as usize;
-            let clusters =
-                (offset / cluster_size) as usize..(offset + len).div_ceil(cluster_size) as usize;
             match rng.below(12) {
                 0 => {
                     image
                         .write_zeroes(offset, len, rng.below(2) == 0, backing_ref)
                         .unwrap();
                     model[range].fill(0);
-                    allocated[clusters].fill(true);
                 }
                 1 => {
-                    // Whole clusters inside the range (or up to the end of the image) that
-                    // hold anything read as zeros afterwards; untouched ones still read the
-                    // backing file.
+                    // Whole clusters inside the range (or up to the end of the image) read as
+                    // zeros afterwards, even where the backing file showed through.
                     image.discard(offset, len).unwrap();
                     let first = offset.div_ceil(cluster_size);
                     let end = if offset + len == size {
@@ -143,11 +137,9 @@ fn differential(cluster_size: u64, with_backing: bool, seed: u64) {
                         (offset + len) / cluster_size
                     };
                     for c in first..end.max(first) {
-                        if allocated[c as usize] {
-                            let start = (c * cluster_size) as usize;
-                            let stop = (start + cluster_size as usize).min(size as usize);
-                            model[start..stop].fill(0);
-                        }
+                        let start = (c * cluster_size) as usize;
+                        let stop = (start + cluster_size as usize).min(size as usize);
+                        model[start..stop].fill(0);
                     }
                 }
                 _ => {
@@ -155,7 +147,6 @@ fn differential(cluster_size: u64, with_backing: bool, seed: u64) {
                     rng.fill(&mut data);
                     image.write(offset, &data, backing_ref).unwrap();
                     model[range].copy_from_slice(&data);
-                    allocated[clusters].fill(true);
                 }
             }
             match rng.below(10) {

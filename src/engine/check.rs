@@ -421,6 +421,7 @@ impl<S: Storage> Image<S> {
         )?;
         self.l1_dirty.clear();
         self.reftable_dirty.clear();
+        self.metadata.reload_tables(&self.l1, &self.reftable);
         self.l2_cache = TableCache::new(self.l2_cache.capacity_tables());
         self.refblock_cache = TableCache::new(self.refblock_cache.capacity_tables());
         self.pending_frees.clear();

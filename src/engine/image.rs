@@ -14,7 +14,8 @@ use super::dataio::{DataContext, SliceSource, SliceTarget};
 use super::entry::Cluster;
 use super::error::{Error, Result};
 use super::header::{AutoclearFeatures, Header, IncompatibleFeatures, MAX_CLUSTER_BITS};
-use super::layout::{self, Region};
+use super::layout;
+use super::overlap::MetadataMap;
 use super::refcount::RefcountGeometry;
 use super::request::InflightAlloc;
 use super::snapshot::{self, Snapshot};
@@ -37,8 +38,8 @@ pub struct Image<S: Storage> {
     pub(super) read_only: bool,
     pub(super) cluster_bits: u32,
     pub(super) rc: RefcountGeometry,
-    /// The header cluster, L1 table and refcount table: never a target of data writes.
-    pub(super) metadata_regions: Vec<Region>,
+    /// Where the metadata is: never a target of data writes or frees (`overlap.rs`).
+    pub(super) metadata: MetadataMap,
     /// The active L1 table (raw entries), fully in memory.
     pub(super) l1: Vec<u64>,
     /// L1 indices changed since the last write-back.
@@ -72,6 +73,8 @@ pub struct Image<S: Storage> {
     /// Some write was issued since the last storage flush.
     pub(super) unflushed_writes: bool,
     pub(super) counters: Counters,
+    /// Opened for `qemu-img check` (see [`OpenOptions::for_check`]).
+    pub(super) for_check: bool,
     /// The internal snapshot table, parsed and validated at open (`snapshot.rs`).
     pub(super) snapshots: Vec<Snapshot>,
 }
@@ -125,8 +128,8 @@ impl<S: Storage> Image<S> {
                 .map_err(io("reading the header"))?;
         }
         let header = Header::parse(&first)?;
-        let mut metadata_regions = layout::validate(&header, file_len)?;
-        let snapshots = snapshot::read_table(&storage, &header, file_len, &mut metadata_regions)?;
+        let mut regions = layout::validate(&header, file_len)?;
+        let snapshots = snapshot::read_table(&storage, &header, file_len, &mut regions)?;
 
         let cluster_bits = header.cluster_bits;
         let cluster_size = header.cluster_size();
@@ -165,7 +168,7 @@ impl<S: Storage> Image<S> {
             // Read-only until `make_writable` says otherwise, below.
             read_only: true,
             cluster_bits,
-            metadata_regions,
+            metadata: MetadataMap::new(regions, header.cluster_size()),
             l1,
             l1_dirty: BTreeSet::new(),
             reftable,
@@ -182,9 +185,11 @@ impl<S: Storage> Image<S> {
             unordered_writes: false,
             unflushed_writes: false,
             counters: Counters::default(),
+            for_check: opts.for_check,
             snapshots,
             header,
         };
+        image.metadata.reload_tables(&image.l1, &image.reftable);
         if !opts.read_only {
             image.make_writable()?;
         }
@@ -211,11 +216,12 @@ impl<S: Storage> Image<S> {
     /// crash) gets its refcounts repaired and the bit cleared before anything else, as QEMU
     /// does; the autoclear features this engine does not maintain are cleared.
     fn repair_if_dirty_and_clear_autoclear(&mut self) -> Result<()> {
-        if self
+        // Under `qemu-img check` the check itself reports and repairs (with -r).
+        let dirty = self
             .header
             .incompatible
-            .contains(IncompatibleFeatures::DIRTY)
-        {
+            .contains(IncompatibleFeatures::DIRTY);
+        if dirty && !self.for_check {
             self.repair_dirty_image()?;
         }
         if self.header.autoclear.0 != 0 {
@@ -224,10 +230,11 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
-    /// Whether `make_writable` may succeed without writing: refuses images marked corrupt.
+    /// Whether `make_writable` may succeed without writing: refuses images marked corrupt
+    /// (unless opened for `qemu-img check`, which may repair them).
     pub fn check_can_write(&self) -> Result<()> {
         let incompatible = self.header.incompatible;
-        if incompatible.contains(IncompatibleFeatures::CORRUPT) {
+        if incompatible.contains(IncompatibleFeatures::CORRUPT) && !self.for_check {
             return Err(Error::Corrupt(
                 "the image is marked corrupt (incompatible feature bit 1) and cannot be opened \
                  read-write; open it read-only, or repair it with `qemu-img check -r all`"
@@ -371,14 +378,9 @@ impl<S: Storage> Image<S> {
     /// Refuses a data write that would land on the header or a table.
     pub(super) fn check_data_target(&self, host_offset: u64) -> Result<()> {
         let end = host_offset + self.cluster_size();
-        if let Some(r) = self
-            .metadata_regions
-            .iter()
-            .find(|r| r.overlaps(host_offset, end))
-        {
+        if let Some(what) = self.metadata.metadata_at(host_offset, end) {
             return Err(Error::Corrupt(format!(
-                "data cluster at {host_offset:#x} overlaps the {}",
-                r.name
+                "data cluster at {host_offset:#x} overlaps the {what}"
             )));
         }
         Ok(())

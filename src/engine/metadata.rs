@@ -56,6 +56,17 @@ impl<S: Storage> Image<S> {
         let l2_offset = entry.l2_offset(self.cluster_size(), l1_index)?;
         if l2_offset != 0 {
             self.check_host_offset(l2_offset, &format!("L2 table of L1 entry {l1_index}"))?;
+            let end = l2_offset + self.cluster_size();
+            let other = self.metadata.fixed_region_at(l2_offset, end).or_else(|| {
+                self.metadata
+                    .refblock_at(l2_offset, end)
+                    .then_some("a refcount block")
+            });
+            if let Some(what) = other {
+                return Err(Error::Corrupt(format!(
+                    "the L2 table of L1 entry {l1_index} at {l2_offset:#x} overlaps the {what}"
+                )));
+            }
         }
         Ok((i, entry, l2_offset))
     }
@@ -88,20 +99,23 @@ impl<S: Storage> Image<S> {
             .map(|t| be64_at(t, l2_index))
             .unwrap_or(0);
         let cluster = L2Entry(raw).decode(self.cluster_bits, self.header.version, guest_cluster)?;
-        match cluster {
-            Cluster::Data { host_offset, .. } => self.check_host_offset(
+        let (host_offset, len, what) = match cluster {
+            Cluster::Data { host_offset, .. } => (host_offset, self.cluster_size(), "data cluster"),
+            Cluster::Zero { host_offset, .. } if host_offset != 0 => {
+                (host_offset, self.cluster_size(), "preallocated cluster")
+            }
+            Cluster::Compressed {
                 host_offset,
-                &format!("data cluster of guest cluster {guest_cluster}"),
-            )?,
-            Cluster::Zero { host_offset, .. } if host_offset != 0 => self.check_host_offset(
-                host_offset,
-                &format!("preallocated cluster of guest cluster {guest_cluster}"),
-            )?,
-            Cluster::Compressed { host_offset, .. } => self.check_host_offset(
-                host_offset,
-                &format!("compressed data of guest cluster {guest_cluster}"),
-            )?,
-            _ => {}
+                max_len_bytes,
+            } => (host_offset, max_len_bytes.max(1), "compressed data"),
+            _ => return Ok(cluster),
+        };
+        let what = format!("{what} of guest cluster {guest_cluster}");
+        self.check_host_offset(host_offset, &what)?;
+        if let Some(holder) = self.metadata.metadata_at(host_offset, host_offset + len) {
+            return Err(Error::Corrupt(format!(
+                "the {what} at {host_offset:#x} overlaps the {holder}"
+            )));
         }
         Ok(cluster)
     }
@@ -194,6 +208,10 @@ impl<S: Storage> Image<S> {
         }
         self.l1_dirty.insert(l1_index);
         if old_offset != 0 {
+            self.metadata.remove_l2_table(old_offset);
+        }
+        self.metadata.add_l2_table(new_offset);
+        if old_offset != 0 {
             self.pending_frees.push(old_offset >> self.cluster_bits);
         }
         Ok((new_offset, l2_index))
@@ -210,6 +228,17 @@ impl<S: Storage> Image<S> {
         let offset = ReftableEntry(raw).refblock_offset(self.cluster_size(), rt_index)?;
         if offset != 0 {
             self.check_host_offset(offset, &format!("refcount block {rt_index}"))?;
+            let end = offset + self.cluster_size();
+            let other = self.metadata.fixed_region_at(offset, end).or_else(|| {
+                self.metadata
+                    .l2_table_at(offset, end)
+                    .then_some("an L2 table")
+            });
+            if let Some(what) = other {
+                return Err(Error::Corrupt(format!(
+                    "refcount block {rt_index} at {offset:#x} overlaps the {what}"
+                )));
+            }
         }
         Ok(Some(offset))
     }
@@ -325,6 +354,7 @@ impl<S: Storage> Image<S> {
                     let mut block = vec![0u8; cluster_size as usize];
                     self.rc.set(&mut block, index, 1);
                     self.refblock_cache.insert(host_offset, block, true);
+                    self.metadata.add_refblock(host_offset);
                     if let Some(e) = usize::try_from(rt_index)
                         .ok()
                         .and_then(|i| self.reftable.get_mut(i))
@@ -444,6 +474,7 @@ impl<S: Storage> Image<S> {
                         .and_then(|i| self.reftable.get_mut(i))
                     {
                         *e = block;
+                        self.metadata.add_refblock(block);
                     }
                     self.reftable_dirty.insert(rt_index as usize);
                 }
@@ -470,10 +501,8 @@ impl<S: Storage> Image<S> {
     fn check_free_cluster_is_unused(&self, host_offset: u64) -> Result<()> {
         let end = host_offset + self.cluster_size();
         let holder = self
-            .metadata_regions
-            .iter()
-            .find(|r| r.overlaps(host_offset, end))
-            .map(|r| r.name)
+            .metadata
+            .metadata_at(host_offset, end)
             .or_else(|| self.l2_cache.contains(host_offset).then_some("an L2 table"))
             .or_else(|| {
                 self.refblock_cache
@@ -498,6 +527,15 @@ impl<S: Storage> Image<S> {
     pub(super) fn apply_pending_frees(&mut self) -> Result<()> {
         let frees = std::mem::take(&mut self.pending_frees);
         for cluster in frees {
+            let start = cluster << self.cluster_bits;
+            if let Some(what) = self
+                .metadata
+                .metadata_at(start, start + self.cluster_size())
+            {
+                return Err(Error::Corrupt(format!(
+                    "host cluster {cluster} would be freed, but it holds the {what}"
+                )));
+            }
             let current = self.refcount(cluster)?;
             if current == 0 {
                 return Err(Error::Corrupt(format!(

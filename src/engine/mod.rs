@@ -10,6 +10,7 @@
 //! - [`create`]: creating new images (`qemu-img create`) and measuring them (`qemu-img measure`).
 //! - `image`: [`Image`], opening and the guest-facing read/write/map/flush.
 //! - `metadata`: cluster lookup, L2 allocation and copy-on-write, the cluster allocator.
+//! - `overlap`: where the metadata is, so that no data write, table use or free can hit it.
 //! - `writeback`: the one routine that writes dirty metadata back, in the required order.
 //! - `request`: request plans (reads, writes), in-flight allocations and I/O tickets.
 //! - `dataio`: the data step of a request, over slices or QEMU I/O vectors.
@@ -40,6 +41,7 @@ pub mod header;
 mod image;
 pub mod layout;
 mod metadata;
+mod overlap;
 mod rebuild;
 pub mod refcount;
 mod references;
@@ -71,6 +73,10 @@ pub struct OpenOptions {
     /// `MIN_REFCOUNT_CACHE_SIZE`, its default too: 256 KiB with 64 KiB clusters); at least 4
     /// blocks.
     pub refcount_cache_bytes: Option<u64>,
+    /// Opened for `qemu-img check` (QEMU's `BDRV_O_CHECK`): an image marked corrupt may be
+    /// opened read-write so that the check can repair it, and a dirty image is not repaired
+    /// at open, so that the check reports what is wrong.
+    pub for_check: bool,
 }
 
 /// What backs a range of guest bytes (the answer of [`Image::map`]).

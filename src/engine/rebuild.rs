@@ -170,14 +170,9 @@ impl<S: Storage> Image<S> {
         self.header.refcount_table_clusters = layout.table_clusters as u32;
         self.reftable = table;
         self.reftable_dirty.clear();
-        for r in self
-            .metadata_regions
-            .iter_mut()
-            .filter(|r| r.name == "refcount table")
-        {
-            r.start = table_offset;
-            r.end = table_offset + table_bytes;
-        }
+        self.metadata
+            .move_region("refcount table", table_offset, table_offset + table_bytes);
+        self.metadata.reload_tables(&self.l1, &self.reftable);
         self.host_end = self.host_end.max(area_end << cluster_bits);
         Ok(())
     }

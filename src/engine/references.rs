@@ -136,8 +136,8 @@ impl MetadataSpace {
         let cluster_size = image.cluster_size();
         let tables = Occupied::from_ranges(
             image
-                .metadata_regions
-                .iter()
+                .metadata
+                .regions()
                 .filter(|r| r.name != "refcount table")
                 .map(|r| (r.start, r.end))
                 .collect(),

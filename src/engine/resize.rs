@@ -80,12 +80,8 @@ impl<S: Storage> Image<S> {
         self.header.l1_size_entries = needed_l1 as u32;
         self.header.l1_table_offset = table_offset;
         self.l1 = table;
-        self.metadata_regions.retain(|r| r.name != "L1 table");
-        self.metadata_regions.push(super::layout::Region {
-            name: "L1 table",
-            start: table_offset,
-            end: table_offset + table_bytes,
-        });
+        self.metadata
+            .move_region("L1 table", table_offset, table_offset + table_bytes);
         Ok(())
     }
 }

@@ -212,13 +212,11 @@ impl<S: Storage> Image<S> {
         self.header.refcount_table_clusters = table_clusters as u32;
         self.reftable = table;
         self.reftable_dirty.clear();
-        for r in self
-            .metadata_regions
-            .iter_mut()
-            .filter(|r| r.name == "refcount table")
-        {
-            r.start = table_offset;
-            r.end = table_offset + table_bytes;
+        self.metadata
+            .move_region("refcount table", table_offset, table_offset + table_bytes);
+        for j in 0..block_count {
+            self.metadata
+                .add_refblock((blocks_start + j) << cluster_bits);
         }
         let old_first = old_offset >> cluster_bits;
         self.pending_frees

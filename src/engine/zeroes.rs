@@ -46,11 +46,20 @@ impl<S: Storage> Image<S> {
     }
 
     /// Discards the whole clusters inside the range (partial clusters at its ends are left as
-    /// they are). Afterwards they read as zeros on v3 images, and from the backing file (or
-    /// zeros) on v2 images.
+    /// they are). Afterwards they read as zeros: the zero flag on v3 images, unallocated on
+    /// v2 images (which are refused when they have a backing file).
     pub fn discard(&mut self, guest_offset: u64, len: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
+        }
+        if self.header.version < 3 && self.header.backing_file.is_some() {
+            // Without the zero flag a discarded cluster would read from the backing file
+            // again: stale data. QEMU's qcow2 refuses the same.
+            return Err(Error::Unsupported(
+                "discard on a version 2 image with a backing file (it would expose the \
+                 backing file's data)"
+                    .into(),
+            ));
         }
         self.check_request(guest_offset, len)?;
         let (head_end, tail_start) = self.whole_cluster_span(guest_offset, len);
@@ -116,8 +125,11 @@ impl<S: Storage> Image<S> {
     fn change_whole_cluster(&mut self, guest_cluster: u64, op: ClusterOp) -> Result<()> {
         let current = self.cluster_at(guest_cluster)?;
         let v3 = self.header.version >= 3;
+        let has_backing = self.header.backing_file.is_some();
         let (new_entry, freed): (Option<L2Entry>, Vec<u64>) = match (op, current) {
-            (ClusterOp::Discard, Cluster::Unallocated) => (None, Vec::new()),
+            // Unallocated reads as zeros already, unless a backing file shows through: then
+            // a discard marks it zero like any other cluster (as QEMU's qcow2 does).
+            (ClusterOp::Discard, Cluster::Unallocated) if !has_backing => (None, Vec::new()),
             (ClusterOp::Discard, Cluster::Zero { host_offset: 0, .. }) => (None, Vec::new()),
             (ClusterOp::Zero { unmap: false }, Cluster::Zero { .. }) => (None, Vec::new()),
             (ClusterOp::Zero { unmap: true }, Cluster::Zero { host_offset: 0, .. }) => {

@@ -20,7 +20,7 @@ use super::node::Node;
 use super::opts::{leak_list, size_opt, Opts};
 use super::request;
 use super::storage::ChildStorage;
-use crate::engine::{Error, Image, Mapping, OpenOptions};
+use crate::engine::{CheckFix, Error, Image, Mapping, OpenOptions};
 
 /// Copies `value` into a fixed C char array, NUL-terminated; refuses what does not fit.
 fn set_c_string(dst: &mut [c_char], value: &str, what: &str) -> Result<(), Error> {
@@ -73,7 +73,7 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
 }
 
 /// The engine's cache sizes from the runtime options, with QEMU's rules for `cache-size`.
-fn open_options(opts: &Opts, read_only: bool) -> Result<OpenOptions, Error> {
+fn open_options(opts: &Opts, read_only: bool, for_check: bool) -> Result<OpenOptions, Error> {
     let l2 = opts.size(L2_CACHE_SIZE);
     let refcount = opts.size(REFCOUNT_CACHE_SIZE);
     let (l2_cache_bytes, refcount_cache_bytes) = match (opts.size(CACHE_SIZE), l2, refcount) {
@@ -105,6 +105,7 @@ fn open_options(opts: &Opts, read_only: bool) -> Result<OpenOptions, Error> {
         read_only,
         l2_cache_bytes,
         refcount_cache_bytes,
+        for_check,
     })
 }
 
@@ -148,7 +149,8 @@ unsafe extern "C" fn qcow2b_open(
                 return Ok(-libc::EINVAL);
             };
             let read_only = flags & bindings::BDRV_O_RDWR as c_int == 0;
-            let open_options = open_options(&opts, read_only)?;
+            let for_check = flags & bindings::BDRV_O_CHECK as c_int != 0;
+            let open_options = open_options(&opts, read_only, for_check)?;
             let image = Image::open(ChildStorage::new((*bs).file), &open_options)?;
             publish_image_fields(bs, &image)?;
             (*bs).supported_zero_flags =
@@ -510,6 +512,91 @@ unsafe extern "C" fn qcow2b_get_specific_info(
     out
 }
 
+unsafe extern "C" fn qcow2b_co_check(
+    bs: *mut BlockDriverState,
+    result: *mut bindings::BdrvCheckResult,
+    fix: bindings::BdrvCheckMode,
+) -> c_int {
+    let fix = if fix & bindings::BDRV_FIX_ERRORS != 0 {
+        CheckFix::All
+    } else if fix & bindings::BDRV_FIX_LEAKS != 0 {
+        CheckFix::Leaks
+    } else {
+        CheckFix::None
+    };
+    guard("check", || {
+        // SAFETY: called by qemu-img in a coroutine of a node we opened.
+        let mut locked = unsafe { Node::of(bs).lock() }?;
+        let report = locked.image().check(fix)?;
+        // What QEMU's qcow2 prints as it goes ("Leaked cluster ...", "ERROR ..."), on stderr.
+        for message in &report.messages {
+            eprintln!("{message}");
+        }
+        if report.messages_dropped > 0 {
+            eprintln!("({} more messages not shown)", report.messages_dropped);
+        }
+        let clamp = |n: u64| c_int::try_from(n).unwrap_or(c_int::MAX);
+        // SAFETY: result is a valid out-pointer (block-layer contract).
+        let r = unsafe { &mut *result };
+        r.corruptions = clamp(report.corruptions);
+        r.leaks = clamp(report.leaks);
+        r.check_errors = clamp(report.check_errors);
+        r.corruptions_fixed = clamp(report.corruptions_fixed);
+        r.leaks_fixed = clamp(report.leaks_fixed);
+        r.image_end_offset = report.image_end_offset as i64;
+        r.bfi.total_clusters = report.fragmentation.total_clusters;
+        r.bfi.allocated_clusters = report.fragmentation.allocated_clusters;
+        r.bfi.fragmented_clusters = report.fragmentation.fragmented_clusters;
+        r.bfi.compressed_clusters = report.fragmentation.compressed_clusters;
+        // The check could not finish (as QEMU's qcow2, -EIO then; the counts still print).
+        Ok(if report.check_errors > 0 {
+            -libc::EIO
+        } else {
+            0
+        })
+    })
+}
+
+unsafe extern "C" fn qcow2b_snapshot_list(
+    bs: *mut BlockDriverState,
+    psn_info: *mut *mut bindings::QEMUSnapshotInfo,
+) -> c_int {
+    guard("snapshot_list", || {
+        // SAFETY: bs is an open qcow2b node, drained (snapshot commands run outside requests).
+        let snapshots = unsafe { Node::of(bs).image_drained() }.snapshots().to_vec();
+        let size = std::mem::size_of::<bindings::QEMUSnapshotInfo>() * snapshots.len().max(1);
+        // SAFETY: the array is freed by the caller with g_free, as for QEMU's qcow2.
+        let list: *mut bindings::QEMUSnapshotInfo =
+            unsafe { bindings::g_malloc0(size as u64) }.cast();
+        for (i, sn) in snapshots.iter().enumerate() {
+            // SAFETY: list has room for snapshots.len() entries, zeroed.
+            let info = unsafe { &mut *list.add(i) };
+            // Ids and names longer than QEMU's fields are cut, as qcow2 does (pstrcpy).
+            copy_truncated(&mut info.id_str, &sn.id);
+            copy_truncated(&mut info.name, &sn.name);
+            info.vm_state_size = sn.vm_state_size;
+            info.date_sec = sn.date_sec;
+            info.date_nsec = sn.date_nsec;
+            info.vm_clock_nsec = sn.vm_clock_nsec;
+            info.icount = sn.icount.unwrap_or(u64::MAX);
+        }
+        // SAFETY: psn_info is a valid out-pointer.
+        unsafe { *psn_info = list };
+        Ok(snapshots.len() as c_int)
+    })
+}
+
+/// Copies `value` into a C char array, cut to fit and NUL-terminated.
+fn copy_truncated(dst: &mut [c_char], value: &str) {
+    let n = value.len().min(dst.len().saturating_sub(1));
+    for (d, s) in dst.iter_mut().zip(&value.as_bytes()[..n]) {
+        *d = *s as c_char;
+    }
+    if let Some(end) = dst.get_mut(n) {
+        *end = 0;
+    }
+}
+
 static FORMAT_NAME: &CStr = c"qcow2b";
 
 /// Registers the `qcow2b` driver. Called once at start-up from QEMU's block/qcow2b.c
@@ -542,6 +629,8 @@ pub extern "C" fn qcow2b_register() {
             bdrv_co_invalidate_cache: Some(qcow2b_co_invalidate_cache),
             bdrv_get_info: Some(qcow2b_get_info),
             bdrv_get_specific_info: Some(qcow2b_get_specific_info),
+            bdrv_co_check: Some(qcow2b_co_check),
+            bdrv_snapshot_list: Some(qcow2b_snapshot_list),
             bdrv_co_create_opts: Some(create::qcow2b_co_create_opts),
             bdrv_measure: Some(create::qcow2b_measure),
             create_opts: create::create_opts(),

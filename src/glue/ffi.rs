@@ -8,11 +8,17 @@ use crate::engine::Error as EngineError;
 
 /// Runs `body` for an `extern "C"` entry point and turns its outcome into QEMU's convention:
 /// `0` (or a non-negative value) on success, `-errno` on failure. A panic is reported on stderr
-/// and becomes `-EIO`; it never unwinds into C.
+/// and becomes `-EIO`; it never unwinds into C. Damaged metadata found on the way is reported
+/// too (QEMU's callers see only the errno).
 pub fn guard(entry: &str, body: impl FnOnce() -> Result<c_int, EngineError>) -> c_int {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(v)) => v,
-        Ok(Err(e)) => -e.errno(),
+        Ok(Err(e)) => {
+            if matches!(e, EngineError::Corrupt(_) | EngineError::Invalid(_)) {
+                report_damage(&e);
+            }
+            -e.errno()
+        }
         Err(panic) => {
             eprintln!(
                 "qcow2b: internal error in {entry}: {}",
@@ -69,6 +75,34 @@ pub unsafe fn set_error(errp: *mut *mut bindings::Error, msg: &str) {
             msg.as_ptr(),
         );
     }
+}
+
+/// At most this many reports of damaged metadata per process: a guest that keeps reading a
+/// damaged cluster must not flood the log.
+const MAX_DAMAGE_REPORTS: u32 = 100;
+
+/// Reports damaged metadata through QEMU's `error_report` (so it carries the program's prefix
+/// and timestamps like QEMU's own messages), skipping repeats of the last message.
+fn report_damage(e: &EngineError) {
+    use std::sync::Mutex;
+    static LAST: Mutex<(u32, String)> = Mutex::new((0, String::new()));
+    let msg = e.to_string();
+    let Ok(mut last) = LAST.lock() else {
+        return;
+    };
+    if last.1 == msg || last.0 > MAX_DAMAGE_REPORTS {
+        return;
+    }
+    last.0 += 1;
+    let text = if last.0 > MAX_DAMAGE_REPORTS {
+        "qcow2b: further reports of damaged metadata are suppressed".to_string()
+    } else {
+        format!("qcow2b: {msg}")
+    };
+    last.1 = msg;
+    let text = CString::new(text.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: "%s" consumes exactly the one NUL-terminated string passed.
+    unsafe { bindings::error_report(c"%s".as_ptr(), text.as_ptr()) };
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

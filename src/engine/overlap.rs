@@ -1,0 +1,235 @@
+//! Where the image's metadata lives, so that nothing an untrusted image says can make the
+//! engine write guest data over metadata, use a table as another kind of table, or free a
+//! cluster that holds metadata (QEMU's qcow2 "overlap check", here always on and cheap).
+//!
+//! Three kinds of metadata:
+//! - fixed regions: the header cluster, the active L1 table, the refcount table, the snapshot
+//!   table and each snapshot's L1 table (validated at open, moved by resize and refcount
+//!   table growth);
+//! - refcount blocks, as the refcount table names them;
+//! - active L2 tables, as the active L1 table names them.
+//!
+//! The image keeps the map current where it changes those tables (`metadata.rs`,
+//! `writeback.rs`, `resize.rs`, `rebuild.rs`) and asks it:
+//! - before using a table an entry names (an L2 table must not be a fixed region or a
+//!   refcount block; a refcount block must not be a fixed region or an L2 table);
+//! - before guest data is read from or written to a host cluster (none of the three);
+//! - before a host cluster's refcount drops (none of the three).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::entry::{L1Entry, ReftableEntry};
+use super::layout::Region;
+
+#[derive(Debug)]
+pub(super) struct MetadataMap {
+    cluster_size: u64,
+    /// Fixed regions by start offset; never overlapping (overlapping ones are merged).
+    regions: BTreeMap<u64, Region>,
+    /// Offsets of refcount blocks.
+    refblocks: BTreeSet<u64>,
+    /// Offsets of active L2 tables, with how many L1 entries name each (a damaged image may
+    /// name one twice).
+    l2_tables: BTreeMap<u64, u32>,
+}
+
+/// Whether a one-cluster table at some offset in `set` overlaps `[start, end)`.
+fn any_table_in<V>(
+    set: impl Fn(std::ops::Range<u64>) -> Option<V>,
+    cluster_size: u64,
+    start: u64,
+    end: u64,
+) -> bool {
+    // A table at t covers [t, t + cluster_size): it overlaps iff start - cluster_size < t < end.
+    let from = start.saturating_sub(cluster_size - 1);
+    from < end && set(from..end).is_some()
+}
+
+impl MetadataMap {
+    pub fn new(regions: Vec<Region>, cluster_size: u64) -> MetadataMap {
+        let mut map = MetadataMap {
+            cluster_size,
+            regions: BTreeMap::new(),
+            refblocks: BTreeSet::new(),
+            l2_tables: BTreeMap::new(),
+        };
+        for r in regions {
+            map.insert_region(r);
+        }
+        map
+    }
+
+    /// Adds a region, merging it with any region it overlaps.
+    fn insert_region(&mut self, mut r: Region) {
+        while let Some((&start, &other)) = self.regions.range(..r.end).next_back() {
+            if other.end <= r.start {
+                break;
+            }
+            self.regions.remove(&start);
+            r = Region {
+                name: if other.start <= r.start {
+                    other.name
+                } else {
+                    r.name
+                },
+                start: r.start.min(other.start),
+                end: r.end.max(other.end),
+            };
+        }
+        self.regions.insert(r.start, r);
+    }
+
+    /// The fixed regions, in file order.
+    pub fn regions(&self) -> impl Iterator<Item = &Region> {
+        self.regions.values()
+    }
+
+    /// Moves the region called `name` (the L1 table after a resize, the refcount table after
+    /// it grew or was rebuilt).
+    pub fn move_region(&mut self, name: &'static str, start: u64, end: u64) {
+        self.regions.retain(|_, r| r.name != name);
+        self.insert_region(Region { name, start, end });
+    }
+
+    /// Replaces the refcount blocks and active L2 tables with what `reftable` and `l1` name
+    /// (entries that do not decode are left out: using them fails anyway).
+    pub fn reload_tables(&mut self, l1: &[u64], reftable: &[u64]) {
+        self.refblocks.clear();
+        self.l2_tables.clear();
+        for (i, &raw) in reftable.iter().enumerate() {
+            if let Ok(offset @ 1..) =
+                ReftableEntry(raw).refblock_offset(self.cluster_size, i as u64)
+            {
+                self.refblocks.insert(offset);
+            }
+        }
+        for (i, &raw) in l1.iter().enumerate() {
+            if let Ok(offset @ 1..) = L1Entry(raw).l2_offset(self.cluster_size, i as u64) {
+                self.add_l2_table(offset);
+            }
+        }
+    }
+
+    pub fn add_refblock(&mut self, offset: u64) {
+        self.refblocks.insert(offset);
+    }
+
+    pub fn add_l2_table(&mut self, offset: u64) {
+        *self.l2_tables.entry(offset).or_insert(0) += 1;
+    }
+
+    pub fn remove_l2_table(&mut self, offset: u64) {
+        if let Some(n) = self.l2_tables.get_mut(&offset) {
+            *n -= 1;
+            if *n == 0 {
+                self.l2_tables.remove(&offset);
+            }
+        }
+    }
+
+    /// The fixed region overlapping `[start, end)`, if any.
+    pub fn fixed_region_at(&self, start: u64, end: u64) -> Option<&'static str> {
+        let (_, r) = self.regions.range(..end).next_back()?;
+        (r.end > start).then_some(r.name)
+    }
+
+    pub fn refblock_at(&self, start: u64, end: u64) -> bool {
+        any_table_in(
+            |r| self.refblocks.range(r).next().copied(),
+            self.cluster_size,
+            start,
+            end,
+        )
+    }
+
+    pub fn l2_table_at(&self, start: u64, end: u64) -> bool {
+        any_table_in(
+            |r| self.l2_tables.range(r).next().map(|(&k, _)| k),
+            self.cluster_size,
+            start,
+            end,
+        )
+    }
+
+    /// What metadata overlaps `[start, end)`, if any: where guest data must never be.
+    pub fn metadata_at(&self, start: u64, end: u64) -> Option<&'static str> {
+        self.fixed_region_at(start, end)
+            .or_else(|| self.refblock_at(start, end).then_some("a refcount block"))
+            .or_else(|| self.l2_table_at(start, end).then_some("an L2 table"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CS: u64 = 0x10000;
+
+    fn map() -> MetadataMap {
+        let mut m = MetadataMap::new(
+            vec![
+                Region {
+                    name: "header",
+                    start: 0,
+                    end: CS,
+                },
+                Region {
+                    name: "L1 table",
+                    start: 3 * CS,
+                    end: 4 * CS,
+                },
+                Region {
+                    name: "snapshot L1 table",
+                    start: 10 * CS,
+                    end: 12 * CS,
+                },
+                Region {
+                    name: "snapshot L1 table",
+                    start: 11 * CS,
+                    end: 13 * CS,
+                },
+            ],
+            CS,
+        );
+        m.add_refblock(2 * CS);
+        m.add_l2_table(5 * CS);
+        m
+    }
+
+    #[test]
+    fn every_kind_is_found_at_any_overlap_and_nothing_beside_it() {
+        let m = map();
+        assert_eq!(m.metadata_at(100, 200), Some("header"));
+        assert_eq!(
+            m.metadata_at(2 * CS + 8, 2 * CS + 16),
+            Some("a refcount block")
+        );
+        assert_eq!(m.metadata_at(CS, 3 * CS), Some("a refcount block"));
+        assert_eq!(m.metadata_at(4 * CS - 1, 4 * CS), Some("L1 table"));
+        assert_eq!(m.metadata_at(5 * CS, 6 * CS), Some("an L2 table"));
+        assert_eq!(m.metadata_at(6 * CS - 1, 7 * CS), Some("an L2 table"));
+        assert_eq!(m.metadata_at(4 * CS, 5 * CS), None);
+        assert_eq!(m.metadata_at(6 * CS, 10 * CS), None);
+        assert_eq!(
+            m.metadata_at(12 * CS + 5, 12 * CS + 6),
+            Some("snapshot L1 table")
+        );
+        assert_eq!(m.metadata_at(13 * CS, 14 * CS), None);
+    }
+
+    #[test]
+    fn moved_regions_and_tables_follow() {
+        let mut m = map();
+        m.move_region("L1 table", 20 * CS, 21 * CS);
+        assert_eq!(m.metadata_at(3 * CS, 4 * CS), None);
+        assert_eq!(m.metadata_at(20 * CS, 20 * CS + 1), Some("L1 table"));
+        m.add_l2_table(5 * CS);
+        m.remove_l2_table(5 * CS);
+        assert!(
+            m.l2_table_at(5 * CS, 6 * CS),
+            "still named by another L1 entry"
+        );
+        m.remove_l2_table(5 * CS);
+        assert!(!m.l2_table_at(5 * CS, 6 * CS));
+    }
+}
