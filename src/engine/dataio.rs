@@ -46,8 +46,10 @@ pub struct DataContext<'a, S: Storage> {
     pub cluster_size: u64,
 }
 
-fn io_error(context: String) -> impl FnOnce(io::Error) -> Error {
-    move |e| Error::io(context, e)
+/// An I/O error with what was being done; the context is only built on failure (the data
+/// step is the hot path).
+fn io_error(context: impl FnOnce() -> String) -> impl FnOnce(io::Error) -> Error {
+    move |e| Error::io(context(), e)
 }
 
 impl<S: Storage> DataContext<'_, S> {
@@ -56,9 +58,9 @@ impl<S: Storage> DataContext<'_, S> {
         let mut input = vec![0u8; read_len as usize];
         self.storage
             .read_at(host_offset, &mut input)
-            .map_err(io_error(format!(
-                "reading compressed cluster at {host_offset:#x}"
-            )))?;
+            .map_err(io_error(|| {
+                format!("reading compressed cluster at {host_offset:#x}")
+            }))?;
         let mut out = vec![0u8; self.cluster_size as usize];
         decompress_cluster(self.compression, &input, &mut out)?;
         Ok(out)
@@ -73,14 +75,14 @@ impl<S: Storage> DataContext<'_, S> {
                 ReadSource::Zeros => target.fill_zero(at, len),
                 ReadSource::Backing { guest_offset } => target
                     .read_backing(guest_offset, at, len)
-                    .map_err(io_error(format!(
-                        "reading the backing file at {guest_offset:#x}"
-                    )))?,
+                    .map_err(io_error(|| {
+                        format!("reading the backing file at {guest_offset:#x}")
+                    }))?,
                 ReadSource::Data { host_offset } => target
                     .read_file(host_offset, at, len)
-                    .map_err(io_error(format!(
-                        "reading guest data at host offset {host_offset:#x}"
-                    )))?,
+                    .map_err(io_error(|| {
+                        format!("reading guest data at host offset {host_offset:#x}")
+                    }))?,
                 ReadSource::Compressed {
                     host_offset,
                     read_len,
@@ -110,18 +112,17 @@ impl<S: Storage> DataContext<'_, S> {
             // Without a backing file the old content is zeros, as `bytes` already is.
             CowSource::Backing { guest_offset } => {
                 if let Some(b) = self.backing {
-                    b.read_at(guest_offset, &mut bytes)
-                        .map_err(io_error(format!(
-                            "reading the backing file at {guest_offset:#x} to copy it"
-                        )))?;
+                    b.read_at(guest_offset, &mut bytes).map_err(io_error(|| {
+                        format!("reading the backing file at {guest_offset:#x} to copy it")
+                    }))?;
                 }
             }
             CowSource::Data { host_offset } => self
                 .storage
                 .read_at(host_offset, &mut bytes)
-                .map_err(io_error(format!(
-                    "reading cluster data at {host_offset:#x} to copy it"
-                )))?,
+                .map_err(io_error(|| {
+                    format!("reading cluster data at {host_offset:#x} to copy it")
+                }))?,
             CowSource::Compressed {
                 host_offset,
                 read_len,
@@ -165,9 +166,9 @@ impl<S: Storage> DataContext<'_, S> {
             };
             source
                 .write_file(host_offset, &head, req_at, len, &tail)
-                .map_err(io_error(format!(
-                    "writing guest data at host offset {host_offset:#x}"
-                )))?;
+                .map_err(io_error(|| {
+                    format!("writing guest data at host offset {host_offset:#x}")
+                }))?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 //! `write_back` (`writeback.rs`) writes it in the order the format's crash consistency
 //! needs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::cache::TableCache;
 use super::counters::Counters;
@@ -59,8 +59,9 @@ pub struct Image<S: Storage> {
     pub(super) quarantine: BTreeMap<u64, u64>,
     /// The current I/O epoch: advanced by every guest flush.
     pub(super) io_epoch: u64,
-    /// Outstanding request tickets per I/O epoch.
-    pub(super) inflight_tickets: BTreeMap<u64, u32>,
+    /// Outstanding request tickets per I/O epoch, oldest first (epochs only grow, and a
+    /// ticket is always of the current one; no allocation per request once warm).
+    pub(super) inflight_tickets: VecDeque<(u64, u32)>,
     /// Guest cluster ranges whose allocation is in flight.
     pub(super) inflight_allocs: Vec<InflightAlloc>,
     /// Where the allocator starts looking for a free host cluster.
@@ -178,7 +179,7 @@ impl<S: Storage> Image<S> {
             pending_frees: Vec::new(),
             quarantine: BTreeMap::new(),
             io_epoch: 0,
-            inflight_tickets: BTreeMap::new(),
+            inflight_tickets: VecDeque::new(),
             inflight_allocs: Vec::new(),
             free_cluster_hint: 0,
             host_end: file_len,

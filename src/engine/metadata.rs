@@ -24,8 +24,17 @@ impl<S: Storage> Image<S> {
     }
 
     /// Refuses a host cluster offset (from an L1, L2 or refcount table entry) that points into
-    /// the header or past the end of the file.
-    pub(super) fn check_host_offset(&self, host_offset: u64, what: &str) -> Result<()> {
+    /// the header or past the end of the file. `what` names it for the message (called only
+    /// on failure: this runs on every lookup).
+    pub(super) fn check_host_offset(
+        &self,
+        host_offset: u64,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
+        if host_offset >= self.cluster_size() && host_offset < self.host_end {
+            return Ok(());
+        }
+        let what = what();
         if host_offset < self.cluster_size() {
             return Err(Error::Corrupt(format!(
                 "{what} at {host_offset:#x} points into the header"
@@ -55,7 +64,7 @@ impl<S: Storage> Image<S> {
         let entry = L1Entry(raw);
         let l2_offset = entry.l2_offset(self.cluster_size(), l1_index)?;
         if l2_offset != 0 {
-            self.check_host_offset(l2_offset, &format!("L2 table of L1 entry {l1_index}"))?;
+            self.check_host_offset(l2_offset, || format!("L2 table of L1 entry {l1_index}"))?;
             let end = l2_offset + self.cluster_size();
             let other = self.metadata.fixed_region_at(l2_offset, end).or_else(|| {
                 self.metadata
@@ -92,12 +101,17 @@ impl<S: Storage> Image<S> {
         l2_index: usize,
         guest_cluster: u64,
     ) -> Result<Cluster> {
-        self.load_l2(l2_offset)?;
-        let raw = self
-            .l2_cache
-            .get(l2_offset)
-            .map(|t| be64_at(t, l2_index))
-            .unwrap_or(0);
+        let cached = self.l2_cache.get(l2_offset).map(|t| be64_at(t, l2_index));
+        let raw = match cached {
+            Some(raw) => raw,
+            None => {
+                self.load_l2(l2_offset)?;
+                self.l2_cache
+                    .get(l2_offset)
+                    .map(|t| be64_at(t, l2_index))
+                    .unwrap_or(0)
+            }
+        };
         let cluster = L2Entry(raw).decode(self.cluster_bits, self.header.version, guest_cluster)?;
         let (host_offset, len, what) = match cluster {
             Cluster::Data { host_offset, .. } => (host_offset, self.cluster_size(), "data cluster"),
@@ -110,11 +124,13 @@ impl<S: Storage> Image<S> {
             } => (host_offset, max_len_bytes.max(1), "compressed data"),
             _ => return Ok(cluster),
         };
-        let what = format!("{what} of guest cluster {guest_cluster}");
-        self.check_host_offset(host_offset, &what)?;
+        self.check_host_offset(host_offset, || {
+            format!("{what} of guest cluster {guest_cluster}")
+        })?;
         if let Some(holder) = self.metadata.metadata_at(host_offset, host_offset + len) {
             return Err(Error::Corrupt(format!(
-                "the {what} at {host_offset:#x} overlaps the {holder}"
+                "the {what} of guest cluster {guest_cluster} at {host_offset:#x} overlaps the \
+                 {holder}"
             )));
         }
         Ok(cluster)
@@ -227,7 +243,7 @@ impl<S: Storage> Image<S> {
         };
         let offset = ReftableEntry(raw).refblock_offset(self.cluster_size(), rt_index)?;
         if offset != 0 {
-            self.check_host_offset(offset, &format!("refcount block {rt_index}"))?;
+            self.check_host_offset(offset, || format!("refcount block {rt_index}"))?;
             let end = offset + self.cluster_size();
             let other = self.metadata.fixed_region_at(offset, end).or_else(|| {
                 self.metadata

@@ -148,28 +148,32 @@ pub(super) struct InflightAlloc {
 
 impl<S: Storage> Image<S> {
     fn take_ticket(&mut self) -> Ticket {
-        *self.inflight_tickets.entry(self.io_epoch).or_insert(0) += 1;
-        Ticket {
-            epoch: self.io_epoch,
+        let epoch = self.io_epoch;
+        match self.inflight_tickets.back_mut() {
+            Some((e, count)) if *e == epoch => *count += 1,
+            _ => self.inflight_tickets.push_back((epoch, 1)),
         }
+        Ticket { epoch }
     }
 
     fn return_ticket(&mut self, ticket: Ticket) {
-        if let Some(count) = self.inflight_tickets.get_mut(&ticket.epoch) {
+        if let Some((_, count)) = self
+            .inflight_tickets
+            .iter_mut()
+            .find(|(e, _)| *e == ticket.epoch)
+        {
             *count -= 1;
-            if *count == 0 {
-                self.inflight_tickets.remove(&ticket.epoch);
-            }
+        }
+        while self.inflight_tickets.front().is_some_and(|&(_, n)| n == 0) {
+            self.inflight_tickets.pop_front();
         }
     }
 
     /// The oldest epoch with I/O in flight (the current one if none).
     pub(super) fn oldest_inflight_epoch(&self) -> u64 {
         self.inflight_tickets
-            .keys()
-            .next()
-            .copied()
-            .unwrap_or(self.io_epoch)
+            .front()
+            .map_or(self.io_epoch, |&(epoch, _)| epoch)
     }
 
     /// Bytes to read for a compressed cluster: what its descriptor covers, never past the end
