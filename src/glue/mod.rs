@@ -7,6 +7,7 @@
 //! - `node`: the per-node state and its metadata lock (`CoMutex`, `CoQueue`);
 //! - `request`: guest reads and writes, with the data step on the request's `QEMUIOVector`;
 //! - `opts`: QEMU option lists declared from Rust tables;
+//! - `host_barrier`: the C entry point file-posix calls for a barrier;
 //! - `create`: `qemu-img create` and `qemu-img measure` (QEMU option lists to the engine's);
 //! - `driver`: the `BlockDriver` table registered under the format name `qcow2b`.
 
@@ -14,6 +15,7 @@ mod bindings;
 mod create;
 mod driver;
 mod ffi;
+mod host_barrier;
 mod node;
 mod opts;
 mod request;

@@ -1,0 +1,157 @@
+//! The ordering layer: how a barrier ("everything written before is ordered before everything
+//! written after; no durability promise") is kept on the host.
+//!
+//! - [`BarrierMode`]: the driver option `barrier=auto|barrierfs|ordered|flush`;
+//! - [`primitive`]: the host barrier primitive of a protocol node (BarrierFS's
+//!   `fdatabarrier(2)`, an injected primitive for tests, or `fdatasync` when none is set up),
+//!   which QEMU's file-posix calls for `bdrv_co_barrier`.
+//!
+//! Pure Rust, no QEMU types: the glue runs it inside QEMU's coroutines and thread pool.
+
+pub mod primitive;
+
+use std::fmt;
+
+/// How qcow2b keeps its ordering points and the guest's barriers on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarrierMode {
+    /// A barrier is an `fdatasync`: the safe comparison mode (stock QEMU's cost).
+    Flush,
+    /// A barrier is BarrierFS's `fdatabarrier(fd)`, system call number `syscall`: ordered,
+    /// not durable, returns once the writes are dispatched in order.
+    BarrierFs { syscall: i64 },
+    /// As `BarrierFs`, but through an injected primitive that records the barrier and calls
+    /// nothing: for tests and for the benchmark's "ideal barrier" bound, never for real data
+    /// (a stock kernel keeps no order without a sync).
+    Injected,
+    /// Order-preserving write-back in user space: writes are grouped into epochs separated by
+    /// barriers, and an epoch reaches the file only after the one before it is durable.
+    Ordered { buffer_bytes: u64 },
+}
+
+/// The default bound of the `ordered` mode's buffer.
+pub const DEFAULT_BUFFER_BYTES: u64 = 64 << 20;
+
+/// Why a set of barrier options was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadBarrierOption(pub String);
+
+impl fmt::Display for BadBarrierOption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl BarrierMode {
+    /// The mode for the driver options `barrier`, `barrierfs-syscall`, `x-barrierfs-inject`
+    /// and `buffer-size`.
+    ///
+    /// `auto` is `barrierfs` when a system call number is given (the user said the host is
+    /// BarrierFS) and `ordered` otherwise. Nothing is ever called to find out: on mainline
+    /// kernels the BarrierFS numbers 314 and 315 are sched_setattr and sched_getattr.
+    pub fn from_options(
+        mode: Option<&str>,
+        syscall: Option<i64>,
+        inject: bool,
+        buffer_bytes: Option<u64>,
+    ) -> Result<BarrierMode, BadBarrierOption> {
+        let bad = |msg: String| Err(BadBarrierOption(msg));
+        let mode = match (mode.unwrap_or("auto"), syscall, inject) {
+            (_, Some(_), true) => {
+                return bad("barrierfs-syscall and x-barrierfs-inject exclude each other".into())
+            }
+            ("auto", None, false) | ("ordered", None, false) => BarrierMode::Ordered {
+                buffer_bytes: buffer_bytes.unwrap_or(DEFAULT_BUFFER_BYTES),
+            },
+            ("auto" | "barrierfs", Some(n), false) => {
+                if !(1..=4096).contains(&n) {
+                    return bad(format!("barrierfs-syscall {n} is not a system call number"));
+                }
+                BarrierMode::BarrierFs { syscall: n }
+            }
+            ("auto" | "barrierfs", None, true) => BarrierMode::Injected,
+            ("barrierfs", None, false) => {
+                return bad(
+                    "barrier=barrierfs needs barrierfs-syscall=N, the number of BarrierFS's \
+                     fdatabarrier on this host (315 on the x86_64 BarrierFS kernels); qcow2b \
+                     never guesses it, because on mainline kernels that number is another \
+                     system call"
+                        .into(),
+                )
+            }
+            ("flush", None, false) => BarrierMode::Flush,
+            ("ordered" | "flush", _, _) => {
+                return bad(
+                    "barrierfs-syscall and x-barrierfs-inject apply to barrier=barrierfs only"
+                        .into(),
+                )
+            }
+            (other, _, _) => {
+                return bad(format!(
+                    "barrier={other}: expected auto, barrierfs, ordered or flush"
+                ))
+            }
+        };
+        if buffer_bytes.is_some() && !matches!(mode, BarrierMode::Ordered { .. }) {
+            return bad("buffer-size applies to barrier=ordered only".into());
+        }
+        if let BarrierMode::Ordered { buffer_bytes } = mode {
+            if buffer_bytes < 1 << 20 {
+                return bad(format!("buffer-size {buffer_bytes} is below 1 MiB"));
+            }
+        }
+        Ok(mode)
+    }
+
+    /// The name shown in counters and `qemu-img info`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BarrierMode::Flush => "flush",
+            BarrierMode::BarrierFs { .. } => "barrierfs",
+            BarrierMode::Injected => "barrierfs (injected primitive)",
+            BarrierMode::Ordered { .. } => "ordered",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_is_ordered_unless_the_user_names_the_barrierfs_syscall() {
+        let m = |mode, sys, inject, buf| BarrierMode::from_options(mode, sys, inject, buf);
+        assert_eq!(
+            m(None, None, false, None),
+            Ok(BarrierMode::Ordered {
+                buffer_bytes: DEFAULT_BUFFER_BYTES
+            })
+        );
+        assert_eq!(
+            m(Some("auto"), Some(315), false, None),
+            Ok(BarrierMode::BarrierFs { syscall: 315 })
+        );
+        assert_eq!(
+            m(Some("barrierfs"), None, true, None),
+            Ok(BarrierMode::Injected)
+        );
+        assert_eq!(m(Some("flush"), None, false, None), Ok(BarrierMode::Flush));
+        assert_eq!(
+            m(Some("ordered"), None, false, Some(8 << 20)),
+            Ok(BarrierMode::Ordered {
+                buffer_bytes: 8 << 20
+            })
+        );
+    }
+
+    #[test]
+    fn barrierfs_without_a_syscall_number_is_refused_and_says_why() {
+        let err = BarrierMode::from_options(Some("barrierfs"), None, false, None).unwrap_err();
+        assert!(err.0.contains("barrierfs-syscall=N"), "{err}");
+        assert!(BarrierMode::from_options(Some("flush"), Some(315), false, None).is_err());
+        assert!(BarrierMode::from_options(Some("barrierfs"), Some(0), false, None).is_err());
+        assert!(BarrierMode::from_options(Some("flush"), None, false, Some(1 << 30)).is_err());
+        assert!(BarrierMode::from_options(Some("ordered"), None, false, Some(4096)).is_err());
+        assert!(BarrierMode::from_options(Some("fast"), None, false, None).is_err());
+    }
+}
