@@ -190,7 +190,9 @@ impl<S: Storage> Image<S> {
     pub fn check(&mut self, fix: CheckFix) -> Result<CheckReport> {
         let fix = if self.read_only { CheckFix::None } else { fix };
         if !self.read_only {
-            self.flush()?;
+            // Reserved clusters are counted but named by nothing: not leaks of the image.
+            self.release_reserve()?;
+            self.flush_metadata_and_sync(false)?;
         }
         let file_len = self.file_len()?;
         let clusters = file_len.div_ceil(self.cluster_size());

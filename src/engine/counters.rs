@@ -8,8 +8,15 @@ pub struct Counters {
     pub guest_flushes: u64,
     /// Calls to [`crate::engine::Storage::flush`], for ordering and for durability.
     pub storage_flushes: u64,
-    /// Ordering points between dependent metadata writes (each one a storage flush today).
+    /// Calls to [`crate::engine::Image::barrier`] (guest barriers).
+    pub guest_barriers: u64,
+    /// Calls to [`crate::engine::Storage::barrier`].
+    pub storage_barriers: u64,
+    /// Ordering points between dependent writes (each one a storage barrier).
     pub ordering_points: u64,
+    /// Clusters taken into the zero reserve, and handed out from it.
+    pub reserved_clusters: u64,
+    pub reserved_clusters_used: u64,
     /// Metadata writes (header, L1/L2 tables, refcount table and blocks).
     pub metadata_writes: u64,
     /// Guest data writes (in place, or whole newly allocated clusters).

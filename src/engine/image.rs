@@ -18,8 +18,10 @@ use super::layout;
 use super::overlap::MetadataMap;
 use super::refcount::RefcountGeometry;
 use super::request::InflightAlloc;
+use super::reserve::Reserve;
 use super::snapshot::{self, Snapshot};
 use super::storage::{Backing, Storage};
+use super::writeback::Unordered;
 use super::{Mapping, OpenOptions};
 
 /// QEMU 7.2's default upper bound for the L2 cache on Linux.
@@ -69,8 +71,15 @@ pub struct Image<S: Storage> {
     /// End of the host file as the engine knows it: the file length at open or the end of the
     /// last cluster allocated since, whichever is larger.
     pub(super) host_end: u64,
-    /// Some write was issued since the last ordering point or storage flush.
-    pub(super) unordered_writes: bool,
+    /// What later write-back stages must be ordered after (`writeback.rs`).
+    pub(super) unordered: Unordered,
+    /// Some write was issued since the last ordering point or sync.
+    pub(super) unbarriered_writes: bool,
+    /// New L2 tables whose L1 entries must wait for them (copies of shared tables, tables
+    /// outside the zero reserve): rule (c) of `writeback.rs`.
+    pub(super) new_l2_tables_to_order: BTreeSet<u64>,
+    /// Clusters allocated ahead, counted and ordered before use (`reserve.rs`).
+    pub(super) reserve: Reserve,
     /// Some write was issued since the last storage flush.
     pub(super) unflushed_writes: bool,
     pub(super) counters: Counters,
@@ -183,7 +192,10 @@ impl<S: Storage> Image<S> {
             inflight_allocs: Vec::new(),
             free_cluster_hint: 0,
             host_end: file_len,
-            unordered_writes: false,
+            unordered: Unordered::default(),
+            unbarriered_writes: false,
+            new_l2_tables_to_order: BTreeSet::new(),
+            reserve: Reserve::default(),
             unflushed_writes: false,
             counters: Counters::default(),
             for_check: opts.for_check,
@@ -268,7 +280,8 @@ impl<S: Storage> Image<S> {
         self.storage.flush().map_err(io("flushing the header"))?;
         self.counters.storage_flushes += 1;
         self.unflushed_writes = false;
-        self.unordered_writes = false;
+        self.unbarriered_writes = false;
+        self.unordered = Unordered::default();
         Ok(())
     }
 
@@ -391,8 +404,18 @@ impl<S: Storage> Image<S> {
     /// durable with one storage flush, skipped if nothing was written since the last one.
     pub fn flush(&mut self) -> Result<()> {
         self.counters.guest_flushes += 1;
+        self.flush_metadata_and_sync(true)
+    }
+
+    /// What a flush does; `top_up_reserve` is false when the reserve was just given back (a
+    /// close, a check) and must stay empty.
+    pub(super) fn flush_metadata_and_sync(&mut self, top_up_reserve: bool) -> Result<()> {
         self.write_back()?;
         if self.unflushed_writes {
+            // The sync is due anyway: the reserve rides along (`reserve.rs`).
+            if top_up_reserve {
+                self.top_up_reserve_before_sync()?;
+            }
             self.storage_flush()?;
         }
         self.io_epoch += 1;
@@ -400,13 +423,55 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
-    /// Flushes and leaves the image clean. (This engine never sets the dirty bit, so there is
-    /// nothing more to clear.)
-    pub fn close(mut self) -> Result<()> {
+    /// A guest barrier: everything written before it (guest data, and the metadata that
+    /// names it) is ordered before everything written after it. No durability, no sync.
+    pub fn barrier(&mut self) -> Result<()> {
+        self.counters.guest_barriers += 1;
         if self.read_only {
             return Ok(());
         }
-        self.flush()
+        self.write_back()?;
+        if self.unbarriered_writes {
+            self.ordering_point()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes and leaves the image clean: the unused reserve is given back and, when it ends
+    /// the file, cut off. (This engine never sets the dirty bit, so there is nothing more to
+    /// clear.) Returns the storage.
+    pub fn close(mut self) -> Result<S> {
+        if self.read_only {
+            return Ok(self.storage);
+        }
+        let reserved_tail = self.reserved_tail();
+        self.release_reserve()?;
+        self.counters.guest_flushes += 1;
+        self.flush_metadata_and_sync(false)?;
+        if let Some(start) = reserved_tail {
+            // Nothing names those clusters and their counts are zero on storage now.
+            self.storage
+                .set_len(start)
+                .map_err(|e| Error::io("trimming the unused reserve off the file", e))?;
+        }
+        Ok(self.storage)
+    }
+
+    /// Where the run of reserved clusters that ends the file starts, if one does.
+    fn reserved_tail(&self) -> Option<u64> {
+        let mut reserved: Vec<u64> = self.reserve.all().collect();
+        reserved.sort_unstable();
+        // Only a file that ends exactly at the end of a reserved cluster is trimmed.
+        if !self.host_end.is_multiple_of(self.cluster_size()) {
+            return None;
+        }
+        let file_end = self.host_end >> self.cluster_bits;
+        let mut end = file_end;
+        while end > 0 && reserved.last() == Some(&(end - 1)) {
+            reserved.pop();
+            end -= 1;
+        }
+        (end < file_end).then_some(end << self.cluster_bits)
     }
 
     /// What backs `guest_offset`, and for how many bytes (at least 1, at most `len`) the same

@@ -214,7 +214,18 @@ impl<S: Storage> Image<S> {
                     Error::Corrupt(format!("L2 table {old_offset:#x} vanished from the cache"))
                 })?
         };
-        let new_offset = self.alloc_cluster()?;
+        // A table for a range that had none reads as "all unallocated" while it is zeros, so a
+        // reserved cluster needs no ordering before the L1 entry naming it (rule (c) of
+        // writeback.rs); a copy of a shared table, or a table elsewhere, does.
+        let from_reserve = old_offset == 0 && self.next_allocation_extends_file()?;
+        let new_offset = if from_reserve {
+            self.take_reserved(1)?.0
+        } else {
+            self.alloc_cluster()?
+        };
+        if !from_reserve {
+            self.new_l2_tables_to_order.insert(new_offset);
+        }
         self.make_room_in_l2_cache()?;
         // (c) The new table is only in the cache (dirty); write_back writes L2 tables before
         // L1 entries, with an ordering point between.
@@ -316,7 +327,7 @@ impl<S: Storage> Image<S> {
 
     /// The first host cluster at or after the hint that is free (refcount 0, not freed since
     /// the last flush). Clusters past the refcount table's reach count as free.
-    fn find_free_cluster(&mut self) -> Result<u64> {
+    pub(super) fn find_free_cluster(&mut self) -> Result<u64> {
         let mut cluster = self.free_cluster_hint.max(1);
         loop {
             if self.quarantine.contains_key(&cluster) {

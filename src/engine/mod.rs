@@ -14,6 +14,8 @@
 //! - `writeback`: the one routine that writes dirty metadata back, in the required order.
 //! - `request`: request plans (reads, writes), in-flight allocations and I/O tickets.
 //! - `dataio`: the data step of a request, over slices or QEMU I/O vectors.
+//! - `reserve`: the zero reserve: clusters counted and ordered ahead of need, so appends
+//!   need no ordering point before their flush's sync.
 //! - `resize`: growing the virtual size (and the L1 table).
 //! - `zeroes`: write_zeroes and discard (zero flag, unallocation).
 //! - `compress`: compressed cluster decoding (raw deflate, zstd).
@@ -46,6 +48,7 @@ mod rebuild;
 pub mod refcount;
 mod references;
 pub mod request;
+mod reserve;
 mod resize;
 pub mod snapshot;
 pub mod storage;

@@ -129,6 +129,10 @@ pub enum WritePiece {
         /// The host cluster is a preallocated zero cluster of this guest cluster, reused:
         /// nothing was allocated and nothing is freed.
         reused: bool,
+        /// The data must be ordered before the L2 entries naming it (rule (a) of
+        /// `writeback.rs`): false only for reserved clusters replacing clusters that read as
+        /// zeros.
+        needs_order: bool,
     },
 }
 
@@ -342,19 +346,31 @@ impl<S: Storage> Image<S> {
                             source: CowSource::Zeros,
                         },
                         reused: true,
+                        // The preallocated cluster holds stale bytes behind its zero flag.
+                        needs_order: true,
                     });
                     at = stop;
                 }
                 first_state => {
                     let last_cluster = (end - 1) >> self.cluster_bits;
+                    let zeros_before = self.reads_as_zeros(first_state);
                     let mut wanted = 1;
-                    while guest_cluster + wanted <= last_cluster
-                        && needs_new_cluster(self.cluster_at(guest_cluster + wanted)?)
-                    {
+                    while guest_cluster + wanted <= last_cluster {
+                        let next = self.cluster_at(guest_cluster + wanted)?;
+                        if !needs_new_cluster(next) || self.reads_as_zeros(next) != zeros_before {
+                            break;
+                        }
                         wanted += 1;
                     }
                     // Placed and counted now, linked by finish_write once the data is written.
-                    let (host_offset, clusters) = self.alloc_run(wanted)?;
+                    // Clusters that would extend the file come from the zero reserve; freed
+                    // clusters in the middle of the file are reused first.
+                    let from_reserve = self.next_allocation_extends_file()?;
+                    let (host_offset, clusters) = if from_reserve {
+                        self.take_reserved(wanted)?
+                    } else {
+                        self.alloc_run(wanted)?
+                    };
                     self.inflight_allocs.push(InflightAlloc {
                         start: guest_cluster,
                         end: guest_cluster + clusters,
@@ -383,6 +399,7 @@ impl<S: Storage> Image<S> {
                         head,
                         tail,
                         reused: false,
+                        needs_order: !(from_reserve && zeros_before),
                     });
                     at = stop;
                 }
@@ -428,16 +445,22 @@ impl<S: Storage> Image<S> {
         for piece in &plan.pieces {
             self.counters.data_writes += 1;
             self.unflushed_writes = true;
+            self.unbarriered_writes = true;
             if let WritePiece::Allocate {
                 host_offset,
                 guest_cluster,
                 clusters,
                 reused,
+                needs_order,
                 ..
             } = *piece
             {
-                // (a) This data write completed before the entries naming it change.
-                self.unordered_writes = true;
+                // (a) This data write completed before the entries naming it change; unless
+                // losing it shows zeros where the guest had zeros, the L2 write waits for an
+                // ordering point after it.
+                if needs_order {
+                    self.unordered.data = true;
+                }
                 let (linked, outcome) = if result.is_ok() {
                     self.link_clusters(guest_cluster, clusters, host_offset, reused)
                 } else {
@@ -525,6 +548,18 @@ impl<S: Storage> Image<S> {
         };
         if let Some(i) = self.inflight_allocs.iter().position(|a| *a == done) {
             self.inflight_allocs.swap_remove(i);
+        }
+    }
+}
+
+impl<S: Storage> Image<S> {
+    /// Whether a guest cluster in this state reads as zeros (what a crash that loses a write
+    /// into a fresh reserved cluster would show).
+    fn reads_as_zeros(&self, state: Cluster) -> bool {
+        match state {
+            Cluster::Unallocated => self.header.backing_file.is_none(),
+            Cluster::Zero { .. } => true,
+            Cluster::Data { .. } | Cluster::Compressed { .. } => false,
         }
     }
 }

@@ -69,6 +69,8 @@ impl<S: Storage> Image<S> {
             &fields,
             "switching the header to the new L1 table",
         )?;
+        // (d) The old table's clusters are freed only after this write, which dropped them.
+        self.unordered.entries = true;
 
         let old_first = self.header.l1_table_offset >> self.cluster_bits;
         let old_clusters = (u64::from(self.header.l1_size_entries) * 8).div_ceil(cluster_size);

@@ -22,6 +22,11 @@ pub trait Storage {
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
     /// Makes every completed write durable (fdatasync).
     fn flush(&self) -> io::Result<()>;
+    /// Orders every completed write before every write issued after this call, without
+    /// waiting for durability. The default is a flush: durable, hence ordered.
+    fn barrier(&self) -> io::Result<()> {
+        self.flush()
+    }
     /// Current length of the file in bytes.
     fn len(&self) -> io::Result<u64>;
     /// Whether the file is empty.
@@ -110,6 +115,8 @@ pub struct MemStorage {
     bytes: RefCell<Vec<u8>>,
     /// Number of [`Storage::flush`] calls, so tests can count syncs.
     pub flushes: std::cell::Cell<u64>,
+    /// Number of [`Storage::barrier`] calls.
+    pub barriers: std::cell::Cell<u64>,
 }
 
 impl MemStorage {
@@ -117,6 +124,7 @@ impl MemStorage {
         MemStorage {
             bytes: RefCell::new(bytes),
             flushes: Default::default(),
+            barriers: Default::default(),
         }
     }
 
@@ -159,6 +167,11 @@ impl Storage for MemStorage {
 
     fn flush(&self) -> io::Result<()> {
         self.flushes.set(self.flushes.get() + 1);
+        Ok(())
+    }
+
+    fn barrier(&self) -> io::Result<()> {
+        self.barriers.set(self.barriers.get() + 1);
         Ok(())
     }
 

@@ -2,50 +2,85 @@
 //! storage, and the ordering points between its stages.
 //!
 //! The invariants it keeps, so that a crash at any moment leaves an image whose every
-//! reference is valid (at worst a leaked cluster, never a refcount below its references):
-//! - (a) guest data is written before the L2 entry that points to it;
+//! reference is valid (at worst a leaked cluster, never a refcount below its references) and
+//! whose every guest sector holds what the guest wrote there or what it held before:
+//! - (a) guest data is written before the L2 entry that points to it, unless the cluster is a
+//!   reserved one replacing a cluster that read as zeros (`reserve.rs`: losing the data then
+//!   shows the zeros the guest had);
 //! - (b) refcount increments are written before the L2 or L1 entry that references the
 //!   counted cluster (and a new refcount block before the refcount table entry naming it);
-//! - (c) a new L2 table is written before the L1 entry that points to it;
+//!   reserved clusters were counted before they were handed out;
+//! - (c) a new L2 table is written before the L1 entry that points to it, unless it lives in
+//!   a reserved cluster and replaces nothing (a zero table reads as the unallocated range it
+//!   replaces);
 //! - (d) clusters freed are not reused before the next guest flush (they are quarantined by
 //!   `apply_pending_frees` and released by `Image::flush`), and their refcount decrement is
 //!   only written after the entries that dropped the reference.
 //!
-//! An ordering point is the single method [`Image::ordering_point`]; today it is a storage
-//! flush, a later change makes it a barrier. Every ordering point goes through it.
+//! An ordering point is the single method [`Image::ordering_point`]: a storage barrier
+//! (`Storage::barrier`: BarrierFS's fdatabarrier, an epoch boundary of the ordered mode, or an
+//! fdatasync in flush mode). Each stage takes one only when a write it depends on was issued
+//! since the last one ([`Unordered`]), so a flush that only appended costs no ordering point
+//! at all, and its one sync is the flush's own.
 
 use super::error::{Error, Result};
 use super::image::Image;
 use super::storage::Storage;
 
+/// Writes issued since the last ordering point (or sync) that a later stage depends on.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Unordered {
+    /// (a) Guest data in new clusters, where a crash keeping the new L2 entry without the
+    /// data would show bytes the guest never wrote there.
+    pub data: bool,
+    /// (b) Refcount blocks or refcount table entries (increments, new blocks).
+    pub refcounts: bool,
+    /// (c) New L2 tables that would not read as unallocated if lost or torn (copies of a
+    /// shared table, or tables outside the reserve).
+    pub l2_tables: bool,
+    /// (d) L2 tables or L1 entries, which may have dropped references to clusters whose
+    /// refcounts are about to drop.
+    pub entries: bool,
+}
+
 impl<S: Storage> Image<S> {
-    /// Everything written before this call reaches the disk before anything written after.
-    /// Today: a storage flush (fdatasync).
+    /// Everything written before this call is ordered before anything written after it; no
+    /// durability. The one place ordering points go through.
     pub(super) fn ordering_point(&mut self) -> Result<()> {
         self.counters.ordering_points += 1;
-        self.storage_flush()
+        self.storage
+            .barrier()
+            .map_err(|e| Error::io("ordering writes to the image file (barrier)", e))?;
+        self.counters.storage_barriers += 1;
+        self.unordered = Unordered::default();
+        self.unbarriered_writes = false;
+        Ok(())
     }
 
-    /// One `Storage::flush`, counted.
+    /// One `Storage::flush` (durability), counted.
     pub(super) fn storage_flush(&mut self) -> Result<()> {
         self.storage
             .flush()
             .map_err(|e| Error::io("flushing the image file", e))?;
         self.counters.storage_flushes += 1;
-        self.unordered_writes = false;
+        self.unordered = Unordered::default();
+        self.unbarriered_writes = false;
         self.unflushed_writes = false;
+        // What was reserved before this sync is ordered before everything after it.
+        self.promote_pending_reserve();
         Ok(())
     }
 
-    /// An ordering point, if anything was written since the last one.
-    fn order_after_previous_writes(&mut self) -> Result<()> {
-        if self.unordered_writes {
+    /// An ordering point if `needed`.
+    fn order_if(&mut self, needed: bool) -> Result<()> {
+        if needed {
             self.ordering_point()?;
         }
         Ok(())
     }
 
-    /// A metadata write, counted.
+    /// A metadata write, counted. The caller notes in `self.unordered` what later stages must
+    /// be ordered after.
     pub(super) fn write_metadata(
         &mut self,
         host_offset: u64,
@@ -56,15 +91,14 @@ impl<S: Storage> Image<S> {
             .write_at(host_offset, bytes)
             .map_err(|e| Error::io(format!("{what} at {host_offset:#x}"), e))?;
         self.counters.metadata_writes += 1;
-        self.unordered_writes = true;
+        self.unbarriered_writes = true;
         self.unflushed_writes = true;
         Ok(())
     }
 
-    /// Writes back all dirty metadata, stage by stage, with an ordering point before each stage
-    /// that depends on earlier writes (only when something was written since the last one).
-    /// Does not flush at the end: [`Image::flush`] does that.
-    pub(super) fn write_back(&mut self) -> Result<()> {
+    /// Stages 1 and 2 of [`Self::write_back`]: refcount blocks, then (after an ordering point
+    /// if a block was written) the refcount table entries naming new blocks.
+    pub(super) fn write_refcount_structures(&mut self) -> Result<()> {
         // Stage 1: refcount blocks. They hold only increments and new blocks here (decrements
         // wait for stage 5), so writing them early is always safe: at worst a leak.
         self.write_dirty_refblocks()?;
@@ -72,20 +106,29 @@ impl<S: Storage> Image<S> {
         // Stage 2: refcount table entries naming new refcount blocks. (b) The blocks were
         // written in stage 1 (or on eviction); order them first.
         if !self.reftable_dirty.is_empty() {
-            self.order_after_previous_writes()?;
+            self.order_if(self.unordered.refcounts)?;
             let dirty = std::mem::take(&mut self.reftable_dirty);
             for index in dirty {
                 let entry = self.reftable.get(index).copied().unwrap_or(0);
                 let at = self.header.refcount_table_offset + index as u64 * 8;
                 self.write_metadata(at, &entry.to_be_bytes(), "writing a refcount table entry")?;
             }
+            self.unordered.refcounts = true;
         }
+        Ok(())
+    }
 
-        // Stage 3: L2 tables. (a) The data of allocating writes was written before this call;
-        // (b) the refcounts of the clusters they name were written in stages 1-2. One ordering
-        // point covers both.
+    /// Writes back all dirty metadata, stage by stage, with an ordering point before a stage
+    /// only when it depends on a write issued since the last one. Does not sync at the end:
+    /// [`Image::flush`] does that.
+    pub(super) fn write_back(&mut self) -> Result<()> {
+        self.write_refcount_structures()?;
+
+        // Stage 3: L2 tables. (a) The data of allocating writes was written before this call
+        // (finish_write noted it if it needs ordering); (b) the refcounts of the clusters they
+        // name were written in stages 1-2.
         if self.l2_cache.has_dirty() {
-            self.order_after_previous_writes()?;
+            self.order_if(self.unordered.data || self.unordered.refcounts)?;
             for offset in self.l2_cache.dirty_offsets() {
                 let bytes = self
                     .l2_cache
@@ -94,27 +137,32 @@ impl<S: Storage> Image<S> {
                     .unwrap_or_default();
                 self.write_metadata(offset, &bytes, "writing an L2 table")?;
                 self.l2_cache.mark_clean(offset);
+                if self.new_l2_tables_to_order.remove(&offset) {
+                    self.unordered.l2_tables = true;
+                }
             }
+            self.unordered.entries = true;
         }
 
         // Stage 4: L1 entries. (c) New L2 tables were written in stage 3; (b) their refcounts
         // in stages 1-2.
         if !self.l1_dirty.is_empty() {
-            self.order_after_previous_writes()?;
+            self.order_if(self.unordered.l2_tables || self.unordered.refcounts)?;
             let dirty = std::mem::take(&mut self.l1_dirty);
             for index in dirty {
                 let entry = self.l1.get(index).copied().unwrap_or(0);
                 let at = self.header.l1_table_offset + index as u64 * 8;
                 self.write_metadata(at, &entry.to_be_bytes(), "writing an L1 entry")?;
             }
+            self.unordered.entries = true;
         }
 
-        // Stage 5: refcount decrements of clusters that lost a reference (copy-on-write). (d)
-        // Only after the entries that dropped the reference are written, so a crash never
-        // leaves a reference to a cluster counted too low; the freed clusters stay
-        // quarantined until the next guest flush.
+        // Stage 5: refcount decrements of clusters that lost a reference (copy-on-write,
+        // discard). (d) Only after the entries that dropped the reference are written, so a
+        // crash never leaves a reference to a cluster counted too low; the freed clusters
+        // stay quarantined until the next guest flush.
         if !self.pending_frees.is_empty() {
-            self.order_after_previous_writes()?;
+            self.order_if(self.unordered.entries)?;
             self.apply_pending_frees()?;
             self.write_dirty_refblocks()?;
         }
@@ -243,6 +291,7 @@ impl<S: Storage> Image<S> {
             .unwrap_or_default();
         self.write_metadata(offset, &bytes, "writing a refcount block")?;
         self.refblock_cache.mark_clean(offset);
+        self.unordered.refcounts = true;
         Ok(())
     }
 

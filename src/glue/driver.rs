@@ -167,7 +167,7 @@ unsafe extern "C" fn qcow2b_close(bs: *mut BlockDriverState) {
     let Some(node) = (unsafe { Node::take(bs) }) else {
         return;
     };
-    let ret = guard("close", move || node.into_image().close().map(|_| 0));
+    let ret = guard("close", move || node.into_image().close().map(|_storage| 0));
     if ret < 0 {
         eprintln!(
             "qcow2b: writing metadata back on close failed: {}",
