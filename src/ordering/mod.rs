@@ -4,10 +4,13 @@
 //! - [`BarrierMode`]: the driver option `barrier=auto|barrierfs|ordered|flush`;
 //! - [`primitive`]: the host barrier primitive of a protocol node (BarrierFS's
 //!   `fdatabarrier(2)`, an injected primitive for tests, or `fdatasync` when none is set up),
-//!   which QEMU's file-posix calls for `bdrv_co_barrier`.
+//!   which QEMU's file-posix calls for `bdrv_co_barrier`;
+//! - [`epochs`]: the `ordered` mode's epoch buffer, which holds the guest's writes in epochs
+//!   separated by barriers and hands them out for write-back one durable epoch at a time.
 //!
 //! Pure Rust, no QEMU types: the glue runs it inside QEMU's coroutines and thread pool.
 
+pub mod epochs;
 pub mod primitive;
 
 use std::fmt;
