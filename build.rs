@@ -35,6 +35,8 @@ const ALLOW_TYPES: &[&str] = &[
     "BlockMeasureInfo",
     "ImageInfoSpecific",
     "ImageInfoSpecificQCow2",
+    "ImageInfoSpecificQCow2b",
+    "Qcow2bCounters",
     "PreallocMode",
     "Qcow2CompressionType",
 ];
