@@ -35,6 +35,8 @@ const ALLOW_TYPES: &[&str] = &[
     "BlockMeasureInfo",
     "ImageInfoSpecific",
     "ImageInfoSpecificQCow2",
+    "ImageInfoSpecificQCow2b",
+    "Qcow2bCounters",
     "PreallocMode",
     "Qcow2CompressionType",
 ];
@@ -48,6 +50,7 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_co_pwritev",
     "bdrv_co_pwritev_part",
     "bdrv_co_flush",
+    "bdrv_co_barrier",
     "bdrv_co_pread",
     "bdrv_co_pwrite",
     "bdrv_pread",
@@ -82,6 +85,8 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "blk_pread",
     "blk_pwrite",
     "blk_flush",
+    "blk_co_barrier",
+    "blk_barrier",
     "blk_getlength",
     "blk_truncate",
     "blk_set_allow_write_beyond_eof",
@@ -130,6 +135,15 @@ fn main() {
         ));
     }
     println!("cargo:rerun-if-changed={}", commands.display());
+    // The patched tree's stamp (scripts/fetch-qemu.sh): a change of qemu-patches/ can change
+    // the layout of what is bound here (a new BlockDriver callback, a new QAPI member), and
+    // compile_commands.json does not change with it.
+    if let Some(src) = env::var_os("QCOW2B_QEMU_SRC") {
+        let stamp = Path::new(&src).join(".qcow2b-patched");
+        if stamp.is_file() {
+            println!("cargo:rerun-if-changed={}", stamp.display());
+        }
+    }
 
     let flags = qemu_cflags(&qemu_build, &commands);
     let mut builder = bindgen::Builder::default()
