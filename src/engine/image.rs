@@ -414,7 +414,7 @@ impl<S: Storage> Image<S> {
         if self.unflushed_writes {
             // The sync is due anyway: the reserve rides along (`reserve.rs`).
             if top_up_reserve {
-                self.top_up_reserve_before_sync()?;
+                self.top_up_reserve()?;
             }
             self.storage_flush()?;
         }
@@ -432,6 +432,9 @@ impl<S: Storage> Image<S> {
         }
         self.write_back()?;
         if self.unbarriered_writes {
+            // The barrier orders a reserve top-up as well as the guest's writes: the next
+            // interval's appends need no ordering point of their own (`reserve.rs`).
+            self.top_up_reserve()?;
             self.ordering_point()?;
         }
         Ok(())

@@ -137,8 +137,8 @@ impl<S: Storage> Image<S> {
         }
         self.counters.reserved_clusters += count;
         if order {
+            // The ordering point makes the pending clusters usable.
             self.ordering_point()?;
-            self.promote_pending_reserve();
         }
         Ok(())
     }
@@ -153,9 +153,10 @@ impl<S: Storage> Image<S> {
         }
     }
 
-    /// At a guest flush, before its sync: tops the reserve up if it is below half a batch, so
-    /// the next interval's appends find it usable (the sync orders it before them).
-    pub(super) fn top_up_reserve_before_sync(&mut self) -> Result<()> {
+    /// At a guest flush or barrier, before its sync or ordering point: tops the reserve up if
+    /// it is below half a batch, so the next interval's appends find it usable (that sync or
+    /// ordering point orders it before them).
+    pub(super) fn top_up_reserve(&mut self) -> Result<()> {
         if self.read_only || !self.reserve.pending.is_empty() {
             return Ok(());
         }

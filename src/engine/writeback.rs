@@ -54,6 +54,8 @@ impl<S: Storage> Image<S> {
         self.counters.storage_barriers += 1;
         self.unordered = Unordered::default();
         self.unbarriered_writes = false;
+        // What was reserved before this barrier is ordered before everything after it.
+        self.promote_pending_reserve();
         Ok(())
     }
 

@@ -7,7 +7,7 @@
 //! Format probing is left to QEMU's qcow2 (no `bdrv_probe`): qcow2b drives the same on-disk
 //! format and is used only when asked for by name.
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, CStr, CString};
 use std::ptr;
 
 use super::bindings::{
@@ -16,11 +16,14 @@ use super::bindings::{
 };
 use super::create;
 use super::ffi::{guard, guard_errp};
+use super::file::FileAccess;
 use super::node::Node;
-use super::opts::{leak_list, size_opt, Opts};
+use super::opts::{bool_opt, leak_list, number_opt, size_opt, string_opt, Opts};
 use super::request;
-use super::storage::ChildStorage;
+use crate::engine::header::CompressionType;
 use crate::engine::{CheckFix, Error, Image, Mapping, OpenOptions};
+use crate::ordering::primitive::{self, Primitive};
+use crate::ordering::BarrierMode;
 
 /// Copies `value` into a fixed C char array, NUL-terminated; refuses what does not fit.
 fn set_c_string(dst: &mut [c_char], value: &str, what: &str) -> Result<(), Error> {
@@ -40,6 +43,10 @@ fn set_c_string(dst: &mut [c_char], value: &str, what: &str) -> Result<(), Error
 const L2_CACHE_SIZE: &CStr = c"l2-cache-size";
 const REFCOUNT_CACHE_SIZE: &CStr = c"refcount-cache-size";
 const CACHE_SIZE: &CStr = c"cache-size";
+const BARRIER: &CStr = c"barrier";
+const BARRIERFS_SYSCALL: &CStr = c"barrierfs-syscall";
+const BARRIERFS_INJECT: &CStr = c"x-barrierfs-inject";
+const BUFFER_SIZE: &CStr = c"buffer-size";
 
 /// The runtime options (`-drive driver=qcow2b,...`, `-blockdev`), built once.
 fn runtime_opts() -> *mut bindings::QemuOptsList {
@@ -51,9 +58,25 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
     unsafe impl Sync for List {}
     static LIST: OnceLock<List> = OnceLock::new();
     LIST.get_or_init(|| {
-        List(leak_list::<4>(
+        List(leak_list::<8>(
             c"qcow2b",
             &[
+                string_opt(
+                    BARRIER,
+                    c"How barriers reach the host: auto (barrierfs when barrierfs-syscall is given, else ordered), barrierfs, ordered, flush",
+                ),
+                number_opt(
+                    BARRIERFS_SYSCALL,
+                    c"System call number of BarrierFS's fdatabarrier on this host (never guessed)",
+                ),
+                bool_opt(
+                    BARRIERFS_INJECT,
+                    c"barrierfs with an injected primitive that records barriers and orders nothing (tests and bounds only)",
+                ),
+                size_opt(
+                    BUFFER_SIZE,
+                    c"Bytes the ordered mode may buffer before new writes wait (default 64M)",
+                ),
                 size_opt(
                     L2_CACHE_SIZE,
                     c"Maximum bytes of L2 tables cached (default: enough for the whole disk, at most 32 MiB)",
@@ -70,6 +93,34 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
         ))
     })
     .0
+}
+
+/// The barrier mode from the runtime options.
+fn barrier_mode(opts: &Opts) -> Result<BarrierMode, Error> {
+    BarrierMode::from_options(
+        opts.string(BARRIER).as_deref(),
+        opts.number(BARRIERFS_SYSCALL).map(|n| n as i64),
+        opts.bool(BARRIERFS_INJECT).unwrap_or(false),
+        opts.size(BUFFER_SIZE),
+    )
+    .map_err(|e| Error::BadOption(e.to_string()))
+}
+
+/// Registers the barrier primitive of a barrierfs mode for the protocol node under `bs`
+/// (through any filters), so that file-posix's barrier runs it. Returns that node.
+///
+/// # Safety
+/// `bs` is a qcow2b node whose file child is open.
+unsafe fn register_primitive(bs: *mut BlockDriverState, mode: BarrierMode) -> Option<usize> {
+    let primitive = match mode {
+        BarrierMode::BarrierFs { syscall } => Primitive::FdataBarrier { syscall },
+        BarrierMode::Injected => Primitive::Injected,
+        BarrierMode::Flush | BarrierMode::Ordered { .. } => return None,
+    };
+    // SAFETY: per the caller.
+    let protocol = unsafe { bindings::bdrv_skip_filters((*(*bs).file).bs) } as usize;
+    primitive::register(protocol, primitive);
+    Some(protocol)
 }
 
 /// The engine's cache sizes from the runtime options, with QEMU's rules for `cache-size`.
@@ -115,7 +166,7 @@ fn open_options(opts: &Opts, read_only: bool, for_check: bool) -> Result<OpenOpt
 /// `bs` valid.
 unsafe fn publish_image_fields(
     bs: *mut BlockDriverState,
-    image: &Image<ChildStorage>,
+    image: &Image<FileAccess>,
 ) -> Result<(), Error> {
     // SAFETY: per the caller.
     let bs = unsafe { &mut *bs };
@@ -151,11 +202,16 @@ unsafe extern "C" fn qcow2b_open(
             let read_only = flags & bindings::BDRV_O_RDWR as c_int == 0;
             let for_check = flags & bindings::BDRV_O_CHECK as c_int != 0;
             let open_options = open_options(&opts, read_only, for_check)?;
-            let image = Image::open(ChildStorage::new((*bs).file), &open_options)?;
+            let mode = barrier_mode(&opts)?;
+            let file = FileAccess::new(bs, mode);
+            let image = Image::open(file.clone(), &open_options)?;
             publish_image_fields(bs, &image)?;
             (*bs).supported_zero_flags =
                 bindings::BDRV_REQ_MAY_UNMAP | bindings::BDRV_REQ_NO_FALLBACK;
-            let node = Box::into_raw(Node::new(image, open_options));
+            // Barrier writes are ours: the block layer hands them over instead of emulating.
+            (*bs).supported_write_flags = bindings::BDRV_REQ_BARRIER;
+            let primitive_node = register_primitive(bs, mode);
+            let node = Box::into_raw(Node::new(image, file, mode, primitive_node, open_options));
             *((*bs).opaque as *mut *mut Node) = node;
             Ok(0)
         })
@@ -167,6 +223,9 @@ unsafe extern "C" fn qcow2b_close(bs: *mut BlockDriverState) {
     let Some(node) = (unsafe { Node::take(bs) }) else {
         return;
     };
+    if let Some(protocol) = node.primitive_node {
+        primitive::unregister(protocol);
+    }
     let ret = guard("close", move || node.into_image().close().map(|_storage| 0));
     if ret < 0 {
         eprintln!(
@@ -197,12 +256,36 @@ unsafe extern "C" fn qcow2b_co_pwritev_part(
     bytes: i64,
     qiov: *mut QEMUIOVector,
     qiov_offset: usize,
-    _flags: bindings::BdrvRequestFlags,
+    flags: bindings::BdrvRequestFlags,
 ) -> c_int {
+    let barrier = flags & bindings::BDRV_REQ_BARRIER != 0;
     guard("write", || {
         // SAFETY: as for reads.
-        unsafe { request::write(bs, offset as u64, bytes as u64, qiov, qiov_offset) }.map(|_| 0)
+        unsafe { request::write(bs, offset as u64, bytes as u64, qiov, qiov_offset, barrier) }
+            .map(|_| 0)
     })
+}
+
+unsafe extern "C" fn qcow2b_co_barrier(bs: *mut BlockDriverState) -> c_int {
+    guard("barrier", || {
+        // SAFETY: called by the block layer in a coroutine of a node we opened.
+        unsafe { request::barrier(bs) }.map(|_| 0)
+    })
+}
+
+unsafe extern "C" fn qcow2b_co_drain_begin(bs: *mut BlockDriverState) {
+    // The ordered mode's writer empties the buffer while the drain waits for it.
+    // SAFETY: called by the block layer for a node we opened.
+    if let FileAccess::Ordered(o) = unsafe { &Node::of(bs).file } {
+        o.begin_drain();
+    }
+}
+
+unsafe extern "C" fn qcow2b_co_drain_end(bs: *mut BlockDriverState) {
+    // SAFETY: as above.
+    if let FileAccess::Ordered(o) = unsafe { &Node::of(bs).file } {
+        o.end_drain();
+    }
 }
 
 /// Runs a metadata-only change of a guest range once no allocation in flight overlaps it.
@@ -213,7 +296,7 @@ unsafe fn change_range(
     bs: *mut BlockDriverState,
     offset: u64,
     bytes: u64,
-    change: impl FnOnce(&mut Image<ChildStorage>) -> Result<(), Error>,
+    change: impl FnOnce(&mut Image<FileAccess>) -> Result<(), Error>,
 ) -> Result<(), Error> {
     // SAFETY: per the caller.
     let mut locked = unsafe { Node::of(bs).lock() }?;
@@ -224,7 +307,7 @@ unsafe fn change_range(
 }
 
 /// Whether a range covers whole clusters only (its end may be the end of the disk).
-fn whole_clusters(image: &Image<ChildStorage>, offset: u64, bytes: u64) -> bool {
+fn whole_clusters(image: &Image<FileAccess>, offset: u64, bytes: u64) -> bool {
     let mask = image.cluster_size() - 1;
     let end = offset + bytes;
     offset & mask == 0 && (end & mask == 0 || end == image.virtual_size())
@@ -444,7 +527,7 @@ unsafe extern "C" fn qcow2b_co_invalidate_cache(
     unsafe {
         guard_errp("invalidate_cache", errp, || {
             let node = Node::of(bs);
-            let fresh = Image::open(ChildStorage::new((*bs).file), &node.open_options)?;
+            let fresh = Image::open(node.file.clone(), &node.open_options)?;
             publish_image_fields(bs, &fresh)?;
             // The old state is dropped unflushed: its metadata is what the other side wrote
             // over, and this side wrote nothing since it was inactivated.
@@ -478,33 +561,57 @@ unsafe extern "C" fn qcow2b_get_specific_info(
     // frees them with qapi_free_ImageInfoSpecific.
     unsafe {
         guard_errp("get_specific_info", errp, || {
-            let header = Node::of(bs).image_drained().header().clone();
-            let info: *mut bindings::ImageInfoSpecificQCow2 =
-                bindings::g_malloc0(std::mem::size_of::<bindings::ImageInfoSpecificQCow2>() as u64)
-                    .cast();
+            let node = Node::of(bs);
+            let image = node.image_drained();
+            let header = image.header().clone();
+            let engine = image.counters();
+            let info: *mut bindings::ImageInfoSpecificQCow2b = bindings::g_malloc0(
+                std::mem::size_of::<bindings::ImageInfoSpecificQCow2b>() as u64,
+            )
+            .cast();
+            let i = &mut *info;
             let compat = if header.version >= 3 { c"1.1" } else { c"0.10" };
-            (*info).compat = bindings::g_strdup(compat.as_ptr());
-            (*info).refcount_bits = 1i64 << header.refcount_order;
+            i.compat = bindings::g_strdup(compat.as_ptr());
+            i.refcount_bits = 1i64 << header.refcount_order;
             if header.version >= 3 {
-                (*info).has_lazy_refcounts = true;
-                (*info).lazy_refcounts = header.compatible.0 & 1 != 0;
-                (*info).has_corrupt = true;
-                (*info).corrupt = header.incompatible.0 & 2 != 0;
-                (*info).has_extended_l2 = true;
+                i.has_lazy_refcounts = true;
+                i.lazy_refcounts = header.compatible.0 & 1 != 0;
+                i.has_corrupt = true;
+                i.corrupt = header.incompatible.0 & 2 != 0;
+                i.has_extended_l2 = true;
             }
-            (*info).compression_type = match header.compression_type {
-                crate::engine::header::CompressionType::Zlib => {
-                    bindings::QCOW2_COMPRESSION_TYPE_ZLIB
-                }
-                crate::engine::header::CompressionType::Zstd => {
-                    bindings::QCOW2_COMPRESSION_TYPE_ZSTD
-                }
+            i.compression_type = match header.compression_type {
+                CompressionType::Zlib => bindings::QCOW2_COMPRESSION_TYPE_ZLIB,
+                CompressionType::Zstd => bindings::QCOW2_COMPRESSION_TYPE_ZSTD,
             };
+            let mode = CString::new(node.mode.name()).unwrap_or_default();
+            i.barrier_mode = bindings::g_strdup(mode.as_ptr());
+            let host = node.file.counters();
+            let (buffered, peak) = node.file.buffered_bytes();
+            let c: *mut bindings::Qcow2bCounters =
+                bindings::g_malloc0(std::mem::size_of::<bindings::Qcow2bCounters>() as u64).cast();
+            let n = |v: u64| v as i64;
+            *c = bindings::Qcow2bCounters {
+                guest_flushes: n(engine.guest_flushes),
+                guest_barrier_writes: n(node.barrier_writes.get()),
+                guest_barriers: n(engine.guest_barriers),
+                host_fdatasyncs: n(host.fdatasyncs.get()),
+                host_barriers: n(host.barriers.get()),
+                epochs: n(host.epochs.get()),
+                buffered_bytes: n(buffered),
+                peak_buffered_bytes: n(peak),
+                full_buffer_wait_ns: n(host.full_wait_ns.get()),
+                ordering_points: n(engine.ordering_points),
+                metadata_writes: n(engine.metadata_writes),
+                data_writes: n(engine.data_writes),
+                host_errors: n(host.errors.get()),
+            };
+            i.counters = c;
             let spec: *mut bindings::ImageInfoSpecific =
                 bindings::g_malloc0(std::mem::size_of::<bindings::ImageInfoSpecific>() as u64)
                     .cast();
-            (*spec).type_ = bindings::IMAGE_INFO_SPECIFIC_KIND_QCOW2;
-            (*spec).u.qcow2.data = info;
+            (*spec).type_ = bindings::IMAGE_INFO_SPECIFIC_KIND_QCOW2B;
+            (*spec).u.qcow2b.data = info;
             out = spec;
             Ok(0)
         });
@@ -618,6 +725,9 @@ pub extern "C" fn qcow2b_register() {
             bdrv_child_perm: Some(bindings::bdrv_default_perms),
             bdrv_co_preadv_part: Some(qcow2b_co_preadv_part),
             bdrv_co_pwritev_part: Some(qcow2b_co_pwritev_part),
+            bdrv_co_barrier: Some(qcow2b_co_barrier),
+            bdrv_co_drain_begin: Some(qcow2b_co_drain_begin),
+            bdrv_co_drain_end: Some(qcow2b_co_drain_end),
             bdrv_co_pwrite_zeroes: Some(qcow2b_co_pwrite_zeroes),
             bdrv_co_pdiscard: Some(qcow2b_co_pdiscard),
             bdrv_co_flush_to_os: Some(qcow2b_co_flush_to_os),

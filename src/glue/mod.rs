@@ -4,6 +4,8 @@
 //! - `ffi`: the one place where engine errors become `-errno` plus an `Error **errp` message,
 //!   and where panics are stopped before they reach C;
 //! - `storage`: the engine's [`crate::engine::Storage`] over a `BdrvChild`;
+//! - `file`: the image file, directly or through the ordered mode's epoch buffer and its
+//!   background writer;
 //! - `node`: the per-node state and its metadata lock (`CoMutex`, `CoQueue`);
 //! - `request`: guest reads and writes, with the data step on the request's `QEMUIOVector`;
 //! - `opts`: QEMU option lists declared from Rust tables;
@@ -15,6 +17,7 @@ mod bindings;
 mod create;
 mod driver;
 mod ffi;
+mod file;
 mod host_barrier;
 mod node;
 mod opts;

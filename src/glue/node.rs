@@ -11,15 +11,29 @@
 //! orders them across yields. So `&mut Image` is handed out only through [`Locked`], whose
 //! lifetime is the time the mutex is held.
 
-use std::cell::{Cell, UnsafeCell};
+use std::cell::{Cell, RefCell, UnsafeCell};
+use std::collections::BTreeSet;
 use std::ffi::c_void;
 
 use super::bindings::{self, BlockDriverState, CoMutex, CoQueue, QemuLockable};
-use super::storage::ChildStorage;
+use super::file::FileAccess;
 use crate::engine::{Error, Image, OpenOptions};
+use crate::ordering::BarrierMode;
 
 pub struct Node {
-    image: UnsafeCell<Image<ChildStorage>>,
+    image: UnsafeCell<Image<FileAccess>>,
+    /// The image file as the data step reaches it (the engine holds a clone).
+    pub file: FileAccess,
+    pub mode: BarrierMode,
+    /// The protocol node whose barrier primitive this node registered (barrierfs modes).
+    pub primitive_node: Option<usize>,
+    /// Guest writes with the barrier flag (the engine counts the barriers themselves).
+    pub barrier_writes: Cell<u64>,
+    /// Guest writes in flight, by arrival number: a guest barrier waits for those that
+    /// arrived before it (its promise covers everything submitted before it).
+    writes_in_flight: RefCell<BTreeSet<u64>>,
+    next_write: Cell<u64>,
+    write_done: UnsafeCell<CoQueue>,
     lock: UnsafeCell<CoMutex>,
     /// Requests waiting for an allocation in flight to finish.
     alloc_waiters: UnsafeCell<CoQueue>,
@@ -31,20 +45,34 @@ pub struct Node {
 }
 
 impl Node {
-    /// Boxes a node for `bs->opaque`. The mutex and queue are initialised in place, since
+    /// Boxes a node for `bs->opaque`. The mutex and queues are initialised in place, since
     /// QEMU's initialisers may record their own address.
-    pub fn new(image: Image<ChildStorage>, open_options: OpenOptions) -> Box<Node> {
+    pub fn new(
+        image: Image<FileAccess>,
+        file: FileAccess,
+        mode: BarrierMode,
+        primitive_node: Option<usize>,
+        open_options: OpenOptions,
+    ) -> Box<Node> {
         let node = Box::new(Node {
             image: UnsafeCell::new(image),
+            file,
+            mode,
+            primitive_node,
+            barrier_writes: Cell::new(0),
+            writes_in_flight: RefCell::new(BTreeSet::new()),
+            next_write: Cell::new(0),
+            write_done: UnsafeCell::new(CoQueue::default()),
             lock: UnsafeCell::new(CoMutex::default()),
             alloc_waiters: UnsafeCell::new(CoQueue::default()),
             poisoned: Cell::new(false),
             open_options,
         });
-        // SAFETY: both objects are zeroed and live at their final heap address.
+        // SAFETY: the objects are zeroed and live at their final heap address.
         unsafe {
             bindings::qemu_co_mutex_init(node.lock.get());
             bindings::qemu_co_queue_init(node.alloc_waiters.get());
+            bindings::qemu_co_queue_init(node.write_done.get());
         }
         node
     }
@@ -84,7 +112,7 @@ impl Node {
     /// No request may be in flight on the node, and the reference must not outlive that.
     // The `&mut` comes from the node's UnsafeCell; the caller's contract makes it unique.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn image_drained(&self) -> &mut Image<ChildStorage> {
+    pub unsafe fn image_drained(&self) -> &mut Image<FileAccess> {
         // SAFETY: per the caller, nothing else uses the image now.
         unsafe { &mut *self.image.get() }
     }
@@ -102,8 +130,53 @@ impl Node {
         }
     }
 
-    pub fn into_image(self: Box<Node>) -> Image<ChildStorage> {
+    pub fn into_image(self: Box<Node>) -> Image<FileAccess> {
         self.image.into_inner()
+    }
+
+    /// Notes a guest write arriving; returns its number.
+    pub fn write_arrives(&self) -> u64 {
+        let n = self.next_write.get();
+        self.next_write.set(n + 1);
+        self.writes_in_flight.borrow_mut().insert(n);
+        n
+    }
+
+    /// Notes a guest write done, and wakes barriers that may wait for it.
+    pub fn write_done(&self, n: u64) {
+        self.writes_in_flight.borrow_mut().remove(&n);
+        // SAFETY: the queue was initialised in `new`; we run in a coroutine.
+        unsafe {
+            if !bindings::qemu_co_queue_empty(self.write_done.get()) {
+                bindings::qemu_co_queue_restart_all(self.write_done.get());
+            }
+        }
+    }
+
+    /// Waits until every guest write that arrived before number `n` is done (a barrier's
+    /// promise covers everything submitted before it). Pass `next_write_number()` for a
+    /// bare barrier.
+    pub fn wait_for_writes_before(&self, n: u64) {
+        loop {
+            let first = self.writes_in_flight.borrow().first().copied();
+            match first {
+                Some(oldest) if oldest < n => {
+                    // SAFETY: in a coroutine; nothing runs between the check and the wait.
+                    unsafe {
+                        bindings::qemu_co_queue_wait_impl(
+                            self.write_done.get(),
+                            std::ptr::null_mut(),
+                            0,
+                        )
+                    };
+                }
+                _ => return,
+            }
+        }
+    }
+
+    pub fn next_write_number(&self) -> u64 {
+        self.next_write.get()
     }
 }
 
@@ -123,7 +196,7 @@ unsafe extern "C" fn co_mutex_unlock(object: *mut c_void) {
 }
 
 impl Locked<'_> {
-    pub fn image(&mut self) -> &mut Image<ChildStorage> {
+    pub fn image(&mut self) -> &mut Image<FileAccess> {
         // SAFETY: the mutex is held for as long as `self` lives, and `&mut self` keeps this
         // the only reference handed out.
         unsafe { &mut *self.node.image.get() }

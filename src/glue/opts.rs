@@ -115,6 +115,37 @@ impl Opts {
         unsafe { bindings::qemu_opts_absorb_qdict(opts.0, options, errp) }.then_some(opts)
     }
 
+    fn present(&self, name: &CStr) -> bool {
+        // SAFETY: self.0 is a live QemuOpts; name is NUL-terminated.
+        unsafe { !bindings::qemu_opt_get(self.0, name.as_ptr()).is_null() }
+    }
+
+    /// The string option `name`, if it was given.
+    pub fn string(&self, name: &CStr) -> Option<String> {
+        // SAFETY: self.0 is a live QemuOpts; the string it returns is owned by it.
+        let raw = unsafe { bindings::qemu_opt_get(self.0, name.as_ptr()) };
+        (!raw.is_null()).then(|| {
+            // SAFETY: a non-NULL result is a NUL-terminated string.
+            unsafe { CStr::from_ptr(raw) }
+                .to_string_lossy()
+                .into_owned()
+        })
+    }
+
+    /// The number option `name`, if it was given.
+    pub fn number(&self, name: &CStr) -> Option<u64> {
+        // SAFETY: as above.
+        self.present(name)
+            .then(|| unsafe { bindings::qemu_opt_get_number(self.0, name.as_ptr(), 0) })
+    }
+
+    /// The boolean option `name`, if it was given.
+    pub fn bool(&self, name: &CStr) -> Option<bool> {
+        // SAFETY: as above.
+        self.present(name)
+            .then(|| unsafe { bindings::qemu_opt_get_bool(self.0, name.as_ptr(), false) })
+    }
+
     /// The size option `name`, if it was given.
     pub fn size(&self, name: &CStr) -> Option<u64> {
         // SAFETY: self.0 is a live QemuOpts; name is NUL-terminated.

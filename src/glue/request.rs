@@ -3,9 +3,9 @@
 //! `QEMUIOVector` and the file or backing child, without a copy.
 
 use std::io;
-use std::mem::MaybeUninit;
 
 use super::bindings::{self, BdrvChild, BlockDriverState, QEMUIOVector};
+use super::file::FileAccess;
 use super::node::Node;
 use super::storage::ChildStorage;
 use crate::engine::dataio::{DataContext, ReadTarget, WriteSource};
@@ -24,9 +24,9 @@ fn to_i64(v: u64) -> io::Result<i64> {
     i64::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// A request's I/O vector, from `qiov_offset` on, and the children its bytes move to and from.
+/// A request's I/O vector, from `qiov_offset` on, and where its bytes move to and from.
 struct QiovIo {
-    file: *mut BdrvChild,
+    file: FileAccess,
     /// NULL without a backing file.
     backing: *mut BdrvChild,
     qiov: *mut QEMUIOVector,
@@ -35,18 +35,12 @@ struct QiovIo {
 
 impl ReadTarget for QiovIo {
     fn read_file(&mut self, host_offset: u64, at: usize, len: usize) -> io::Result<()> {
-        // SAFETY: file is the node's open file child; the qiov holds the request's bytes from
+        // SAFETY: in a coroutine (the request's); the qiov holds the request's bytes from
         // qiov_offset on (block-layer contract), and the plan stays inside the request.
-        check(unsafe {
-            bindings::bdrv_co_preadv_part(
-                self.file,
-                to_i64(host_offset)?,
-                to_i64(len as u64)?,
-                self.qiov,
-                self.qiov_offset + at,
-                0,
-            )
-        })
+        unsafe {
+            self.file
+                .read_qiov(host_offset, len, self.qiov, self.qiov_offset + at)
+        }
     }
 
     fn read_backing(&mut self, guest_offset: u64, at: usize, len: usize) -> io::Result<()> {
@@ -94,38 +88,16 @@ impl WriteSource for QiovIo {
         len: usize,
         tail: &[u8],
     ) -> io::Result<()> {
-        let offset = to_i64(host_offset)?;
-        if head.is_empty() && tail.is_empty() {
-            // SAFETY: as for read_file.
-            return check(unsafe {
-                bindings::bdrv_co_pwritev_part(
-                    self.file,
-                    offset,
-                    to_i64(len as u64)?,
-                    self.qiov,
-                    self.qiov_offset + at,
-                    0,
-                )
-            });
-        }
-        // head + the request's bytes + tail as one vector, so a new cluster is one write.
-        let mut local = MaybeUninit::<QEMUIOVector>::zeroed();
-        let total = head.len() + len + tail.len();
-        // SAFETY: `local` is initialised by qemu_iovec_init and destroyed below; head and
-        // tail outlive the write; the concatenated range lies inside the request's qiov.
+        // SAFETY: in a coroutine; the qiov holds the request's bytes (as for reads).
         unsafe {
-            let local = local.as_mut_ptr();
-            bindings::qemu_iovec_init(local, (*self.qiov).niov + 2);
-            if !head.is_empty() {
-                bindings::qemu_iovec_add(local, head.as_ptr() as *mut _, head.len());
-            }
-            bindings::qemu_iovec_concat(local, self.qiov, self.qiov_offset + at, len);
-            if !tail.is_empty() {
-                bindings::qemu_iovec_add(local, tail.as_ptr() as *mut _, tail.len());
-            }
-            let ret = bindings::bdrv_co_pwritev(self.file, offset, to_i64(total as u64)?, local, 0);
-            bindings::qemu_iovec_destroy(local);
-            check(ret)
+            self.file.write_qiov(
+                host_offset,
+                head,
+                len,
+                self.qiov,
+                self.qiov_offset + at,
+                tail,
+            )
         }
     }
 }
@@ -133,51 +105,42 @@ impl WriteSource for QiovIo {
 impl QiovIo {
     /// # Safety
     /// `bs` is an open qcow2b node; `qiov` is valid for the request.
-    unsafe fn new(bs: *mut BlockDriverState, qiov: *mut QEMUIOVector, qiov_offset: usize) -> Self {
-        // SAFETY: per the caller.
-        unsafe {
-            QiovIo {
-                file: (*bs).file,
-                backing: (*bs).backing,
-                qiov,
-                qiov_offset,
-            }
+    unsafe fn new(
+        node: &Node,
+        bs: *mut BlockDriverState,
+        qiov: *mut QEMUIOVector,
+        qiov_offset: usize,
+    ) -> Self {
+        QiovIo {
+            file: node.file.clone(),
+            // SAFETY: per the caller.
+            backing: unsafe { (*bs).backing },
+            qiov,
+            qiov_offset,
         }
     }
 }
 
-/// The file and backing children, for the data step's own small reads (copy-on-write fills,
-/// compressed clusters).
-struct Children {
-    file: ChildStorage,
-    backing: Option<ChildStorage>,
+/// The backing child, for the data step's own small reads (copy-on-write fills).
+fn backing_of(bs: *mut BlockDriverState) -> Option<ChildStorage> {
+    // SAFETY: bs is an open node (callers' contract); a backing child stays attached while
+    // requests run.
+    let backing = unsafe { (*bs).backing };
+    // SAFETY: as above.
+    (!backing.is_null()).then(|| unsafe { ChildStorage::new(backing) })
 }
 
-impl Children {
-    /// # Safety
-    /// `bs` is an open qcow2b node.
-    unsafe fn of(bs: *mut BlockDriverState) -> Self {
-        // SAFETY: per the caller; children stay attached while requests run.
-        unsafe {
-            let backing = (*bs).backing;
-            Children {
-                file: ChildStorage::new((*bs).file),
-                backing: (!backing.is_null()).then(|| ChildStorage::new(backing)),
-            }
-        }
-    }
-
-    fn context(
-        &self,
-        compression: CompressionType,
-        cluster_size: u64,
-    ) -> DataContext<'_, ChildStorage> {
-        DataContext {
-            storage: &self.file,
-            backing: self.backing.as_ref().map(|b| b as &dyn Backing),
-            compression,
-            cluster_size,
-        }
+fn context<'a>(
+    file: &'a FileAccess,
+    backing: Option<&'a ChildStorage>,
+    compression: CompressionType,
+    cluster_size: u64,
+) -> DataContext<'a, FileAccess> {
+    DataContext {
+        storage: file,
+        backing: backing.map(|b| b as &dyn Backing),
+        compression,
+        cluster_size,
     }
 }
 
@@ -203,10 +166,10 @@ pub unsafe fn read(
         (plan, image.header().compression_type, image.cluster_size())
     };
     // SAFETY: as above.
-    let (mut io, children) = unsafe { (QiovIo::new(bs, qiov, qiov_offset), Children::of(bs)) };
-    let result = children
-        .context(compression, cluster_size)
-        .read(&plan, &mut io);
+    let mut io = unsafe { QiovIo::new(node, bs, qiov, qiov_offset) };
+    let backing = backing_of(bs);
+    let result =
+        context(&node.file, backing.as_ref(), compression, cluster_size).read(&plan, &mut io);
     if plan.holds_ticket() {
         // SAFETY: as above.
         let mut locked = unsafe { node.lock() }?;
@@ -215,7 +178,10 @@ pub unsafe fn read(
     result
 }
 
-/// A guest write of `bytes` bytes at `offset` from `qiov` at `qiov_offset`.
+/// A guest write of `bytes` bytes at `offset` from `qiov` at `qiov_offset`. With
+/// `barrier`, the guest's barrier write: once this write and every write that arrived before
+/// it are done, the metadata naming them is written back in order and a storage barrier
+/// placed (no sync); the write completes after that.
 ///
 /// # Safety
 /// As for [`read`].
@@ -225,11 +191,53 @@ pub unsafe fn write(
     bytes: u64,
     qiov: *mut QEMUIOVector,
     qiov_offset: usize,
+    barrier: bool,
 ) -> Result<(), Error> {
     // SAFETY: the caller's contract (also for the unsafe blocks below).
     let node = unsafe { Node::of(bs) };
-    let (plan, compression, cluster_size) = {
+    let arrival = node.write_arrives();
+    // SAFETY: as above.
+    let result = unsafe { write_data(node, bs, offset, bytes, qiov, qiov_offset) };
+    node.write_done(arrival);
+    result?;
+    if barrier {
+        node.barrier_writes.set(node.barrier_writes.get() + 1);
+        node.wait_for_writes_before(arrival);
         // SAFETY: as above.
+        let mut locked = unsafe { node.lock() }?;
+        locked.image().barrier()?;
+    }
+    Ok(())
+}
+
+/// A guest barrier without data: orders everything written before it before everything
+/// written after it.
+///
+/// # Safety
+/// As for [`read`].
+pub unsafe fn barrier(bs: *mut BlockDriverState) -> Result<(), Error> {
+    // SAFETY: the caller's contract.
+    let node = unsafe { Node::of(bs) };
+    node.wait_for_writes_before(node.next_write_number());
+    // SAFETY: as above.
+    let mut locked = unsafe { node.lock() }?;
+    locked.image().barrier()
+}
+
+/// The engine's three steps for one write.
+///
+/// # Safety
+/// As for [`read`].
+unsafe fn write_data(
+    node: &Node,
+    bs: *mut BlockDriverState,
+    offset: u64,
+    bytes: u64,
+    qiov: *mut QEMUIOVector,
+    qiov_offset: usize,
+) -> Result<(), Error> {
+    let (plan, compression, cluster_size) = {
+        // SAFETY: the caller's contract.
         let mut locked = unsafe { node.lock() }?;
         let plan = loop {
             match locked.image().plan_write(offset, bytes)? {
@@ -241,10 +249,10 @@ pub unsafe fn write(
         (plan, image.header().compression_type, image.cluster_size())
     };
     // SAFETY: as above.
-    let (mut io, children) = unsafe { (QiovIo::new(bs, qiov, qiov_offset), Children::of(bs)) };
-    let data = children
-        .context(compression, cluster_size)
-        .write(&plan, &mut io);
+    let mut io = unsafe { QiovIo::new(node, bs, qiov, qiov_offset) };
+    let backing = backing_of(bs);
+    let data =
+        context(&node.file, backing.as_ref(), compression, cluster_size).write(&plan, &mut io);
     let allocates = plan
         .pieces
         .iter()

@@ -1,4 +1,5 @@
-//! The engine's storage traits over QEMU block-layer children.
+//! The engine's storage traits over QEMU block-layer objects other than the image file
+//! (which is `file.rs`): the backing child, and the BlockBackend of an image being created.
 //!
 //! `bdrv_pread` and friends are QEMU's generated coroutine wrappers: inside a coroutine they
 //! call the `bdrv_co_*` function directly (yielding while the I/O is in flight), outside one
@@ -10,7 +11,7 @@ use std::io;
 use super::bindings::{self, BdrvChild};
 use crate::engine::{Backing, Storage};
 
-/// A `BdrvChild` of the qcow2b node: its `file` (the image) or its `backing`.
+/// The `backing` child of a qcow2b node.
 pub struct ChildStorage {
     child: *mut BdrvChild,
 }
@@ -56,64 +57,12 @@ impl ChildStorage {
     }
 }
 
-impl Storage for ChildStorage {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.pread(offset, buf)
-    }
-
-    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let offset =
-            i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: self.child is valid; buf is valid for reads of buf.len() bytes.
-        check(unsafe {
-            bindings::bdrv_pwrite(
-                self.child,
-                offset,
-                check_len(buf.len())?,
-                buf.as_ptr().cast(),
-                0,
-            )
-        })
-    }
-
-    fn flush(&self) -> io::Result<()> {
-        // SAFETY: self.child and its node are valid while the image is open.
-        check(unsafe { bindings::bdrv_flush((*self.child).bs) })
-    }
-
-    fn len(&self) -> io::Result<u64> {
-        // SAFETY: as above.
-        let len = unsafe { bindings::bdrv_getlength((*self.child).bs) };
-        if len < 0 {
-            Err(io::Error::from_raw_os_error(-(len as i32)))
-        } else {
-            Ok(len as u64)
-        }
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: as above; errp NULL means the message is dropped and only the errno kept.
-        check(unsafe {
-            bindings::bdrv_truncate(
-                self.child,
-                len,
-                false,
-                bindings::PREALLOC_MODE_OFF,
-                0,
-                std::ptr::null_mut(),
-            )
-        })
-    }
-}
-
 impl Backing for ChildStorage {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         // A backing image shorter than this one reads as zeros past its end.
-        let len = Storage::len(self)?;
+        // SAFETY: the child and its node are open while the image is.
+        let len = unsafe { bindings::bdrv_getlength((*self.child).bs) };
+        let len = u64::try_from(len).map_err(|_| io::Error::from_raw_os_error(-(len as i32)))?;
         let avail = len.saturating_sub(offset).min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(avail);
         self.pread(offset, head)?;

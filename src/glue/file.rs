@@ -1,0 +1,708 @@
+//! The image file as the engine and the data step see it: the `file` child, reached directly
+//! (modes `flush` and `barrierfs`) or through the `ordered` mode's epoch buffer
+//! (`ordering::epochs`), whose background writer runs as a coroutine in the node's
+//! AioContext.
+//!
+//! [`FileAccess`] is cheap to clone: the engine holds one as its [`Storage`], the data step of
+//! every request another. Everything here runs in the node's AioContext thread: the buffer is
+//! a `RefCell`, and no borrow of it is held across a yield (every call into the block layer
+//! may yield).
+//!
+//! The ordered mode's contract, kept here:
+//! - writes go into the open epoch and complete there; a barrier closes the epoch;
+//! - the writer writes one epoch at a time: all its writes, then one fdatasync, and only then
+//!   the next epoch (never two in flight: `EpochBuffer::take_next`);
+//! - a flush waits until every epoch before it is durable (the last epoch's fdatasync is the
+//!   flush's own); reads see buffered bytes (an overlay taken before the file read);
+//! - a write that finds the buffer full waits, first come first served, until the writer
+//!   frees space; a background error is kept and returned by the next flush or barrier (and
+//!   to writes that wait for space meanwhile), the data stays buffered, and the next flush or
+//!   barrier retries it;
+//! - outside a coroutine (open, close, reopen, all of them drained), the buffer is emptied
+//!   synchronously first and the file used directly.
+
+use std::cell::{Cell, RefCell, UnsafeCell};
+use std::ffi::c_void;
+use std::io;
+use std::rc::Rc;
+use std::time::Instant;
+
+use super::bindings::{self, BdrvChild, BlockDriverState, CoQueue, QEMUIOVector};
+use crate::engine::Storage;
+use crate::ordering::epochs::{EpochBuffer, Job, WriteError};
+use crate::ordering::BarrierMode;
+
+fn check(ret: i32) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::from_raw_os_error(-ret))
+    } else {
+        Ok(())
+    }
+}
+
+fn to_i64(v: u64) -> io::Result<i64> {
+    i64::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn in_coroutine() -> bool {
+    // SAFETY: a plain query of the current thread's coroutine state.
+    unsafe { bindings::qemu_in_coroutine() }
+}
+
+/// What reached the host file, for the counters people read.
+#[derive(Debug, Default)]
+pub struct HostCounters {
+    pub fdatasyncs: Cell<u64>,
+    pub barriers: Cell<u64>,
+    pub epochs: Cell<u64>,
+    pub full_wait_ns: Cell<u64>,
+    /// Writes, flushes and barriers of the file that failed.
+    pub errors: Cell<u64>,
+}
+
+impl HostCounters {
+    fn count_error<T>(&self, result: io::Result<T>) -> io::Result<T> {
+        if result.is_err() {
+            self.errors.set(self.errors.get() + 1);
+        }
+        result
+    }
+}
+
+/// How barriers reach the file in the direct modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirectBarrier {
+    /// An fdatasync (`barrier=flush`).
+    Flush,
+    /// The block layer's barrier on the file child (`barrier=barrierfs`): file-posix runs the
+    /// primitive registered for the protocol node.
+    BlockLayer,
+}
+
+/// The image file of one qcow2b node.
+#[derive(Clone)]
+pub enum FileAccess {
+    Direct {
+        child: *mut BdrvChild,
+        barrier: DirectBarrier,
+        counters: Rc<HostCounters>,
+    },
+    Ordered(Rc<OrderedFile>),
+}
+
+impl FileAccess {
+    /// The file child of `bs` in `mode`.
+    ///
+    /// # Safety
+    /// `bs` is a qcow2b node whose `file` child is open; both outlive the returned value.
+    pub unsafe fn new(bs: *mut BlockDriverState, mode: BarrierMode) -> FileAccess {
+        // SAFETY: per the caller.
+        let child = unsafe { (*bs).file };
+        let counters = Rc::new(HostCounters::default());
+        match mode {
+            BarrierMode::Flush => FileAccess::Direct {
+                child,
+                barrier: DirectBarrier::Flush,
+                counters,
+            },
+            BarrierMode::BarrierFs { .. } | BarrierMode::Injected => FileAccess::Direct {
+                child,
+                barrier: DirectBarrier::BlockLayer,
+                counters,
+            },
+            BarrierMode::Ordered { buffer_bytes } => {
+                FileAccess::Ordered(OrderedFile::new(bs, child, buffer_bytes, counters))
+            }
+        }
+    }
+
+    pub fn counters(&self) -> &HostCounters {
+        match self {
+            FileAccess::Direct { counters, .. } => counters,
+            FileAccess::Ordered(o) => &o.counters,
+        }
+    }
+
+    /// Bytes buffered now and at most so far (the ordered mode; 0 otherwise).
+    pub fn buffered_bytes(&self) -> (u64, u64) {
+        match self {
+            FileAccess::Direct { .. } => (0, 0),
+            FileAccess::Ordered(o) => {
+                let b = o.buffer.borrow();
+                (b.buffered_bytes(), b.peak_bytes())
+            }
+        }
+    }
+
+    fn child(&self) -> *mut BdrvChild {
+        match self {
+            FileAccess::Direct { child, .. } => *child,
+            FileAccess::Ordered(o) => o.file,
+        }
+    }
+
+    /// Reads into `qiov` from `qiov_offset` (the data step), buffered bytes included.
+    ///
+    /// # Safety
+    /// In a coroutine; `qiov` holds `len` bytes from `qiov_offset`.
+    pub unsafe fn read_qiov(
+        &self,
+        host_offset: u64,
+        len: usize,
+        qiov: *mut QEMUIOVector,
+        qiov_offset: usize,
+    ) -> io::Result<()> {
+        let overlay = match self {
+            FileAccess::Ordered(o) => Some(o.buffer.borrow().snapshot(host_offset, len)),
+            FileAccess::Direct { .. } => None,
+        };
+        // SAFETY: per the caller; the child is open.
+        check(unsafe {
+            bindings::bdrv_co_preadv_part(
+                self.child(),
+                to_i64(host_offset)?,
+                to_i64(len as u64)?,
+                qiov,
+                qiov_offset,
+                0,
+            )
+        })?;
+        if let Some(overlay) = overlay.filter(|o| !o.is_empty()) {
+            // Rare (a read of bytes written moments ago): through a bounce buffer.
+            let mut bytes = vec![0u8; len];
+            // SAFETY: the qiov holds these bytes (caller's contract).
+            unsafe {
+                bindings::qemu_iovec_to_buf(qiov, qiov_offset, bytes.as_mut_ptr().cast(), len);
+                overlay.apply(&mut bytes);
+                bindings::qemu_iovec_from_buf(qiov, qiov_offset, bytes.as_ptr().cast(), len);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `head`, `len` bytes of `qiov` from `qiov_offset`, and `tail` at `host_offset`
+    /// (the data step).
+    ///
+    /// # Safety
+    /// In a coroutine; `qiov` holds `len` bytes from `qiov_offset`.
+    pub unsafe fn write_qiov(
+        &self,
+        host_offset: u64,
+        head: &[u8],
+        len: usize,
+        qiov: *mut QEMUIOVector,
+        qiov_offset: usize,
+        tail: &[u8],
+    ) -> io::Result<()> {
+        match self {
+            FileAccess::Direct { child, .. } => {
+                // SAFETY: per the caller.
+                unsafe { write_vectored(*child, host_offset, head, len, qiov, qiov_offset, tail) }
+            }
+            FileAccess::Ordered(o) => {
+                // Into the epoch buffer: one copy, then the write is complete.
+                let mut bytes = Vec::with_capacity(head.len() + len + tail.len());
+                bytes.extend_from_slice(head);
+                bytes.resize(head.len() + len, 0);
+                // SAFETY: per the caller.
+                unsafe {
+                    bindings::qemu_iovec_to_buf(
+                        qiov,
+                        qiov_offset,
+                        bytes[head.len()..].as_mut_ptr().cast(),
+                        len,
+                    )
+                };
+                bytes.extend_from_slice(tail);
+                o.write(host_offset, &bytes)
+            }
+        }
+    }
+}
+
+/// `head`, `len` bytes of `qiov` and `tail` as one vectored write at `host_offset`.
+///
+/// # Safety
+/// In a coroutine; `child` open; `qiov` holds `len` bytes from `qiov_offset`.
+unsafe fn write_vectored(
+    child: *mut BdrvChild,
+    host_offset: u64,
+    head: &[u8],
+    len: usize,
+    qiov: *mut QEMUIOVector,
+    qiov_offset: usize,
+    tail: &[u8],
+) -> io::Result<()> {
+    let offset = to_i64(host_offset)?;
+    if head.is_empty() && tail.is_empty() {
+        // SAFETY: per the caller.
+        return check(unsafe {
+            bindings::bdrv_co_pwritev_part(child, offset, to_i64(len as u64)?, qiov, qiov_offset, 0)
+        });
+    }
+    let mut local = std::mem::MaybeUninit::<QEMUIOVector>::zeroed();
+    let total = head.len() + len + tail.len();
+    // SAFETY: `local` is initialised by qemu_iovec_init and destroyed below; head and tail
+    // outlive the write; the concatenated range lies inside the caller's qiov.
+    unsafe {
+        let local = local.as_mut_ptr();
+        bindings::qemu_iovec_init(local, (*qiov).niov + 2);
+        if !head.is_empty() {
+            bindings::qemu_iovec_add(local, head.as_ptr() as *mut _, head.len());
+        }
+        bindings::qemu_iovec_concat(local, qiov, qiov_offset, len);
+        if !tail.is_empty() {
+            bindings::qemu_iovec_add(local, tail.as_ptr() as *mut _, tail.len());
+        }
+        let ret = bindings::bdrv_co_pwritev(child, offset, to_i64(total as u64)?, local, 0);
+        bindings::qemu_iovec_destroy(local);
+        check(ret)
+    }
+}
+
+/// Plain reads and writes of the file child (metadata, and the direct modes).
+fn child_pread(child: *mut BdrvChild, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: the child is open while its node is; buf is valid for its length. Inside a
+    // coroutine bdrv_pread calls the coroutine version directly; outside it polls.
+    check(unsafe {
+        bindings::bdrv_pread(
+            child,
+            to_i64(offset)?,
+            to_i64(buf.len() as u64)?,
+            buf.as_mut_ptr().cast(),
+            0,
+        )
+    })
+}
+
+fn child_pwrite(child: *mut BdrvChild, offset: u64, buf: &[u8]) -> io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: as for child_pread.
+    check(unsafe {
+        bindings::bdrv_pwrite(
+            child,
+            to_i64(offset)?,
+            to_i64(buf.len() as u64)?,
+            buf.as_ptr().cast(),
+            0,
+        )
+    })
+}
+
+fn child_flush(child: *mut BdrvChild, counters: &HostCounters) -> io::Result<()> {
+    // SAFETY: the child and its node are open.
+    check(unsafe { bindings::bdrv_flush((*child).bs) })?;
+    counters.fdatasyncs.set(counters.fdatasyncs.get() + 1);
+    Ok(())
+}
+
+fn child_len(child: *mut BdrvChild) -> io::Result<u64> {
+    // SAFETY: as above.
+    let len = unsafe { bindings::bdrv_getlength((*child).bs) };
+    u64::try_from(len).map_err(|_| io::Error::from_raw_os_error(-(len as i32)))
+}
+
+fn child_truncate(child: *mut BdrvChild, len: u64) -> io::Result<()> {
+    // SAFETY: as above; errp NULL keeps only the errno.
+    check(unsafe {
+        bindings::bdrv_truncate(
+            child,
+            to_i64(len)?,
+            false,
+            bindings::PREALLOC_MODE_OFF,
+            0,
+            std::ptr::null_mut(),
+        )
+    })
+}
+
+impl Storage for FileAccess {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self {
+            FileAccess::Direct { child, .. } => child_pread(*child, offset, buf),
+            FileAccess::Ordered(o) => o.read(offset, buf),
+        }
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        match self {
+            FileAccess::Direct { child, .. } => child_pwrite(*child, offset, buf),
+            FileAccess::Ordered(o) => o.write(offset, buf),
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        match self {
+            FileAccess::Direct {
+                child, counters, ..
+            } => counters.count_error(child_flush(*child, counters)),
+            FileAccess::Ordered(o) => o.flush(),
+        }
+    }
+
+    fn barrier(&self) -> io::Result<()> {
+        match self {
+            FileAccess::Direct {
+                child,
+                barrier,
+                counters,
+            } => {
+                counters.barriers.set(counters.barriers.get() + 1);
+                let result = match barrier {
+                    DirectBarrier::Flush => child_flush(*child, counters),
+                    // Outside a coroutine (open, close) a flush orders just as well.
+                    DirectBarrier::BlockLayer if !in_coroutine() => child_flush(*child, counters),
+                    DirectBarrier::BlockLayer => {
+                        // SAFETY: in a coroutine; the child is open.
+                        check(unsafe { bindings::bdrv_co_barrier(*child) })
+                    }
+                };
+                counters.count_error(result)
+            }
+            FileAccess::Ordered(o) => o.barrier(),
+        }
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        match self {
+            FileAccess::Direct { child, .. } => child_len(*child),
+            FileAccess::Ordered(o) => Ok(child_len(o.file)?.max(o.buffered_end.get())),
+        }
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        match self {
+            FileAccess::Direct { child, .. } => child_truncate(*child, len),
+            FileAccess::Ordered(o) => {
+                o.drain()?;
+                child_truncate(o.file, len)?;
+                o.buffered_end.set(len);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The `ordered` mode: the epoch buffer in front of the file child, and its writer.
+pub struct OrderedFile {
+    /// The qcow2b node: the writer counts as one of its requests, so drain waits for it.
+    bs: *mut BlockDriverState,
+    file: *mut BdrvChild,
+    buffer: RefCell<EpochBuffer>,
+    /// The writer coroutine is running (at most one).
+    writer_running: Cell<bool>,
+    /// Requests (flushes, drains, writes waiting for space) that need the open epoch written
+    /// too; while non-zero the writer takes it.
+    want_open_epoch: Cell<u32>,
+    /// The errno of the last background failure, until a flush or barrier reports it; writes
+    /// waiting for space fail with it meanwhile instead of waiting forever.
+    failed_errno: Cell<Option<i32>>,
+    /// Writes waiting for space, first come first served.
+    space_waiters: UnsafeCell<CoQueue>,
+    /// Flushes and drains waiting for the writer.
+    progress_waiters: UnsafeCell<CoQueue>,
+    /// The mark of the last epoch boundary counted as a host barrier.
+    last_mark: Cell<u64>,
+    /// The highest byte any buffered write reached (the file is at least this long once
+    /// written back).
+    buffered_end: Cell<u64>,
+    counters: Rc<HostCounters>,
+}
+
+impl OrderedFile {
+    fn new(
+        bs: *mut BlockDriverState,
+        file: *mut BdrvChild,
+        limit_bytes: u64,
+        counters: Rc<HostCounters>,
+    ) -> Rc<OrderedFile> {
+        let o = Rc::new(OrderedFile {
+            bs,
+            file,
+            buffer: RefCell::new(EpochBuffer::new(limit_bytes)),
+            writer_running: Cell::new(false),
+            want_open_epoch: Cell::new(0),
+            failed_errno: Cell::new(None),
+            space_waiters: UnsafeCell::new(CoQueue::default()),
+            progress_waiters: UnsafeCell::new(CoQueue::default()),
+            last_mark: Cell::new(0),
+            buffered_end: Cell::new(0),
+            counters,
+        });
+        // SAFETY: both queues live at their final address inside the Rc allocation.
+        unsafe {
+            bindings::qemu_co_queue_init(o.space_waiters.get());
+            bindings::qemu_co_queue_init(o.progress_waiters.get());
+        }
+        o
+    }
+
+    fn wait(queue: &UnsafeCell<CoQueue>) {
+        // SAFETY: in a coroutine of this AioContext; no lock to drop (one thread, and
+        // nothing runs between the check that led here and the wait).
+        unsafe { bindings::qemu_co_queue_wait_impl(queue.get(), std::ptr::null_mut(), 0) };
+    }
+
+    fn wake_all(queue: &UnsafeCell<CoQueue>) {
+        // SAFETY: as above; restart_all schedules the waiters, it does not run them here.
+        unsafe {
+            if !bindings::qemu_co_queue_empty(queue.get()) {
+                bindings::qemu_co_queue_restart_all(queue.get());
+            }
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if !in_coroutine() {
+            self.drain()?;
+            return child_pwrite(self.file, offset, data);
+        }
+        // First come first served: a write does not pass one already waiting for space.
+        // SAFETY: the queue was initialised in `new`.
+        if unsafe { !bindings::qemu_co_queue_empty(self.space_waiters.get()) } {
+            Self::wait(&self.space_waiters);
+        }
+        let mut waited_since: Option<Instant> = None;
+        let result = loop {
+            let attempt = self.buffer.borrow_mut().write(offset, data);
+            match attempt {
+                Ok(()) => break Ok(()),
+                Err(WriteError::OutOfRange { .. }) => {
+                    break Err(io::Error::from_raw_os_error(libc::EFBIG))
+                }
+                Err(WriteError::Full { .. }) => {
+                    if let Some(errno) = self.failed_errno.get() {
+                        break Err(io::Error::from_raw_os_error(errno));
+                    }
+                    waited_since.get_or_insert_with(Instant::now);
+                    self.want_open_epoch.set(self.want_open_epoch.get() + 1);
+                    self.kick();
+                    Self::wait(&self.space_waiters);
+                    self.want_open_epoch.set(self.want_open_epoch.get() - 1);
+                }
+            }
+        };
+        if let Some(since) = waited_since {
+            let waited = since.elapsed().as_nanos() as u64;
+            self.counters
+                .full_wait_ns
+                .set(self.counters.full_wait_ns.get() + waited);
+        }
+        // The next writer in line may fit now too.
+        // SAFETY: as above.
+        unsafe { bindings::qemu_co_queue_next(self.space_waiters.get()) };
+        if result.is_ok() {
+            let end = offset + data.len() as u64;
+            self.buffered_end.set(self.buffered_end.get().max(end));
+        }
+        result
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        // The overlay is taken before the file is read: an epoch that completes meanwhile is
+        // either in the file or in the overlay.
+        let overlay = self.buffer.borrow().snapshot(offset, buf.len());
+        child_pread(self.file, offset, buf)?;
+        overlay.apply(buf);
+        Ok(())
+    }
+
+    /// A background failure not yet reported, if any (the next retry starts then).
+    fn take_error(&self) -> io::Result<()> {
+        match self.buffer.borrow_mut().take_error() {
+            Some(e) => {
+                self.failed_errno.set(None);
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn barrier(&self) -> io::Result<()> {
+        self.take_error()?;
+        let mark = self.buffer.borrow_mut().barrier();
+        if mark > self.last_mark.get() {
+            // A new epoch boundary (a barrier with nothing new adds none).
+            self.last_mark.set(mark);
+            self.counters.barriers.set(self.counters.barriers.get() + 1);
+        }
+        if in_coroutine() {
+            self.kick();
+            Ok(())
+        } else {
+            self.drain()
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if !in_coroutine() {
+            self.drain()?;
+            return child_flush(self.file, &self.counters);
+        }
+        let mark = self.buffer.borrow_mut().barrier();
+        self.take_error()?;
+        // Every epoch up to the mark gets its own fdatasync: the last one is this flush's.
+        loop {
+            if self.buffer.borrow().is_durable(mark) {
+                break;
+            }
+            if self.failed_errno.get().is_some() && !self.writer_running.get() {
+                break;
+            }
+            self.kick();
+            Self::wait(&self.progress_waiters);
+        }
+        self.take_error()
+    }
+
+    /// Starts the writer coroutine unless it runs already.
+    fn kick(&self) {
+        if self.writer_running.get() {
+            return;
+        }
+        self.writer_running.set(true);
+        // SAFETY: the node is open; the writer is accounted as a request of it until it ends,
+        // so drain and close wait for it, and `self` (owned by the node) outlives it.
+        unsafe {
+            bindings::bdrv_inc_in_flight(self.bs);
+            let co = bindings::qemu_coroutine_create(
+                Some(writer_entry),
+                self as *const OrderedFile as *mut c_void,
+            );
+            bindings::aio_co_enter(bindings::bdrv_get_aio_context(self.bs), co);
+        }
+    }
+
+    /// One job: its writes (adjacent ones as one vectored write), then one fdatasync.
+    fn write_back(&self, job: &Job) -> io::Result<()> {
+        for run in job.runs() {
+            let mut qiov = std::mem::MaybeUninit::<QEMUIOVector>::zeroed();
+            let total: usize = run.iter().map(|w| w.data.len()).sum();
+            // SAFETY: the qiov is initialised, used for one write, and destroyed; the job
+            // keeps the data alive meanwhile; the child is open.
+            let ret = unsafe {
+                let q = qiov.as_mut_ptr();
+                bindings::qemu_iovec_init(q, run.len() as i32);
+                for w in run {
+                    bindings::qemu_iovec_add(q, w.data.as_ptr() as *mut _, w.data.len());
+                }
+                let ret = bindings::bdrv_co_pwritev(
+                    self.file,
+                    to_i64(run[0].offset)?,
+                    to_i64(total as u64)?,
+                    q,
+                    0,
+                );
+                bindings::qemu_iovec_destroy(q);
+                ret
+            };
+            check(ret)?;
+        }
+        child_flush(self.file, &self.counters)
+    }
+
+    /// The writer coroutine's body: epochs, oldest first, until none is due or one fails.
+    fn run_writer(&self) {
+        loop {
+            let include_open = self.want_open_epoch.get() > 0;
+            let Some(job) = self.buffer.borrow_mut().take_next(include_open) else {
+                break;
+            };
+            match self.counters.count_error(self.write_back(&job)) {
+                Ok(()) => {
+                    let _ = self.buffer.borrow_mut().complete(job);
+                    self.counters.epochs.set(self.counters.epochs.get() + 1);
+                }
+                Err(e) => {
+                    self.failed_errno
+                        .set(Some(e.raw_os_error().unwrap_or(libc::EIO)));
+                    let _ = self.buffer.borrow_mut().fail(job, e);
+                    break;
+                }
+            }
+            Self::wake_all(&self.progress_waiters);
+            // SAFETY: the queue was initialised in `new`.
+            unsafe { bindings::qemu_co_queue_next(self.space_waiters.get()) };
+        }
+        self.writer_running.set(false);
+        Self::wake_all(&self.progress_waiters);
+        Self::wake_all(&self.space_waiters);
+    }
+
+    /// Empties the buffer: every epoch written back and durable. In a coroutine by the writer;
+    /// outside one (the node drained) synchronously here.
+    pub fn drain(&self) -> io::Result<()> {
+        self.buffer.borrow_mut().barrier();
+        if in_coroutine() {
+            self.want_open_epoch.set(self.want_open_epoch.get() + 1);
+            while !self.buffer.borrow().is_empty() {
+                if self.failed_errno.get().is_some() && !self.writer_running.get() {
+                    break;
+                }
+                self.kick();
+                Self::wait(&self.progress_waiters);
+            }
+            self.want_open_epoch.set(self.want_open_epoch.get() - 1);
+            return self.take_error();
+        }
+        // Outside a coroutine the node is drained, so the writer has stopped; if not, let
+        // the event loop finish it first.
+        while self.writer_running.get() {
+            // SAFETY: polling the node's AioContext from its home thread, as BDRV_POLL_WHILE
+            // does.
+            unsafe { bindings::aio_poll(bindings::bdrv_get_aio_context(self.bs), true) };
+        }
+        self.take_error()?;
+        loop {
+            let Some(job) = self.buffer.borrow_mut().take_next(true) else {
+                break;
+            };
+            let result = job
+                .writes()
+                .iter()
+                .try_for_each(|w| child_pwrite(self.file, w.offset, &w.data))
+                .and_then(|()| child_flush(self.file, &self.counters));
+            match result {
+                Ok(()) => {
+                    let _ = self.buffer.borrow_mut().complete(job);
+                    self.counters.epochs.set(self.counters.epochs.get() + 1);
+                }
+                Err(e) => {
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    let _ = self.buffer.borrow_mut().fail(job, e);
+                    let _ = self.buffer.borrow_mut().take_error();
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The drain callbacks: the writer takes the open epoch too while a drain is on.
+    pub fn begin_drain(&self) {
+        self.want_open_epoch.set(self.want_open_epoch.get() + 1);
+        self.buffer.borrow_mut().barrier();
+        self.kick();
+    }
+
+    pub fn end_drain(&self) {
+        self.want_open_epoch
+            .set(self.want_open_epoch.get().saturating_sub(1));
+    }
+}
+
+unsafe extern "C" fn writer_entry(opaque: *mut c_void) {
+    // SAFETY: `kick` passed the OrderedFile, which lives as long as the node, and the node
+    // does not close while this writer counts as one of its requests.
+    let o = unsafe { &*(opaque as *const OrderedFile) };
+    let bs = o.bs;
+    // A panic must not unwind into the coroutine trampoline.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| o.run_writer()));
+    // SAFETY: paired with the bdrv_inc_in_flight in `kick`.
+    unsafe { bindings::bdrv_dec_in_flight(bs) };
+}
