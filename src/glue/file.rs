@@ -9,7 +9,11 @@
 //! may yield).
 //!
 //! The ordered mode's contract, kept here:
-//! - writes go into the open epoch and complete there; a barrier closes the epoch;
+//! - while nothing is buffered or being written back (every earlier epoch is durable), a
+//!   write goes straight to the file: the open epoch may reach the file at any time, only its
+//!   sync must wait. A barrier after such direct writes makes them an epoch of their own:
+//!   the writer syncs them before anything buffered after the barrier reaches the file;
+//! - otherwise writes go into the open epoch and complete there; a barrier closes the epoch;
 //! - the writer writes one epoch at a time: all its writes, then one fdatasync, and only then
 //!   the next epoch (never two in flight: `EpochBuffer::take_next`);
 //! - a flush waits until every epoch before it is durable (the last epoch's fdatasync is the
@@ -408,6 +412,13 @@ pub struct OrderedFile {
     progress_waiters: UnsafeCell<CoQueue>,
     /// The mark of the last epoch boundary counted as a host barrier.
     last_mark: Cell<u64>,
+    /// Writes went straight to the file since its last sync.
+    direct_unsynced: Cell<bool>,
+    /// A barrier followed direct writes: they must be synced before anything buffered since
+    /// reaches the file (the writer does it first).
+    direct_sync_due: Cell<bool>,
+    /// The errno of a failed sync of direct writes, until a flush or barrier reports it.
+    direct_error: Cell<Option<i32>>,
     /// The highest byte any buffered write reached (the file is at least this long once
     /// written back).
     buffered_end: Cell<u64>,
@@ -431,6 +442,9 @@ impl OrderedFile {
             space_waiters: UnsafeCell::new(CoQueue::default()),
             progress_waiters: UnsafeCell::new(CoQueue::default()),
             last_mark: Cell::new(0),
+            direct_unsynced: Cell::new(false),
+            direct_sync_due: Cell::new(false),
+            direct_error: Cell::new(None),
             buffered_end: Cell::new(0),
             counters,
         });
@@ -466,6 +480,14 @@ impl OrderedFile {
         // SAFETY: the queue was initialised in `new`.
         if unsafe { !bindings::qemu_co_queue_empty(self.space_waiters.get()) } {
             Self::wait(&self.space_waiters);
+        }
+        if self.may_write_directly() {
+            // Every earlier epoch is durable: this write may reach the file now.
+            self.direct_unsynced.set(true);
+            let result = child_pwrite(self.file, offset, data);
+            self.buffered_end
+                .set(self.buffered_end.get().max(offset + data.len() as u64));
+            return self.counters.count_error(result);
         }
         let mut waited_since: Option<Instant> = None;
         let result = loop {
@@ -503,6 +525,14 @@ impl OrderedFile {
         result
     }
 
+    /// Whether a write may bypass the buffer: nothing buffered or in flight, no sync of
+    /// earlier direct writes due, and no background error waiting to be reported.
+    fn may_write_directly(&self) -> bool {
+        !self.direct_sync_due.get()
+            && self.failed_errno.get().is_none()
+            && self.buffer.borrow().is_empty()
+    }
+
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         // The overlay is taken before the file is read: an epoch that completes meanwhile is
         // either in the file or in the overlay.
@@ -514,7 +544,9 @@ impl OrderedFile {
 
     /// A background failure not yet reported, if any (the next retry starts then).
     fn take_error(&self) -> io::Result<()> {
-        match self.buffer.borrow_mut().take_error() {
+        let buffered = self.buffer.borrow_mut().take_error();
+        let direct = self.direct_error.take().map(io::Error::from_raw_os_error);
+        match buffered.or(direct) {
             Some(e) => {
                 self.failed_errno.set(None);
                 Err(e)
@@ -525,6 +557,11 @@ impl OrderedFile {
 
     fn barrier(&self) -> io::Result<()> {
         self.take_error()?;
+        if self.direct_unsynced.get() && !self.direct_sync_due.get() {
+            // The direct writes since the last sync become an epoch of their own.
+            self.direct_sync_due.set(true);
+            self.counters.barriers.set(self.counters.barriers.get() + 1);
+        }
         let mark = self.buffer.borrow_mut().barrier();
         if mark > self.last_mark.get() {
             // A new epoch boundary (a barrier with nothing new adds none).
@@ -544,11 +581,25 @@ impl OrderedFile {
             self.drain()?;
             return child_flush(self.file, &self.counters);
         }
-        let mark = self.buffer.borrow_mut().barrier();
         self.take_error()?;
+        if self.may_write_directly() {
+            // Only direct writes (or none) since the last sync: this flush syncs them.
+            if !self.direct_unsynced.get() {
+                return Ok(());
+            }
+            self.direct_unsynced.set(false);
+            self.counters.epochs.set(self.counters.epochs.get() + 1);
+            return self
+                .counters
+                .count_error(child_flush(self.file, &self.counters));
+        }
+        if self.direct_unsynced.get() {
+            self.direct_sync_due.set(true);
+        }
+        let mark = self.buffer.borrow_mut().barrier();
         // Every epoch up to the mark gets its own fdatasync: the last one is this flush's.
         loop {
-            if self.buffer.borrow().is_durable(mark) {
+            if self.buffer.borrow().is_durable(mark) && !self.direct_sync_due.get() {
                 break;
             }
             if self.failed_errno.get().is_some() && !self.writer_running.get() {
@@ -608,6 +659,29 @@ impl OrderedFile {
 
     /// The writer coroutine's body: epochs, oldest first, until none is due or one fails.
     fn run_writer(&self) {
+        if self.direct_sync_due.get() {
+            // Direct writes before a barrier: durable before anything buffered after it.
+            match self
+                .counters
+                .count_error(child_flush(self.file, &self.counters))
+            {
+                Ok(()) => {
+                    self.direct_sync_due.set(false);
+                    self.direct_unsynced.set(false);
+                    self.counters.epochs.set(self.counters.epochs.get() + 1);
+                }
+                Err(e) => {
+                    // Kept like an epoch's failure; the next flush or barrier retries.
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    self.failed_errno.set(Some(errno));
+                    self.direct_error.set(Some(errno));
+                    self.writer_running.set(false);
+                    Self::wake_all(&self.progress_waiters);
+                    Self::wake_all(&self.space_waiters);
+                    return;
+                }
+            }
+        }
         loop {
             let include_open = self.want_open_epoch.get() > 0;
             let Some(job) = self.buffer.borrow_mut().take_next(include_open) else {
@@ -640,7 +714,10 @@ impl OrderedFile {
         self.buffer.borrow_mut().barrier();
         if in_coroutine() {
             self.want_open_epoch.set(self.want_open_epoch.get() + 1);
-            while !self.buffer.borrow().is_empty() {
+            if self.direct_unsynced.get() {
+                self.direct_sync_due.set(true);
+            }
+            while !self.buffer.borrow().is_empty() || self.direct_sync_due.get() {
                 if self.failed_errno.get().is_some() && !self.writer_running.get() {
                     break;
                 }
@@ -658,6 +735,12 @@ impl OrderedFile {
             unsafe { bindings::aio_poll(bindings::bdrv_get_aio_context(self.bs), true) };
         }
         self.take_error()?;
+        if self.direct_unsynced.get() {
+            // Direct writes before whatever is buffered: durable first.
+            child_flush(self.file, &self.counters)?;
+            self.direct_unsynced.set(false);
+            self.direct_sync_due.set(false);
+        }
         loop {
             let Some(job) = self.buffer.borrow_mut().take_next(true) else {
                 break;

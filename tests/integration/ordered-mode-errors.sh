@@ -14,10 +14,12 @@ for case in "write 28" "write 5" "flush 28" "flush 5"; do
   iotype=$1 errno=$2
   rm -f "$img"
   "$SYS_QEMU_IMG" create -q -f qcow2 "$img" 256M
-  # Armed by the first write reaching the file (the first epoch's), it fails that write or
-  # the fdatasync after it, once.
+  # Armed when the guest's flush starts (blkdebug's flush_to_os event), it fails the first
+  # write or fdatasync of the write-back that flush waits for, once. (Before the first
+  # barrier the ordered mode writes straight to the file, and an error there fails the
+  # guest's write itself.)
   opts="driver=qcow2b,barrier=ordered,file.driver=blkdebug,file.image.filename=$img"
-  opts+=",file.inject-error.0.event=pwritev,file.inject-error.0.iotype=$iotype"
+  opts+=",file.inject-error.0.event=flush_to_os,file.inject-error.0.iotype=$iotype"
   opts+=",file.inject-error.0.errno=$errno,file.inject-error.0.once=on"
   status=0
   "$QEMU_IO" -t writeback --image-opts "$opts" \
@@ -29,8 +31,8 @@ for case in "write 28" "write 5" "flush 28" "flush 5"; do
   grep -q "wrote 65536/65536 bytes at offset 65536" "$SCRATCH/out" \
     || { cat "$SCRATCH/out"; fail "$case: a barrier write waited for the background error"; }
   [ "$(counter 'host errors' 1)" = 1 ] || { cat "$SCRATCH/out"; fail "$case: host errors after the first flush"; }
-  [ "$(counter epochs 1)" = 0 ] || fail "$case: an epoch counted as written despite the error"
-  [ "$(counter epochs 2)" -ge 2 ] || fail "$case: the second flush did not write the epochs back"
+  first=$(counter epochs 1) second=$(counter epochs 2)
+  [ "$second" -ge $((first + 2)) ] || fail "$case: the second flush wrote back $((second - first)) epochs, expected the two barrier writes'"
   ! grep -q "Pattern verification failed" "$SCRATCH/out" || { cat "$SCRATCH/out"; fail "$case: data lost"; }
   expect_ok "$case: check" "$SYS_QEMU_IMG" check -f qcow2 "$img"
   expect_ok "$case: QEMU reads it" "$SYS_QEMU_IO" -r -f qcow2 -c 'read -P 0xcd 0 64k' -c 'read -P 0xce 64k 64k' "$img"
