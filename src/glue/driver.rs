@@ -389,7 +389,14 @@ unsafe extern "C" fn qcow2b_co_truncate(
                     "resizing with preallocation (only preallocation=off)".into(),
                 ));
             }
-            let mut locked = Node::of(bs).lock()?;
+            let node = Node::of(bs);
+            // The ordered mode's buffer is emptied first: the new size and L1 table reach a
+            // file that holds everything written before.
+            if let FileAccess::Ordered(o) = &node.file {
+                o.drain()
+                    .map_err(|e| Error::io("emptying the write-back buffer to resize", e))?;
+            }
+            let mut locked = node.lock()?;
             let image = locked.image();
             image.truncate(offset as u64)?;
             publish_image_fields(bs, image)?;
