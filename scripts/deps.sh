@@ -28,4 +28,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup) first"
+# The fuzz targets (fuzz/) build with cargo-fuzz on the stable toolchain.
+if ! command -v cargo-fuzz >/dev/null; then
+  say "cargo install cargo-fuzz"
+  cargo install --quiet --locked cargo-fuzz || die "cargo install cargo-fuzz failed"
+fi
 say "dependencies present"

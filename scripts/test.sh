@@ -34,6 +34,9 @@ if [ "$status" != 0 ] && [ "$cargo_failed" = 0 ]; then cargo_failed=1; failures+
 passed=$((passed + cargo_passed)) failed=$((failed + cargo_failed))
 [ "$cargo_failed" = 0 ] || failures+=("cargo test")
 
+say "fuzz targets (fuzz/run.sh, 30 s each)"
+bash fuzz/run.sh 30; record "fuzz targets" $?
+
 say "integration tests (built QEMU binaries)"
 for t in tests/integration/*.sh tests/integration/*.py; do
   case "$(basename "$t")" in lib.sh|qemu_tools.py) continue ;; esac

@@ -9,6 +9,8 @@
 //!   BlockDriver table, and the storage implementation over a `BdrvChild`.
 
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ordering;
 
 #[cfg(feature = "qemu")]

@@ -33,7 +33,7 @@
 
 pub mod cache;
 mod check;
-mod compress;
+pub mod compress;
 mod counters;
 pub mod create;
 pub mod dataio;
