@@ -613,3 +613,28 @@ fn truncate_grows_the_disk_and_the_l1_table() {
         );
     }
 }
+
+#[test]
+fn a_version_2_image_with_snapshots_is_not_resized() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("v2.qcow2");
+    run_ok(
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "compat=0.10"])
+            .arg(&img)
+            .arg("1M"),
+    );
+    run_ok(
+        std::process::Command::new("qemu-img")
+            .args(["snapshot", "-c", "s"])
+            .arg(&img),
+    );
+    let mut image = open_file(&img, &rw(None));
+    let err = image.truncate(2 << 20).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("version 2 image that has internal snapshots"),
+        "{err}"
+    );
+    assert_eq!(image.virtual_size(), 1 << 20);
+}

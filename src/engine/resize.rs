@@ -29,6 +29,13 @@ impl<S: Storage> Image<S> {
         if new_size == old_size {
             return Ok(());
         }
+        if self.header.version < 3 && self.header.nb_snapshots > 0 {
+            // A version 2 snapshot entry does not record its disk size: it would silently
+            // take the new one. QEMU's qcow2 refuses this too.
+            return Err(Error::Unsupported(
+                "resizing a version 2 image that has internal snapshots".into(),
+            ));
+        }
         let needed_l1 = new_size.div_ceil(bytes_per_l1_entry(self.cluster_bits));
         if needed_l1.saturating_mul(8) > MAX_L1_BYTES {
             return Err(Error::Unsupported(format!(
