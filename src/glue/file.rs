@@ -203,6 +203,17 @@ impl FileAccess {
                 // SAFETY: per the caller.
                 unsafe { write_vectored(*child, host_offset, head, len, qiov, qiov_offset, tail) }
             }
+            FileAccess::Ordered(o) if o.may_write_directly() => {
+                // Every earlier epoch is durable: straight from the request's buffers.
+                o.direct_unsynced.set(true);
+                // SAFETY: per the caller.
+                let result = unsafe {
+                    write_vectored(o.file, host_offset, head, len, qiov, qiov_offset, tail)
+                };
+                let end = host_offset + (head.len() + len + tail.len()) as u64;
+                o.buffered_end.set(o.buffered_end.get().max(end));
+                o.counters.count_error(result)
+            }
             FileAccess::Ordered(o) => {
                 // Into the epoch buffer: one copy, then the write is complete.
                 let mut bytes = Vec::with_capacity(head.len() + len + tail.len());
