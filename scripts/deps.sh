@@ -12,8 +12,9 @@ packages=(
   dpkg-dev xz-utils rsync patch
   # bindgen (build.rs) needs libclang
   libclang-dev clang
-  # tests: the system's qemu-img as the reference implementation, strace for sync counts
-  qemu-utils strace
+  # tests: the system's qemu-img as the reference implementation, strace for sync counts,
+  # a BIOS image for qos-test's pc machine (Debian's QEMU source ships no firmware)
+  qemu-utils strace seabios
 )
 
 missing=()
