@@ -188,6 +188,12 @@ impl<S: Storage> Image<S> {
     /// returns -EIO then; for example, `CheckFix::Leaks` when only a rebuild of the refcount
     /// structure would do).
     pub fn check(&mut self, fix: CheckFix) -> Result<CheckReport> {
+        // In the txg mode the group commits first: the check sees the durable image, and a
+        // repair writes in place with the ordinary ordering rules.
+        self.outside_group(|image| image.check_outside_group(fix))
+    }
+
+    fn check_outside_group(&mut self, fix: CheckFix) -> Result<CheckReport> {
         let fix = if self.read_only { CheckFix::None } else { fix };
         if !self.read_only {
             // Reserved clusters are counted but named by nothing: not leaks of the image.

@@ -17,6 +17,8 @@ pub struct Counters {
     /// Clusters taken into the zero reserve, and handed out from it.
     pub reserved_clusters: u64,
     pub reserved_clusters_used: u64,
+    /// Transaction groups committed.
+    pub groups_committed: u64,
     /// Metadata writes (header, L1/L2 tables, refcount table and blocks).
     pub metadata_writes: u64,
     /// Guest data writes (in place, or whole newly allocated clusters).

@@ -21,6 +21,7 @@ use super::request::InflightAlloc;
 use super::reserve::Reserve;
 use super::snapshot::{self, Snapshot};
 use super::storage::{Backing, Storage};
+use super::txg::TxgState;
 use super::writeback::Unordered;
 use super::{Mapping, OpenOptions};
 
@@ -64,6 +65,9 @@ pub struct Image<S: Storage> {
     /// Outstanding request tickets per I/O epoch, oldest first (epochs only grow, and a
     /// ticket is always of the current one; no allocation per request once warm).
     pub(super) inflight_tickets: VecDeque<(u64, u32)>,
+    /// Write plans not yet finished or aborted (a transaction group commits only when there
+    /// are none: `txg.rs`).
+    pub(super) write_plans_in_flight: usize,
     /// Guest cluster ranges whose allocation is in flight.
     pub(super) inflight_allocs: Vec<InflightAlloc>,
     /// Where the allocator starts looking for a free host cluster.
@@ -80,6 +84,8 @@ pub struct Image<S: Storage> {
     pub(super) new_l2_tables_to_order: BTreeSet<u64>,
     /// Clusters allocated ahead, counted and ordered before use (`reserve.rs`).
     pub(super) reserve: Reserve,
+    /// The open transaction group, in the txg mode (`txg.rs`).
+    pub(super) txg: Option<TxgState>,
     /// Some write was issued since the last storage flush.
     pub(super) unflushed_writes: bool,
     pub(super) counters: Counters,
@@ -189,6 +195,7 @@ impl<S: Storage> Image<S> {
             quarantine: BTreeMap::new(),
             io_epoch: 0,
             inflight_tickets: VecDeque::new(),
+            write_plans_in_flight: 0,
             inflight_allocs: Vec::new(),
             free_cluster_hint: 0,
             host_end: file_len,
@@ -196,6 +203,7 @@ impl<S: Storage> Image<S> {
             unbarriered_writes: false,
             new_l2_tables_to_order: BTreeSet::new(),
             reserve: Reserve::default(),
+            txg: None,
             unflushed_writes: false,
             counters: Counters::default(),
             for_check: opts.for_check,
@@ -205,6 +213,11 @@ impl<S: Storage> Image<S> {
         image.metadata.reload_tables(&image.l1, &image.reftable);
         if !opts.read_only {
             image.make_writable()?;
+            // Groups start once the image is writable (its own repairs are written in place
+            // and made durable first) and never under `qemu-img check`.
+            if let (Some(options), false) = (opts.txg, opts.for_check) {
+                image.txg = Some(TxgState::new(options));
+            }
         }
         Ok(image)
     }
@@ -410,6 +423,10 @@ impl<S: Storage> Image<S> {
     /// What a flush does; `top_up_reserve` is false when the reserve was just given back (a
     /// close, a check) and must stay empty.
     pub(super) fn flush_metadata_and_sync(&mut self, top_up_reserve: bool) -> Result<()> {
+        if self.txg.is_some() {
+            // Durability in the txg mode is a commit of the group (two syncs, or none).
+            return self.commit_and_release();
+        }
         self.write_back()?;
         if self.unflushed_writes {
             // The sync is due anyway: the reserve rides along (`reserve.rs`).
@@ -428,6 +445,10 @@ impl<S: Storage> Image<S> {
     pub fn barrier(&mut self) -> Result<()> {
         self.counters.guest_barriers += 1;
         if self.read_only {
+            return Ok(());
+        }
+        if self.txg.is_some() {
+            // A group commits whole or not at all: every barrier in it is kept for free.
             return Ok(());
         }
         self.write_back()?;

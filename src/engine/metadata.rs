@@ -197,7 +197,8 @@ impl<S: Storage> Image<S> {
     pub(super) fn l2_table_for_write(&mut self, guest_cluster: u64) -> Result<(u64, usize)> {
         let l2_index = (guest_cluster & ((1u64 << self.l2_bits()) - 1)) as usize;
         let (l1_index, l1_entry, old_offset) = self.l2_offset_for(guest_cluster)?;
-        if old_offset != 0 && l1_entry.copied() {
+        // In a transaction group a table of the durable image is copied too (`txg.rs`).
+        if old_offset != 0 && l1_entry.copied() && self.may_overwrite(old_offset) {
             return Ok((old_offset, l2_index));
         }
         // A new table: zeros for a new L2 range, a copy of the shared one otherwise (its
@@ -217,7 +218,8 @@ impl<S: Storage> Image<S> {
         // A table for a range that had none reads as "all unallocated" while it is zeros, so a
         // reserved cluster needs no ordering before the L1 entry naming it (rule (c) of
         // writeback.rs); a copy of a shared table, or a table elsewhere, does.
-        let from_reserve = old_offset == 0 && self.next_allocation_extends_file()?;
+        let from_reserve =
+            old_offset == 0 && self.txg.is_none() && self.next_allocation_extends_file()?;
         let new_offset = if from_reserve {
             self.take_reserved(1)?.0
         } else {
@@ -240,12 +242,17 @@ impl<S: Storage> Image<S> {
         self.metadata.add_l2_table(new_offset);
         if old_offset != 0 {
             self.pending_frees.push(old_offset >> self.cluster_bits);
+            if l1_entry.copied() {
+                // A transaction group's copy of the durable image's table (clean, as nothing
+                // writes it): the old one is freed at the commit, so no cached copy outlives it.
+                self.l2_cache.evict(old_offset);
+            }
         }
         Ok((new_offset, l2_index))
     }
 
     /// The refcount block offset for refcount table index `rt_index` (0 if none).
-    fn refblock_offset(&self, rt_index: u64) -> Result<Option<u64>> {
+    pub(super) fn refblock_offset(&self, rt_index: u64) -> Result<Option<u64>> {
         let Some(&raw) = usize::try_from(rt_index)
             .ok()
             .and_then(|i| self.reftable.get(i))
@@ -271,7 +278,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// Makes sure the refcount block at `offset` is in the cache.
-    fn load_refblock(&mut self, offset: u64) -> Result<()> {
+    pub(super) fn load_refblock(&mut self, offset: u64) -> Result<()> {
         if self.refblock_cache.contains(offset) {
             return Ok(());
         }
@@ -314,6 +321,21 @@ impl<S: Storage> Image<S> {
                 self.rc.refcount_bits()
             )));
         }
+        // In a transaction group a block of the durable image is copied first (`txg.rs`).
+        // The cluster being counted is still free in that block: the copy must not take it.
+        let offset = if self.may_overwrite(offset) {
+            offset
+        } else {
+            let hold = !self.quarantine.contains_key(&host_cluster);
+            if hold {
+                self.quarantine.insert(host_cluster, u64::MAX);
+            }
+            let copied = self.cow_refblock(rt_index, offset);
+            if hold {
+                self.quarantine.remove(&host_cluster);
+            }
+            copied?
+        };
         self.load_refblock(offset)?;
         let rc = self.rc;
         let block = self.refblock_cache.get_mut(offset).ok_or_else(|| {
@@ -368,6 +390,10 @@ impl<S: Storage> Image<S> {
             self.check_free_cluster_is_unused(host_offset)?;
             let (rt_index, index) = self.rc.locate(cluster);
             match self.refblock_offset(rt_index)? {
+                None if self.txg.is_some() => {
+                    // The group's refcount table is written whole at the commit.
+                    self.grow_reftable_in_group(rt_index + 1);
+                }
                 None => {
                     // Past the refcount table's reach: every cluster from here on is free, so
                     // the new table and its blocks go here.
@@ -511,8 +537,11 @@ impl<S: Storage> Image<S> {
                             "host cluster {cluster} past the end of the file has a refcount"
                         )));
                     }
-                    return self.set_refcount(cluster, 1);
+                    self.set_refcount(cluster, 1)?;
+                    self.note_owned(cluster);
+                    return Ok(());
                 }
+                None if self.txg.is_some() => self.grow_reftable_in_group(rt_index + 1),
                 None => {
                     let coverage_end =
                         (self.reftable.len() as u64) << self.rc.entries_per_block_bits();
@@ -544,7 +573,8 @@ impl<S: Storage> Image<S> {
         }
     }
 
-    fn note_allocated(&mut self, cluster: u64) {
+    pub(super) fn note_allocated(&mut self, cluster: u64) {
+        self.note_owned(cluster);
         self.free_cluster_hint = self.free_cluster_hint.max(cluster + 1);
         self.host_end = self.host_end.max((cluster + 1) << self.cluster_bits);
     }

@@ -16,6 +16,8 @@
 //! - `dataio`: the data step of a request, over slices or QEMU I/O vectors.
 //! - `reserve`: the zero reserve: clusters counted and ordered ahead of need, so appends
 //!   need no ordering point before their flush's sync.
+//! - `txg`: transaction groups: barriers for free, two syncs per commit, a plain qcow2
+//!   image at every commit.
 //! - `resize`: growing the virtual size (and the L1 table).
 //! - `zeroes`: write_zeroes and discard (zero flag, unallocation).
 //! - `compress`: compressed cluster decoding (raw deflate, zstd).
@@ -52,6 +54,7 @@ mod reserve;
 mod resize;
 pub mod snapshot;
 pub mod storage;
+pub mod txg;
 mod writeback;
 mod zeroes;
 
@@ -63,6 +66,7 @@ pub use image::Image;
 pub use request::{ReadPlan, ReadSource, WritePiece, WritePlan};
 pub use snapshot::Snapshot;
 pub use storage::{Backing, MemStorage, Storage};
+pub use txg::TxgOptions;
 
 /// How to open an image.
 #[derive(Clone, Debug, Default)]
@@ -80,6 +84,9 @@ pub struct OpenOptions {
     /// opened read-write so that the check can repair it, and a dirty image is not repaired
     /// at open, so that the check reports what is wrong.
     pub for_check: bool,
+    /// Work in transaction groups (`barrier=txg`, `txg.rs`): nothing the durable image names
+    /// is overwritten until a commit switches the header to the group's tables.
+    pub txg: Option<TxgOptions>,
 }
 
 /// What backs a range of guest bytes (the answer of [`Image::map`]).

@@ -114,6 +114,10 @@ impl MetadataMap {
         self.refblocks.insert(offset);
     }
 
+    pub fn remove_refblock(&mut self, offset: u64) {
+        self.refblocks.remove(&offset);
+    }
+
     pub fn add_l2_table(&mut self, offset: u64) {
         *self.l2_tables.entry(offset).or_insert(0) += 1;
     }

@@ -252,6 +252,11 @@ impl<S: Storage> Image<S> {
         !self.inflight_allocs.is_empty()
     }
 
+    /// Whether any write plan is between `plan_write` and its finish or abort.
+    pub fn has_write_plans_in_flight(&self) -> bool {
+        self.write_plans_in_flight > 0
+    }
+
     /// Describes a guest write and allocates the clusters it needs. `None`: the range overlaps
     /// an allocation in flight; wait for it to finish and plan again.
     pub fn plan_write(&mut self, guest_offset: u64, len: u64) -> Result<Option<WritePlan>> {
@@ -259,12 +264,13 @@ impl<S: Storage> Image<S> {
             return Err(Error::ReadOnly);
         }
         self.check_range(guest_offset, len)?;
-        if self.write_conflicts(guest_offset, len) {
+        if self.write_conflicts(guest_offset, len) || self.commit_pending() {
             return Ok(None);
         }
         let mut pieces = Vec::new();
         let result = self.plan_write_pieces(guest_offset, len, &mut pieces);
         let ticket = self.take_ticket();
+        self.write_plans_in_flight += 1;
         let plan = WritePlan { pieces, ticket };
         match result {
             Ok(()) => Ok(Some(plan)),
@@ -294,7 +300,7 @@ impl<S: Storage> Image<S> {
                 Cluster::Data {
                     host_offset,
                     copied: true,
-                } => {
+                } if self.may_overwrite(host_offset) => {
                     // In place, over as many following clusters as are contiguous in the file.
                     self.check_data_target(host_offset)?;
                     let mut stop = cluster_end.min(end);
@@ -306,6 +312,7 @@ impl<S: Storage> Image<S> {
                                 host_offset: next_host,
                                 copied: true,
                             })
+                            || !self.may_overwrite(next_host)
                         {
                             break;
                         }
@@ -323,7 +330,7 @@ impl<S: Storage> Image<S> {
                 Cluster::Zero {
                     host_offset,
                     copied: true,
-                } if host_offset != 0 => {
+                } if host_offset != 0 && self.may_overwrite(host_offset) => {
                     // A preallocated zero cluster that is ours alone: written whole, in place.
                     self.check_data_target(host_offset)?;
                     let stop = cluster_end.min(end);
@@ -357,7 +364,9 @@ impl<S: Storage> Image<S> {
                     let mut wanted = 1;
                     while guest_cluster + wanted <= last_cluster {
                         let next = self.cluster_at(guest_cluster + wanted)?;
-                        if !needs_new_cluster(next) || self.reads_as_zeros(next) != zeros_before {
+                        if !self.needs_new_cluster(next)
+                            || self.reads_as_zeros(next) != zeros_before
+                        {
                             break;
                         }
                         wanted += 1;
@@ -446,6 +455,10 @@ impl<S: Storage> Image<S> {
             self.counters.data_writes += 1;
             self.unflushed_writes = true;
             self.unbarriered_writes = true;
+            let len = match *piece {
+                WritePiece::InPlace { len, .. } | WritePiece::Allocate { len, .. } => len,
+            };
+            self.note_group_bytes(len as u64);
             if let WritePiece::Allocate {
                 host_offset,
                 guest_cluster,
@@ -477,6 +490,7 @@ impl<S: Storage> Image<S> {
             }
         }
         self.return_ticket(plan.ticket);
+        self.write_plans_in_flight -= 1;
         result
     }
 
@@ -528,6 +542,7 @@ impl<S: Storage> Image<S> {
             }
         }
         self.return_ticket(plan.ticket);
+        self.write_plans_in_flight -= 1;
     }
 
     /// Drops the refcount of allocated clusters that no entry references. Any failure here
@@ -553,6 +568,23 @@ impl<S: Storage> Image<S> {
 }
 
 impl<S: Storage> Image<S> {
+    /// Whether a write to a guest cluster in this state needs a newly allocated host cluster:
+    /// one this image does not own alone, or (in a transaction group) one the durable image
+    /// names.
+    fn needs_new_cluster(&self, state: Cluster) -> bool {
+        match state {
+            Cluster::Data {
+                host_offset,
+                copied: true,
+            } => !self.may_overwrite(host_offset),
+            Cluster::Zero {
+                host_offset,
+                copied: true,
+            } if host_offset != 0 => !self.may_overwrite(host_offset),
+            _ => true,
+        }
+    }
+
     /// Whether a guest cluster in this state reads as zeros (what a crash that loses a write
     /// into a fresh reserved cluster would show).
     fn reads_as_zeros(&self, state: Cluster) -> bool {
@@ -562,16 +594,4 @@ impl<S: Storage> Image<S> {
             Cluster::Data { .. } | Cluster::Compressed { .. } => false,
         }
     }
-}
-
-/// Whether a write to a guest cluster in this state needs a newly allocated host cluster.
-fn needs_new_cluster(state: Cluster) -> bool {
-    !matches!(
-        state,
-        Cluster::Data { copied: true, .. }
-            | Cluster::Zero {
-                copied: true,
-                host_offset: 1..
-            }
-    )
 }

@@ -104,6 +104,11 @@ impl<S: Storage> Image<S> {
     /// Whether the next cluster the allocator would hand out extends the file (so a reserved
     /// cluster serves as well, and better): false when a freed cluster waits in the middle.
     pub(super) fn next_allocation_extends_file(&mut self) -> Result<bool> {
+        if self.txg.is_some() {
+            // A transaction group needs no reserve: nothing it writes is named by the image
+            // until its commit.
+            return Ok(false);
+        }
         let free = self.find_free_cluster()?;
         Ok(free << self.cluster_bits >= self.host_end)
     }
@@ -157,7 +162,7 @@ impl<S: Storage> Image<S> {
     /// it is below half a batch, so the next interval's appends find it usable (that sync or
     /// ordering point orders it before them).
     pub(super) fn top_up_reserve(&mut self) -> Result<()> {
-        if self.read_only || !self.reserve.pending.is_empty() {
+        if self.read_only || self.txg.is_some() || !self.reserve.pending.is_empty() {
             return Ok(());
         }
         if self.reserve.usable_clusters() >= self.reserve.batch / 2 {

@@ -17,6 +17,11 @@ impl<S: Storage> Image<S> {
     /// written; ordering point; the header switches to the new size and table; the old
     /// table's clusters are freed at the next write-back (stage 5, after an ordering point).
     pub fn truncate(&mut self, new_size: u64) -> Result<()> {
+        // A transaction group commits first; the resize itself is written in place, in order.
+        self.outside_group(|image| image.truncate_in_place(new_size))
+    }
+
+    fn truncate_in_place(&mut self, new_size: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }

@@ -124,6 +124,10 @@ impl<S: Storage> Image<S> {
     /// only when it depends on a write issued since the last one. Does not sync at the end:
     /// [`Image::flush`] does that.
     pub(super) fn write_back(&mut self) -> Result<()> {
+        if self.txg.is_some() {
+            // Nothing of the durable image is written: no order to keep (`txg.rs`).
+            return self.write_back_group();
+        }
         self.write_refcount_structures()?;
 
         // Stage 3: L2 tables. (a) The data of allocating writes was written before this call
@@ -169,6 +173,15 @@ impl<S: Storage> Image<S> {
             self.write_dirty_refblocks()?;
         }
         Ok(())
+    }
+
+    /// Grows the refcount table in memory (a transaction group writes it whole at commit).
+    pub(super) fn grow_reftable_in_group(&mut self, min_entries: u64) {
+        let new_entries = (self.reftable.len() as u64 * 2).max(min_entries).max(1);
+        self.reftable.resize(new_entries as usize, 0);
+        if let Some(t) = self.txg.as_mut() {
+            t.reftable_changed = true;
+        }
     }
 
     /// Replaces the refcount table with a larger one so that it reaches `min_entries` entries,

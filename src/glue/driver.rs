@@ -157,6 +157,7 @@ fn open_options(opts: &Opts, read_only: bool, for_check: bool) -> Result<OpenOpt
         l2_cache_bytes,
         refcount_cache_bytes,
         for_check,
+        txg: None,
     })
 }
 

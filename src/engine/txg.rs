@@ -1,0 +1,497 @@
+//! Transaction groups (`barrier=txg`): many guest barriers for a constant number of syncs, in
+//! the way copy-on-write file systems commit, without leaving the qcow2 format.
+//!
+//! The durable image D is what the header on storage names: its L1 table and L2 tables, data
+//! clusters, refcount table and blocks. While a group is open, the engine works on a tree W
+//! in memory and in clusters allocated since the last commit ("owned" by the group), and
+//! **nothing D references is overwritten**:
+//! - a guest write to a cluster of D goes to a new cluster (copy-on-write, even where the
+//!   image owns the cluster: `Image::may_overwrite`);
+//! - an L2 table of D that changes is copied to a new cluster first (`l2_table_for_write`);
+//! - a refcount block of D that changes is copied to a new cluster first
+//!   (`Image::cow_refblock`);
+//! - L1 and refcount table entries change in memory only; the commit writes both tables
+//!   whole, at new places.
+//!
+//! Clusters that only D uses (the old copies) drop to refcount 0 in W but stay quarantined
+//! until the commit is durable, so nothing of D can be reused while D is the durable image.
+//!
+//! Commit (`Image::commit_group`): write everything of the group (owned tables, the new L1 and
+//! refcount tables); sync; write the header's first sector, which names the new L1 table and
+//! refcount table; sync. A crash before that sector is durable leaves D: untouched, clean,
+//! and without even leaked clusters (D's refcounts never counted the group's clusters). After
+//! it, W: clean too. The header sector is one 512-byte sector, written alone: it cannot be
+//! torn. Every guest barrier inside a group is kept because a crash shows a whole group or
+//! none of it: a prefix of the guest's epochs.
+//!
+//! When: at a guest flush (durability asks for it), when the group's bytes reach a bound, and
+//! when it is older than a time bound (the glue checks [`Image::group_is_due`]). A flush with
+//! nothing new commits nothing and costs nothing.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use super::error::{Error, Result};
+use super::image::Image;
+use super::storage::Storage;
+
+/// When a transaction group commits on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TxgOptions {
+    /// Commit once this many guest bytes were written in the group.
+    pub max_group_bytes: u64,
+    /// Commit once the group is this old (checked by the caller, `Image::group_is_due`).
+    pub max_group_age: Duration,
+}
+
+impl Default for TxgOptions {
+    fn default() -> Self {
+        TxgOptions {
+            max_group_bytes: 64 << 20,
+            max_group_age: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The open group.
+#[derive(Debug)]
+pub(super) struct TxgState {
+    pub options: TxgOptions,
+    /// Host clusters allocated since the last commit: D does not reference them, so they may
+    /// be written in place.
+    owned: BTreeSet<u64>,
+    /// The L1 table or the refcount table changed: the commit writes them at new places.
+    pub l1_changed: bool,
+    pub reftable_changed: bool,
+    /// Guest bytes written in the group, and when its first write came.
+    pub group_bytes: u64,
+    pub group_started: Option<Instant>,
+    /// Groups committed since open.
+    pub commits: u64,
+    /// A commit waits for the write plans in flight: new ones wait meanwhile.
+    pub commit_wanted: bool,
+    /// The tables placed by a commit attempt that failed (freed by the next attempt).
+    staged: Option<Roots>,
+    /// D's L1 and refcount tables were freed in W (by a commit attempt).
+    durable_roots_freed: bool,
+}
+
+/// Where an L1 table and a refcount table are.
+#[derive(Clone, Copy, Debug)]
+struct Roots {
+    l1: u64,
+    l1_clusters: u64,
+    rt: u64,
+    rt_clusters: u64,
+}
+
+impl TxgState {
+    pub fn new(options: TxgOptions) -> TxgState {
+        TxgState {
+            options,
+            owned: BTreeSet::new(),
+            l1_changed: false,
+            reftable_changed: false,
+            group_bytes: 0,
+            group_started: None,
+            commits: 0,
+            commit_wanted: false,
+            staged: None,
+            durable_roots_freed: false,
+        }
+    }
+}
+
+/// Header bytes 24..64: size, crypt_method, l1_size, l1_table_offset, refcount_table_offset,
+/// refcount_table_clusters. They lie inside the first 512-byte sector, which a device writes
+/// whole or not at all: the commit's switch cannot be torn.
+const ROOT_FIELDS: std::ops::Range<usize> = 24..64;
+
+impl<S: Storage> Image<S> {
+    /// Whether host cluster `host_offset` may be written in place: always outside transaction
+    /// groups; inside one, only when the group allocated it.
+    pub(super) fn may_overwrite(&self, host_offset: u64) -> bool {
+        match &self.txg {
+            None => true,
+            Some(t) => t.owned.contains(&(host_offset >> self.cluster_bits)),
+        }
+    }
+
+    /// Notes a cluster allocated in the open group.
+    pub(super) fn note_owned(&mut self, cluster: u64) {
+        if let Some(t) = self.txg.as_mut() {
+            t.owned.insert(cluster);
+        }
+    }
+
+    /// Notes guest bytes written in the group (for its size bound).
+    pub(super) fn note_group_bytes(&mut self, bytes: u64) {
+        if let Some(t) = self.txg.as_mut() {
+            t.group_bytes += bytes;
+            t.group_started.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Whether the open group has reached its size or age bound.
+    pub fn group_is_due(&self) -> bool {
+        self.txg.as_ref().is_some_and(|t| {
+            t.group_bytes >= t.options.max_group_bytes
+                || t.group_started
+                    .is_some_and(|s| s.elapsed() >= t.options.max_group_age)
+        })
+    }
+
+    /// Asks for a commit: until it happens, `plan_write` answers `None` (wait), so that the
+    /// write plans in flight drain and the commit can run (see [`Image::commit`]).
+    pub fn request_commit(&mut self) {
+        if let Some(t) = self.txg.as_mut() {
+            t.commit_wanted = true;
+        }
+    }
+
+    /// Whether a commit was asked for and has not happened yet.
+    pub fn commit_pending(&self) -> bool {
+        self.txg.as_ref().is_some_and(|t| t.commit_wanted)
+    }
+
+    /// Commits the open group (its size or age bound was reached): everything written so far
+    /// becomes durable with at most two syncs. Outside the txg mode, nothing. No write plan
+    /// may be in flight (the caller asks with [`Image::request_commit`] and waits for them):
+    /// a plan in flight may write in place into a cluster the group owns, which the commit
+    /// hands to the durable image.
+    pub fn commit(&mut self) -> Result<()> {
+        if self.txg.is_none() || self.read_only {
+            return Ok(());
+        }
+        self.commit_and_release()
+    }
+
+    /// The commit, then the end of the I/O epoch: the old tree's clusters become reusable
+    /// (once no request in flight may still touch them).
+    pub(super) fn commit_and_release(&mut self) -> Result<()> {
+        if self.write_plans_in_flight > 0 {
+            if let Some(t) = self.txg.as_mut() {
+                t.commit_wanted = false;
+            }
+            return Err(Error::Invalid(format!(
+                "a transaction group cannot commit while {} write(s) are in flight",
+                self.write_plans_in_flight
+            )));
+        }
+        let committed = self.commit_group();
+        if let Some(t) = self.txg.as_mut() {
+            // Failed or not: the writes waiting for it go on (the error reaches the flush).
+            t.commit_wanted = false;
+        }
+        committed?;
+        self.io_epoch += 1;
+        self.release_quarantine();
+        Ok(())
+    }
+
+    /// Runs `f` with transaction groups off: the group commits first, `f` writes in place with
+    /// the ordinary ordering rules, and its result is made durable before groups resume. For
+    /// rare operations that change the image's shape (resize, check with repair).
+    pub(super) fn outside_group<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if self.txg.is_none() {
+            return f(self);
+        }
+        self.commit_and_release()?;
+        let state = self.txg.take();
+        let result = f(self).and_then(|v| self.flush_metadata_and_sync(false).map(|()| v));
+        if let Some(mut t) = state {
+            // Everything on storage is the durable image now; the group starts empty.
+            t.owned.clear();
+            t.l1_changed = false;
+            t.reftable_changed = false;
+            t.group_bytes = 0;
+            t.group_started = None;
+            self.txg = Some(t);
+        }
+        result
+    }
+
+    /// Groups committed since the image was opened (0 outside the txg mode).
+    pub fn groups_committed(&self) -> u64 {
+        self.txg.as_ref().map_or(0, |t| t.commits)
+    }
+
+    pub fn in_transaction_groups(&self) -> bool {
+        self.txg.is_some()
+    }
+
+    /// Copies refcount block `rt_index` (a block of D) to a new cluster owned by the group and
+    /// points the refcount table (in memory) at the copy. Returns the copy's offset.
+    ///
+    /// The copy is named by the refcount table before it is counted, so that counting it
+    /// (which may fall in the range this very block covers) updates the copy.
+    pub(super) fn cow_refblock(&mut self, rt_index: u64, old_offset: u64) -> Result<u64> {
+        self.load_refblock(old_offset)?;
+        let content = self
+            .refblock_cache
+            .get(old_offset)
+            .map(|b| b.to_vec())
+            .ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "refcount block {old_offset:#x} vanished from the cache"
+                ))
+            })?;
+        let free = self.find_free_cluster()?;
+        let covered = matches!(self.refblock_offset(self.rc.locate(free).0)?, Some(o) if o != 0);
+        // A free cluster no block counts yet: the allocator makes that block (owned by the
+        // group) and counts the cluster there, never in the block being copied.
+        let (cluster, counted) = if covered {
+            (free, false)
+        } else {
+            (self.alloc_cluster()? >> self.cluster_bits, true)
+        };
+        let new_offset = cluster << self.cluster_bits;
+        self.make_room_in_refblock_cache()?;
+        self.refblock_cache.insert(new_offset, content, true);
+        // D's block is clean (nothing writes it) and freed at the commit.
+        self.refblock_cache.evict(old_offset);
+        if let Some(e) = usize::try_from(rt_index)
+            .ok()
+            .and_then(|i| self.reftable.get_mut(i))
+        {
+            *e = new_offset;
+        }
+        self.metadata.add_refblock(new_offset);
+        self.metadata.remove_refblock(old_offset);
+        self.note_allocated(cluster);
+        if let Some(t) = self.txg.as_mut() {
+            t.reftable_changed = true;
+        }
+        if !counted {
+            self.set_refcount(cluster, 1)?;
+        }
+        // D's block loses the refcount table's reference: freed once the group commits.
+        self.pending_frees.push(old_offset >> self.cluster_bits);
+        Ok(new_offset)
+    }
+
+    /// Makes the open group durable as the image (see the module comment): two syncs,
+    /// whatever the number of barriers in it; nothing when the group is empty.
+    ///
+    /// On an error the group stays open and the next commit tries again. The tables placed
+    /// for the failed attempt are given back then (quarantined until that commit is
+    /// durable, as the header may name them if its write reached the disk after all); from a
+    /// failed switch on, nothing the group wrote is overwritten either.
+    pub(super) fn commit_group(&mut self) -> Result<()> {
+        self.write_back()?;
+        let changed = self.unflushed_writes
+            || self
+                .txg
+                .as_ref()
+                .is_some_and(|t| t.l1_changed || t.reftable_changed || t.staged.is_some());
+        if !changed {
+            return Ok(());
+        }
+        let roots = self.place_roots()?;
+        if let Some(t) = self.txg.as_mut() {
+            t.staged = Some(roots);
+        }
+
+        // Everything of the group reaches storage: owned tables, the two new tables. D names
+        // none of it, so the order among these writes does not matter.
+        self.write_owned_tables()?;
+        let cluster_bits = self.cluster_bits;
+        let mut l1_raw: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        l1_raw.resize((roots.l1_clusters << cluster_bits) as usize, 0);
+        if roots.l1_clusters > 0 {
+            self.write_metadata(roots.l1, &l1_raw, "writing the group's L1 table")?;
+        }
+        let mut rt_raw: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        rt_raw.resize((roots.rt_clusters << cluster_bits) as usize, 0);
+        self.write_metadata(roots.rt, &rt_raw, "writing the group's refcount table")?;
+        // INVARIANT (commit order 1): every write of the group is durable before the header
+        // names it.
+        self.storage_flush()?;
+
+        // The switch: the header fields that name the new tables, inside its first sector.
+        let mut next = self.header.clone();
+        next.l1_table_offset = roots.l1;
+        next.l1_size_entries = self.l1.len() as u32;
+        next.refcount_table_offset = roots.rt;
+        next.refcount_table_clusters = roots.rt_clusters as u32;
+        let encoded = next.encode()?;
+        let fields = encoded.get(ROOT_FIELDS).ok_or_else(|| {
+            Error::Invalid("the encoded header is shorter than its fixed fields".into())
+        })?;
+        let switched = self
+            .write_metadata(
+                ROOT_FIELDS.start as u64,
+                fields,
+                "switching the header to the committed group",
+            )
+            // INVARIANT (commit order 2): the switch is durable before the old tree's clusters
+            // are reused (`commit_and_release` ends their quarantine after this returns).
+            .and_then(|()| self.storage_flush());
+        if let Err(e) = switched {
+            // The header may or may not name the group now: treat all of it as durable.
+            if let Some(t) = self.txg.as_mut() {
+                t.owned.clear();
+            }
+            return Err(e);
+        }
+        self.header = next;
+
+        // W is D now: nothing is owned, the old tree's clusters are free (after the
+        // quarantine of in-flight I/O).
+        if let Some(t) = self.txg.as_mut() {
+            t.owned.clear();
+            t.staged = None;
+            t.durable_roots_freed = false;
+            t.l1_changed = false;
+            t.reftable_changed = false;
+            t.group_bytes = 0;
+            t.group_started = None;
+            t.commits += 1;
+        }
+        self.counters.groups_committed += 1;
+        Ok(())
+    }
+
+    /// New places for the L1 table and the refcount table. The old ones (D's, or a failed
+    /// attempt's) are freed in W, after their regions moved in the overlap map; they are
+    /// quarantined until the commit. Counting the new places may copy refcount blocks and add
+    /// refcount table entries, so the refcount table's size is settled in a loop.
+    fn place_roots(&mut self) -> Result<Roots> {
+        let cluster_size = self.cluster_size();
+        let clusters_for = |bytes: u64| bytes.div_ceil(cluster_size);
+        let (staged, durable_freed) = match self.txg.as_mut() {
+            Some(t) => (t.staged.take(), t.durable_roots_freed),
+            None => return Err(Error::Invalid("no transaction group is open".into())),
+        };
+        let old = match staged {
+            Some(s) => s,
+            None if durable_freed => {
+                return Err(Error::Invalid(
+                    "the durable tables were freed but no new ones were placed".into(),
+                ))
+            }
+            None => Roots {
+                l1: self.header.l1_table_offset,
+                l1_clusters: clusters_for(u64::from(self.header.l1_size_entries) * 8),
+                rt: self.header.refcount_table_offset,
+                rt_clusters: u64::from(self.header.refcount_table_clusters),
+            },
+        };
+        if let Some(t) = self.txg.as_mut() {
+            // From here on the old tables are freed (below) whatever happens.
+            t.durable_roots_freed = true;
+            t.staged = Some(old);
+        }
+        let old_l1 = old.l1 >> self.cluster_bits;
+        let old_rt = old.rt >> self.cluster_bits;
+
+        let l1_clusters = clusters_for(self.l1.len() as u64 * 8);
+        let l1 = if l1_clusters > 0 {
+            self.alloc_table(l1_clusters)?
+        } else {
+            0
+        };
+        self.metadata
+            .move_region("L1 table", l1, l1 + (l1_clusters << self.cluster_bits));
+        self.pending_frees.extend(old_l1..old_l1 + old.l1_clusters);
+
+        let mut old_rt_freed = false;
+        let (rt, rt_clusters) = loop {
+            self.settle_frees()?;
+            let want = clusters_for(self.reftable.len() as u64 * 8).max(1);
+            let at = self.alloc_table(want)?;
+            self.metadata
+                .move_region("refcount table", at, at + (want << self.cluster_bits));
+            if !old_rt_freed {
+                self.pending_frees.extend(old_rt..old_rt + old.rt_clusters);
+                old_rt_freed = true;
+            }
+            self.settle_frees()?;
+            if clusters_for(self.reftable.len() as u64 * 8) <= want {
+                break (at, want);
+            }
+            // The table outgrew the place: give the place back and try a larger one.
+            let first = at >> self.cluster_bits;
+            for c in first..first + want {
+                self.set_refcount(c, 0)?;
+                self.quarantine.insert(c, self.io_epoch);
+            }
+        };
+        self.settle_frees()?;
+        Ok(Roots {
+            l1,
+            l1_clusters,
+            rt,
+            rt_clusters,
+        })
+    }
+
+    /// `clusters` contiguous clusters for a table: a freed cluster in the middle of the file
+    /// when one will do (commits do not grow the file), else past everything in use.
+    fn alloc_table(&mut self, clusters: u64) -> Result<u64> {
+        if clusters == 1 {
+            self.alloc_cluster()
+        } else {
+            self.alloc_contiguous(clusters)
+        }
+    }
+
+    /// Applies refcount decrements until none is left (applying one may copy a refcount
+    /// block, which frees D's copy).
+    fn settle_frees(&mut self) -> Result<()> {
+        while !self.pending_frees.is_empty() {
+            self.apply_pending_frees()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the group's dirty L2 tables and refcount blocks, all in owned clusters, in any
+    /// order (D names none of them).
+    pub(super) fn write_owned_tables(&mut self) -> Result<()> {
+        for offset in self.l2_cache.dirty_offsets() {
+            if !self.may_overwrite(offset) {
+                return Err(Error::Corrupt(format!(
+                    "a dirty L2 table at {offset:#x} belongs to the durable image"
+                )));
+            }
+            let bytes = self
+                .l2_cache
+                .peek(offset)
+                .map(|b| b.to_vec())
+                .unwrap_or_default();
+            self.write_metadata(offset, &bytes, "writing an L2 table of the group")?;
+            self.l2_cache.mark_clean(offset);
+        }
+        for offset in self.refblock_cache.dirty_offsets() {
+            if !self.may_overwrite(offset) {
+                return Err(Error::Corrupt(format!(
+                    "a dirty refcount block at {offset:#x} belongs to the durable image"
+                )));
+            }
+            let bytes = self
+                .refblock_cache
+                .peek(offset)
+                .map(|b| b.to_vec())
+                .unwrap_or_default();
+            self.write_metadata(offset, &bytes, "writing a refcount block of the group")?;
+            self.refblock_cache.mark_clean(offset);
+        }
+        Ok(())
+    }
+
+    /// The txg write-back: owned tables go out (they may, any time); L1 and refcount table
+    /// entries stay in memory for the commit; decrements apply in memory (their clusters are
+    /// quarantined until the commit).
+    pub(super) fn write_back_group(&mut self) -> Result<()> {
+        if !self.l1_dirty.is_empty() || !self.reftable_dirty.is_empty() {
+            if let Some(t) = self.txg.as_mut() {
+                t.l1_changed |= !self.l1_dirty.is_empty();
+                t.reftable_changed |= !self.reftable_dirty.is_empty();
+            }
+            self.l1_dirty.clear();
+            self.reftable_dirty.clear();
+        }
+        self.settle_frees()?;
+        self.write_owned_tables()
+    }
+}
