@@ -39,6 +39,8 @@ const ALLOW_TYPES: &[&str] = &[
     "Qcow2bCounters",
     "PreallocMode",
     "Qcow2CompressionType",
+    "QemuCoSleep",
+    "QEMUClockType",
 ];
 const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_register",
@@ -114,6 +116,8 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "qemu_opt_get",
     "qemu_opt_get_size_del",
     "qemu_opt_get_del",
+    "qemu_co_sleep_ns_wakeable",
+    "qemu_co_sleep_wake",
 ];
 const ALLOW_VARS: &[&str] = &["BDRV_.*", "BDRV_O_.*", "BDRV_REQ_.*", "BDRV_BLOCK_.*"];
 

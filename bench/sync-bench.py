@@ -6,7 +6,7 @@ sends: "barrier per write"), appending (fresh clusters) or overwriting (allocate
 
 Configurations: QEMU's qcow2, qcow2 with lazy_refcounts=on, and qcow2b in each barrier mode
 (flush, ordered, barrierfs with the injected primitive: an upper bound for barrier hardware,
-no real ordering on this kernel). Everything runs through the built qemu-io on a fresh image
+no real ordering on this kernel; txg: transaction groups, two syncs per commit). Everything runs through the built qemu-io on a fresh image
 in a folder of the build root (the machine's real disk; no latency model).
 
 For each cell: throughput (median of REPS timed runs, without tracing), host fdatasync per
@@ -36,6 +36,7 @@ CONFIGS = [
     ("qcow2b flush", "", "driver=qcow2b,barrier=flush"),
     ("qcow2b ordered", "", "driver=qcow2b,barrier=ordered"),
     ("qcow2b barrierfs*", "", "driver=qcow2b,barrier=barrierfs,x-barrierfs-inject=on"),
+    ("qcow2b txg", "", "driver=qcow2b,barrier=txg"),
 ]
 WORKLOADS = [
     # name, overwrite?, barrier writes?

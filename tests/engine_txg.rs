@@ -204,12 +204,7 @@ type Workload = (Vec<Event>, Vec<u8>, Vec<(u64, Vec<u8>)>);
 /// A random workload over a small disk, in transaction groups, with the guest content kept in
 /// a model. Returns the recorder's log, the image the workload started from, and the model at
 /// every guest flush, keyed by the number of syncs done when that flush returned.
-fn run_workload(
-    seed: u64,
-    cluster_size: u64,
-    disk: u64,
-    ops: usize,
-) -> Workload {
+fn run_workload(seed: u64, cluster_size: u64, disk: u64, ops: usize) -> Workload {
     let start = created(cluster_size, disk);
     let mut image = Image::open(
         Recorder {

@@ -141,6 +141,14 @@ impl<S: Storage> Image<S> {
         })
     }
 
+    /// How long until the open group reaches its age bound (zero once it has); `None` when
+    /// no guest write is in the group, or outside the txg mode.
+    pub fn group_age_left(&self) -> Option<Duration> {
+        let t = self.txg.as_ref()?;
+        let started = t.group_started?;
+        Some(t.options.max_group_age.saturating_sub(started.elapsed()))
+    }
+
     /// Asks for a commit: until it happens, `plan_write` answers `None` (wait), so that the
     /// write plans in flight drain and the commit can run (see [`Image::commit`]).
     pub fn request_commit(&mut self) {

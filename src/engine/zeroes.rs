@@ -113,6 +113,8 @@ impl<S: Storage> Image<S> {
     }
 
     fn for_each_whole_cluster(&mut self, start: u64, end: u64, op: ClusterOp) -> Result<()> {
+        // A transaction group's bounds count these guest bytes too.
+        self.note_group_bytes(end - start);
         let mut offset = start;
         while offset < end {
             let guest_cluster = offset >> self.cluster_bits;

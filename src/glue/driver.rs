@@ -20,10 +20,12 @@ use super::file::FileAccess;
 use super::node::Node;
 use super::opts::{bool_opt, leak_list, number_opt, size_opt, string_opt, Opts};
 use super::request;
+use super::txg;
 use crate::engine::header::CompressionType;
+use crate::engine::TxgOptions;
 use crate::engine::{CheckFix, Error, Image, Mapping, OpenOptions};
 use crate::ordering::primitive::{self, Primitive};
-use crate::ordering::BarrierMode;
+use crate::ordering::{BarrierMode, BarrierOptions};
 
 /// Copies `value` into a fixed C char array, NUL-terminated; refuses what does not fit.
 fn set_c_string(dst: &mut [c_char], value: &str, what: &str) -> Result<(), Error> {
@@ -47,6 +49,8 @@ const BARRIER: &CStr = c"barrier";
 const BARRIERFS_SYSCALL: &CStr = c"barrierfs-syscall";
 const BARRIERFS_INJECT: &CStr = c"x-barrierfs-inject";
 const BUFFER_SIZE: &CStr = c"buffer-size";
+const TXG_MAX_BYTES: &CStr = c"txg-max-bytes";
+const TXG_MAX_AGE_MS: &CStr = c"txg-max-age-ms";
 
 /// The runtime options (`-drive driver=qcow2b,...`, `-blockdev`), built once.
 fn runtime_opts() -> *mut bindings::QemuOptsList {
@@ -58,12 +62,12 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
     unsafe impl Sync for List {}
     static LIST: OnceLock<List> = OnceLock::new();
     LIST.get_or_init(|| {
-        List(leak_list::<8>(
+        List(leak_list::<10>(
             c"qcow2b",
             &[
                 string_opt(
                     BARRIER,
-                    c"How barriers reach the host: auto (barrierfs when barrierfs-syscall is given, else ordered), barrierfs, ordered, flush",
+                    c"How barriers reach the host: auto (barrierfs when barrierfs-syscall is given, else ordered), barrierfs, ordered, flush, txg",
                 ),
                 number_opt(
                     BARRIERFS_SYSCALL,
@@ -76,6 +80,14 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
                 size_opt(
                     BUFFER_SIZE,
                     c"Bytes the ordered mode may buffer before new writes wait (default 64M)",
+                ),
+                size_opt(
+                    TXG_MAX_BYTES,
+                    c"With barrier=txg, commit a transaction group once it holds this many guest bytes (default 64M)",
+                ),
+                number_opt(
+                    TXG_MAX_AGE_MS,
+                    c"With barrier=txg, commit a transaction group once it is this many milliseconds old (default 5000)",
                 ),
                 size_opt(
                     L2_CACHE_SIZE,
@@ -97,12 +109,15 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
 
 /// The barrier mode from the runtime options.
 fn barrier_mode(opts: &Opts) -> Result<BarrierMode, Error> {
-    BarrierMode::from_options(
-        opts.string(BARRIER).as_deref(),
-        opts.number(BARRIERFS_SYSCALL).map(|n| n as i64),
-        opts.bool(BARRIERFS_INJECT).unwrap_or(false),
-        opts.size(BUFFER_SIZE),
-    )
+    let mode = opts.string(BARRIER);
+    BarrierMode::from_options(BarrierOptions {
+        mode: mode.as_deref(),
+        syscall: opts.number(BARRIERFS_SYSCALL).map(|n| n as i64),
+        inject: opts.bool(BARRIERFS_INJECT).unwrap_or(false),
+        buffer_bytes: opts.size(BUFFER_SIZE),
+        txg_max_bytes: opts.size(TXG_MAX_BYTES),
+        txg_max_age_ms: opts.number(TXG_MAX_AGE_MS),
+    })
     .map_err(|e| Error::BadOption(e.to_string()))
 }
 
@@ -115,7 +130,7 @@ unsafe fn register_primitive(bs: *mut BlockDriverState, mode: BarrierMode) -> Op
     let primitive = match mode {
         BarrierMode::BarrierFs { syscall } => Primitive::FdataBarrier { syscall },
         BarrierMode::Injected => Primitive::Injected,
-        BarrierMode::Flush | BarrierMode::Ordered { .. } => return None,
+        BarrierMode::Flush | BarrierMode::Ordered { .. } | BarrierMode::Txg { .. } => return None,
     };
     // SAFETY: per the caller.
     let protocol = unsafe { bindings::bdrv_skip_filters((*(*bs).file).bs) } as usize;
@@ -124,7 +139,12 @@ unsafe fn register_primitive(bs: *mut BlockDriverState, mode: BarrierMode) -> Op
 }
 
 /// The engine's cache sizes from the runtime options, with QEMU's rules for `cache-size`.
-fn open_options(opts: &Opts, read_only: bool, for_check: bool) -> Result<OpenOptions, Error> {
+fn open_options(
+    opts: &Opts,
+    mode: BarrierMode,
+    read_only: bool,
+    for_check: bool,
+) -> Result<OpenOptions, Error> {
     let l2 = opts.size(L2_CACHE_SIZE);
     let refcount = opts.size(REFCOUNT_CACHE_SIZE);
     let (l2_cache_bytes, refcount_cache_bytes) = match (opts.size(CACHE_SIZE), l2, refcount) {
@@ -157,7 +177,16 @@ fn open_options(opts: &Opts, read_only: bool, for_check: bool) -> Result<OpenOpt
         l2_cache_bytes,
         refcount_cache_bytes,
         for_check,
-        txg: None,
+        txg: match mode {
+            BarrierMode::Txg {
+                max_bytes,
+                max_age_ms,
+            } => Some(TxgOptions {
+                max_group_bytes: max_bytes,
+                max_group_age: std::time::Duration::from_millis(max_age_ms),
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -202,8 +231,8 @@ unsafe extern "C" fn qcow2b_open(
             };
             let read_only = flags & bindings::BDRV_O_RDWR as c_int == 0;
             let for_check = flags & bindings::BDRV_O_CHECK as c_int != 0;
-            let open_options = open_options(&opts, read_only, for_check)?;
             let mode = barrier_mode(&opts)?;
+            let open_options = open_options(&opts, mode, read_only, for_check)?;
             let file = FileAccess::new(bs, mode);
             let image = Image::open(file.clone(), &open_options)?;
             publish_image_fields(bs, &image)?;
@@ -275,18 +304,23 @@ unsafe extern "C" fn qcow2b_co_barrier(bs: *mut BlockDriverState) -> c_int {
 }
 
 unsafe extern "C" fn qcow2b_co_drain_begin(bs: *mut BlockDriverState) {
-    // The ordered mode's writer empties the buffer while the drain waits for it.
     // SAFETY: called by the block layer for a node we opened.
-    if let FileAccess::Ordered(o) = unsafe { &Node::of(bs).file } {
+    let node = unsafe { Node::of(bs) };
+    // The ordered mode's writer empties the buffer while the drain waits for it; the txg
+    // committer stops sleeping and ends.
+    if let FileAccess::Ordered(o) = &node.file {
         o.begin_drain();
     }
+    txg::drain_begin(node);
 }
 
 unsafe extern "C" fn qcow2b_co_drain_end(bs: *mut BlockDriverState) {
     // SAFETY: as above.
-    if let FileAccess::Ordered(o) = unsafe { &Node::of(bs).file } {
+    let node = unsafe { Node::of(bs) };
+    if let FileAccess::Ordered(o) = &node.file {
         o.end_drain();
     }
+    txg::drain_end(node);
 }
 
 /// Runs a metadata-only change of a guest range once no allocation in flight overlaps it.
@@ -300,11 +334,21 @@ unsafe fn change_range(
     change: impl FnOnce(&mut Image<FileAccess>) -> Result<(), Error>,
 ) -> Result<(), Error> {
     // SAFETY: per the caller.
-    let mut locked = unsafe { Node::of(bs).lock() }?;
+    let node = unsafe { Node::of(bs) };
+    // SAFETY: as above.
+    let mut locked = unsafe { node.lock() }?;
     while locked.image().write_conflicts(offset, bytes) {
         locked.wait_for_allocations();
     }
-    change(locked.image())
+    change(locked.image())?;
+    let image = locked.image();
+    let due = image.in_transaction_groups().then(|| image.group_is_due());
+    drop(locked);
+    if let Some(due) = due {
+        // SAFETY: as above.
+        unsafe { txg::after_write(bs, node, due) };
+    }
+    Ok(())
 }
 
 /// Whether a range covers whole clusters only (its end may be the end of the disk).
@@ -367,10 +411,10 @@ unsafe extern "C" fn qcow2b_co_pdiscard(
 unsafe extern "C" fn qcow2b_co_flush_to_os(bs: *mut BlockDriverState) -> c_int {
     // The engine's flush writes metadata back in order and syncs the file once; the block
     // layer's own flush of bs->file afterwards finds nothing new and costs no second sync.
+    // In the txg mode the flush commits the group (txg.rs): two syncs, or none.
     guard("flush", || {
         // SAFETY: called by the block layer in a coroutine of a node we opened.
-        let mut locked = unsafe { Node::of(bs).lock() }?;
-        locked.image().flush().map(|_| 0)
+        unsafe { txg::commit(Node::of(bs), txg::Durability::Flush) }.map(|_| 0)
     })
 }
 
@@ -613,6 +657,7 @@ unsafe extern "C" fn qcow2b_get_specific_info(
                 metadata_writes: n(engine.metadata_writes),
                 data_writes: n(engine.data_writes),
                 host_errors: n(host.errors.get()),
+                groups_committed: n(engine.groups_committed),
             };
             i.counters = c;
             let spec: *mut bindings::ImageInfoSpecific =

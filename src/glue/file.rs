@@ -104,7 +104,10 @@ impl FileAccess {
         let child = unsafe { (*bs).file };
         let counters = Rc::new(HostCounters::default());
         match mode {
-            BarrierMode::Flush => FileAccess::Direct {
+            // Transaction groups order by their commit's two syncs; the engine issues no
+            // barrier inside a group (outside one, for a resize or a check, a barrier is a
+            // sync).
+            BarrierMode::Flush | BarrierMode::Txg { .. } => FileAccess::Direct {
                 child,
                 barrier: DirectBarrier::Flush,
                 counters,

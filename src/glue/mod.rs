@@ -11,6 +11,7 @@
 //! - `opts`: QEMU option lists declared from Rust tables;
 //! - `host_barrier`: the C entry point file-posix calls for a barrier;
 //! - `create`: `qemu-img create` and `qemu-img measure` (QEMU option lists to the engine's);
+//! - `txg`: when the `txg` barrier mode's transaction groups commit (flush, bounds);
 //! - `driver`: the `BlockDriver` table registered under the format name `qcow2b`.
 
 mod bindings;
@@ -23,3 +24,4 @@ mod node;
 mod opts;
 mod request;
 mod storage;
+mod txg;

@@ -15,7 +15,7 @@ use std::cell::{Cell, RefCell, UnsafeCell};
 use std::collections::BTreeSet;
 use std::ffi::c_void;
 
-use super::bindings::{self, BlockDriverState, CoMutex, CoQueue, QemuLockable};
+use super::bindings::{self, BlockDriverState, CoMutex, CoQueue, QemuCoSleep, QemuLockable};
 use super::file::FileAccess;
 use crate::engine::{Error, Image, OpenOptions};
 use crate::ordering::BarrierMode;
@@ -42,6 +42,21 @@ pub struct Node {
     poisoned: Cell<bool>,
     /// How the image was opened (for `invalidate_cache`).
     pub open_options: OpenOptions,
+    /// The txg mode's committer (`txg.rs`).
+    pub txg: Committer,
+}
+
+/// The state of a node's transaction group committer (`txg.rs`).
+pub struct Committer {
+    /// The committer coroutine runs (at most one per node).
+    pub committer_running: Cell<bool>,
+    /// Where it sleeps until the group's age bound; woken early by a write that reached the
+    /// byte bound, or by a drain.
+    pub sleep: UnsafeCell<QemuCoSleep>,
+    /// A drain is in progress: the committer ends and is not restarted.
+    pub draining: Cell<bool>,
+    /// The group's age bound, also the pause after a failed commit.
+    pub max_age: std::time::Duration,
 }
 
 impl Node {
@@ -66,6 +81,14 @@ impl Node {
             lock: UnsafeCell::new(CoMutex::default()),
             alloc_waiters: UnsafeCell::new(CoQueue::default()),
             poisoned: Cell::new(false),
+            txg: Committer {
+                committer_running: Cell::new(false),
+                sleep: UnsafeCell::new(QemuCoSleep::default()),
+                draining: Cell::new(false),
+                max_age: open_options
+                    .txg
+                    .map_or(std::time::Duration::ZERO, |t| t.max_group_age),
+            },
             open_options,
         });
         // SAFETY: the objects are zeroed and live at their final heap address.

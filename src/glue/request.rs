@@ -8,6 +8,7 @@ use super::bindings::{self, BdrvChild, BlockDriverState, QEMUIOVector};
 use super::file::FileAccess;
 use super::node::Node;
 use super::storage::ChildStorage;
+use super::txg;
 use crate::engine::dataio::{DataContext, ReadTarget, WriteSource};
 use crate::engine::header::CompressionType;
 use crate::engine::{Backing, Error, WritePiece};
@@ -199,7 +200,10 @@ pub unsafe fn write(
     // SAFETY: as above.
     let result = unsafe { write_data(node, bs, offset, bytes, qiov, qiov_offset) };
     node.write_done(arrival);
-    result?;
+    if let Some(due) = result? {
+        // SAFETY: as above.
+        unsafe { txg::after_write(bs, node, due) };
+    }
     if barrier {
         node.barrier_writes.set(node.barrier_writes.get() + 1);
         node.wait_for_writes_before(arrival);
@@ -224,7 +228,8 @@ pub unsafe fn barrier(bs: *mut BlockDriverState) -> Result<(), Error> {
     locked.image().barrier()
 }
 
-/// The engine's three steps for one write.
+/// The engine's three steps for one write. In the txg mode, returns whether the group
+/// reached a bound (`None` in other modes).
 ///
 /// # Safety
 /// As for [`read`].
@@ -235,7 +240,7 @@ unsafe fn write_data(
     bytes: u64,
     qiov: *mut QEMUIOVector,
     qiov_offset: usize,
-) -> Result<(), Error> {
+) -> Result<Option<bool>, Error> {
     let (plan, compression, cluster_size) = {
         // SAFETY: the caller's contract.
         let mut locked = unsafe { node.lock() }?;
@@ -269,8 +274,11 @@ unsafe fn write_data(
             Err(e)
         }
     };
-    if allocates {
+    // A commit waiting for the plans in flight is woken by every plan's end.
+    if allocates || image.commit_pending() {
         locked.wake_allocation_waiters();
     }
-    result
+    result?;
+    let image = locked.image();
+    Ok(image.in_transaction_groups().then(|| image.group_is_due()))
 }

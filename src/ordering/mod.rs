@@ -1,7 +1,7 @@
 //! The ordering layer: how a barrier ("everything written before is ordered before everything
 //! written after; no durability promise") is kept on the host.
 //!
-//! - [`BarrierMode`]: the driver option `barrier=auto|barrierfs|ordered|flush`;
+//! - [`BarrierMode`]: the driver option `barrier=auto|barrierfs|ordered|flush|txg`;
 //! - [`primitive`]: the host barrier primitive of a protocol node (BarrierFS's
 //!   `fdatabarrier(2)`, an injected primitive for tests, or `fdatasync` when none is set up),
 //!   which QEMU's file-posix calls for `bdrv_co_barrier`;
@@ -30,6 +30,24 @@ pub enum BarrierMode {
     /// Order-preserving write-back in user space: writes are grouped into epochs separated by
     /// barriers, and an epoch reaches the file only after the one before it is durable.
     Ordered { buffer_bytes: u64 },
+    /// Transaction groups (`engine::txg`): barriers cost nothing; a group commits with two
+    /// syncs at a guest flush, after `max_bytes` guest bytes or after `max_age_ms`.
+    Txg { max_bytes: u64, max_age_ms: u64 },
+}
+
+/// The default bounds of a transaction group.
+pub const DEFAULT_TXG_BYTES: u64 = 64 << 20;
+pub const DEFAULT_TXG_AGE_MS: u64 = 5000;
+
+/// The options of [`BarrierMode::from_options`], as the user gave them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BarrierOptions<'a> {
+    pub mode: Option<&'a str>,
+    pub syscall: Option<i64>,
+    pub inject: bool,
+    pub buffer_bytes: Option<u64>,
+    pub txg_max_bytes: Option<u64>,
+    pub txg_max_age_ms: Option<u64>,
 }
 
 /// The default bound of the `ordered` mode's buffer.
@@ -52,12 +70,15 @@ impl BarrierMode {
     /// `auto` is `barrierfs` when a system call number is given (the user said the host is
     /// BarrierFS) and `ordered` otherwise. Nothing is ever called to find out: on mainline
     /// kernels the BarrierFS numbers 314 and 315 are sched_setattr and sched_getattr.
-    pub fn from_options(
-        mode: Option<&str>,
-        syscall: Option<i64>,
-        inject: bool,
-        buffer_bytes: Option<u64>,
-    ) -> Result<BarrierMode, BadBarrierOption> {
+    pub fn from_options(o: BarrierOptions) -> Result<BarrierMode, BadBarrierOption> {
+        let BarrierOptions {
+            mode,
+            syscall,
+            inject,
+            buffer_bytes,
+            txg_max_bytes,
+            txg_max_age_ms,
+        } = o;
         let bad = |msg: String| Err(BadBarrierOption(msg));
         let mode = match (mode.unwrap_or("auto"), syscall, inject) {
             (_, Some(_), true) => {
@@ -83,7 +104,11 @@ impl BarrierMode {
                 )
             }
             ("flush", None, false) => BarrierMode::Flush,
-            ("ordered" | "flush", _, _) => {
+            ("txg", None, false) => BarrierMode::Txg {
+                max_bytes: txg_max_bytes.unwrap_or(DEFAULT_TXG_BYTES),
+                max_age_ms: txg_max_age_ms.unwrap_or(DEFAULT_TXG_AGE_MS),
+            },
+            ("ordered" | "flush" | "txg", _, _) => {
                 return bad(
                     "barrierfs-syscall and x-barrierfs-inject apply to barrier=barrierfs only"
                         .into(),
@@ -91,12 +116,31 @@ impl BarrierMode {
             }
             (other, _, _) => {
                 return bad(format!(
-                    "barrier={other}: expected auto, barrierfs, ordered or flush"
+                    "barrier={other}: expected auto, barrierfs, ordered, flush or txg"
                 ))
             }
         };
         if buffer_bytes.is_some() && !matches!(mode, BarrierMode::Ordered { .. }) {
             return bad("buffer-size applies to barrier=ordered only".into());
+        }
+        if (txg_max_bytes.is_some() || txg_max_age_ms.is_some())
+            && !matches!(mode, BarrierMode::Txg { .. })
+        {
+            return bad("txg-max-bytes and txg-max-age-ms apply to barrier=txg only".into());
+        }
+        if let BarrierMode::Txg {
+            max_bytes,
+            max_age_ms,
+        } = mode
+        {
+            if max_bytes < 1 << 20 {
+                return bad(format!("txg-max-bytes {max_bytes} is below 1 MiB"));
+            }
+            if !(1..=3_600_000).contains(&max_age_ms) {
+                return bad(format!(
+                    "txg-max-age-ms {max_age_ms} is outside 1 to 3600000 (one hour)"
+                ));
+            }
         }
         if let BarrierMode::Ordered { buffer_bytes } = mode {
             if buffer_bytes < 1 << 20 {
@@ -113,6 +157,7 @@ impl BarrierMode {
             BarrierMode::BarrierFs { .. } => "barrierfs",
             BarrierMode::Injected => "barrierfs (injected primitive)",
             BarrierMode::Ordered { .. } => "ordered",
+            BarrierMode::Txg { .. } => "txg",
         }
     }
 }
@@ -123,7 +168,15 @@ mod tests {
 
     #[test]
     fn auto_is_ordered_unless_the_user_names_the_barrierfs_syscall() {
-        let m = |mode, sys, inject, buf| BarrierMode::from_options(mode, sys, inject, buf);
+        let m = |mode, syscall, inject, buffer_bytes| {
+            BarrierMode::from_options(BarrierOptions {
+                mode,
+                syscall,
+                inject,
+                buffer_bytes,
+                ..Default::default()
+            })
+        };
         assert_eq!(
             m(None, None, false, None),
             Ok(BarrierMode::Ordered {
@@ -149,12 +202,61 @@ mod tests {
 
     #[test]
     fn barrierfs_without_a_syscall_number_is_refused_and_says_why() {
-        let err = BarrierMode::from_options(Some("barrierfs"), None, false, None).unwrap_err();
+        let m = |mode, syscall, inject, buffer_bytes| {
+            BarrierMode::from_options(BarrierOptions {
+                mode,
+                syscall,
+                inject,
+                buffer_bytes,
+                ..Default::default()
+            })
+        };
+        let err = m(Some("barrierfs"), None, false, None).unwrap_err();
         assert!(err.0.contains("barrierfs-syscall=N"), "{err}");
-        assert!(BarrierMode::from_options(Some("flush"), Some(315), false, None).is_err());
-        assert!(BarrierMode::from_options(Some("barrierfs"), Some(0), false, None).is_err());
-        assert!(BarrierMode::from_options(Some("flush"), None, false, Some(1 << 30)).is_err());
-        assert!(BarrierMode::from_options(Some("ordered"), None, false, Some(4096)).is_err());
-        assert!(BarrierMode::from_options(Some("fast"), None, false, None).is_err());
+        assert!(m(Some("flush"), Some(315), false, None).is_err());
+        assert!(m(Some("barrierfs"), Some(0), false, None).is_err());
+        assert!(m(Some("flush"), None, false, Some(1 << 30)).is_err());
+        assert!(m(Some("ordered"), None, false, Some(4096)).is_err());
+        assert!(m(Some("fast"), None, false, None).is_err());
+    }
+
+    #[test]
+    fn txg_takes_its_bounds_and_only_its_own_options() {
+        let txg = |bytes, age| {
+            BarrierMode::from_options(BarrierOptions {
+                mode: Some("txg"),
+                txg_max_bytes: bytes,
+                txg_max_age_ms: age,
+                ..Default::default()
+            })
+        };
+        assert_eq!(
+            txg(None, None),
+            Ok(BarrierMode::Txg {
+                max_bytes: DEFAULT_TXG_BYTES,
+                max_age_ms: DEFAULT_TXG_AGE_MS
+            })
+        );
+        assert_eq!(
+            txg(Some(8 << 20), Some(100)),
+            Ok(BarrierMode::Txg {
+                max_bytes: 8 << 20,
+                max_age_ms: 100
+            })
+        );
+        assert!(txg(Some(4096), None).is_err());
+        assert!(txg(None, Some(0)).is_err());
+        let ordered_with_txg_bound = BarrierMode::from_options(BarrierOptions {
+            mode: Some("ordered"),
+            txg_max_age_ms: Some(100),
+            ..Default::default()
+        });
+        assert!(ordered_with_txg_bound.is_err());
+        let txg_with_buffer = BarrierMode::from_options(BarrierOptions {
+            mode: Some("txg"),
+            buffer_bytes: Some(8 << 20),
+            ..Default::default()
+        });
+        assert!(txg_with_buffer.is_err());
     }
 }

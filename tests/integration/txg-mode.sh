@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# barrier=txg through the built tools (-t writeback: qemu-io's default, writethrough, would
+# add a flush to every write):
+# - 1000 x 64 KiB barrier writes + one flush cost 2 host fdatasyncs in all (one commit),
+#   appending and overwriting; a flush with nothing new costs none; the data reads back and
+#   QEMU's own qcow2 finds the image clean;
+# - the byte bound and the age bound commit on their own (counters), the options refuse
+#   what does not apply, -blockdev takes them through the QAPI schema;
+# - a process that dies (qemu-io's abort) leaves the last committed group, clean: a write
+#   committed by the age bound is there, a later barrier write of the open group is not;
+# - concurrent writes and flushes (aio) commit without losing a write;
+# - QEMU's qcow2 and qcow2b txg take turns on one image.
+. "$(dirname "$0")/lib.sh"
+
+fdatasyncs() {
+  strace -f -c -e trace=fdatasync,fsync -o "$SCRATCH/strace" "$@" > "$SCRATCH/out" 2>&1 \
+    || { cat "$SCRATCH/out" >&2; fail "$* failed"; }
+  qemu_io_clean
+  awk '$NF == "fdatasync" || $NF == "fsync" {s += $4} END {print s + 0}' "$SCRATCH/strace"
+}
+# qemu_io_clean, but the counters' "host errors: 0" line is no error.
+qemu_io_clean() {
+  ! grep -v "host errors: 0" "$SCRATCH/out" | grep -Eq "Pattern verification failed|failed:|error|Error" \
+    || { cat "$SCRATCH/out" >&2; fail "qemu-io reported an error"; }
+}
+counter() { sed -n "s/^ *$1: \([0-9]*\)$/\1/p" "$SCRATCH/out" | tail -n1; }
+new_image() { rm -f "$1"; "$SYS_QEMU_IMG" create -q -f qcow2 "$1" "$2"; }
+txg() { echo "driver=qcow2b,barrier=txg,file.filename=$1${2:+,$2}"; }
+
+img=$SCRATCH/t.qcow2
+writes=() reads=()
+for ((i = 0; i < 1000; i++)); do
+  writes+=(-c "write -q -B -P $((i % 250 + 1)) $((i * 65536)) 64k")
+done
+for i in 0 1 500 999; do reads+=(-c "read -q -P $((i % 250 + 1)) $((i * 65536)) 64k"); done
+
+# --- sync counts -----------------------------------------------------------------------------
+new_image "$img" 1G
+n=$(fdatasyncs "$QEMU_IO" -t writeback --image-opts "$(txg "$img")" "${writes[@]}" -c flush -c info)
+echo "1000 barrier writes (append) + flush, barrier=txg: $n fdatasyncs, $(counter 'groups committed') group(s)"
+[ "$n" = 2 ] || fail "append: $n fdatasyncs (one commit is 2)"
+[ "$(counter 'groups committed')" = 1 ] || fail "append: groups committed"
+[ "$(counter 'guest barrier writes')" = 1000 ] || fail "append: guest barrier writes counter"
+[ "$(counter 'host barriers')" = 0 ] || fail "append: a group issues no host barrier"
+expect_ok "QEMU's qcow2 reads the group" "$SYS_QEMU_IO" -f qcow2 "${reads[@]}" "$img"
+qemu_io_clean
+expect_ok "check after append" "$SYS_QEMU_IMG" check -f qcow2 "$img"
+
+before=$(stat -c %s "$img")
+n=$(fdatasyncs "$QEMU_IO" -t writeback --image-opts "$(txg "$img")" "${writes[@]}" -c flush -c info)
+after=$(stat -c %s "$img")
+echo "1000 barrier writes (overwrite) + flush: $n fdatasyncs; file $before -> $after bytes"
+[ "$n" = 2 ] || fail "overwrite: $n fdatasyncs (one commit is 2)"
+# Every cluster is copied once inside the group: at most twice the data, plus tables.
+[ "$after" -le $((2 * before + (4 << 20))) ] || fail "overwrite grew the file to $after"
+expect_ok "check after overwrite" "$SYS_QEMU_IMG" check -f qcow2 "$img"
+
+n=$(fdatasyncs "$QEMU_IO" -t writeback --image-opts "$(txg "$img")" -c flush -c flush -c info)
+[ "$n" = 0 ] || fail "flushes with nothing new cost $n fdatasyncs"
+
+# --- bounds and options ----------------------------------------------------------------------
+new_image "$img" 1G
+small=()
+for ((i = 0; i < 40; i++)); do small+=(-c "write -q -P 7 $((i * 65536)) 64k"); done
+expect_ok "byte bound" "$QEMU_IO" -t writeback --image-opts "$(txg "$img" txg-max-bytes=1M)" \
+  "${small[@]}" -c info
+qemu_io_clean
+[ "$(counter 'groups committed')" = 2 ] || fail "2.5 MiB in 1 MiB groups: $(counter 'groups committed') commits before close"
+[ "$(counter 'guest flushes')" = 0 ] || fail "byte bound: no guest flush was sent"
+
+expect_ok "age bound" "$QEMU_IO" -t writeback --image-opts "$(txg "$img" txg-max-age-ms=50)" \
+  -c 'write -q -P 8 0 64k' -c 'sleep 400' -c info
+qemu_io_clean
+[ "$(counter 'groups committed')" = 1 ] || fail "age bound: $(counter 'groups committed') commits"
+
+expect_status 1 "txg-max-bytes below 1 MiB" "$QEMU_IO" --image-opts "$(txg "$img" txg-max-bytes=4096)" -c info
+expect_output "txg-max-bytes 4096 is below 1 MiB"
+expect_status 1 "txg options without txg" "$QEMU_IO" \
+  --image-opts "driver=qcow2b,barrier=ordered,txg-max-age-ms=5,file.filename=$img" -c info
+expect_output "apply to barrier=txg only"
+expect_ok "-blockdev with barrier txg" "$QEMU_IO" -c 'write -q -B -P 9 0 4k' -c flush -c info \
+  "json:{\"driver\": \"qcow2b\", \"barrier\": \"txg\", \"txg-max-age-ms\": 1000, \"txg-max-bytes\": 2097152, \"file\": {\"driver\": \"file\", \"filename\": \"$img\"}}"
+qemu_io_clean
+expect_output "barrier mode: txg"
+[ "$(counter 'groups committed')" = 1 ] || fail "-blockdev: groups committed"
+
+# --- a crash keeps the last committed group --------------------------------------------------
+new_image "$img" 64M
+status=0
+"$QEMU_IO" -t writeback --image-opts "$(txg "$img" txg-max-age-ms=50)" \
+  -c 'write -q -P 0x11 0 64k' -c 'sleep 400' \
+  -c 'write -q -B -P 0x22 0 64k' -c 'write -q -B -P 0x33 1M 64k' -c abort \
+  > "$SCRATCH/out" 2>&1 &
+wait $! 2>/dev/null || status=$?   # (bash's "Aborted" report goes to the wait's stderr)
+[ "$status" -ge 128 ] || fail "qemu-io abort should end with a signal (exit $status)"
+expect_ok "check after the crash" "$SYS_QEMU_IMG" check -f qcow2 "$img"
+expect_ok "the committed group is there, the open one is not" "$SYS_QEMU_IO" -f qcow2 \
+  -c 'read -q -P 0x11 0 64k' -c 'read -q -P 0 1M 64k' "$img"
+qemu_io_clean
+
+# --- concurrent writes and flushes -----------------------------------------------------------
+new_image "$img" 256M
+aio=()
+for ((i = 0; i < 64; i++)); do
+  aio+=(-c "aio_write -q -P $((i + 1)) $((i * 96))k 96k")
+  if ((i % 8 == 7)); then aio+=(-c aio_flush); fi
+done
+expect_ok "aio writes and flushes" "$QEMU_IO" -t writeback --image-opts "$(txg "$img")" "${aio[@]}" -c aio_flush
+qemu_io_clean
+checks=()
+# Adjacent 96 KiB writes share clusters with their neighbours: each is there whole.
+for ((i = 0; i < 64; i++)); do checks+=(-c "read -q -P $((i + 1)) $((i * 96))k 96k"); done
+expect_ok "every aio write is there" "$SYS_QEMU_IO" -f qcow2 "${checks[@]}" "$img"
+qemu_io_clean
+expect_ok "check after aio" "$SYS_QEMU_IMG" check -f qcow2 "$img"
+
+# --- QEMU's qcow2 and qcow2b txg take turns ----------------------------------------------------
+expect_ok "QEMU's qcow2 writes" "$SYS_QEMU_IO" -f qcow2 -c 'write -q -P 0x44 8M 1M' "$img"
+expect_ok "txg overwrites part of it" "$QEMU_IO" -t writeback --image-opts "$(txg "$img")" \
+  -c 'read -q -P 0x44 8M 1M' -c 'write -q -B -P 0x55 8M 4k' -c flush
+qemu_io_clean
+expect_ok "QEMU's qcow2 reads both" "$SYS_QEMU_IO" -f qcow2 -c 'read -q -P 0x55 8M 4k' \
+  -c 'read -q -P 0x44 8196k 1020k' "$img"
+qemu_io_clean
+expect_ok "final check" "$SYS_QEMU_IMG" check -f qcow2 "$img"
+echo "txg mode: ok"
