@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,8 +50,9 @@ MUTATION = "x-test-skip-ordering=stage3"
 # copied from a backing file, a snapshot's shared cluster or a compressed cluster).
 MUTATION_WORKLOADS = ("backing-partial", "snapshot-cow", "compressed")
 
-QUICK_BUDGET = 60       # states per workload and mode
-FULL_BUDGET = 2200
+# States in all (spread over the workloads and modes: see allocate), and per mutation run.
+QUICK_STATES = 3000
+FULL_STATES = 110_000
 MUTATION_BUDGET = {"quick": 120, "full": 600}
 
 
@@ -85,6 +87,10 @@ def open_read_write(binary, fmt, path, copy, offset):
     os.unlink(copy)
     bad = rc != 0 or any(w in out for w in ("failed", "error", "Error"))
     return (not bad), out.strip()
+
+
+def worker_init():
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # The guest model of the combination being checked: set before the pool forks.
@@ -220,17 +226,17 @@ def state_key(fm, c, present):
 
 
 SMALL_GROUP = 64
+EXACT_COUNT_LIMIT = 60_000  # model states enumerated to count the distinct ones
 SAMPLE_IDS = 1_000_000  # state ids of sampled states start here
 
 
-def states(fm, budget, seed, tag):
+def states(fm, budget, seed, tag, everything):
     """The states to check: (number enumerated or None if all, generator of (state id, c, r,
-    present)). All states if the model has at most `budget`; else every state of the small
-    groups if they fit in half the budget, then seeded samples of the other groups. A
-    state's id replays it (state_by_id)."""
+    present)). All of them if `everything`; else every state of the small groups if they
+    fit in half the budget, then seeded samples of the other groups. A state's id replays it
+    (state_by_id)."""
     groups = fm.groups()
-    total = sum(n for _, _, n in groups)
-    if total <= budget:
+    if everything:
         return None, ((i, c, r, p) for i, (c, r, p) in
                       enumerate(fm.enumerate([(c, r) for c, r, _ in groups])))
     small = [(c, r) for c, r, n in groups if n <= SMALL_GROUP]
@@ -250,8 +256,16 @@ def states(fm, budget, seed, tag):
     return n_small, gen()
 
 
-def state_by_id(fm, budget, seed, tag, state_id):
-    _, gen = states(fm, budget, seed, tag)
+def unique_states(fm, gm):
+    """The number of distinct states of the whole model (what run_combination checks when it
+    checks everything)."""
+    groups = [(c, r) for c, r, _ in fm.groups()]
+    return len({(state_key(fm, c, p), gm.signature(guest_point(c)))
+                for c, _, p in fm.enumerate(groups)})
+
+
+def state_by_id(fm, budget, seed, tag, everything, state_id):
+    _, gen = states(fm, budget, seed, tag, everything)
     for i, c, r, p in gen:
         if i == state_id:
             return c, r, p
@@ -325,7 +339,7 @@ def checker_self_test(workroot, jobs, seed, count=40):
                                               if w is not drop]))
     found = {}
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(jobs) as pool:
+    with ctx.Pool(jobs, initializer=worker_init) as pool:
         jobs_ = []
         for i, (kind, c, present) in enumerate(violations):
             path = os.path.join(workdir, f"v{i}.qcow2")
@@ -346,21 +360,52 @@ def checker_self_test(workroot, jobs, seed, count=40):
 
 
 # --- one combination -------------------------------------------------------------------------
-def run_combination(workload, mode, budget, seed, workroot, resultdir, mutation, jobs, strict):
-    """Records one workload in one mode, checks its crash states; returns the summary row."""
+class Run:
+    """One workload recorded in one mode."""
+
+    def __init__(self, workload, mode, mutation, workroot):
+        self.workload, self.mode, self.mutation = workload, mode, mutation
+        self.tag = f"{workload}-{mode}" + ("-mutation" if mutation else "")
+        self.workdir = os.path.join(workroot, self.tag)
+        os.makedirs(self.workdir)
+        t0 = time.time()
+        record(workload, mode, self.workdir, mutation)
+        fm, gm = load_models(self.workdir)
+        self_check(fm, self.workdir)
+        # The model's states: counted exactly where enumerating them is cheap, else an upper
+        # bound (the same state shows at several crash points).
+        self.model_states = sum(n for _, _, n in fm.groups())
+        self.exact = self.model_states <= EXACT_COUNT_LIMIT
+        if self.exact:
+            self.model_states = unique_states(fm, gm)
+        self.seconds = time.time() - t0
+
+
+def allocate(runs, total):
+    """Per-run budgets summing to about `total`: runs with fewer model states than an even
+    share get all of them, the others share the rest evenly."""
+    budgets, left = {}, total
+    order = sorted(runs, key=lambda r: r.model_states)
+    for i, run in enumerate(order):
+        share = left // (len(order) - i)
+        budgets[run.tag] = min(run.model_states, share)
+        left -= budgets[run.tag]
+    return budgets
+
+
+def run_combination(run, budget, seed, resultdir, jobs, strict):
+    """Checks the crash states of one recorded run; returns the summary row."""
     global GUEST
-    tag = f"{workload}-{mode}" + ("-mutation" if mutation else "")
-    workdir = os.path.join(workroot, tag)
-    os.makedirs(workdir)
-    t0 = time.time()
-    record(workload, mode, workdir, mutation)
+    workload, mode, mutation, tag, workdir = (run.workload, run.mode, run.mutation, run.tag,
+                                              run.workdir)
+    t0 = time.time() - run.seconds
     fm, gm = load_models(workdir)
-    self_check(fm, workdir)
     GUEST = gm
-    enumerated, gen = states(fm, budget, seed, tag)
+    everything = run.exact and budget >= run.model_states
+    enumerated, gen = states(fm, budget, seed, tag, everything)
     seen, by_hash, state_list = set(), {}, []
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(jobs) as pool:
+    with ctx.Pool(jobs, initializer=worker_init) as pool:
         pending = []
         for sid, c, r, present in gen:
             key = (state_key(fm, c, present), gm.signature(guest_point(c)))
@@ -410,6 +455,7 @@ def run_combination(workload, mode, budget, seed, workroot, resultdir, mutation,
            "failed_states": len(failed_states), "known_states": len(known_states),
            "known": known, "kinds": sorted({f[0] for f in failures}),
            "seconds": time.time() - t0, "file_requests": len(fm.ops),
+           "model_states": run.model_states, "budget": budget,
            "guest_requests": len(gm.ops)}
     if failures:
         keep = os.path.join(resultdir, tag)
@@ -419,7 +465,7 @@ def run_combination(workload, mode, budget, seed, workroot, resultdir, mutation,
         meta_path = os.path.join(keep, "meta.json")
         with open(meta_path) as f:
             meta = json.load(f)
-        meta.update({"seed": seed, "budget": budget, "tag": tag})
+        meta.update({"seed": seed, "budget": budget, "tag": tag, "everything": everything})
         with open(meta_path, "w") as f:
             json.dump(meta, f, indent=1)
         row["kept"] = keep
@@ -461,6 +507,10 @@ def summarize(rows, label):
     return n("failed_states")
 
 
+def count_text(n):
+    return f"{n:,}" if n < 10**9 else f"{n:.1e}"
+
+
 def progress(row):
     m = row["mode"] + (" +mutation" if row["mutation"] else "")
     print(f"  {row['workload']:<19} {m:<20} {row['states']:>6} states ({row['enumerated']} "
@@ -470,12 +520,16 @@ def progress(row):
 
 
 def main():
+    # A terminated run still removes its scratch folder (the finally below). Only here:
+    # the pool's workers die of SIGTERM as usual (worker_init), or Pool.terminate would wait
+    # for a worker that never runs the handler.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help=f"{QUICK_BUDGET} states per "
-                    "workload and mode (the default), and the mutation test")
-    ap.add_argument("--full", action="store_true", help=f"{FULL_BUDGET} states per workload "
-                    "and mode, and the mutation test")
-    ap.add_argument("--budget", type=int, help="states per workload and mode")
+    ap.add_argument("--quick", action="store_true", help=f"about {QUICK_STATES} states over "
+                    "all workloads and modes (the default), and the mutation test")
+    ap.add_argument("--full", action="store_true", help=f"about {FULL_STATES} states, and "
+                    "the mutation test")
+    ap.add_argument("--budget", type=int, help="states per workload and mode instead")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workload", action="append", choices=sorted(wl.WORKLOADS))
     ap.add_argument("--mode", action="append", choices=sorted(MODES))
@@ -497,23 +551,30 @@ def main():
     if args.replay:
         return replay(args.replay)
     level = "full" if args.full else "quick"
-    budget = args.budget or (FULL_BUDGET if args.full else QUICK_BUDGET)
+    total = FULL_STATES if args.full else QUICK_STATES
     workloads = args.workload or list(wl.WORKLOADS)
     modes = args.mode or list(MODES)
     os.makedirs(args.results, exist_ok=True)
     workroot = tempfile.mkdtemp(prefix="qcow2b-crash.",
                                 dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    print(f"crash harness ({level}): {len(workloads)} workloads x {len(modes)} modes, up to "
-          f"{budget} states each, seed {args.seed}, {args.jobs} jobs", flush=True)
+    how = f"{args.budget} states each" if args.budget else f"{total} states in all"
+    print(f"crash harness ({level}): {len(workloads)} workloads x {len(modes)} modes, {how}, "
+          f"seed {args.seed}, {args.jobs} jobs", flush=True)
     t0 = time.time()
     rows, mutation_rows = [], []
     try:
         if args.mutation != "only":
-            for w in workloads:
-                for m in modes:
-                    rows.append(run_combination(w, m, budget, args.seed, workroot,
-                                                args.results, False, args.jobs, args.strict))
-                    progress(rows[-1])
+            runs = [Run(w, m, False, workroot) for w in workloads for m in modes]
+            budgets = ({r.tag: args.budget for r in runs} if args.budget
+                       else allocate(runs, total))
+            print(f"  recorded {len(runs)} runs in {time.time() - t0:.0f} s; "
+                  f"{count_text(sum(r.model_states for r in runs))} model states, "
+                  f"{sum(budgets.values())} to check", flush=True)
+            for run in runs:
+                rows.append(run_combination(run, budgets[run.tag], args.seed, args.results,
+                                            args.jobs, args.strict))
+                progress(rows[-1])
+                shutil.rmtree(run.workdir, ignore_errors=True)
         if args.mutation != "skip":
             self_test = checker_self_test(workroot, args.jobs, args.seed)
             mb = args.budget or MUTATION_BUDGET[level]
@@ -521,10 +582,11 @@ def main():
                 for m in QCOW2B_MODES:
                     if args.mode and m not in args.mode:
                         continue
-                    mutation_rows.append(run_combination(w, m, mb, args.seed, workroot,
-                                                         args.results, True, args.jobs,
-                                                         args.strict))
+                    run = Run(w, m, True, workroot)
+                    mutation_rows.append(run_combination(run, mb, args.seed, args.results,
+                                                         args.jobs, args.strict))
                     progress(mutation_rows[-1])
+                    shutil.rmtree(run.workdir, ignore_errors=True)
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
     print()
@@ -569,7 +631,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "mutation_rows": mutation_rows, "seed": args.seed,
-                       "budget": budget, "seconds": time.time() - t0}, f, indent=1)
+                       "states_in_all": total, "budget_each": args.budget,
+                       "seconds": time.time() - t0}, f, indent=1)
     print(f"crash harness: {'PASS' if ok else 'FAIL'} ({time.time() - t0:.0f} s)")
     return 0 if ok else 1
 
@@ -581,7 +644,8 @@ def replay(spec):
         meta = json.load(f)
     fm, gm = load_models(keep)
     GUEST = gm
-    c, r, present = state_by_id(fm, meta["budget"], meta["seed"], meta["tag"], int(sid))
+    c, r, present = state_by_id(fm, meta["budget"], meta["seed"], meta["tag"],
+                                meta["everything"], int(sid))
     print(f"{meta['tag']}, seed {meta['seed']}, state {sid}:")
     print("  " + describe_state(fm, c, r, present))
     img = fm.build(c, present)
