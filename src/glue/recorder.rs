@@ -9,7 +9,8 @@
 //! ```
 //!
 //! The same works under QEMU's `qcow2`, and above a format node (then it records what the
-//! guest sent). It is a filter (`is_filter`): `bdrv_skip_filters` looks through it, so a
+//! guest sent). It has no QAPI schema entry: it is opened through `--image-opts` or `-drive`,
+//! not `-blockdev` or QMP. It is a filter (`is_filter`): `bdrv_skip_filters` looks through it, so a
 //! qcow2b node in `barrierfs` mode registers its barrier primitive for the protocol node
 //! below, and the barriers recorded here reach that primitive.
 //!

@@ -393,6 +393,10 @@ def allocate(runs, total):
     return budgets
 
 
+# The first state of each known bug in this process: printed with its replay command.
+KNOWN_EXAMPLES = {}
+
+
 def run_combination(run, budget, seed, resultdir, jobs, strict):
     """Checks the crash states of one recorded run; returns the summary row."""
     global GUEST
@@ -428,6 +432,7 @@ def run_combination(run, budget, seed, resultdir, jobs, strict):
         results = {h: a.get() for h, a in by_hash.items()}
     failures, known = [], {}  # failures: (kind, text, state id, c, r, present)
     failed_states, known_states = set(), set()
+    new_examples = []
     image_fail = {h: image_failures(r) for h, r in results.items()}
     for sid, c, r, present, h in state_list:
         res = results[h]
@@ -442,6 +447,9 @@ def run_combination(run, budget, seed, resultdir, jobs, strict):
             known_states.add(sid)
             for bug in explained:
                 known[bug] = known.get(bug, 0) + 1
+                if bug not in KNOWN_EXAMPLES:
+                    KNOWN_EXAMPLES[bug] = (fails[explained.index(bug)], sid, c, r, present)
+                    new_examples.append(bug)
             continue
         failed_states.add(sid)
         for kind, text in fails:
@@ -457,7 +465,7 @@ def run_combination(run, budget, seed, resultdir, jobs, strict):
            "seconds": time.time() - t0, "file_requests": len(fm.ops),
            "model_states": run.model_states, "budget": budget,
            "guest_requests": len(gm.ops)}
-    if failures:
+    if failures or new_examples:
         keep = os.path.join(resultdir, tag)
         shutil.rmtree(keep, ignore_errors=True)
         shutil.copytree(workdir, keep, ignore=shutil.ignore_patterns("s*.qcow2*", "src-*",
@@ -469,6 +477,12 @@ def run_combination(run, budget, seed, resultdir, jobs, strict):
         with open(meta_path, "w") as f:
             json.dump(meta, f, indent=1)
         row["kept"] = keep
+        for bug in new_examples:
+            (kind, text), sid, c, r, present = KNOWN_EXAMPLES[bug]
+            print(f"  known bug {bug}, first seen here [{tag}] {kind}: {text[:300]}\n"
+                  f"       seed {seed}, state {sid}: {describe_state(fm, c, r, present)}\n"
+                  f"       replay: bash tests/crash/run.sh --replay {keep}:{sid}",
+                  flush=True)
         shown = {}
         for kind, text, sid, c, r, present in failures:
             if shown.get(kind, 0) >= 2:
@@ -645,7 +659,7 @@ def replay(spec):
     fm, gm = load_models(keep)
     GUEST = gm
     c, r, present = state_by_id(fm, meta["budget"], meta["seed"], meta["tag"],
-                                meta["everything"], int(sid))
+                                meta.get("everything", False), int(sid))
     print(f"{meta['tag']}, seed {meta['seed']}, state {sid}:")
     print("  " + describe_state(fm, c, r, present))
     img = fm.build(c, present)
