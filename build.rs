@@ -51,6 +51,8 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_co_pwritev_part",
     "bdrv_co_flush",
     "bdrv_co_barrier",
+    "bdrv_co_pwrite_zeroes",
+    "bdrv_co_pdiscard",
     "bdrv_co_pread",
     "bdrv_co_pwrite",
     "bdrv_pread",

@@ -11,7 +11,9 @@
 //! - `opts`: QEMU option lists declared from Rust tables;
 //! - `host_barrier`: the C entry point file-posix calls for a barrier;
 //! - `create`: `qemu-img create` and `qemu-img measure` (QEMU option lists to the engine's);
-//! - `driver`: the `BlockDriver` table registered under the format name `qcow2b`.
+//! - `driver`: the `BlockDriver` table registered under the format name `qcow2b`;
+//! - `recorder`: the `qcow2b-recorder` filter, which logs what reaches its child (for the
+//!   crash-consistency harness, `tests/crash/`).
 
 mod bindings;
 mod create;
@@ -21,5 +23,6 @@ mod file;
 mod host_barrier;
 mod node;
 mod opts;
+mod recorder;
 mod request;
 mod storage;
