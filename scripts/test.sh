@@ -48,8 +48,8 @@ done
 
 # The crash-consistency harness (tests/crash/, README "Crash consistency"): one test; its
 # totals per workload and mode, the known bugs and the mutation test are printed either way.
-out=$(timeout 3600 bash tests/crash/run.sh --quick 2>&1); status=$?
-record "crash-consistency (tests/crash/run.sh --quick)" "$status"
+out=$(timeout 3600 bash tests/crash/run.sh --quick --strict 2>&1); status=$?
+record "crash-consistency (tests/crash/run.sh --quick --strict)" "$status"
 printf '%s\n' "$out" | sed -n '/^workload /,$p' | sed 's/^/    /'
 [ "$status" = 0 ] || printf '%s\n' "$out" | grep -A3 '^  FAIL' | head -40 | sed 's/^/    /'
 
