@@ -759,4 +759,5 @@ pub extern "C" fn qcow2b_register() {
         unsafe { bindings::bdrv_register(drv) };
         Ok(0)
     });
+    super::latency::register();
 }
