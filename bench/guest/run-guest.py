@@ -145,6 +145,19 @@ def boot(config, args, work):
     return markers, calls, lines, kernel
 
 
+def summary_of(output):
+    """The figures of a test's output: dd's time and rate, fio's IOPS, bandwidth and mean
+    latency."""
+    m = re.search(r"copied, ([\d.]+ s, [\d.]+ [kMG]?B/s)", output)
+    if m:
+        return m.group(1)
+    m = re.search(r"write: (IOPS=[^,]+, BW=[^ ]+)", output)
+    if m:
+        lat = re.search(r"lat \((usec|msec|nsec)\): min=[^,]+, max=[^,]+, avg=([\d.]+)", output)
+        return m.group(1) + (f", mean latency {lat.group(2)} {lat.group(1)}" if lat else "")
+    return output[:120]
+
+
 def tests_of(markers, calls, lines):
     out = []
     begins = {name: (t, c) for t, kind, name, c in markers if kind == "BEGIN"}
@@ -156,7 +169,7 @@ def tests_of(markers, calls, lines):
         # The test's own output: between its markers on the console.
         i = lines.index(f"BENCH-BEGIN {name}")
         j = lines.index(f"BENCH-END {name}")
-        result = " / ".join(x.strip() for x in lines[i + 1:j] if x.strip())
+        result = summary_of(" ".join(x.strip() for x in lines[i + 1:j] if x.strip()))
         ops = int(name.split()[1]) if len(name.split()) > 1 else None
         out.append({"test": name, "syncs": syncs, "ops": ops,
                     "syncs_per_op": syncs / ops if ops else None,
