@@ -120,18 +120,13 @@ class Ext4:
         log = 1 + len(metadata)          # descriptor block + one copy per metadata block
         if self.head + log + 1 > JOURNAL_BLOCKS:
             reqs += self.checkpoint()
-        for start, n in self._journal_runs(self.head, log):
-            reqs.append(write(start, n, barrier=b))
+        reqs.append(write(JOURNAL + self.head, log, barrier=b))
         commit = JOURNAL + self.head + log
         self.head += log + 1
         self.logged.update(metadata)
         if b:
             return reqs + [write(commit, 1, barrier=True), flush()]
         return reqs + [flush(), write(commit, 1), flush()]
-
-    @staticmethod
-    def _journal_runs(head, n):
-        return [(JOURNAL + head, n)]
 
     def checkpoint(self):
         """Metadata back home, then the journal superblock marks the log empty."""
