@@ -273,23 +273,36 @@ def targets(table, models, workloads, guest):
             c = table.get((model, workload, "allb-bfs"))
             if c:
                 out.append((f"AllB (barrierfs*) >= 3.9x QEMU, {workload}, {model}",
-                            f"{c['ratio']:.2f}x", c["ratio"] >= 3.9))
+                            f"{c['ratio']:.3f}x", c["ratio"] >= 3.9))
         for workload in ("dd append", "Mobibench append"):
             c = table.get((model, workload, "hostb"))
             if c:
                 out.append((f"HostB (ordered) >= 1.5x QEMU, {workload}, {model}",
-                            f"{c['ratio']:.2f}x", c["ratio"] >= 1.5))
+                            f"{c['ratio']:.3f}x", c["ratio"] >= 1.5))
     if guest:
         for row in guest.get("rows", []):
             if row["config"] == "hostb" and row["test"].startswith("dd"):
                 v = row.get("syncs_per_op")
                 out.append(("real guest: HostB (ordered) host fdatasync per guest dsync write "
-                            "<= 2.0", f"{fmt(v, 2)} ({row['syncs']} for {row['ops']})",
+                            "<= 2.0", f"{fmt(v, 3)} ({row['syncs']} for {row['ops']})",
                             v is not None and v <= 2.0))
     return out
 
 
-def report(args, table, mach, models, guest):
+def shown_argv(argv):
+    """The command line as the report shows it: without the output folder (a local path)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return out
+
+
+def report(args, table, mach, models, guest, seconds):
     model_names = {
         "measured": "Measured on this machine's disk (no latency model)",
         "model": f"Flush-latency MODEL: every host fdatasync costs {args.latency_ms:g} ms more "
@@ -299,7 +312,8 @@ def report(args, table, mach, models, guest):
              f"Machine: {mach['cpu']}, {mach['cores']} cores, {mach['memory_gib']} GiB; "
              f"Linux {mach['kernel']}; disk: {mach['disk']} (4 KiB write + fdatasync: "
              f"{mach['fdatasync_us']} us); {mach['date']}.\n",
-             f"Run: `python3 bench/paper-bench.py {' '.join(args.argv)}`: "
+             f"Run: `python3 bench/paper-bench.py {' '.join(shown_argv(args.argv))}` "
+             f"({seconds / 60:.0f} minutes): "
              f"N = {args.n} guest operations per workload (varmail: {max(1, args.n // 2)} "
              f"loops), {args.reps} repetition(s); throughput and latency are medians of "
              f"paired, alternating runs on a shared 2-core machine (other work on it "
@@ -348,6 +362,34 @@ def charts(out_dir, results_json):
     return False
 
 
+def write_outputs(args, text, dump):
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "paper-bench.json")
+    with open(json_path, "w") as f:
+        json.dump(dump, f, indent=1)
+    with open(os.path.join(args.out, "paper-bench.md"), "w") as f:
+        f.write(text)
+    if not args.no_charts:
+        charts(args.out, json_path)
+    print()
+    print(text)
+
+
+def rerender(args):
+    """The table and charts of an earlier run, from its JSON (after a change of the report's
+    format, say), into --out."""
+    with open(args.from_json) as f:
+        dump = json.load(f)
+    table = {(c["model"], c["workload"], c["config"]):
+             {k: v for k, v in c.items() if k not in ("model", "workload", "config")}
+             for c in dump["cells"]}
+    models = [(m, None) for m in ("measured", "model") if any(k[0] == m for k in table)]
+    args.argv, args.n, args.reps = dump["argv"], dump["n"], dump["reps"]
+    args.latency_ms, args.workloads = dump["latency_ms"], dump["workloads"]
+    text = report(args, table, dump["machine"], models, dump["guest"], dump["seconds"])
+    write_outputs(args, text, dump)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     preset = ap.add_mutually_exclusive_group()
@@ -366,7 +408,11 @@ def main():
                     help="arguments for bench/guest/run-guest.py (default: the preset's sizes)")
     ap.add_argument("--out", default=os.path.join(bl.ROOT, "results"))
     ap.add_argument("--no-charts", action="store_true")
+    ap.add_argument("--from-json", metavar="JSON",
+                    help="run nothing: write the table and charts of an earlier run's JSON")
     args = ap.parse_args()
+    if args.from_json:
+        return rerender(args)
     args.argv = sys.argv[1:]
     n, reps, guest_sizes = PRESETS[args.preset or "quick"]
     args.guest_args = args.guest_args or guest_sizes
@@ -404,7 +450,8 @@ def main():
             log("real guest failed; its table is left out")
     table = summarise(results)
     mach = machine()
-    text = report(args, table, mach, models, guest)
+    seconds = round(time.monotonic() - started)
+    text = report(args, table, mach, models, guest, seconds)
     dump = {
         "machine": mach, "argv": args.argv, "n": args.n, "reps": args.reps,
         "latency_ms": args.latency_ms, "workloads": args.workloads,
@@ -412,17 +459,9 @@ def main():
                      "driver": c[4]} for c in CONFIGS],
         "figures": FIGURES,
         "cells": [dict(model=m, workload=w, config=k, **v) for (m, w, k), v in table.items()],
-        "raw": results, "guest": guest, "seconds": round(time.monotonic() - started),
+        "raw": results, "guest": guest, "seconds": seconds,
     }
-    json_path = os.path.join(args.out, "paper-bench.json")
-    with open(json_path, "w") as f:
-        json.dump(dump, f, indent=1)
-    with open(os.path.join(args.out, "paper-bench.md"), "w") as f:
-        f.write(text)
-    if not args.no_charts:
-        charts(args.out, json_path)
-    print()
-    print(text)
+    write_outputs(args, text, dump)
     log(f"results in {args.out}")
 
 

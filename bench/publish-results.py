@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Publishes a paper-bench run: copies its table and charts from RESULTS (default results/)
 to docs/results/ and replaces the README's block between the paper-bench markers with the
-table (headings one level down), so the README shows the latest run and its machine.
+table (headings two levels down, under its "Latest run"), so the README shows the latest run and its machine.
 
 Usage: publish-results.py [RESULTS]"""
 

@@ -4,7 +4,7 @@
 # and without the flush-latency model, and the real guest (TCG). Writes results/ (the table
 # paper-bench.md, the charts fig3-varmail.png, fig4-mobibench.png, fig5-dd.png) and prints
 # the table. Arguments go to bench/paper-bench.py: --quick (default, about 5 minutes with the
-# guest), --full (about 30 minutes), --no-guest to leave the real guest out, -n N, --reps R,
+# guest), --full (about 50 minutes), --no-guest to leave the real guest out, -n N, --reps R,
 # --latency-ms MS; see `python3 bench/paper-bench.py --help`.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
