@@ -39,6 +39,8 @@ const ALLOW_TYPES: &[&str] = &[
     "Qcow2bCounters",
     "PreallocMode",
     "Qcow2CompressionType",
+    "QemuCoSleep",
+    "QEMUClockType",
 ];
 const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_register",
@@ -116,6 +118,9 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "qemu_opt_get",
     "qemu_opt_get_size_del",
     "qemu_opt_get_del",
+    "bdrv_co_pwrite_zeroes",
+    "bdrv_co_pdiscard",
+    "qemu_co_sleep_ns_wakeable",
 ];
 const ALLOW_VARS: &[&str] = &["BDRV_.*", "BDRV_O_.*", "BDRV_REQ_.*", "BDRV_BLOCK_.*"];
 

@@ -776,4 +776,5 @@ pub extern "C" fn qcow2b_register() {
         Ok(0)
     });
     super::recorder::register();
+    super::latency::register();
 }

@@ -13,7 +13,9 @@
 //! - `create`: `qemu-img create` and `qemu-img measure` (QEMU option lists to the engine's);
 //! - `driver`: the `BlockDriver` table registered under the format name `qcow2b`;
 //! - `recorder`: the `qcow2b-recorder` filter, which logs what reaches its child (for the
-//!   crash-consistency harness, `tests/crash/`).
+//!   crash-consistency harness, `tests/crash/`);
+//! - `latency`: the `qcow2b-synclat` filter, a fixed extra cost per host fdatasync (the
+//!   paper benchmark's flush-latency model).
 
 mod bindings;
 mod create;
@@ -21,6 +23,7 @@ mod driver;
 mod ffi;
 mod file;
 mod host_barrier;
+mod latency;
 mod node;
 mod opts;
 mod recorder;
