@@ -53,6 +53,8 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_co_pwritev_part",
     "bdrv_co_flush",
     "bdrv_co_barrier",
+    "bdrv_co_pwrite_zeroes",
+    "bdrv_co_pdiscard",
     "bdrv_co_pread",
     "bdrv_co_pwrite",
     "bdrv_pread",
@@ -116,8 +118,10 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "qemu_opt_get",
     "qemu_opt_get_size_del",
     "qemu_opt_get_del",
-    "qemu_co_sleep_ns_wakeable",
     "qemu_co_sleep_wake",
+    "bdrv_co_pwrite_zeroes",
+    "bdrv_co_pdiscard",
+    "qemu_co_sleep_ns_wakeable",
 ];
 const ALLOW_VARS: &[&str] = &["BDRV_.*", "BDRV_O_.*", "BDRV_REQ_.*", "BDRV_BLOCK_.*"];
 

@@ -15,6 +15,9 @@ packages=(
   # tests: the system's qemu-img as the reference implementation, strace for sync counts,
   # a BIOS image for qos-test's pc machine (Debian's QEMU source ships no firmware)
   qemu-utils strace seabios
+  # the paper benchmark (bench/paper-bench.py): charts; the real guest's tools, copied with
+  # their libraries into its initramfs (bench/guest/build-guest.sh), and cpio to pack it
+  python3-matplotlib fio cpio e2fsprogs coreutils
 )
 
 missing=()

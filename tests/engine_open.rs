@@ -14,6 +14,7 @@ const RW: OpenOptions = OpenOptions {
     refcount_cache_bytes: None,
     for_check: false,
     txg: None,
+    test_skip_stage3_ordering: false,
 };
 const RO: OpenOptions = OpenOptions {
     read_only: true,
@@ -21,6 +22,7 @@ const RO: OpenOptions = OpenOptions {
     refcount_cache_bytes: None,
     for_check: false,
     txg: None,
+    test_skip_stage3_ordering: false,
 };
 
 fn open(bytes: Vec<u8>, opts: &OpenOptions) -> Result<Image<MemStorage>, Error> {

@@ -87,6 +87,11 @@ pub struct OpenOptions {
     /// Work in transaction groups (`barrier=txg`, `txg.rs`): nothing the durable image names
     /// is overwritten until a commit switches the header to the group's tables.
     pub txg: Option<TxgOptions>,
+    /// Test only, never for real data: `write_back` leaves out its stage-3 ordering point (L2
+    /// tables after the data and refcounts they name), so that the crash-consistency harness
+    /// (`tests/crash/`) can show it catches a missing barrier. Driver option
+    /// `x-test-skip-ordering=stage3`.
+    pub test_skip_stage3_ordering: bool,
 }
 
 /// What backs a range of guest bytes (the answer of [`Image::map`]).

@@ -51,6 +51,8 @@ const BARRIERFS_INJECT: &CStr = c"x-barrierfs-inject";
 const BUFFER_SIZE: &CStr = c"buffer-size";
 const TXG_MAX_BYTES: &CStr = c"txg-max-bytes";
 const TXG_MAX_AGE_MS: &CStr = c"txg-max-age-ms";
+/// Test only: `stage3` removes one ordering point (see `OpenOptions::test_skip_stage3_ordering`).
+const TEST_SKIP_ORDERING: &CStr = c"x-test-skip-ordering";
 
 /// The runtime options (`-drive driver=qcow2b,...`, `-blockdev`), built once.
 fn runtime_opts() -> *mut bindings::QemuOptsList {
@@ -62,7 +64,7 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
     unsafe impl Sync for List {}
     static LIST: OnceLock<List> = OnceLock::new();
     LIST.get_or_init(|| {
-        List(leak_list::<10>(
+        List(leak_list::<11>(
             c"qcow2b",
             &[
                 string_opt(
@@ -100,6 +102,10 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
                 size_opt(
                     CACHE_SIZE,
                     c"Maximum bytes of both caches together (split as QEMU's qcow2 does)",
+                ),
+                string_opt(
+                    TEST_SKIP_ORDERING,
+                    c"Test only, breaks crash consistency: stage3 leaves out the ordering point before L2 tables are written",
                 ),
             ],
         ))
@@ -172,6 +178,15 @@ fn open_options(
         // the rest to refcount blocks.
         (Some(total), None, None) => (Some(total), None),
     };
+    let test_skip_stage3_ordering = match opts.string(TEST_SKIP_ORDERING).as_deref() {
+        None => false,
+        Some("stage3") => true,
+        Some(other) => {
+            return Err(Error::BadOption(format!(
+                "x-test-skip-ordering={other}: the only (test-only) value is stage3"
+            )))
+        }
+    };
     Ok(OpenOptions {
         read_only,
         l2_cache_bytes,
@@ -187,6 +202,7 @@ fn open_options(
             }),
             _ => None,
         },
+        test_skip_stage3_ordering,
     })
 }
 
@@ -805,4 +821,6 @@ pub extern "C" fn qcow2b_register() {
         unsafe { bindings::bdrv_register(drv) };
         Ok(0)
     });
+    super::recorder::register();
+    super::latency::register();
 }

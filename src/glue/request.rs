@@ -6,7 +6,7 @@ use std::io;
 
 use super::bindings::{self, BdrvChild, BlockDriverState, QEMUIOVector};
 use super::file::FileAccess;
-use super::node::Node;
+use super::node::{Node, PendingBarrier};
 use super::storage::ChildStorage;
 use super::txg;
 use crate::engine::dataio::{DataContext, ReadTarget, WriteSource};
@@ -197,6 +197,10 @@ pub unsafe fn write(
     // SAFETY: the caller's contract (also for the unsafe blocks below).
     let node = unsafe { Node::of(bs) };
     let arrival = node.write_arrives();
+    // INVARIANT: a write submitted after a guest barrier reaches the file only once that
+    // barrier is placed (its own write is the barrier's, and goes first).
+    node.wait_for_barriers_before(arrival);
+    let pending = barrier.then(|| PendingBarrier::new(node, arrival));
     // SAFETY: as above.
     let result = unsafe { write_data(node, bs, offset, bytes, qiov, qiov_offset) };
     node.write_done(arrival);
@@ -204,7 +208,7 @@ pub unsafe fn write(
         // SAFETY: as above.
         unsafe { txg::after_write(bs, node, due) };
     }
-    if barrier {
+    if let Some(_pending) = pending {
         node.barrier_writes.set(node.barrier_writes.get() + 1);
         node.wait_for_writes_before(arrival);
         // SAFETY: as above.
@@ -222,7 +226,9 @@ pub unsafe fn write(
 pub unsafe fn barrier(bs: *mut BlockDriverState) -> Result<(), Error> {
     // SAFETY: the caller's contract.
     let node = unsafe { Node::of(bs) };
-    node.wait_for_writes_before(node.next_write_number());
+    let n = node.bare_barrier_arrives();
+    let _pending = PendingBarrier::new(node, n);
+    node.wait_for_writes_before(n);
     // SAFETY: as above.
     let mut locked = unsafe { node.lock() }?;
     locked.image().barrier()
