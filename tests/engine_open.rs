@@ -15,6 +15,7 @@ const RW: OpenOptions = OpenOptions {
     for_check: false,
     txg: None,
     test_skip_stage3_ordering: false,
+    test_skip_txg_first_sync: false,
 };
 const RO: OpenOptions = OpenOptions {
     read_only: true,
@@ -23,6 +24,7 @@ const RO: OpenOptions = OpenOptions {
     for_check: false,
     txg: None,
     test_skip_stage3_ordering: false,
+    test_skip_txg_first_sync: false,
 };
 
 fn open(bytes: Vec<u8>, opts: &OpenOptions) -> Result<Image<MemStorage>, Error> {

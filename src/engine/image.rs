@@ -95,6 +95,8 @@ pub struct Image<S: Storage> {
     pub(super) snapshots: Vec<Snapshot>,
     /// Test only: see [`OpenOptions::test_skip_stage3_ordering`].
     pub(super) test_skip_stage3_ordering: bool,
+    /// Test only: see [`OpenOptions::test_skip_txg_first_sync`].
+    pub(super) test_skip_txg_first_sync: bool,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -212,6 +214,7 @@ impl<S: Storage> Image<S> {
             snapshots,
             header,
             test_skip_stage3_ordering: opts.test_skip_stage3_ordering,
+            test_skip_txg_first_sync: opts.test_skip_txg_first_sync,
         };
         image.metadata.reload_tables(&image.l1, &image.reftable);
         if !opts.read_only {

@@ -92,6 +92,10 @@ pub struct OpenOptions {
     /// (`tests/crash/`) can show it catches a missing barrier. Driver option
     /// `x-test-skip-ordering=stage3`.
     pub test_skip_stage3_ordering: bool,
+    /// Test only, never for real data: a transaction group's commit leaves out its first
+    /// sync (the group's tables before the header that names them), so that the crash
+    /// harness can show it catches that. Driver option `x-test-skip-ordering=txg-first-sync`.
+    pub test_skip_txg_first_sync: bool,
 }
 
 /// What backs a range of guest bytes (the answer of [`Image::map`]).

@@ -51,7 +51,8 @@ const BARRIERFS_INJECT: &CStr = c"x-barrierfs-inject";
 const BUFFER_SIZE: &CStr = c"buffer-size";
 const TXG_MAX_BYTES: &CStr = c"txg-max-bytes";
 const TXG_MAX_AGE_MS: &CStr = c"txg-max-age-ms";
-/// Test only: `stage3` removes one ordering point (see `OpenOptions::test_skip_stage3_ordering`).
+/// Test only: `stage3` removes one ordering point (see `OpenOptions::test_skip_stage3_ordering`),
+/// `txg-first-sync` one sync of every commit (`OpenOptions::test_skip_txg_first_sync`).
 const TEST_SKIP_ORDERING: &CStr = c"x-test-skip-ordering";
 
 /// The runtime options (`-drive driver=qcow2b,...`, `-blockdev`), built once.
@@ -105,7 +106,7 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
                 ),
                 string_opt(
                     TEST_SKIP_ORDERING,
-                    c"Test only, breaks crash consistency: stage3 leaves out the ordering point before L2 tables are written",
+                    c"Test only, breaks crash consistency: stage3 leaves out the ordering point before L2 tables are written; txg-first-sync the first sync of every transaction group commit",
                 ),
             ],
         ))
@@ -178,15 +179,18 @@ fn open_options(
         // the rest to refcount blocks.
         (Some(total), None, None) => (Some(total), None),
     };
-    let test_skip_stage3_ordering = match opts.string(TEST_SKIP_ORDERING).as_deref() {
-        None => false,
-        Some("stage3") => true,
-        Some(other) => {
-            return Err(Error::BadOption(format!(
-                "x-test-skip-ordering={other}: the only (test-only) value is stage3"
-            )))
-        }
-    };
+    let (test_skip_stage3_ordering, test_skip_txg_first_sync) =
+        match opts.string(TEST_SKIP_ORDERING).as_deref() {
+            None => (false, false),
+            Some("stage3") => (true, false),
+            Some("txg-first-sync") if matches!(mode, BarrierMode::Txg { .. }) => (false, true),
+            Some(other) => {
+                return Err(Error::BadOption(format!(
+                    "x-test-skip-ordering={other}: the (test-only) values are stage3, and \
+                     txg-first-sync with barrier=txg"
+                )))
+            }
+        };
     Ok(OpenOptions {
         read_only,
         l2_cache_bytes,
@@ -203,6 +207,7 @@ fn open_options(
             _ => None,
         },
         test_skip_stage3_ordering,
+        test_skip_txg_first_sync,
     })
 }
 
