@@ -56,6 +56,11 @@ pub struct Image<S: Storage> {
     /// Host clusters whose refcount must drop by one once the L2/L1 entries that stopped
     /// referencing them are written (applied by `write_back`).
     pub(super) pending_frees: Vec<u64>,
+    /// Host clusters an active L2 entry without COPIED stopped naming while the image has no
+    /// internal snapshot: another active entry may name them too (qcow2 allows it; qemu-img
+    /// never makes it), and gets its COPIED flag back once the refcount is down to one
+    /// (`restore_copied_flags`).
+    pub(super) copied_candidates: Vec<u64>,
     /// Freed host clusters not yet reusable, with the I/O epoch they were freed in: they
     /// wait for the next guest flush and for the I/O in flight when they were freed
     /// (`release_quarantine`, and the module comment of `request.rs`).
@@ -196,6 +201,7 @@ impl<S: Storage> Image<S> {
             l2_cache: TableCache::new(usize::try_from(l2_tables).unwrap_or(usize::MAX)),
             refblock_cache: TableCache::new(usize::try_from(refblocks).unwrap_or(usize::MAX)),
             pending_frees: Vec::new(),
+            copied_candidates: Vec::new(),
             quarantine: BTreeMap::new(),
             io_epoch: 0,
             inflight_tickets: VecDeque::new(),

@@ -9,7 +9,7 @@ use super::error::{Error, Result};
 use super::image::Image;
 use super::storage::Storage;
 
-fn be64_at(table: &[u8], index: usize) -> u64 {
+pub(super) fn be64_at(table: &[u8], index: usize) -> u64 {
     let mut b = [0u8; 8];
     if let Some(s) = table.get(index * 8..index * 8 + 8) {
         b.copy_from_slice(s);

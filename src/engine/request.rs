@@ -517,6 +517,7 @@ impl<S: Storage> Image<S> {
         let old = self.l2_entry(l2_offset, l2_index, guest_cluster)?;
         self.set_l2_entry(l2_offset, l2_index, L2Entry::data_copied(host_offset))?;
         if !reused {
+            self.note_shared_release(old);
             let freed = self.host_clusters_of(old);
             self.pending_frees.extend(freed);
         }

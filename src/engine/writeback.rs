@@ -15,7 +15,9 @@
 //!   replaces);
 //! - (d) clusters freed are not reused before the next guest flush (they are quarantined by
 //!   `apply_pending_frees` and released by `Image::flush`), and their refcount decrement is
-//!   only written after the entries that dropped the reference.
+//!   only written after the entries that dropped the reference;
+//! - (e) a COPIED flag given back to an entry (stage 6: its cluster was named twice by the
+//!   active table) is written only after the decrement that brought its refcount to one.
 //!
 //! An ordering point is the single method [`Image::ordering_point`]: a storage barrier
 //! (`Storage::barrier`: BarrierFS's fdatabarrier, an epoch boundary of the ordered mode, or an
@@ -23,8 +25,10 @@
 //! since the last one ([`Unordered`]), so a flush that only appended costs no ordering point
 //! at all, and its one sync is the flush's own.
 
+use super::entry::{Cluster, L1Entry, L2Entry, OFLAG_COPIED};
 use super::error::{Error, Result};
 use super::image::Image;
+use super::metadata::be64_at;
 use super::storage::Storage;
 
 /// Writes issued since the last ordering point (or sync) that a later stage depends on.
@@ -211,6 +215,75 @@ impl<S: Storage> Image<S> {
             self.order_if(self.unordered.entries)?;
             self.apply_pending_frees()?;
             self.write_dirty_refblocks()?;
+        }
+
+        // Stage 6, for images whose active table names a cluster twice (no snapshot): the
+        // entry left naming a cluster whose refcount stage 5 brought down to one gets its
+        // COPIED flag back, as the spec requires of the active table. (e) Only after that
+        // decrement is written: the table goes out in stage 3 of the write-back below, after
+        // its ordering point (stage 5 set `unordered.refcounts`), so a crash never leaves
+        // COPIED on a cluster counted twice.
+        if !self.copied_candidates.is_empty() && self.pending_frees.is_empty() {
+            self.restore_copied_flags()?;
+            if self.l2_cache.has_dirty() {
+                return self.write_back();
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets COPIED on the active L2 entries that name a candidate cluster whose refcount is
+    /// now one (`copied_candidates`). Looks through every active L2 table; only images whose
+    /// active table names one cluster twice ever get here.
+    fn restore_copied_flags(&mut self) -> Result<()> {
+        let mut wanted = std::collections::BTreeSet::new();
+        for cluster in std::mem::take(&mut self.copied_candidates) {
+            if self.refcount(cluster)? == 1 {
+                wanted.insert(cluster << self.cluster_bits);
+            }
+        }
+        let entries = 1u64 << self.l2_bits();
+        let mut found = Vec::new();
+        for l1_index in 0..self.l1.len() {
+            if wanted.is_empty() {
+                break;
+            }
+            let l1_entry = L1Entry(self.l1[l1_index]);
+            let Ok(l2_offset) = l1_entry.l2_offset(self.cluster_size(), l1_index as u64) else {
+                continue;
+            };
+            if l2_offset == 0 {
+                continue;
+            }
+            self.load_l2(l2_offset)?;
+            for l2_index in 0..entries {
+                let raw = self
+                    .l2_cache
+                    .peek(l2_offset)
+                    .map_or(0, |t| be64_at(t, l2_index as usize));
+                let guest_cluster = ((l1_index as u64) << self.l2_bits()) + l2_index;
+                let decoded =
+                    L2Entry(raw).decode(self.cluster_bits, self.header.version, guest_cluster);
+                let (Ok(Cluster::Data {
+                    host_offset,
+                    copied: false,
+                })
+                | Ok(Cluster::Zero {
+                    host_offset,
+                    copied: false,
+                })) = decoded
+                else {
+                    continue;
+                };
+                if host_offset != 0 && wanted.remove(&host_offset) {
+                    found.push((guest_cluster, raw));
+                }
+            }
+        }
+        // Through `l2_table_for_write`, which copies a table the image does not own alone.
+        for (guest_cluster, raw) in found {
+            let (l2_offset, l2_index) = self.l2_table_for_write(guest_cluster)?;
+            self.set_l2_entry(l2_offset, l2_index, L2Entry(raw | OFLAG_COPIED))?;
         }
         Ok(())
     }

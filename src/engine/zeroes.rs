@@ -162,11 +162,34 @@ impl<S: Storage> Image<S> {
         };
         let (l2_offset, l2_index) = self.l2_table_for_write(guest_cluster)?;
         self.set_l2_entry(l2_offset, l2_index, entry)?;
+        self.note_shared_release(current);
         self.pending_frees.extend(freed);
         Ok(())
     }
 
     /// The host clusters an L2 entry holds a reference to.
+    /// An active L2 entry stopped naming `old`: if it was a plain cluster without COPIED in
+    /// an image without internal snapshots, the other reference is another active entry,
+    /// which `restore_copied_flags` marks COPIED once the refcount is down to one.
+    pub(super) fn note_shared_release(&mut self, old: Cluster) {
+        if self.header.nb_snapshots != 0 {
+            return;
+        }
+        match old {
+            Cluster::Data {
+                host_offset,
+                copied: false,
+            }
+            | Cluster::Zero {
+                host_offset,
+                copied: false,
+            } if host_offset != 0 => self
+                .copied_candidates
+                .push(host_offset >> self.cluster_bits),
+            _ => {}
+        }
+    }
+
     pub(super) fn host_clusters_of(&self, cluster: Cluster) -> Vec<u64> {
         match cluster {
             Cluster::Unallocated | Cluster::Zero { host_offset: 0, .. } => Vec::new(),
