@@ -198,3 +198,30 @@ fn the_copied_flag_is_written_after_the_decrement_is_ordered() {
     }
     assert!(seen, "the COPIED flag was never written");
 }
+
+#[test]
+fn in_txg_mode_the_group_commits_the_copied_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bytes, layout) = shared_image(dir.path());
+    let opts = OpenOptions {
+        txg: Some(qcow2b::engine::TxgOptions {
+            max_group_bytes: 64 << 20,
+            max_group_age: std::time::Duration::from_secs(3600),
+        }),
+        ..Default::default()
+    };
+    let mut image = Image::open(MemStorage::new(bytes), &opts).unwrap();
+    image.write(0, &[0x33; CLUSTER], None).unwrap();
+    image.flush().unwrap();
+    // The flush committed the group; the file holds it (no check or close yet, which would
+    // write back outside a group).
+    let len = image.storage().len().unwrap() as usize;
+    let mut bytes = vec![0u8; len];
+    image.storage().read_at(0, &mut bytes).unwrap();
+    // The group copied the L2 table; find it through the L1 table.
+    let l1 = be64(&bytes, 40) as usize;
+    let l2 = (be64(&bytes, l1) & !COPIED) as usize;
+    assert_ne!(l2, layout.l2, "the group writes a copy of the table");
+    assert_eq!(be64(&bytes, l2 + 8), layout.shared | COPIED);
+    assert_clean_with_qemu(dir.path(), bytes);
+}

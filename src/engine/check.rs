@@ -433,6 +433,7 @@ impl<S: Storage> Image<S> {
         self.l2_cache = TableCache::new(self.l2_cache.capacity_tables());
         self.refblock_cache = TableCache::new(self.refblock_cache.capacity_tables());
         self.pending_frees.clear();
+        self.copied_candidates.clear();
         self.quarantine.clear();
         self.free_cluster_hint = 0;
         self.host_end = self.host_end.max(file_len);

@@ -502,6 +502,12 @@ impl<S: Storage> Image<S> {
             self.reftable_dirty.clear();
         }
         self.settle_frees()?;
+        // Write-back's stage 6 (a cluster the active table named twice): the group commits
+        // the flag and the decrement together, so no order to keep.
+        if !self.copied_candidates.is_empty() {
+            self.restore_copied_flags()?;
+            self.settle_frees()?;
+        }
         self.write_owned_tables()
     }
 }

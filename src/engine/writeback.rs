@@ -235,7 +235,7 @@ impl<S: Storage> Image<S> {
     /// Sets COPIED on the active L2 entries that name a candidate cluster whose refcount is
     /// now one (`copied_candidates`). Looks through every active L2 table; only images whose
     /// active table names one cluster twice ever get here.
-    fn restore_copied_flags(&mut self) -> Result<()> {
+    pub(super) fn restore_copied_flags(&mut self) -> Result<()> {
         let mut wanted = std::collections::BTreeSet::new();
         for cluster in std::mem::take(&mut self.copied_candidates) {
             if self.refcount(cluster)? == 1 {
