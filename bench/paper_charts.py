@@ -21,6 +21,7 @@ COLORS = {
     "hostb": "#3182bd",
     "allb": "#fdae6b",
     "allb-bfs": "#e6550d",
+    "allb-txg": "#31a354",
 }
 PANEL_TITLES = {
     "measured": "measured (this machine's disk)",

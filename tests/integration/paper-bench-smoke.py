@@ -9,6 +9,7 @@ configuration promises (not timed: counts and the shape of the output only):
   overwrite, plus a small constant per run (the zero reserve, close);
 - QEMU-AllB barrierfs*: one per guest operation (its single flush);
 - QEMU-AllB ordered: one per epoch (3 per append: data, log, commit);
+- QEMU-AllB txg: two per guest flush (the group's commit), barriers none;
 - the latency model charges each fdatasync: QEMU's p50 for a dd append is at least three
   times the modelled cost."""
 
@@ -31,6 +32,7 @@ PROMISES = {
     ("overwrite", "hostb"): 1, ("overwrite", "allb"): 1, ("overwrite", "allb-bfs"): 1,
     ("varmail", "hostb-flush"): 2, ("varmail", "hostb"): 2, ("varmail", "allb-bfs"): 1,
     ("varmail", "allb"): 3,
+    ("append", "allb-txg"): 2, ("overwrite", "allb-txg"): 2, ("varmail", "allb-txg"): 2,
 }
 
 
@@ -50,8 +52,8 @@ def body():
             md = f.read()
         configs = [c["label"] for c in data["configs"]]
         workloads = data["workloads"]
-        if len(configs) != 6 or len(workloads) != 5:
-            raise Failure(f"expected 6 configurations x 5 workloads: {configs} {workloads}")
+        if len(configs) != 7 or len(workloads) != 5:
+            raise Failure(f"expected 7 configurations x 5 workloads: {configs} {workloads}")
         for section in ("Measured on this machine's disk", "Flush-latency MODEL", "## Targets"):
             if section not in md:
                 raise Failure(f"the report lacks the section {section!r}:\n{md}")
