@@ -74,7 +74,7 @@ def main():
             ax.set_ylim(0, ax.get_ylim()[1] * 1.18)
             ax.grid(axis="y", linestyle=":", linewidth=0.5)
         handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
         fig.suptitle(f"{title} (ratio to QEMU on the bars)", fontsize=11)
         fig.text(0.5, 0.115, f"{mach['cpu']}, {mach['cores']} cores, Linux {mach['kernel']}, "
                  f"{mach['disk']}; {mach['date']}; N={data['n']}, {data['reps']} rep(s). "
