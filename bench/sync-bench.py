@@ -11,7 +11,9 @@ in a folder of the build root (the machine's real disk; no latency model).
 
 For each cell: throughput (median of REPS timed runs, without tracing), host fdatasync per
 operation (one extra run under strace, which slows syscalls and so is never timed), and the
-ratio to QEMU's qcow2 with a flush per write (the stock baseline).
+ratio to QEMU's qcow2 with a flush per write (the stock baseline): the median over
+repetitions of the paired ratio, every cell running once per repetition in a rotated order.
+Each run includes starting qemu-io and opening and closing the image.
 
 Usage: sync-bench.py [N] [REPS]   (defaults 1000 and 3)"""
 
@@ -91,35 +93,50 @@ def main():
     reps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     require_tools()
     work = tempfile.mkdtemp(prefix="sync-bench.", dir=BUILD_ROOT)
+    cells = [(w, c) for w in WORKLOADS for c in CONFIGS]
     try:
-        results = {}
-        for workload in WORKLOADS:
-            for config in CONFIGS:
-                syncs, err = run(work, config, workload, n, trace=True)
-                times = []
-                if err is None:
-                    for _ in range(reps):
-                        t, err = run(work, config, workload, n, trace=False)
-                        if err:
-                            break
-                        times.append(t)
-                results[workload[0], config[0]] = (syncs, median(times), err)
+        # Host fdatasync counts: one traced (never timed) run per cell.
+        syncs, errors = {}, {}
+        for workload, config in cells:
+            count, err = run(work, config, workload, n, trace=True)
+            syncs[workload[0], config[0]] = count
+            if err:
+                errors[workload[0], config[0]] = err
+        # Timed runs: every cell once per repetition, in an order rotated each time, so that
+        # the slow drift of a shared machine falls on every configuration alike.
+        times = {(w[0], c[0]): [] for w, c in cells}
+        for rep in range(reps):
+            k = rep * len(cells) // max(reps, 1)
+            for workload, config in cells[k:] + cells[:k]:
+                key = workload[0], config[0]
+                if key in errors:
+                    continue
+                t, err = run(work, config, workload, n, trace=False)
+                if err:
+                    errors[key] = err
+                else:
+                    times[key].append(t)
         print(f"\n{n} x 64 KiB writes per run; throughput is the median of {reps} runs; "
-              f"ratio is against qcow2 with a flush per write (append or overwrite alike).")
+              f"ratio is the median over repetitions of the paired ratio against qcow2 with a "
+              f"flush per write (append or overwrite alike), the runs of a repetition back to "
+              f"back in a rotating order.")
         print(f"* barrierfs with the injected primitive: the bound for barrier hardware; "
               f"this kernel keeps no order for it.\n")
         print(f"{'workload':<30} {'configuration':<22} {'MiB/s':>8} {'fdatasync/op':>13} {'ratio':>7}")
         for workload in WORKLOADS:
             kind = workload[0].split(",")[0]
-            base = results.get((f"{kind}, flush per write", "qcow2"))
+            base = times.get((f"{kind}, flush per write", "qcow2"), [])
             for config in CONFIGS:
-                syncs, t, err = results[workload[0], config[0]]
-                if err:
-                    print(f"{workload[0]:<30} {config[0]:<22} {'-':>8} {'-':>13} {'-':>7}  ({err})")
+                key = workload[0], config[0]
+                if key in errors:
+                    print(f"{workload[0]:<30} {config[0]:<22} {'-':>8} {'-':>13} {'-':>7}  "
+                          f"({errors[key]})")
                     continue
-                mib = n * 64 / 1024 / t
-                ratio = base[1] / t if base and base[1] else float("nan")
-                print(f"{workload[0]:<30} {config[0]:<22} {mib:8.1f} {syncs / n:13.2f} {ratio:7.2f}")
+                mib = n * 64 / 1024 / median(times[key])
+                paired = [b / t for b, t in zip(base, times[key])]
+                ratio = median(paired) if paired else float("nan")
+                print(f"{workload[0]:<30} {config[0]:<22} {mib:8.1f} "
+                      f"{syncs[key] / n:13.2f} {ratio:7.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
