@@ -638,3 +638,27 @@ fn a_version_2_image_with_snapshots_is_not_resized() {
     );
     assert_eq!(image.virtual_size(), 1 << 20);
 }
+
+/// QEMU's qcow2 puts a fresh image's first L2 table before the first data cluster; qcow2b
+/// allocates in the same order, so the iotests that poke QEMU's offsets (060) meet the same
+/// tables.
+#[test]
+fn a_first_write_lays_out_the_l2_table_then_the_data_as_qemu_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    qemu_img_create(&path, 65536, 1 << 30, None);
+    let mut image = open_file(&path, &rw(None));
+    image.write(0, &[0x5a; 65536], None).unwrap();
+    image.write(512 << 20, &[0x5b; 65536], None).unwrap();
+    image.close().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+    let mask = 0x00ff_ffff_ffff_fe00;
+    let l1 = be64(40) as usize;
+    let l2 = (be64(l1) & mask) as usize;
+    let second_l2 = (be64(l1 + 8) & mask) as usize;
+    assert_eq!(l2, 0x40000);
+    assert_eq!(be64(l2) & mask, 0x50000);
+    assert_eq!(second_l2, 0x60000);
+    assert_eq!(be64(second_l2) & mask, 0x70000);
+}
