@@ -39,6 +39,7 @@ const ALLOW_TYPES: &[&str] = &[
     "Qcow2bCounters",
     "PreallocMode",
     "Qcow2CompressionType",
+    "BlkdebugEvent",
 ];
 const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_register",
@@ -114,6 +115,7 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "qemu_opt_get",
     "qemu_opt_get_size_del",
     "qemu_opt_get_del",
+    "bdrv_debug_event",
 ];
 const ALLOW_VARS: &[&str] = &["BDRV_.*", "BDRV_O_.*", "BDRV_REQ_.*", "BDRV_BLOCK_.*"];
 

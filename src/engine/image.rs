@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use super::cache::TableCache;
 use super::counters::Counters;
 use super::dataio::{DataContext, SliceSource, SliceTarget};
+use super::debug_event::DebugEvent;
 use super::entry::Cluster;
 use super::error::{Error, Result};
 use super::header::{AutoclearFeatures, Header, IncompatibleFeatures, MAX_CLUSTER_BITS};
@@ -150,6 +151,7 @@ impl<S: Storage> Image<S> {
             "L1 table",
         )?;
         let reftable_entries = (u64::from(header.refcount_table_clusters) << cluster_bits) / 8;
+        storage.debug_event(DebugEvent::ReftableLoad);
         let reftable = read_table(
             &storage,
             header.refcount_table_offset,

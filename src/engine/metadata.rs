@@ -4,6 +4,7 @@
 //! Every change here lands in memory (the L1 and refcount tables) or in the caches; nothing
 //! is written to storage except through `writeback.rs` (cache evictions go there too).
 
+use super::debug_event::DebugEvent;
 use super::entry::{Cluster, L1Entry, L2Entry, ReftableEntry};
 use super::error::{Error, Result};
 use super::image::Image;
@@ -87,6 +88,7 @@ impl<S: Storage> Image<S> {
         }
         self.make_room_in_l2_cache()?;
         let mut bytes = vec![0u8; self.cluster_size() as usize];
+        self.storage.debug_event(DebugEvent::L2Load);
         self.storage
             .read_at(l2_offset, &mut bytes)
             .map_err(|e| Error::io(format!("reading the L2 table at {l2_offset:#x}"), e))?;
@@ -206,6 +208,7 @@ impl<S: Storage> Image<S> {
         let content = if old_offset == 0 {
             vec![0u8; self.cluster_size() as usize]
         } else {
+            self.storage.debug_event(DebugEvent::L2AllocCowRead);
             self.load_l2(old_offset)?;
             self.l2_cache
                 .get(old_offset)
@@ -277,6 +280,7 @@ impl<S: Storage> Image<S> {
         }
         self.make_room_in_refblock_cache()?;
         let mut bytes = vec![0u8; self.cluster_size() as usize];
+        self.storage.debug_event(DebugEvent::RefblockLoad);
         self.storage
             .read_at(offset, &mut bytes)
             .map_err(|e| Error::io(format!("reading the refcount block at {offset:#x}"), e))?;
@@ -358,6 +362,7 @@ impl<S: Storage> Image<S> {
     /// Allocates one host cluster (refcount 0 -> 1) and returns its offset. The refcount
     /// change stays in the cache: write_back writes it before any entry naming the cluster.
     pub(super) fn alloc_cluster(&mut self) -> Result<u64> {
+        self.storage.debug_event(DebugEvent::ClusterAlloc);
         let cluster_size = self.cluster_size();
         loop {
             let cluster = self.find_free_cluster()?;
@@ -377,6 +382,7 @@ impl<S: Storage> Image<S> {
                     // No refcount block covers this cluster yet: the cluster becomes that block,
                     // inside the range it covers, and counts itself (the spec requires every
                     // used cluster, refcount blocks included, to be counted by some block).
+                    self.storage.debug_event(DebugEvent::RefblockAlloc);
                     self.make_room_in_refblock_cache()?;
                     let mut block = vec![0u8; cluster_size as usize];
                     self.rc.set(&mut block, index, 1);
@@ -459,6 +465,7 @@ impl<S: Storage> Image<S> {
     /// Allocates `count` contiguous host clusters past everything in use (for tables that
     /// must be contiguous) and returns the offset of the first.
     pub(super) fn alloc_contiguous(&mut self, count: u64) -> Result<u64> {
+        self.storage.debug_event(DebugEvent::ClusterAlloc);
         let cluster_size = self.cluster_size();
         let start = self.host_end.div_ceil(cluster_size);
         let end = start
@@ -484,6 +491,7 @@ impl<S: Storage> Image<S> {
             let (rt_index, _) = self.rc.locate(cluster);
             match self.refblock_offset(rt_index)? {
                 Some(0) => {
+                    self.storage.debug_event(DebugEvent::RefblockAlloc);
                     let block = self.alloc_cluster()?;
                     if self.refblock_offset(rt_index)? != Some(0) {
                         // Allocating made that very block (self-describing); give `block` back.

@@ -14,6 +14,7 @@
 //! - `writeback`: the one routine that writes dirty metadata back, in the required order.
 //! - `request`: request plans (reads, writes), in-flight allocations and I/O tickets.
 //! - `dataio`: the data step of a request, over slices or QEMU I/O vectors.
+//! - [`debug_event`]: the metadata and ordering points announced to the storage (blkdebug).
 //! - `reserve`: the zero reserve: clusters counted and ordered ahead of need, so appends
 //!   need no ordering point before their flush's sync.
 //! - `resize`: growing the virtual size (and the L1 table).
@@ -37,6 +38,7 @@ pub mod compress;
 mod counters;
 pub mod create;
 pub mod dataio;
+pub mod debug_event;
 pub mod entry;
 pub mod error;
 pub mod header;
@@ -58,6 +60,7 @@ mod zeroes;
 pub use check::{CheckFix, CheckReport, FragmentationInfo};
 pub use counters::Counters;
 pub use create::{create, measure, CreateOptions, Measure};
+pub use debug_event::DebugEvent;
 pub use error::{Error, Result};
 pub use image::Image;
 pub use request::{ReadPlan, ReadSource, WritePiece, WritePlan};

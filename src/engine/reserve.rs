@@ -32,6 +32,7 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
+use super::debug_event::DebugEvent;
 use super::error::{Error, Result};
 use super::image::Image;
 use super::storage::Storage;
@@ -80,6 +81,7 @@ impl<S: Storage> Image<S> {
     /// Up to `wanted` contiguous reserved host clusters (at least one), replenishing the
     /// reserve with an ordering point if it is empty. Returns (first host offset, count).
     pub(super) fn take_reserved(&mut self, wanted: u64) -> Result<(u64, u64)> {
+        self.storage.debug_event(DebugEvent::ClusterAlloc);
         if self.reserve.usable.is_empty() {
             // Ran dry between flushes: the next batch is larger, and this one is made usable
             // at once by an ordering point.
@@ -125,6 +127,7 @@ impl<S: Storage> Image<S> {
         let end = first + count;
         self.write_refcount_structures()?;
         let sector = 512u64;
+        self.storage.debug_event(DebugEvent::ClusterAllocSpace);
         self.write_metadata(
             (end << self.cluster_bits) - sector,
             &[0u8; 512],

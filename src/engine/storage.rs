@@ -10,6 +10,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 
+use super::debug_event::DebugEvent;
+
 /// The file that holds the qcow2 image.
 ///
 /// Methods take `&self`: the glue's implementation forwards to QEMU's block layer, which
@@ -27,6 +29,9 @@ pub trait Storage {
     fn barrier(&self) -> io::Result<()> {
         self.flush()
     }
+    /// Announces the I/O that follows (a metadata or ordering point, see [`DebugEvent`]), for
+    /// error injection and debugging. Nothing by default.
+    fn debug_event(&self, _event: DebugEvent) {}
     /// Current length of the file in bytes.
     fn len(&self) -> io::Result<u64>;
     /// Whether the file is empty.
@@ -117,6 +122,8 @@ pub struct MemStorage {
     pub flushes: std::cell::Cell<u64>,
     /// Number of [`Storage::barrier`] calls.
     pub barriers: std::cell::Cell<u64>,
+    /// Every [`Storage::debug_event`], in order.
+    pub events: RefCell<Vec<DebugEvent>>,
 }
 
 impl MemStorage {
@@ -125,6 +132,7 @@ impl MemStorage {
             bytes: RefCell::new(bytes),
             flushes: Default::default(),
             barriers: Default::default(),
+            events: Default::default(),
         }
     }
 
@@ -173,6 +181,10 @@ impl Storage for MemStorage {
     fn barrier(&self) -> io::Result<()> {
         self.barriers.set(self.barriers.get() + 1);
         Ok(())
+    }
+
+    fn debug_event(&self, event: DebugEvent) {
+        self.events.borrow_mut().push(event);
     }
 
     fn len(&self) -> io::Result<u64> {

@@ -23,6 +23,8 @@
 //! since the last one ([`Unordered`]), so a flush that only appended costs no ordering point
 //! at all, and its one sync is the flush's own.
 
+use super::debug_event::DebugEvent;
+use super::entry::OFFSET_MASK;
 use super::error::{Error, Result};
 use super::image::Image;
 use super::storage::Storage;
@@ -48,6 +50,7 @@ impl<S: Storage> Image<S> {
     /// durability. The one place ordering points go through.
     pub(super) fn ordering_point(&mut self) -> Result<()> {
         self.counters.ordering_points += 1;
+        self.storage.debug_event(DebugEvent::Barrier);
         self.storage
             .barrier()
             .map_err(|e| Error::io("ordering writes to the image file (barrier)", e))?;
@@ -113,6 +116,7 @@ impl<S: Storage> Image<S> {
             for index in dirty {
                 let entry = self.reftable.get(index).copied().unwrap_or(0);
                 let at = self.header.refcount_table_offset + index as u64 * 8;
+                self.storage.debug_event(DebugEvent::RefblockAllocHookup);
                 self.write_metadata(at, &entry.to_be_bytes(), "writing a refcount table entry")?;
             }
             self.unordered.refcounts = true;
@@ -137,6 +141,10 @@ impl<S: Storage> Image<S> {
                     .peek(offset)
                     .map(|b| b.to_vec())
                     .unwrap_or_default();
+                if self.l2_table_is_new(offset) {
+                    self.storage.debug_event(DebugEvent::L2AllocWrite);
+                }
+                self.storage.debug_event(DebugEvent::L2Update);
                 self.write_metadata(offset, &bytes, "writing an L2 table")?;
                 self.l2_cache.mark_clean(offset);
                 if self.new_l2_tables_to_order.remove(&offset) {
@@ -154,6 +162,7 @@ impl<S: Storage> Image<S> {
             for index in dirty {
                 let entry = self.l1.get(index).copied().unwrap_or(0);
                 let at = self.header.l1_table_offset + index as u64 * 8;
+                self.storage.debug_event(DebugEvent::L1Update);
                 self.write_metadata(at, &entry.to_be_bytes(), "writing an L1 entry")?;
             }
             self.unordered.entries = true;
@@ -165,6 +174,7 @@ impl<S: Storage> Image<S> {
         // stay quarantined until the next guest flush.
         if !self.pending_frees.is_empty() {
             self.order_if(self.unordered.entries)?;
+            self.storage.debug_event(DebugEvent::ClusterFree);
             self.apply_pending_frees()?;
             self.write_dirty_refblocks()?;
         }
@@ -185,6 +195,7 @@ impl<S: Storage> Image<S> {
         let cluster_bits = self.cluster_bits;
         let per_block = self.rc.entries_per_block();
         let old_entries = self.reftable.len() as u64;
+        self.storage.debug_event(DebugEvent::ReftableGrow);
         // Find a size that covers the new table and its own refcount blocks.
         let mut new_entries = old_entries.saturating_mul(2).max(min_entries).max(1);
         let (table_clusters, first_block, block_count) = loop {
@@ -219,6 +230,8 @@ impl<S: Storage> Image<S> {
         self.write_dirty_refblocks()?;
         let mut table = self.reftable.clone();
         table.resize(new_entries as usize, 0);
+        self.storage
+            .debug_event(DebugEvent::RefblockAllocWriteBlocks);
         for j in 0..block_count {
             let block_cluster = blocks_start + j;
             if let Some(e) = table.get_mut((first_block + j) as usize) {
@@ -242,6 +255,8 @@ impl<S: Storage> Image<S> {
             table_raw.extend_from_slice(&e.to_be_bytes());
         }
         table_raw.resize(table_bytes as usize, 0);
+        self.storage
+            .debug_event(DebugEvent::RefblockAllocWriteTable);
         self.write_metadata(table_offset, &table_raw, "writing the new refcount table")?;
 
         // The header names the new table only once the table and its blocks are on disk.
@@ -249,6 +264,8 @@ impl<S: Storage> Image<S> {
         let mut fields = [0u8; 12];
         fields[..8].copy_from_slice(&table_offset.to_be_bytes());
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        self.storage
+            .debug_event(DebugEvent::RefblockAllocSwitchTable);
         self.write_metadata(
             48,
             &fields,
@@ -291,10 +308,32 @@ impl<S: Storage> Image<S> {
             .peek(offset)
             .map(|b| b.to_vec())
             .unwrap_or_default();
+        if self.refblock_is_new(offset) {
+            self.storage.debug_event(DebugEvent::RefblockAllocWrite);
+        }
+        self.storage.debug_event(DebugEvent::RefblockUpdatePart);
         self.write_metadata(offset, &bytes, "writing a refcount block")?;
         self.refblock_cache.mark_clean(offset);
         self.unordered.refcounts = true;
         Ok(())
+    }
+
+    /// Whether the L2 table at `offset` is new since the last write-back (a dirty L1 entry
+    /// names it): its write is announced as `l2_alloc_write` too.
+    fn l2_table_is_new(&self, offset: u64) -> bool {
+        self.l1_dirty
+            .iter()
+            .any(|&i| self.l1.get(i).is_some_and(|&e| e & OFFSET_MASK == offset))
+    }
+
+    /// Whether the refcount block at `offset` is new since the last write-back (a dirty
+    /// refcount table entry names it): its write is announced as `refblock_alloc_write` too.
+    fn refblock_is_new(&self, offset: u64) -> bool {
+        self.reftable_dirty.iter().any(|&i| {
+            self.reftable
+                .get(i)
+                .is_some_and(|&e| e & OFFSET_MASK == offset)
+        })
     }
 
     /// Frees a slot in the L2 cache. A dirty victim may depend on data and refcounts not yet

@@ -32,7 +32,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use super::bindings::{self, BdrvChild, BlockDriverState, CoQueue, QEMUIOVector};
-use crate::engine::Storage;
+use crate::engine::{DebugEvent, Storage};
 use crate::ordering::epochs::{EpochBuffer, Job, WriteError};
 use crate::ordering::BarrierMode;
 
@@ -235,6 +235,41 @@ impl FileAccess {
     }
 }
 
+/// QEMU's `BlkdebugEvent` for an engine event (the same name, see `engine::debug_event`).
+fn blkdebug_event(event: DebugEvent) -> bindings::BlkdebugEvent {
+    use bindings::*;
+    match event {
+        DebugEvent::L1Update => BLKDBG_L1_UPDATE,
+        DebugEvent::L1GrowAllocTable => BLKDBG_L1_GROW_ALLOC_TABLE,
+        DebugEvent::L1GrowWriteTable => BLKDBG_L1_GROW_WRITE_TABLE,
+        DebugEvent::L1GrowActivateTable => BLKDBG_L1_GROW_ACTIVATE_TABLE,
+        DebugEvent::L2Load => BLKDBG_L2_LOAD,
+        DebugEvent::L2Update => BLKDBG_L2_UPDATE,
+        DebugEvent::L2AllocCowRead => BLKDBG_L2_ALLOC_COW_READ,
+        DebugEvent::L2AllocWrite => BLKDBG_L2_ALLOC_WRITE,
+        DebugEvent::ReadAio => BLKDBG_READ_AIO,
+        DebugEvent::ReadBackingAio => BLKDBG_READ_BACKING_AIO,
+        DebugEvent::ReadCompressed => BLKDBG_READ_COMPRESSED,
+        DebugEvent::WriteAio => BLKDBG_WRITE_AIO,
+        DebugEvent::CowRead => BLKDBG_COW_READ,
+        DebugEvent::CowWrite => BLKDBG_COW_WRITE,
+        DebugEvent::ReftableLoad => BLKDBG_REFTABLE_LOAD,
+        DebugEvent::ReftableGrow => BLKDBG_REFTABLE_GROW,
+        DebugEvent::RefblockLoad => BLKDBG_REFBLOCK_LOAD,
+        DebugEvent::RefblockUpdatePart => BLKDBG_REFBLOCK_UPDATE_PART,
+        DebugEvent::RefblockAlloc => BLKDBG_REFBLOCK_ALLOC,
+        DebugEvent::RefblockAllocHookup => BLKDBG_REFBLOCK_ALLOC_HOOKUP,
+        DebugEvent::RefblockAllocWrite => BLKDBG_REFBLOCK_ALLOC_WRITE,
+        DebugEvent::RefblockAllocWriteBlocks => BLKDBG_REFBLOCK_ALLOC_WRITE_BLOCKS,
+        DebugEvent::RefblockAllocWriteTable => BLKDBG_REFBLOCK_ALLOC_WRITE_TABLE,
+        DebugEvent::RefblockAllocSwitchTable => BLKDBG_REFBLOCK_ALLOC_SWITCH_TABLE,
+        DebugEvent::ClusterAlloc => BLKDBG_CLUSTER_ALLOC,
+        DebugEvent::ClusterFree => BLKDBG_CLUSTER_FREE,
+        DebugEvent::ClusterAllocSpace => BLKDBG_CLUSTER_ALLOC_SPACE,
+        DebugEvent::Barrier => BLKDBG_BARRIER,
+    }
+}
+
 /// `head`, `len` bytes of `qiov` and `tail` as one vectored write at `host_offset`.
 ///
 /// # Safety
@@ -381,6 +416,13 @@ impl Storage for FileAccess {
             }
             FileAccess::Ordered(o) => o.barrier(),
         }
+    }
+
+    fn debug_event(&self, event: DebugEvent) {
+        // SAFETY: the child and its node are open while the image is; bdrv_debug_event does
+        // nothing unless the node's driver handles events (blkdebug), and a blkdebug
+        // breakpoint (suspend) there is only set by tests on events met in a coroutine.
+        unsafe { bindings::bdrv_debug_event((*self.child()).bs, blkdebug_event(event)) }
     }
 
     fn len(&self) -> io::Result<u64> {
