@@ -112,12 +112,14 @@ impl<S: Storage> Image<S> {
         // written in stage 1 (or on eviction); order them first.
         if !self.reftable_dirty.is_empty() {
             self.order_if(self.unordered.refcounts)?;
-            let dirty = std::mem::take(&mut self.reftable_dirty);
-            for index in dirty {
+            // An entry leaves the dirty set only once written: after a failed write the next
+            // write-back writes it again.
+            for index in self.reftable_dirty.clone() {
                 let entry = self.reftable.get(index).copied().unwrap_or(0);
                 let at = self.header.refcount_table_offset + index as u64 * 8;
                 self.storage.debug_event(DebugEvent::RefblockAllocHookup);
                 self.write_metadata(at, &entry.to_be_bytes(), "writing a refcount table entry")?;
+                self.reftable_dirty.remove(&index);
             }
             self.unordered.refcounts = true;
         }
@@ -158,12 +160,13 @@ impl<S: Storage> Image<S> {
         // in stages 1-2.
         if !self.l1_dirty.is_empty() {
             self.order_if(self.unordered.l2_tables || self.unordered.refcounts)?;
-            let dirty = std::mem::take(&mut self.l1_dirty);
-            for index in dirty {
+            // As for the refcount table entries: dirty until written.
+            for index in self.l1_dirty.clone() {
                 let entry = self.l1.get(index).copied().unwrap_or(0);
                 let at = self.header.l1_table_offset + index as u64 * 8;
                 self.storage.debug_event(DebugEvent::L1Update);
                 self.write_metadata(at, &entry.to_be_bytes(), "writing an L1 entry")?;
+                self.l1_dirty.remove(&index);
             }
             self.unordered.entries = true;
         }
