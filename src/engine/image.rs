@@ -396,7 +396,8 @@ impl<S: Storage> Image<S> {
         let end = host_offset + self.cluster_size();
         if let Some(what) = self.metadata.metadata_at(host_offset, end) {
             return Err(Error::Corrupt(format!(
-                "data cluster at {host_offset:#x} overlaps the {what}"
+                "data cluster at {host_offset:#x} overlaps {}",
+                MetadataMap::definite(what)
             )));
         }
         Ok(())

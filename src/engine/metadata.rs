@@ -8,6 +8,7 @@ use super::debug_event::DebugEvent;
 use super::entry::{Cluster, L1Entry, L2Entry, ReftableEntry};
 use super::error::{Error, Result};
 use super::image::Image;
+use super::overlap::MetadataMap;
 use super::storage::Storage;
 
 fn be64_at(table: &[u8], index: usize) -> u64 {
@@ -74,7 +75,8 @@ impl<S: Storage> Image<S> {
             });
             if let Some(what) = other {
                 return Err(Error::Corrupt(format!(
-                    "the L2 table of L1 entry {l1_index} at {l2_offset:#x} overlaps the {what}"
+                    "the L2 table of L1 entry {l1_index} at {l2_offset:#x} overlaps {}",
+                    MetadataMap::definite(what)
                 )));
             }
         }
@@ -131,8 +133,8 @@ impl<S: Storage> Image<S> {
         })?;
         if let Some(holder) = self.metadata.metadata_at(host_offset, host_offset + len) {
             return Err(Error::Corrupt(format!(
-                "the {what} of guest cluster {guest_cluster} at {host_offset:#x} overlaps the \
-                 {holder}"
+                "the {what} of guest cluster {guest_cluster} at {host_offset:#x} overlaps {}",
+                MetadataMap::definite(holder)
             )));
         }
         Ok(cluster)
@@ -266,7 +268,8 @@ impl<S: Storage> Image<S> {
             });
             if let Some(what) = other {
                 return Err(Error::Corrupt(format!(
-                    "refcount block {rt_index} at {offset:#x} overlaps the {what}"
+                    "refcount block {rt_index} at {offset:#x} overlaps {}",
+                    MetadataMap::definite(what)
                 )));
             }
         }
