@@ -18,6 +18,7 @@
 //! - `reserve`: the zero reserve: clusters counted and ordered ahead of need, so appends
 //!   need no ordering point before their flush's sync.
 //! - `resize`: growing the virtual size (and the L1 table).
+//! - `backing_file`: naming another backing file (`qemu-img rebase`, block jobs).
 //! - `zeroes`: write_zeroes and discard (zero flag, unallocation).
 //! - `compress`: compressed cluster decoding (raw deflate, zstd).
 //! - [`snapshot`]: the internal snapshot table (parsed and validated at open).
@@ -32,6 +33,7 @@
 //! lock (new clusters linked into their L2 tables). The engine's own `read`/`write` run the
 //! three steps in one call; the QEMU glue runs them around its `CoMutex`.
 
+mod backing_file;
 pub mod cache;
 mod check;
 pub mod compress;

@@ -405,6 +405,26 @@ unsafe extern "C" fn qcow2b_co_truncate(
     }
 }
 
+unsafe extern "C" fn qcow2b_change_backing_file(
+    bs: *mut BlockDriverState,
+    backing_file: *const c_char,
+    backing_fmt: *const c_char,
+) -> c_int {
+    guard("change_backing_file", || {
+        let text = |p: *const c_char| {
+            // SAFETY: QEMU passes NULL or a NUL-terminated string.
+            (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+        };
+        let (file, format) = (text(backing_file), text(backing_fmt));
+        // SAFETY: called outside any request of the node (qemu-img rebase, the end of a block
+        // job), as QEMU's qcow2 assumes too. bdrv_change_backing_file() updates the node's
+        // backing_file fields itself once this succeeds.
+        unsafe { Node::of(bs).image_drained() }
+            .change_backing_file(file.as_deref(), format.as_deref())
+            .map(|()| 0)
+    })
+}
+
 unsafe extern "C" fn qcow2b_co_block_status(
     bs: *mut BlockDriverState,
     _want_zero: bool,
@@ -739,6 +759,7 @@ pub extern "C" fn qcow2b_register() {
             bdrv_co_pdiscard: Some(qcow2b_co_pdiscard),
             bdrv_co_flush_to_os: Some(qcow2b_co_flush_to_os),
             bdrv_co_truncate: Some(qcow2b_co_truncate),
+            bdrv_change_backing_file: Some(qcow2b_change_backing_file),
             bdrv_co_block_status: Some(qcow2b_co_block_status),
             bdrv_refresh_limits: Some(qcow2b_refresh_limits),
             bdrv_has_zero_init: Some(qcow2b_has_zero_init),
