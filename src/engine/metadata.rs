@@ -469,6 +469,9 @@ impl<S: Storage> Image<S> {
     /// must be contiguous) and returns the offset of the first.
     pub(super) fn alloc_contiguous(&mut self, count: u64) -> Result<u64> {
         self.storage.debug_event(DebugEvent::ClusterAlloc);
+        if !self.storage.is_growable() {
+            return self.alloc_free_run(count);
+        }
         let cluster_size = self.cluster_size();
         let start = self.host_end.div_ceil(cluster_size);
         let end = start
@@ -485,6 +488,36 @@ impl<S: Storage> Image<S> {
             self.claim_cluster(cluster)?;
         }
         Ok(start * cluster_size)
+    }
+
+    /// `count` contiguous free host clusters on storage that cannot grow (a block device): the
+    /// first free run long enough, below the end of the storage. Returns the first's offset.
+    fn alloc_free_run(&mut self, count: u64) -> Result<u64> {
+        let hint = self.free_cluster_hint;
+        let end = self.host_end;
+        let found = loop {
+            let (first, got) = match self.alloc_run(count) {
+                Ok(run) => run,
+                Err(e) => break Err(e),
+            };
+            let first_cluster = first >> self.cluster_bits;
+            if got == count && (first_cluster + count) << self.cluster_bits <= end {
+                break Ok(first);
+            }
+            // Too short, or past the end: give it back (nothing names it) and look further.
+            for cluster in first_cluster..first_cluster + got {
+                self.set_refcount(cluster, 0)?;
+            }
+            if (first_cluster + got) << self.cluster_bits >= end {
+                break Err(Error::io(
+                    format!("finding {count} contiguous free clusters on a block device"),
+                    std::io::Error::from_raw_os_error(libc::ENOSPC),
+                ));
+            }
+            self.free_cluster_hint = first_cluster + got + 1;
+        };
+        self.free_cluster_hint = hint;
+        found
     }
 
     /// Sets the refcount of a given free host cluster to 1, creating its refcount block (and

@@ -105,7 +105,12 @@ impl<S: Storage> Image<S> {
 
     /// Whether the next cluster the allocator would hand out extends the file (so a reserved
     /// cluster serves as well, and better): false when a freed cluster waits in the middle.
+    /// Never on storage that cannot grow: there is no reserve there (nothing lies past the
+    /// end of a block device, and its free clusters do not read as zeros).
     pub(super) fn next_allocation_extends_file(&mut self) -> Result<bool> {
+        if !self.storage.is_growable() {
+            return Ok(false);
+        }
         let free = self.find_free_cluster()?;
         Ok(free << self.cluster_bits >= self.host_end)
     }
@@ -160,7 +165,7 @@ impl<S: Storage> Image<S> {
     /// it is below half a batch, so the next interval's appends find it usable (that sync or
     /// ordering point orders it before them).
     pub(super) fn top_up_reserve(&mut self) -> Result<()> {
-        if self.read_only || !self.reserve.pending.is_empty() {
+        if self.read_only || !self.reserve.pending.is_empty() || !self.storage.is_growable() {
             return Ok(());
         }
         if self.reserve.usable_clusters() >= self.reserve.batch / 2 {

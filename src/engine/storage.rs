@@ -32,6 +32,12 @@ pub trait Storage {
     /// Announces the I/O that follows (a metadata or ordering point, see [`DebugEvent`]), for
     /// error injection and debugging. Nothing by default.
     fn debug_event(&self, _event: DebugEvent) {}
+    /// Whether writes past the end extend the file (a regular file) rather than fail (a block
+    /// device, whose length is fixed and whose free space holds old bytes). The zero reserve
+    /// (`reserve.rs`) needs the former; without it, clusters come from free space inside.
+    fn is_growable(&self) -> bool {
+        true
+    }
     /// Current length of the file in bytes.
     fn len(&self) -> io::Result<u64>;
     /// Whether the file is empty.

@@ -26,7 +26,7 @@
 //!   synchronously first and the file used directly.
 
 use std::cell::{Cell, RefCell, UnsafeCell};
-use std::ffi::c_void;
+use std::ffi::{c_void, CStr};
 use std::io;
 use std::rc::Rc;
 use std::time::Instant;
@@ -423,6 +423,17 @@ impl Storage for FileAccess {
         // nothing unless the node's driver handles events (blkdebug), and a blkdebug
         // breakpoint (suspend) there is only set by tests on events met in a coroutine.
         unsafe { bindings::bdrv_debug_event((*self.child()).bs, blkdebug_event(event)) }
+    }
+
+    fn is_growable(&self) -> bool {
+        // SAFETY: the child and its node are open while the image is; a protocol node always
+        // has a driver, whose format_name is a static string.
+        let name = unsafe {
+            let protocol = bindings::bdrv_skip_filters((*self.child()).bs);
+            CStr::from_ptr((*(*protocol).drv).format_name)
+        };
+        // file-posix refuses to grow these ("Cannot grow device files").
+        name != c"host_device" && name != c"host_cdrom"
     }
 
     fn len(&self) -> io::Result<u64> {
