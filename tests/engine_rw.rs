@@ -698,3 +698,23 @@ fn a_first_write_lays_out_the_l2_table_then_the_data_as_qemu_does() {
     assert_eq!(second_l2, 0x60000);
     assert_eq!(be64(second_l2) & mask, 0x70000);
 }
+
+/// Before a migration QEMU inactivates the node and the other side opens the image: the
+/// unused zero reserve must not stay counted (it was, as leaked clusters, after every
+/// migration), and nothing may be left to write at the close that follows.
+#[test]
+fn hand_over_leaves_the_image_clean_for_another_process_while_it_stays_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    qemu_img_create(&path, 65536, 1 << 30, None);
+    let mut image = open_file(&path, &rw(None));
+    image.write(0, &[0x5a; 65536], None).unwrap();
+    image.write(512 << 20, &[0x5b; 4096], None).unwrap();
+    image.hand_over().unwrap();
+    // The other side: a clean image (no leaks) with the data.
+    qemu_img_check(&path);
+    qemu_io(&path, &["read -P 0x5a 0 64k", "read -P 0x5b 512M 4k"]);
+    // This side is dropped without a close (QEMU closes an inactive node without writing).
+    drop(image);
+    qemu_img_check(&path);
+}

@@ -447,8 +447,17 @@ impl<S: Storage> Image<S> {
     /// the file, cut off. (This engine never sets the dirty bit, so there is nothing more to
     /// clear.) Returns the storage.
     pub fn close(mut self) -> Result<S> {
+        self.hand_over()?;
+        Ok(self.storage)
+    }
+
+    /// What a close writes, with the image left open: before another process takes the image
+    /// over (QEMU's inactivation for migration), after which this one must write nothing.
+    /// Without it the other side would find the unused reserve counted: leaked clusters,
+    /// after every migration.
+    pub fn hand_over(&mut self) -> Result<()> {
         if self.read_only {
-            return Ok(self.storage);
+            return Ok(());
         }
         let reserved_tail = self.reserved_tail();
         self.release_reserve()?;
@@ -459,8 +468,9 @@ impl<S: Storage> Image<S> {
             self.storage
                 .set_len(start)
                 .map_err(|e| Error::io("trimming the unused reserve off the file", e))?;
+            self.host_end = start;
         }
-        Ok(self.storage)
+        Ok(())
     }
 
     /// Where the run of reserved clusters that ends the file starts, if one does.

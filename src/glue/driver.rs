@@ -226,6 +226,12 @@ unsafe extern "C" fn qcow2b_close(bs: *mut BlockDriverState) {
     if let Some(protocol) = node.primitive_node {
         primitive::unregister(protocol);
     }
+    // SAFETY: bs is valid for the whole call.
+    if unsafe { (*bs).open_flags } & bindings::BDRV_O_INACTIVE as c_int != 0 {
+        // Inactivated (migrated away): everything was written then, and the image belongs to
+        // the other side now; writing here would break it (and QEMU asserts against it).
+        return;
+    }
     let ret = guard("close", move || node.into_image().close().map(|_storage| 0));
     if ret < 0 {
         eprintln!(
@@ -538,10 +544,13 @@ unsafe extern "C" fn qcow2b_reopen_commit_post(state: *mut BDRVReopenState) {
 unsafe extern "C" fn qcow2b_reopen_abort(_state: *mut BDRVReopenState) {}
 
 unsafe extern "C" fn qcow2b_inactivate(bs: *mut BlockDriverState) -> c_int {
-    // Before another process takes the image over (migration): everything out, durably.
+    // Before another process takes the image over (migration): everything out, durably, and
+    // the zero reserve given back, as at a close.
     guard("inactivate", || {
         // SAFETY: QEMU inactivates a drained, open node.
-        unsafe { Node::of(bs).image_drained() }.flush().map(|_| 0)
+        unsafe { Node::of(bs).image_drained() }
+            .hand_over()
+            .map(|_| 0)
     })
 }
 
