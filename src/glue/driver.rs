@@ -287,13 +287,6 @@ unsafe extern "C" fn qcow2b_co_drain_begin(bs: *mut BlockDriverState) {
     }
 }
 
-unsafe extern "C" fn qcow2b_co_drain_end(bs: *mut BlockDriverState) {
-    // SAFETY: as above.
-    if let FileAccess::Ordered(o) = unsafe { &Node::of(bs).file } {
-        o.end_drain();
-    }
-}
-
 /// Runs a metadata-only change of a guest range once no allocation in flight overlaps it.
 ///
 /// # Safety
@@ -763,7 +756,6 @@ pub extern "C" fn qcow2b_register() {
             bdrv_co_pwritev_part: Some(qcow2b_co_pwritev_part),
             bdrv_co_barrier: Some(qcow2b_co_barrier),
             bdrv_co_drain_begin: Some(qcow2b_co_drain_begin),
-            bdrv_co_drain_end: Some(qcow2b_co_drain_end),
             bdrv_co_pwrite_zeroes: Some(qcow2b_co_pwrite_zeroes),
             bdrv_co_pdiscard: Some(qcow2b_co_pdiscard),
             bdrv_co_flush_to_os: Some(qcow2b_co_flush_to_os),
