@@ -4,8 +4,9 @@
 //! [`guard`]/[`guard_errp`] (no panic reaches C; errors become `-errno` there), and reach the
 //! engine through the node's lock. Guest reads and writes are in `request.rs`.
 //!
-//! Format probing is left to QEMU's qcow2 (no `bdrv_probe`): qcow2b drives the same on-disk
-//! format and is used only when asked for by name.
+//! Format probing is left to QEMU's qcow2: qcow2b drives the same on-disk format and is used
+//! only when asked for by name, unless the environment says `QCOW2B_PROBE=1` (see
+//! [`qcow2b_probe`]).
 
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::ptr;
@@ -47,6 +48,7 @@ const BARRIER: &CStr = c"barrier";
 const BARRIERFS_SYSCALL: &CStr = c"barrierfs-syscall";
 const BARRIERFS_INJECT: &CStr = c"x-barrierfs-inject";
 const BUFFER_SIZE: &CStr = c"buffer-size";
+const OVERLAP_CHECK: &CStr = c"overlap-check";
 
 /// The runtime options (`-drive driver=qcow2b,...`, `-blockdev`), built once.
 fn runtime_opts() -> *mut bindings::QemuOptsList {
@@ -58,7 +60,7 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
     unsafe impl Sync for List {}
     static LIST: OnceLock<List> = OnceLock::new();
     LIST.get_or_init(|| {
-        List(leak_list::<8>(
+        List(leak_list::<9>(
             c"qcow2b",
             &[
                 string_opt(
@@ -88,6 +90,10 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
                 size_opt(
                     CACHE_SIZE,
                     c"Maximum bytes of both caches together (split as QEMU's qcow2 does)",
+                ),
+                string_opt(
+                    OVERLAP_CHECK,
+                    c"Accepted as qcow2's and ignored: qcow2b always refuses a write or free that would hit metadata",
                 ),
             ],
         ))
@@ -401,6 +407,33 @@ unsafe extern "C" fn qcow2b_co_truncate(
             publish_image_fields(bs, image)?;
             Ok(0)
         })
+    }
+}
+
+/// The variable that makes probing pick qcow2b for qcow2 images.
+const PROBE_VARIABLE: &str = "QCOW2B_PROBE";
+
+/// Probing: nothing, unless `QCOW2B_PROBE=1` is set in the environment; then a qcow2 header
+/// (magic, version 2 or 3) scores above QEMU's qcow2 (100), so every image opened without a
+/// format name (`qemu-img info img`, a backing file without backing_fmt) is driven by qcow2b.
+/// QEMU's iotests set it with `./check -qcow2b`, so that a test's commands without `-f`
+/// exercise qcow2b as they exercise qcow2 under `-qcow2`.
+unsafe extern "C" fn qcow2b_probe(
+    buf: *const u8,
+    buf_size: c_int,
+    _filename: *const c_char,
+) -> c_int {
+    if std::env::var_os(PROBE_VARIABLE).is_none_or(|v| v != "1") || buf.is_null() || buf_size < 8 {
+        return 0;
+    }
+    // SAFETY: QEMU passes buf_size readable bytes (checked above: at least 8).
+    let head = unsafe { std::slice::from_raw_parts(buf, 8) };
+    let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    let version = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+    if magic == crate::engine::header::QCOW_MAGIC && (2..=3).contains(&version) {
+        101
+    } else {
+        0
     }
 }
 
@@ -745,6 +778,7 @@ pub extern "C" fn qcow2b_register() {
             instance_size: std::mem::size_of::<*mut Node>() as c_int,
             is_format: true,
             supports_backing: true,
+            bdrv_probe: Some(qcow2b_probe),
             bdrv_open: Some(qcow2b_open),
             bdrv_close: Some(qcow2b_close),
             bdrv_reopen_prepare: Some(qcow2b_reopen_prepare),
