@@ -51,7 +51,8 @@ fn whole_regressions_replay() {
 fn the_seed_corpus_runs_clean_through_every_target() {
     // The seeds are real images: the targets' checks (model reads, clean after close) hold.
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-    let targets: [(&str, fn(&[u8])); 5] = [
+    type Target = (&'static str, fn(&[u8]));
+    let targets: [Target; 5] = [
         ("header", qcow2b::fuzzing::header::run),
         ("tables", qcow2b::fuzzing::tables::run),
         ("snapshots", qcow2b::fuzzing::snapshots::run),
