@@ -1,5 +1,5 @@
 # Thin wrappers around scripts/ (the README's two commands).
-.PHONY: setup test demo build
+.PHONY: setup test demo build paper-bench
 setup:
 	bash scripts/setup.sh
 test:
@@ -8,3 +8,5 @@ build:
 	bash scripts/fetch-qemu.sh && bash scripts/build.sh
 demo:
 	bash scripts/demo.sh
+paper-bench:
+	bash scripts/paper-bench.sh

@@ -40,6 +40,8 @@ const ALLOW_TYPES: &[&str] = &[
     "PreallocMode",
     "Qcow2CompressionType",
     "BlkdebugEvent",
+    "QemuCoSleep",
+    "QEMUClockType",
 ];
 const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_register",
@@ -52,6 +54,8 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_co_pwritev_part",
     "bdrv_co_flush",
     "bdrv_co_barrier",
+    "bdrv_co_pwrite_zeroes",
+    "bdrv_co_pdiscard",
     "bdrv_co_pread",
     "bdrv_co_pwrite",
     "bdrv_pread",
@@ -116,6 +120,9 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "qemu_opt_get_size_del",
     "qemu_opt_get_del",
     "bdrv_debug_event",
+    "bdrv_co_pwrite_zeroes",
+    "bdrv_co_pdiscard",
+    "qemu_co_sleep_ns_wakeable",
 ];
 const ALLOW_VARS: &[&str] = &["BDRV_.*", "BDRV_O_.*", "BDRV_REQ_.*", "BDRV_BLOCK_.*"];
 

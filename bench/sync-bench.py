@@ -16,18 +16,15 @@ ratio to QEMU's qcow2 with a flush per write (the stock baseline).
 Usage: sync-bench.py [N] [REPS]   (defaults 1000 and 3)"""
 
 import os
-import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILD_ROOT = os.environ.get("QCOW2B_BUILD_ROOT", os.path.join(ROOT, ".build"))
-BIN = os.path.join(BUILD_ROOT, "bin")
-QEMU_IMG, QEMU_IO = os.path.join(BIN, "qemu-img"), os.path.join(BIN, "qemu-io")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import BUILD_ROOT, QEMU_IO, create_image, median, require_tools  # noqa: E402
+from benchlib import strace_prefix, strace_syncs  # noqa: E402
 
 CONFIGS = [
     # name, create options, qemu-io --image-opts driver part
@@ -60,10 +57,7 @@ def commands(n, barrier):
 
 def prepare(work, opts, overwrite, n):
     img = os.path.join(work, "bench.qcow2")
-    if os.path.exists(img):
-        os.unlink(img)
-    args = [QEMU_IMG, "create", "-q", "-f", "qcow2"] + (["-o", opts] if opts else [])
-    subprocess.run(args + [img, f"{max(n * 64 + 1024, 1 << 20)}K"], check=True)
+    create_image(img, max(n * 64 + 1024, 1 << 20) * 1024, opts)
     if overwrite:
         subprocess.run([QEMU_IO, "-f", "qcow2", "-c", f"write -q -P 0x11 0 {n * 64}k", img],
                        check=True, stdout=subprocess.DEVNULL)
@@ -79,7 +73,7 @@ def run(work, config, workload, n, trace):
     cmd += commands(n, barrier)
     if trace:
         log = os.path.join(work, "strace.log")
-        cmd = ["strace", "-f", "-c", "-e", "trace=fdatasync,fsync", "-o", log] + cmd
+        cmd = strace_prefix(log) + cmd
     start = time.monotonic()
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     elapsed = time.monotonic() - start
@@ -87,21 +81,14 @@ def run(work, config, workload, n, trace):
     if p.returncode != 0 or "failed" in out or "rror" in out:
         return None, out.strip().splitlines()[-1] if out.strip() else f"exit {p.returncode}"
     if trace:
-        syncs = 0
-        for line in open(log):
-            m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(fdatasync|fsync)\s*$", line)
-            if m:
-                syncs += int(m.group(1))
-        return syncs, None
+        return strace_syncs(log), None
     return elapsed, None
 
 
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     reps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    for tool in (QEMU_IMG, QEMU_IO):
-        if not os.access(tool, os.X_OK):
-            sys.exit(f"no built {tool}; run scripts/setup.sh")
+    require_tools()
     work = tempfile.mkdtemp(prefix="sync-bench.", dir=BUILD_ROOT)
     try:
         results = {}
@@ -115,7 +102,7 @@ def main():
                         if err:
                             break
                         times.append(t)
-                results[workload[0], config[0]] = (syncs, statistics.median(times) if times else None, err)
+                results[workload[0], config[0]] = (syncs, median(times), err)
         print(f"\n{n} x 64 KiB writes per run; throughput is the median of {reps} runs; "
               f"ratio is against qcow2 with a flush per write (append or overwrite alike).")
         print(f"* barrierfs with the injected primitive: the bound for barrier hardware; "

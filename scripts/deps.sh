@@ -18,6 +18,9 @@ packages=(
   qemu-utils strace seabios qemu-system-data
   # iotest 108 reads the image through a loop device (sudo -n losetup)
   sudo
+  # the paper benchmark (bench/paper-bench.py): charts; the real guest's tools, copied with
+  # their libraries into its initramfs (bench/guest/build-guest.sh), and cpio to pack it
+  python3-matplotlib fio cpio e2fsprogs coreutils
 )
 
 missing=()

@@ -46,6 +46,13 @@ for t in tests/integration/*.sh tests/integration/*.py; do
   [ "$status" = 0 ] || printf '%s\n' "$out" | tail -20 | sed 's/^/    /'
 done
 
+# The crash-consistency harness (tests/crash/, README "Crash consistency"): one test; its
+# totals per workload and mode, the known bugs and the mutation test are printed either way.
+out=$(timeout 3600 bash tests/crash/run.sh --quick --strict 2>&1); status=$?
+record "crash-consistency (tests/crash/run.sh --quick --strict)" "$status"
+printf '%s\n' "$out" | sed -n '/^workload /,$p' | sed 's/^/    /'
+[ "$status" = 0 ] || printf '%s\n' "$out" | grep -A3 '^  FAIL' | head -40 | sed 's/^/    /'
+
 say "QEMU's iotests with -qcow2b (the auto group, the metadata and crash tests, tests/qemu-iotests/)"
 # One ./check per test, so that one that hangs cannot stop the others. A test passes, is "not
 # run" (with its reason: qcow2b-not-run for what qcow2b does not do; the environment for the

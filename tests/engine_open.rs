@@ -13,12 +13,14 @@ const RW: OpenOptions = OpenOptions {
     l2_cache_bytes: None,
     refcount_cache_bytes: None,
     for_check: false,
+    test_skip_stage3_ordering: false,
 };
 const RO: OpenOptions = OpenOptions {
     read_only: true,
     l2_cache_bytes: None,
     refcount_cache_bytes: None,
     for_check: false,
+    test_skip_stage3_ordering: false,
 };
 
 fn open(bytes: Vec<u8>, opts: &OpenOptions) -> Result<Image<MemStorage>, Error> {

@@ -88,6 +88,8 @@ pub struct Image<S: Storage> {
     pub(super) for_check: bool,
     /// The internal snapshot table, parsed and validated at open (`snapshot.rs`).
     pub(super) snapshots: Vec<Snapshot>,
+    /// Test only: see [`OpenOptions::test_skip_stage3_ordering`].
+    pub(super) test_skip_stage3_ordering: bool,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -203,6 +205,7 @@ impl<S: Storage> Image<S> {
             for_check: opts.for_check,
             snapshots,
             header,
+            test_skip_stage3_ordering: opts.test_skip_stage3_ordering,
         };
         image.metadata.reload_tables(&image.l1, &image.reftable);
         if !opts.read_only {

@@ -473,14 +473,30 @@ impl<S: Storage> Image<S> {
             return self.alloc_free_run(count);
         }
         let cluster_size = self.cluster_size();
-        let start = self.host_end.div_ceil(cluster_size);
-        let end = start
-            .checked_add(count)
-            .filter(|&e| {
-                e.checked_mul(cluster_size)
-                    .is_some_and(|o| o & !super::entry::OFFSET_MASK == 0)
-            })
-            .ok_or_else(|| Error::Unsupported("host offset beyond 2^56 bytes".into()))?;
+        let mut start = self.host_end.div_ceil(cluster_size);
+        let end = loop {
+            let end = start
+                .checked_add(count)
+                .filter(|&e| {
+                    e.checked_mul(cluster_size)
+                        .is_some_and(|o| o & !super::entry::OFFSET_MASK == 0)
+                })
+                .ok_or_else(|| Error::Unsupported("host offset beyond 2^56 bytes".into()))?;
+            // A crash may leave clusters past the end of the file counted (their refcount
+            // reached the file, the write that extends it did not): leaked, never handed
+            // out again; the range starts after them, as QEMU's qcow2 skips them too.
+            let mut counted = None;
+            for cluster in (start..end).rev() {
+                if self.refcount(cluster)? != 0 {
+                    counted = Some(cluster);
+                    break;
+                }
+            }
+            match counted {
+                Some(cluster) => start = cluster + 1,
+                None => break end,
+            }
+        };
         // Refcount blocks and tables this needs go after the range.
         self.host_end = end * cluster_size;
         self.free_cluster_hint = self.free_cluster_hint.max(end);

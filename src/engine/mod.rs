@@ -85,6 +85,11 @@ pub struct OpenOptions {
     /// opened read-write so that the check can repair it, and a dirty image is not repaired
     /// at open, so that the check reports what is wrong.
     pub for_check: bool,
+    /// Test only, never for real data: `write_back` leaves out its stage-3 ordering point (L2
+    /// tables after the data and refcounts they name), so that the crash-consistency harness
+    /// (`tests/crash/`) can show it catches a missing barrier. Driver option
+    /// `x-test-skip-ordering=stage3`.
+    pub test_skip_stage3_ordering: bool,
 }
 
 /// What backs a range of guest bytes (the answer of [`Image::map`]).

@@ -49,6 +49,8 @@ const BARRIERFS_SYSCALL: &CStr = c"barrierfs-syscall";
 const BARRIERFS_INJECT: &CStr = c"x-barrierfs-inject";
 const BUFFER_SIZE: &CStr = c"buffer-size";
 const OVERLAP_CHECK: &CStr = c"overlap-check";
+/// Test only: `stage3` removes one ordering point (see `OpenOptions::test_skip_stage3_ordering`).
+const TEST_SKIP_ORDERING: &CStr = c"x-test-skip-ordering";
 
 /// The runtime options (`-drive driver=qcow2b,...`, `-blockdev`), built once.
 fn runtime_opts() -> *mut bindings::QemuOptsList {
@@ -60,7 +62,7 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
     unsafe impl Sync for List {}
     static LIST: OnceLock<List> = OnceLock::new();
     LIST.get_or_init(|| {
-        List(leak_list::<9>(
+        List(leak_list::<10>(
             c"qcow2b",
             &[
                 string_opt(
@@ -94,6 +96,10 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
                 string_opt(
                     OVERLAP_CHECK,
                     c"Accepted as qcow2's and ignored: qcow2b always refuses a write or free that would hit metadata",
+                ),
+                string_opt(
+                    TEST_SKIP_ORDERING,
+                    c"Test only, breaks crash consistency: stage3 leaves out the ordering point before L2 tables are written",
                 ),
             ],
         ))
@@ -158,11 +164,21 @@ fn open_options(opts: &Opts, read_only: bool, for_check: bool) -> Result<OpenOpt
         // the rest to refcount blocks.
         (Some(total), None, None) => (Some(total), None),
     };
+    let test_skip_stage3_ordering = match opts.string(TEST_SKIP_ORDERING).as_deref() {
+        None => false,
+        Some("stage3") => true,
+        Some(other) => {
+            return Err(Error::BadOption(format!(
+                "x-test-skip-ordering={other}: the only (test-only) value is stage3"
+            )))
+        }
+    };
     Ok(OpenOptions {
         read_only,
         l2_cache_bytes,
         refcount_cache_bytes,
         for_check,
+        test_skip_stage3_ordering,
     })
 }
 
@@ -815,4 +831,6 @@ pub extern "C" fn qcow2b_register() {
         unsafe { bindings::bdrv_register(drv) };
         Ok(0)
     });
+    super::recorder::register();
+    super::latency::register();
 }

@@ -206,10 +206,12 @@ impl FileAccess {
             FileAccess::Ordered(o) if o.may_write_directly() => {
                 // Every earlier epoch is durable: straight from the request's buffers.
                 o.direct_unsynced.set(true);
+                o.direct_in_flight.set(o.direct_in_flight.get() + 1);
                 // SAFETY: per the caller.
                 let result = unsafe {
                     write_vectored(o.file, host_offset, head, len, qiov, qiov_offset, tail)
                 };
+                o.direct_in_flight.set(o.direct_in_flight.get() - 1);
                 let end = host_offset + (head.len() + len + tail.len()) as u64;
                 o.buffered_end.set(o.buffered_end.get().max(end));
                 o.counters.count_error(result)
@@ -478,6 +480,9 @@ pub struct OrderedFile {
     last_mark: Cell<u64>,
     /// Writes went straight to the file since its last sync.
     direct_unsynced: Cell<bool>,
+    /// Direct writes issued and not yet complete. A sync issued meanwhile does not cover them
+    /// (it covers what completed before it), so it leaves `direct_unsynced` set.
+    direct_in_flight: Cell<u32>,
     /// A barrier followed direct writes: they must be synced before anything buffered since
     /// reaches the file (the writer does it first).
     direct_sync_due: Cell<bool>,
@@ -507,6 +512,7 @@ impl OrderedFile {
             progress_waiters: UnsafeCell::new(CoQueue::default()),
             last_mark: Cell::new(0),
             direct_unsynced: Cell::new(false),
+            direct_in_flight: Cell::new(0),
             direct_sync_due: Cell::new(false),
             direct_error: Cell::new(None),
             buffered_end: Cell::new(0),
@@ -548,7 +554,9 @@ impl OrderedFile {
         if self.may_write_directly() {
             // Every earlier epoch is durable: this write may reach the file now.
             self.direct_unsynced.set(true);
+            self.direct_in_flight.set(self.direct_in_flight.get() + 1);
             let result = child_pwrite(self.file, offset, data);
+            self.direct_in_flight.set(self.direct_in_flight.get() - 1);
             self.buffered_end
                 .set(self.buffered_end.get().max(offset + data.len() as u64));
             return self.counters.count_error(result);
@@ -651,11 +659,14 @@ impl OrderedFile {
             if !self.direct_unsynced.get() {
                 return Ok(());
             }
-            self.direct_unsynced.set(false);
+            let covers_all = self.direct_in_flight.get() == 0;
             self.counters.epochs.set(self.counters.epochs.get() + 1);
-            return self
-                .counters
-                .count_error(child_flush(self.file, &self.counters));
+            self.counters
+                .count_error(child_flush(self.file, &self.counters))?;
+            if covers_all {
+                self.direct_unsynced.set(false);
+            }
+            return Ok(());
         }
         if self.direct_unsynced.get() {
             self.direct_sync_due.set(true);
@@ -725,13 +736,18 @@ impl OrderedFile {
     fn run_writer(&self) {
         if self.direct_sync_due.get() {
             // Direct writes before a barrier: durable before anything buffered after it.
+            // INVARIANT: only writes complete when the sync is issued are covered by it; one
+            // still in flight keeps `direct_unsynced`, so the next barrier syncs it again.
+            let covers_all = self.direct_in_flight.get() == 0;
             match self
                 .counters
                 .count_error(child_flush(self.file, &self.counters))
             {
                 Ok(()) => {
                     self.direct_sync_due.set(false);
-                    self.direct_unsynced.set(false);
+                    if covers_all {
+                        self.direct_unsynced.set(false);
+                    }
                     self.counters.epochs.set(self.counters.epochs.get() + 1);
                 }
                 Err(e) => {

@@ -11,7 +11,11 @@
 //! - `opts`: QEMU option lists declared from Rust tables;
 //! - `host_barrier`: the C entry point file-posix calls for a barrier;
 //! - `create`: `qemu-img create` and `qemu-img measure` (QEMU option lists to the engine's);
-//! - `driver`: the `BlockDriver` table registered under the format name `qcow2b`.
+//! - `driver`: the `BlockDriver` table registered under the format name `qcow2b`;
+//! - `recorder`: the `qcow2b-recorder` filter, which logs what reaches its child (for the
+//!   crash-consistency harness, `tests/crash/`);
+//! - `latency`: the `qcow2b-synclat` filter, a fixed extra cost per host fdatasync (the
+//!   paper benchmark's flush-latency model).
 
 mod bindings;
 mod create;
@@ -19,7 +23,9 @@ mod driver;
 mod ffi;
 mod file;
 mod host_barrier;
+mod latency;
 mod node;
 mod opts;
+mod recorder;
 mod request;
 mod storage;

@@ -34,6 +34,11 @@ pub struct Node {
     writes_in_flight: RefCell<BTreeSet<u64>>,
     next_write: Cell<u64>,
     write_done: UnsafeCell<CoQueue>,
+    /// Guest barriers (barrier writes and bare barriers), by arrival number, not yet placed:
+    /// a write that arrives after one waits until it is (everything submitted after a
+    /// barrier is ordered after it).
+    barriers_pending: RefCell<BTreeSet<u64>>,
+    barrier_placed: UnsafeCell<CoQueue>,
     lock: UnsafeCell<CoMutex>,
     /// Requests waiting for an allocation in flight to finish.
     alloc_waiters: UnsafeCell<CoQueue>,
@@ -63,6 +68,8 @@ impl Node {
             writes_in_flight: RefCell::new(BTreeSet::new()),
             next_write: Cell::new(0),
             write_done: UnsafeCell::new(CoQueue::default()),
+            barriers_pending: RefCell::new(BTreeSet::new()),
+            barrier_placed: UnsafeCell::new(CoQueue::default()),
             lock: UnsafeCell::new(CoMutex::default()),
             alloc_waiters: UnsafeCell::new(CoQueue::default()),
             poisoned: Cell::new(false),
@@ -73,6 +80,7 @@ impl Node {
             bindings::qemu_co_mutex_init(node.lock.get());
             bindings::qemu_co_queue_init(node.alloc_waiters.get());
             bindings::qemu_co_queue_init(node.write_done.get());
+            bindings::qemu_co_queue_init(node.barrier_placed.get());
         }
         node
     }
@@ -154,8 +162,7 @@ impl Node {
     }
 
     /// Waits until every guest write that arrived before number `n` is done (a barrier's
-    /// promise covers everything submitted before it). Pass `next_write_number()` for a
-    /// bare barrier.
+    /// promise covers everything submitted before it).
     pub fn wait_for_writes_before(&self, n: u64) {
         loop {
             let first = self.writes_in_flight.borrow().first().copied();
@@ -175,8 +182,70 @@ impl Node {
         }
     }
 
-    pub fn next_write_number(&self) -> u64 {
-        self.next_write.get()
+    /// A number of its own for a bare barrier, in the writes' sequence.
+    pub fn bare_barrier_arrives(&self) -> u64 {
+        let n = self.next_write.get();
+        self.next_write.set(n + 1);
+        n
+    }
+
+    /// Notes a guest barrier arriving: `n` is its write's number, or a bare barrier's own
+    /// ([`Node::bare_barrier_arrives`]). Until
+    /// [`Node::barrier_placed`], writes numbered `n` or above (other than a barrier write's
+    /// own) wait in [`Node::wait_for_barriers_before`].
+    pub fn barrier_arrives(&self, n: u64) {
+        self.barriers_pending.borrow_mut().insert(n);
+    }
+
+    /// The barrier `n` is placed (or failed): the writes after it go on.
+    pub fn barrier_placed(&self, n: u64) {
+        self.barriers_pending.borrow_mut().remove(&n);
+        // SAFETY: the queue was initialised in `new`; we run in a coroutine.
+        unsafe {
+            if !bindings::qemu_co_queue_empty(self.barrier_placed.get()) {
+                bindings::qemu_co_queue_restart_all(self.barrier_placed.get());
+            }
+        }
+    }
+
+    /// Waits until every guest barrier that arrived before write `n` is placed.
+    pub fn wait_for_barriers_before(&self, n: u64) {
+        loop {
+            let first = self.barriers_pending.borrow().first().copied();
+            match first {
+                Some(b) if b < n => {
+                    // SAFETY: in a coroutine; nothing runs between the check and the wait.
+                    unsafe {
+                        bindings::qemu_co_queue_wait_impl(
+                            self.barrier_placed.get(),
+                            std::ptr::null_mut(),
+                            0,
+                        )
+                    };
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
+/// A guest barrier from its arrival until it is placed; placed on drop, so that an error
+/// never leaves later writes waiting.
+pub struct PendingBarrier<'a> {
+    node: &'a Node,
+    n: u64,
+}
+
+impl<'a> PendingBarrier<'a> {
+    pub fn new(node: &'a Node, n: u64) -> PendingBarrier<'a> {
+        node.barrier_arrives(n);
+        PendingBarrier { node, n }
+    }
+}
+
+impl Drop for PendingBarrier<'_> {
+    fn drop(&mut self) {
+        self.node.barrier_placed(self.n);
     }
 }
 

@@ -6,7 +6,7 @@ use std::io;
 
 use super::bindings::{self, BdrvChild, BlockDriverState, QEMUIOVector};
 use super::file::FileAccess;
-use super::node::Node;
+use super::node::{Node, PendingBarrier};
 use super::storage::ChildStorage;
 use crate::engine::dataio::{DataContext, ReadTarget, WriteSource};
 use crate::engine::header::CompressionType;
@@ -196,11 +196,15 @@ pub unsafe fn write(
     // SAFETY: the caller's contract (also for the unsafe blocks below).
     let node = unsafe { Node::of(bs) };
     let arrival = node.write_arrives();
+    // INVARIANT: a write submitted after a guest barrier reaches the file only once that
+    // barrier is placed (its own write is the barrier's, and goes first).
+    node.wait_for_barriers_before(arrival);
+    let pending = barrier.then(|| PendingBarrier::new(node, arrival));
     // SAFETY: as above.
     let result = unsafe { write_data(node, bs, offset, bytes, qiov, qiov_offset) };
     node.write_done(arrival);
     result?;
-    if barrier {
+    if let Some(_pending) = pending {
         node.barrier_writes.set(node.barrier_writes.get() + 1);
         node.wait_for_writes_before(arrival);
         // SAFETY: as above.
@@ -218,7 +222,9 @@ pub unsafe fn write(
 pub unsafe fn barrier(bs: *mut BlockDriverState) -> Result<(), Error> {
     // SAFETY: the caller's contract.
     let node = unsafe { Node::of(bs) };
-    node.wait_for_writes_before(node.next_write_number());
+    let n = node.bare_barrier_arrives();
+    let _pending = PendingBarrier::new(node, n);
+    node.wait_for_writes_before(n);
     // SAFETY: as above.
     let mut locked = unsafe { node.lock() }?;
     locked.image().barrier()

@@ -1,0 +1,59 @@
+#!/bin/busybox sh
+# /init of the paper benchmark's guest (bench/guest/build-guest.sh puts it in the initramfs).
+# Makes ext4 on /dev/vda, mounts it, and runs the tests, each between two markers on the
+# serial console that the host (run-guest.py) timestamps to split its fdatasync counts:
+#   BENCH-BEGIN name / BENCH-END name, with the test's own output in between.
+# Parameters on the kernel command line: bench.dd=N (dd count), bench.seq=N (fio sequential
+# 64 KiB writes, fdatasync after each), bench.rand=N (fio random 4 KiB writes, fsync after
+# each); 0 skips a test.
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+
+param() { # name default
+  v=$(tr ' ' '\n' < /proc/cmdline | sed -n "s/^bench\.$1=//p")
+  echo "${v:-$2}"
+}
+
+for m in $(cat /lib/modules/load-order); do
+  insmod /lib/modules/$m.ko 2>/dev/null
+done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+
+marker() { sleep 1; echo "BENCH-$1 $2"; }
+
+echo "BENCH-KERNEL $(uname -r)"
+marker BEGIN mkfs
+/sbin/mke2fs -q -F -t ext4 /dev/vda
+mount -t ext4 /dev/vda /mnt
+marker END mkfs
+
+n=$(param dd 200)
+if [ "$n" -gt 0 ]; then
+  marker BEGIN "dd $n"
+  /usr/bin/dd if=/dev/zero of=/mnt/dd bs=64k count="$n" oflag=dsync 2>&1 | tail -n1
+  marker END "dd $n"
+fi
+
+n=$(param seq 128)
+if [ "$n" -gt 0 ]; then
+  marker BEGIN "fio-seq $n"
+  /usr/bin/fio --name=seq --filename=/mnt/fio-seq --rw=write --bs=64k --size=$((n * 64))k \
+    --ioengine=sync --fdatasync=1 --fallocate=none 2>&1 | grep -E 'write: IOPS|sync.*lat.*avg|^ +lat' | head -n 3
+  marker END "fio-seq $n"
+fi
+
+n=$(param rand 256)
+if [ "$n" -gt 0 ]; then
+  marker BEGIN "fio-rand $n"
+  /usr/bin/fio --name=rand --filename=/mnt/fio-rand --rw=randwrite --bs=4k --size=$((n * 4))k \
+    --ioengine=sync --fsync=1 --randrepeat=1 --norandommap 2>&1 | grep -E 'write: IOPS|sync.*lat.*avg|^ +lat' | head -n 3
+  marker END "fio-rand $n"
+fi
+
+umount /mnt
+echo BENCH-DONE
+poweroff -f

@@ -1,0 +1,349 @@
+"""The workloads: a setup made with the system's QEMU tools (image, backing file, snapshot,
+compressed clusters, initial data), then one qemu-io script run through the driver under
+test. Every guest write is identifiable per 512-byte sector: synchronous writes come from a
+source file whose every sector is stamped with the write's id and the guest sector number;
+aio writes (qemu-io's aio_write has no source file) each use a pattern byte of their own.
+
+No workload writes the last 64 KiB of the disk: the checks write there on a copy of each
+crash image to see that it opens read-write and allocates.
+"""
+
+import os
+import struct
+import subprocess
+
+SYS_QEMU_IMG = "/usr/bin/qemu-img"
+SYS_QEMU_IO = "/usr/bin/qemu-io"
+
+K = 1024
+M = 1024 * 1024
+SECTOR = 512
+_STAMP = struct.Struct("<8sQQ")
+_MAGIC = b"QCRASH\x00\x01"
+_FILL = bytes(range(251)) * 3
+
+
+def stamp(write_id, offset, length):
+    """Bytes for a write of `length` at guest `offset`: every sector names the write and the
+    guest sector it belongs to, and differs from every other (write, sector)."""
+    out = bytearray()
+    for s in range(offset // SECTOR, (offset + length) // SECTOR):
+        head = _STAMP.pack(_MAGIC, write_id, s)
+        start = (write_id * 131 + s * 17) % 251
+        out += head + _FILL[start:start + SECTOR - len(head)]
+    return bytes(out)
+
+
+def decode_stamp(piece):
+    """(write id, guest sector) of a stamped sector, or None."""
+    if len(piece) != SECTOR or piece[:8] != _MAGIC:
+        return None
+    _, write_id, s = _STAMP.unpack_from(piece)
+    return write_id, s
+
+
+def run(*args):
+    p = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = p.stdout.decode(errors="replace")
+    if p.returncode != 0 or "error" in out.lower() or "failed" in out.lower():
+        raise RuntimeError(f"setup: {' '.join(args)} exited {p.returncode}:\n{out}")
+    return out
+
+
+class Script:
+    """A qemu-io script under construction, and the source files of its writes."""
+
+    def __init__(self, directory, first_id):
+        self.dir = directory
+        self.commands = []
+        self.next_id = first_id
+        self.next_pattern = 1
+
+    def _source(self, offset, length):
+        wid = self.next_id
+        self.next_id += 1
+        path = os.path.join(self.dir, f"src-{wid}.bin")
+        with open(path, "wb") as f:
+            f.write(stamp(wid, offset, length))
+        return path
+
+    def write(self, offset, length, barrier=False, compressed=False):
+        flags = ("-B " if barrier else "") + ("-c " if compressed else "")
+        self.commands.append(f"write -q {flags}-s {self._source(offset, length)} "
+                             f"{offset} {length}")
+
+    def aio_write(self, offset, length, barrier=False):
+        pattern = self.next_pattern
+        self.next_pattern += 1
+        assert pattern < 256, "too many aio writes for distinct pattern bytes"
+        self.commands.append(f"aio_write -q {'-B ' if barrier else ''}-P {pattern} "
+                             f"{offset} {length}")
+
+    def zeroes(self, offset, length, unmap=False):
+        self.commands.append(f"write -q -z {'-u ' if unmap else ''}{offset} {length}")
+
+    def discard(self, offset, length):
+        self.commands.append(f"discard -q {offset} {length}")
+
+    def barrier(self):
+        self.commands.append("barrier")
+
+    def flush(self):
+        self.commands.append("flush")
+
+    def aio_flush(self):
+        self.commands.append("aio_flush")
+
+    def truncate(self, size):
+        self.commands.append(f"truncate {size}")
+
+    def args(self):
+        out = []
+        for c in self.commands:
+            out += ["-c", c]
+        return out
+
+
+class Setup:
+    """The starting image, made with the system's tools."""
+
+    def __init__(self, directory):
+        self.dir = directory
+        self.image = os.path.join(directory, "img.qcow2")
+        self.base = os.path.join(directory, "base.qcow2")
+        self.setup_id = 1_000_000
+
+    def create(self, size, cluster=64 * K, refcount_bits=16, backing=False):
+        opts = f"cluster_size={cluster},refcount_bits={refcount_bits},compat=1.1"
+        args = [SYS_QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", opts]
+        if backing:
+            # Relative: crash images are built next to it, and a kept run moves as a whole.
+            args += ["-b", os.path.basename(self.base), "-F", "qcow2"]
+        run(*args, self.image, str(size))
+
+    def create_base(self, size, cluster=64 * K):
+        run(SYS_QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}",
+            self.base, str(size))
+
+    def writes(self, image, extents, compressed=False):
+        """Stamped writes with the system's qemu-io (ids from 1,000,000: setup data)."""
+        args = [SYS_QEMU_IO, "-f", "qcow2"]
+        for offset, length in extents:
+            path = os.path.join(self.dir, f"setup-{self.setup_id}.bin")
+            with open(path, "wb") as f:
+                f.write(stamp(self.setup_id, offset, length))
+            self.setup_id += 1
+            args += ["-c", f"write -q {'-c ' if compressed else ''}-s {path} {offset} {length}"]
+        run(*args, image)
+
+    def snapshot(self, name):
+        run(SYS_QEMU_IMG, "snapshot", "-c", name, self.image)
+
+
+# --- the workloads -------------------------------------------------------------------------
+# Each takes (setup, script) and returns nothing; they run in the order listed.
+
+def allocating_writes(setup, s):
+    setup.create(4 * M)
+    s.write(0, 64 * K)
+    s.write(64 * K, 64 * K, barrier=True)
+    s.write(256 * K, 4 * K)
+    s.write(260 * K, 4 * K, barrier=True)
+    s.flush()
+    s.write(512 * K, 128 * K)
+    s.barrier()
+    s.write(1 * M, 8 * K)
+    s.write(2 * M, 64 * K, barrier=True)
+    s.write(3 * M, 4 * K)
+    s.flush()
+    s.write(1536 * K, 4 * K, barrier=True)
+    s.write(3 * M + 64 * K, 64 * K)
+
+
+def overwrites(setup, s):
+    setup.create(4 * M)
+    setup.writes(setup.image, [(0, 512 * K), (1 * M, 256 * K)])
+    s.write(0, 4 * K)
+    s.write(64 * K, 64 * K, barrier=True)
+    s.write(128 * K + 512, 1 * K)
+    s.barrier()
+    s.write(0, 4 * K)
+    s.flush()
+    s.write(256 * K, 128 * K, barrier=True)
+    s.write(1 * M + 4 * K, 4 * K)
+    s.write(4 * K, 4 * K, barrier=True)
+    s.write(1 * M + 4 * K, 8 * K)
+
+
+def backing_partial(setup, s):
+    setup.create_base(4 * M)
+    setup.writes(setup.base, [(0, 4 * M - 64 * K)])
+    setup.create(4 * M, backing=True)
+    s.write(4 * K, 4 * K)
+    s.write(96 * K, 8 * K, barrier=True)
+    s.write(200 * K, 512)
+    s.barrier()
+    s.write(1 * M + 60 * K, 8 * K)
+    s.flush()
+    s.write(2 * M, 64 * K, barrier=True)
+    s.write(3 * M + 512, 1 * K)
+    s.write(3 * M + 8 * K, 4 * K, barrier=True)
+    s.write(200 * K + 512, 512)
+
+
+def new_l2_regions(setup, s):
+    # 4 KiB clusters: one L2 table maps 2 MiB.
+    setup.create(16 * M, cluster=4 * K)
+    s.write(0, 4 * K)
+    s.write(2 * M, 4 * K, barrier=True)
+    s.write(4 * M + 4 * K, 8 * K)
+    s.barrier()
+    s.write(6 * M, 4 * K, barrier=True)
+    s.flush()
+    s.write(8 * M, 4 * K)
+    s.write(10 * M, 16 * K, barrier=True)
+    s.write(12 * M, 4 * K)
+    s.write(14 * M + 512, 1 * K, barrier=True)
+
+
+def refcount_block_allocation(setup, s):
+    # 1 KiB clusters, 64-bit refcounts: one refcount block counts 128 clusters (128 KiB).
+    setup.create(4 * M, cluster=1 * K, refcount_bits=64)
+    for i in range(24):
+        s.write(i * 96 * K, 8 * K, barrier=(i % 4 == 3))
+        if i == 11:
+            s.flush()
+
+
+def refcount_table_growth(setup, s):
+    # 512-byte clusters, 64-bit refcounts: a refcount block counts 64 clusters (32 KiB of
+    # file), the one-cluster refcount table 64 blocks (2 MiB of file): writing 2.5 MiB
+    # grows the table.
+    setup.create(4 * M, cluster=512, refcount_bits=64)
+    s.write(0, 1 * M, barrier=True)
+    for i in range(6):
+        s.write(1 * M + i * 256 * K, 256 * K, barrier=(i % 2 == 1))
+    s.flush()
+    s.write(3 * M, 64 * K, barrier=True)
+
+
+def zeroes_discard_reuse(setup, s):
+    setup.create(4 * M)
+    setup.writes(setup.image, [(0, 1 * M)])
+    s.zeroes(0, 128 * K)
+    s.discard(128 * K, 128 * K)
+    s.flush()
+    s.write(2 * M, 64 * K)
+    s.write(2 * M + 64 * K, 64 * K, barrier=True)
+    s.zeroes(512 * K, 64 * K, unmap=True)
+    s.barrier()
+    s.flush()
+    s.write(3 * M, 128 * K, barrier=True)
+    s.write(256 * K + 4 * K, 4 * K)
+    s.write(130 * K, 2 * K, barrier=True)
+    s.write(3 * M + 256 * K, 64 * K)
+
+
+def resize(setup, s):
+    # 512-byte clusters: an L1 entry maps 32 KiB, one L1 cluster 2 MiB; 4 MiB needs a
+    # larger L1 table.
+    setup.create(1 * M, cluster=512)
+    setup.writes(setup.image, [(0, 64 * K)])
+    s.write(4 * K, 4 * K, barrier=True)
+    s.truncate(1536 * K)
+    s.write(1 * M + 256 * K, 8 * K, barrier=True)
+    s.flush()
+    s.truncate(4 * M)
+    s.write(3 * M, 8 * K, barrier=True)
+    s.write(2 * M + 4 * K, 4 * K)
+    s.flush()
+    s.write(8 * K, 4 * K, barrier=True)
+    s.write(3 * M + 512 * K, 4 * K)
+
+
+def snapshot_cow(setup, s):
+    setup.create(4 * M)
+    setup.writes(setup.image, [(0, 512 * K)])
+    setup.snapshot("before")
+    s.write(0, 4 * K)
+    s.write(64 * K, 64 * K, barrier=True)
+    s.write(128 * K + 4 * K, 4 * K)
+    s.barrier()
+    s.flush()
+    s.write(192 * K, 8 * K, barrier=True)
+    s.write(0, 4 * K)
+    s.write(320 * K + 512, 512, barrier=True)
+    s.write(256 * K, 64 * K)
+
+
+def compressed_overwrite(setup, s):
+    setup.create(4 * M)
+    setup.writes(setup.image, [(0, 512 * K)], compressed=True)
+    s.write(4 * K, 4 * K)
+    s.write(64 * K + 8 * K, 4 * K, barrier=True)
+    s.write(128 * K, 64 * K)
+    s.barrier()
+    s.flush()
+    s.write(256 * K + 512, 1 * K, barrier=True)
+    s.write(320 * K, 4 * K)
+    s.write(4 * K, 4 * K, barrier=True)
+    s.write(448 * K + 60 * K, 4 * K)
+
+
+def small_epochs(setup, s):
+    setup.create(4 * M, cluster=4 * K)
+    setup.writes(setup.image, [(0, 256 * K)])
+    for i in range(36):
+        if i % 3 == 0:
+            offset = (i * 12 % 64) * 4 * K           # overwrite of setup data
+        else:
+            offset = 512 * K + i * 20 * K            # allocating
+        s.write(offset, 4 * K, barrier=(i % 4 != 3))
+        if i % 9 == 8:
+            s.barrier()
+        if i == 20:
+            s.flush()
+
+
+def concurrent_requests(setup, s):
+    # Over a backing file, so that partial-cluster writes copy on write (their data must be
+    # ordered before their L2 entries); aio writes stay in flight together, barrier writes
+    # among them.
+    setup.create_base(4 * M)
+    setup.writes(setup.base, [(0, 4 * M - 64 * K)])
+    setup.create(4 * M, backing=True)
+    setup.writes(setup.image, [(0, 256 * K)])
+    for i in range(6):
+        s.aio_write(1 * M + i * 64 * K, 64 * K, barrier=(i == 2))
+        s.aio_write(1 * M + 512 * K + i * 64 * K + 4 * K, 4 * K)
+    s.aio_write(2 * M, 4 * K)
+    s.aio_write(2 * M + 4 * K, 4 * K)     # the same new cluster, in flight together
+    s.aio_write(8 * K, 8 * K, barrier=True)
+    s.aio_write(2 * M + 8 * K, 4 * K)
+    s.aio_flush()
+    s.flush()
+    for i in range(4):
+        s.aio_write(3 * M + i * 32 * K + 4 * K, 16 * K, barrier=(i == 1))
+        s.aio_write(2 * M + 256 * K + i * 64 * K + 8 * K, 8 * K)
+    s.aio_write(64 * K, 4 * K)
+    s.aio_write(2 * M + 60 * K, 4 * K)
+    s.aio_flush()
+    s.aio_write(3 * M + 128 * K, 64 * K, barrier=True)
+    s.aio_write(3 * M + 256 * K + 512, 4 * K)
+    s.aio_flush()
+
+
+WORKLOADS = {
+    "alloc": allocating_writes,
+    "overwrite": overwrites,
+    "backing-partial": backing_partial,
+    "new-l2": new_l2_regions,
+    "refblock-alloc": refcount_block_allocation,
+    "reftable-grow": refcount_table_growth,
+    "zero-discard-reuse": zeroes_discard_reuse,
+    "resize": resize,
+    "snapshot-cow": snapshot_cow,
+    "compressed": compressed_overwrite,
+    "small-epochs": small_epochs,
+    "concurrent": concurrent_requests,
+}
