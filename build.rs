@@ -120,6 +120,8 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "qemu_opt_get_size_del",
     "qemu_opt_get_del",
     "bdrv_debug_event",
+    "bdrv_drained_begin",
+    "bdrv_drained_end",
     "bdrv_co_pwrite_zeroes",
     "bdrv_co_pdiscard",
     "qemu_co_sleep_ns_wakeable",

@@ -552,6 +552,40 @@ fn discard_on_a_v2_image_unallocates() {
     qemu_io(&img, &["read -P 0 0 128k", "read -P 0x12 128k 128k"]);
 }
 
+/// `qemu-img commit` empties the committed image: afterwards every cluster (data, zero,
+/// preallocated zero, in both L2 tables) is unallocated, the backing file shows through, and
+/// the host clusters are freed without a leak.
+#[test]
+fn make_empty_unallocates_every_cluster_and_frees_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let img = dir.path().join("img.qcow2");
+    // 4 KiB clusters: one L2 table covers 2 MiB, so 4 MiB needs two.
+    qemu_img_create(&base, 4096, 4 << 20, None);
+    qemu_io(&base, &["write -P 0x77 0 4M"]);
+    qemu_img_create(&img, 4096, 4 << 20, Some(&base));
+    let backing = backing_of(&base);
+    let b = Some(&backing as &dyn Backing);
+    let mut image = open_file(&img, &rw(None));
+    image.write(0, &vec![0x12; 64 << 10], b).unwrap();
+    image.write((3 << 20) + 100, &[0x34; 9000], b).unwrap();
+    image.write_zeroes(1 << 20, 16 << 10, true, b).unwrap();
+    image.write_zeroes(8 << 10, 8 << 10, false, b).unwrap();
+    image.flush().unwrap();
+
+    image.make_empty().unwrap();
+    assert_eq!(
+        image.map(0, 4 << 20).unwrap(),
+        (Mapping::Unallocated, 4 << 20)
+    );
+    image.close().unwrap();
+
+    let (code, report) = qemu_img_check_json(&img);
+    assert_eq!(code, 0, "{report:?}");
+    assert_eq!(report.u64_or_0("allocated-clusters"), 0, "{report:?}");
+    qemu_io(&img, &["read -P 0x77 0 4M"]);
+}
+
 fn virtual_size_per_qemu(img: &Path) -> u64 {
     let info = run_ok(
         std::process::Command::new("qemu-img")

@@ -52,7 +52,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// The L2 table offset for guest cluster `guest_cluster` (0 if none), validated.
-    fn l2_offset_for(&self, guest_cluster: u64) -> Result<(usize, L1Entry, u64)> {
+    pub(super) fn l2_offset_for(&self, guest_cluster: u64) -> Result<(usize, L1Entry, u64)> {
         let l1_index = guest_cluster >> self.l2_bits();
         let raw = usize::try_from(l1_index)
             .ok()

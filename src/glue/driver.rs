@@ -473,6 +473,24 @@ unsafe extern "C" fn qcow2b_change_backing_file(
     })
 }
 
+unsafe extern "C" fn qcow2b_make_empty(bs: *mut BlockDriverState) -> c_int {
+    // qemu-img commit (and HMP commit) empty the committed image so that it reads as its
+    // backing file again. Called in the main loop, outside any coroutine; the node is
+    // drained for it, so that no request sees the table entries change under it. The drained
+    // section ends whatever the engine does (its panics stop inside `guard`).
+    // SAFETY: QEMU passes an open node, in the main loop.
+    unsafe { bindings::bdrv_drained_begin(bs) };
+    let ret = guard("make_empty", || {
+        // SAFETY: the node is drained until the end of the section below.
+        unsafe { Node::of(bs).image_drained() }
+            .make_empty()
+            .map(|()| 0)
+    });
+    // SAFETY: ends the section begun above.
+    unsafe { bindings::bdrv_drained_end(bs) };
+    ret
+}
+
 unsafe extern "C" fn qcow2b_co_block_status(
     bs: *mut BlockDriverState,
     _want_zero: bool,
@@ -811,6 +829,7 @@ pub extern "C" fn qcow2b_register() {
             bdrv_co_flush_to_os: Some(qcow2b_co_flush_to_os),
             bdrv_co_truncate: Some(qcow2b_co_truncate),
             bdrv_change_backing_file: Some(qcow2b_change_backing_file),
+            bdrv_make_empty: Some(qcow2b_make_empty),
             bdrv_co_block_status: Some(qcow2b_co_block_status),
             bdrv_refresh_limits: Some(qcow2b_refresh_limits),
             bdrv_has_zero_init: Some(qcow2b_has_zero_init),
