@@ -39,6 +39,7 @@ const ALLOW_TYPES: &[&str] = &[
     "Qcow2bCounters",
     "PreallocMode",
     "Qcow2CompressionType",
+    "BlkdebugEvent",
     "QemuCoSleep",
     "QEMUClockType",
 ];
@@ -119,6 +120,9 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "qemu_opt_get_size_del",
     "qemu_opt_get_del",
     "qemu_co_sleep_wake",
+    "bdrv_debug_event",
+    "bdrv_drained_begin",
+    "bdrv_drained_end",
     "bdrv_co_pwrite_zeroes",
     "bdrv_co_pdiscard",
     "qemu_co_sleep_ns_wakeable",

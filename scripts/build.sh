@@ -28,6 +28,20 @@ targets=(qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon qemu-syste
 say "ninja ${targets[*]}"
 ninja -C "$QEMU_BUILD" "${targets[@]}"
 
+# Debian's QEMU source ships no firmware, and the pc machine loads a BIOS image and an
+# option ROM even under qtest (the iotests' VMs run no guest code). A system emulator run
+# from the build tree looks in qemu-bundle/ there, at its configured data folder; Debian's
+# seabios and qemu-system-data packages have the files (scripts/deps.sh installs them).
+datadir=$QEMU_BUILD/qemu-bundle$(sed -n 's/^#define CONFIG_QEMU_DATADIR "\(.*\)"$/\1/p' \
+  "$QEMU_BUILD/config-host.h")
+mkdir -p "$datadir"
+for firmware in /usr/share/seabios/bios-256k.bin /usr/share/qemu/kvmvapic.bin \
+                /usr/share/qemu/linuxboot_dma.bin; do
+  if [ -f "$firmware" ]; then
+    ln -sf "$firmware" "$datadir/$(basename "$firmware")"
+  fi
+done
+
 # The binaries a user runs, in one place.
 mkdir -p "$BUILD_ROOT/bin"
 for t in "${targets[@]}"; do

@@ -13,8 +13,11 @@ packages=(
   # bindgen (build.rs) needs libclang
   libclang-dev clang
   # tests: the system's qemu-img as the reference implementation, strace for sync counts,
-  # a BIOS image for qos-test's pc machine (Debian's QEMU source ships no firmware)
-  qemu-utils strace seabios
+  # a BIOS image and the option ROMs the pc machine loads, for qos-test and the iotests' VMs
+  # (Debian's QEMU source ships no firmware)
+  qemu-utils strace seabios qemu-system-data
+  # iotest 108 reads the image through a loop device (sudo -n losetup)
+  sudo
   # the paper benchmark (bench/paper-bench.py): charts; the real guest's tools, copied with
   # their libraries into its initramfs (bench/guest/build-guest.sh), and cpio to pack it
   python3-matplotlib fio cpio e2fsprogs coreutils

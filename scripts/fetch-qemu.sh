@@ -88,6 +88,22 @@ unpack_and_patch() {
   echo "$want" > "$stamp"
 }
 
+# tests/qemu-iotests/ of this repository mirrors QEMU's tests/qemu-iotests/: the project's own
+# iotests (tests/qcow2b-*), the reference outputs of QEMU's tests where qcow2b differs by
+# design (NNN.out.qcow2b) and qcow2b-not-run. QEMU's tree reaches each file through a link at
+# the same place, so the repository stays the source and an edit needs no reinstall.
+install_iotests() {
+  local src=$QCOW2B_ROOT/tests/qemu-iotests dst=$QEMU_SRC/tests/qemu-iotests rel
+  # Links to files since renamed or removed here.
+  find "$dst" -xtype l -lname "$src/*" -delete
+  while read -r rel; do
+    [ ! -e "$dst/$rel" ] || [ -L "$dst/$rel" ] || die "QEMU's tree has its own tests/qemu-iotests/$rel"
+    ln -sfn "$src/$rel" "$dst/$rel"
+  done < <(cd "$src" && find . -type f ! -name '*~' | sed 's|^\./||' | sort)
+  say "linked $(cd "$src" && find . -type f | wc -l) files of tests/qemu-iotests/ into QEMU's tree"
+}
+
 download
 verify
 unpack_and_patch
+install_iotests

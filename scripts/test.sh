@@ -53,6 +53,44 @@ record "crash-consistency (tests/crash/run.sh --quick --strict)" "$status"
 printf '%s\n' "$out" | sed -n '/^workload /,$p' | sed 's/^/    /'
 [ "$status" = 0 ] || printf '%s\n' "$out" | grep -A3 '^  FAIL' | head -40 | sed 's/^/    /'
 
+say "QEMU's iotests with -qcow2b (the auto group, the metadata and crash tests, tests/qemu-iotests/)"
+# One ./check per test, so that one that hangs cannot stop the others. A test passes, is "not
+# run" (with its reason: qcow2b-not-run for what qcow2b does not do; the environment for the
+# rest), or fails; a failure listed in qcow2b-known-failures is expected and counted apart.
+# The named tests and the project's own must pass (or be listed as not run).
+iotests_dir=$QEMU_BUILD/tests/qemu-iotests
+listed() { awk -v t="$2" '$1 == t { found = 1 } END { exit !found }' "$1"; }
+own=$(cd tests/qemu-iotests/tests && ls qcow2b-* | grep -v '\.out')
+must_pass="026 039 046 060 080 108 121 138 179 289 $own"
+auto=$(cd "$iotests_dir" && ./check -qcow2b -n -g auto | sed 's|^tests/||')
+iotests_scratch=$(mktemp -d)
+io_pass=0 io_notrun=0 io_xfail=0 io_start=$SECONDS
+for t in $(printf '%s\n' $auto $must_pass | sort -u); do
+  tap=$(cd "$iotests_dir" && TEST_DIR=$iotests_scratch/$t timeout 900 ./check -qcow2b -tap "$t" 2>&1)
+  line=$(grep -E "^(not )?ok qcow2b " <<< "$tap" | head -n1)
+  case "$line" in
+    "ok qcow2b $t # SKIP"*)
+      io_notrun=$((io_notrun + 1))
+      reason=$(cat "$iotests_scratch/$t/$t.notrun" 2>/dev/null)
+      if [[ " $must_pass " == *" $t "* ]] && ! listed tests/qemu-iotests/qcow2b-not-run "$t"; then
+        record "iotest $t (not run: $reason)" 1
+      else
+        echo "--    iotest $t not run: $reason"
+      fi ;;
+    "ok qcow2b $t") io_pass=$((io_pass + 1)); record "iotest $t" 0 ;;
+    *)
+      if listed tests/qemu-iotests/qcow2b-known-failures "$t"; then
+        io_xfail=$((io_xfail + 1)); echo "xfail iotest $t (qcow2b-known-failures)"
+      else
+        record "iotest $t" 1
+        printf '%s\n' "$tap" | grep -v '^ok\|^not ok' | tail -20 | sed 's/^/    /'
+      fi ;;
+  esac
+done
+rm -rf "$iotests_scratch"
+echo "iotests -qcow2b: $io_pass pass, $io_notrun not run, $io_xfail known failures," \
+  "$((SECONDS - io_start)) s"
+
 echo
 [ ${#failures[@]} = 0 ] || printf 'failed: %s\n' "${failures[@]}"
 echo "$passed passed, $failed failed"

@@ -516,6 +516,44 @@ fn wrong_copied_flags_are_reported_and_repaired_even_by_leak_repair() {
     f.assert_repaired_and_data_unchanged();
 }
 
+/// Reads and writes refuse an L2 entry naming host offset 0 with the COPIED flag (the header;
+/// only an external data file may have a data cluster at 0), so check must not call the image
+/// harmless: it was once counted as unallocated here (QEMU's view), exit 3 at worst, while
+/// every request to the cluster failed. -r all makes it what QEMU reads there: unallocated.
+#[test]
+fn l2_entry_at_host_offset_0_with_the_copied_flag_is_a_corruption_repaired_to_unallocated() {
+    let f = fixture("cluster_size=65536", &["io:write -P 0x11 0 256k"]);
+    let l = layout_of(&f.img);
+    file_write(&f.img, l.l2_of_l1_entry0 + 8, &(1u64 << 63).to_be_bytes());
+
+    let mut image = open_file(&f.img, &rw());
+    let mut buf = [0u8; 512];
+    assert!(matches!(
+        image.read(65536, &mut buf, None),
+        Err(Error::Corrupt(_))
+    ));
+    let report = image.check(CheckFix::None).unwrap();
+    image.close().unwrap();
+    // The cluster the entry named before is leaked too (as QEMU counts it).
+    assert_eq!((report.corruptions, report.leaks), (1, 1), "{report:#?}");
+    assert_message(&report, "host offset 0 with the COPIED flag");
+
+    let report = check_file(&f.img, &rw(), CheckFix::All);
+    assert_eq!(report.corruptions, 0, "{report:#?}");
+    assert_eq!(
+        file_be64(&f.img, l.l2_of_l1_entry0 + 8),
+        0,
+        "now unallocated"
+    );
+    qemu_img_check(&f.img);
+    let mut image = open_file(&f.img, &rw());
+    image.read(65536, &mut buf, None).unwrap();
+    assert_eq!(buf, [0u8; 512]);
+    image.read(0, &mut buf, None).unwrap();
+    assert_eq!(buf, [0x11u8; 512]);
+    image.close().unwrap();
+}
+
 #[test]
 fn l2_entry_past_the_end_of_the_file_is_dropped_by_full_repair() {
     let f = fixture("cluster_size=65536", &["io:write -P 0x11 0 256k"]);

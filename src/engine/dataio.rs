@@ -10,6 +10,7 @@
 use std::io;
 
 use super::compress::decompress_cluster;
+use super::debug_event::DebugEvent;
 use super::error::{Error, Result};
 use super::header::CompressionType;
 use super::request::{CowFill, CowSource, ReadPlan, ReadSource, WritePiece, WritePlan};
@@ -56,6 +57,7 @@ impl<S: Storage> DataContext<'_, S> {
     /// Decompresses a whole compressed cluster.
     fn decompress(&self, host_offset: u64, read_len: u64) -> Result<Vec<u8>> {
         let mut input = vec![0u8; read_len as usize];
+        self.storage.debug_event(DebugEvent::ReadCompressed);
         self.storage
             .read_at(host_offset, &mut input)
             .map_err(io_error(|| {
@@ -73,16 +75,22 @@ impl<S: Storage> DataContext<'_, S> {
             let len = piece.len as usize;
             match piece.source {
                 ReadSource::Zeros => target.fill_zero(at, len),
-                ReadSource::Backing { guest_offset } => target
-                    .read_backing(guest_offset, at, len)
-                    .map_err(io_error(|| {
-                        format!("reading the backing file at {guest_offset:#x}")
-                    }))?,
-                ReadSource::Data { host_offset } => target
-                    .read_file(host_offset, at, len)
-                    .map_err(io_error(|| {
-                        format!("reading guest data at host offset {host_offset:#x}")
-                    }))?,
+                ReadSource::Backing { guest_offset } => {
+                    self.storage.debug_event(DebugEvent::ReadBackingAio);
+                    target
+                        .read_backing(guest_offset, at, len)
+                        .map_err(io_error(|| {
+                            format!("reading the backing file at {guest_offset:#x}")
+                        }))?
+                }
+                ReadSource::Data { host_offset } => {
+                    self.storage.debug_event(DebugEvent::ReadAio);
+                    target
+                        .read_file(host_offset, at, len)
+                        .map_err(io_error(|| {
+                            format!("reading guest data at host offset {host_offset:#x}")
+                        }))?
+                }
                 ReadSource::Compressed {
                     host_offset,
                     read_len,
@@ -112,17 +120,20 @@ impl<S: Storage> DataContext<'_, S> {
             // Without a backing file the old content is zeros, as `bytes` already is.
             CowSource::Backing { guest_offset } => {
                 if let Some(b) = self.backing {
+                    self.storage.debug_event(DebugEvent::CowRead);
                     b.read_at(guest_offset, &mut bytes).map_err(io_error(|| {
                         format!("reading the backing file at {guest_offset:#x} to copy it")
                     }))?;
                 }
             }
-            CowSource::Data { host_offset } => self
-                .storage
-                .read_at(host_offset, &mut bytes)
-                .map_err(io_error(|| {
-                    format!("reading cluster data at {host_offset:#x} to copy it")
-                }))?,
+            CowSource::Data { host_offset } => {
+                self.storage.debug_event(DebugEvent::CowRead);
+                self.storage
+                    .read_at(host_offset, &mut bytes)
+                    .map_err(io_error(|| {
+                        format!("reading cluster data at {host_offset:#x} to copy it")
+                    }))?
+            }
             CowSource::Compressed {
                 host_offset,
                 read_len,
@@ -164,6 +175,10 @@ impl<S: Storage> DataContext<'_, S> {
                     self.cow_bytes(tail)?,
                 ),
             };
+            if !head.is_empty() || !tail.is_empty() {
+                self.storage.debug_event(DebugEvent::CowWrite);
+            }
+            self.storage.debug_event(DebugEvent::WriteAio);
             source
                 .write_file(host_offset, &head, req_at, len, &tail)
                 .map_err(io_error(|| {

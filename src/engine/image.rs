@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use super::cache::TableCache;
 use super::counters::Counters;
 use super::dataio::{DataContext, SliceSource, SliceTarget};
+use super::debug_event::DebugEvent;
 use super::entry::Cluster;
 use super::error::{Error, Result};
 use super::header::{AutoclearFeatures, Header, IncompatibleFeatures, MAX_CLUSTER_BITS};
@@ -165,6 +166,7 @@ impl<S: Storage> Image<S> {
             "L1 table",
         )?;
         let reftable_entries = (u64::from(header.refcount_table_clusters) << cluster_bits) / 8;
+        storage.debug_event(DebugEvent::ReftableLoad);
         let reftable = read_table(
             &storage,
             header.refcount_table_offset,
@@ -419,7 +421,8 @@ impl<S: Storage> Image<S> {
         let end = host_offset + self.cluster_size();
         if let Some(what) = self.metadata.metadata_at(host_offset, end) {
             return Err(Error::Corrupt(format!(
-                "data cluster at {host_offset:#x} overlaps the {what}"
+                "data cluster at {host_offset:#x} overlaps {}",
+                MetadataMap::definite(what)
             )));
         }
         Ok(())
@@ -477,8 +480,17 @@ impl<S: Storage> Image<S> {
     /// the file, cut off. (This engine never sets the dirty bit, so there is nothing more to
     /// clear.) Returns the storage.
     pub fn close(mut self) -> Result<S> {
+        self.hand_over()?;
+        Ok(self.storage)
+    }
+
+    /// What a close writes, with the image left open: before another process takes the image
+    /// over (QEMU's inactivation for migration), after which this one must write nothing.
+    /// Without it the other side would find the unused reserve counted: leaked clusters,
+    /// after every migration.
+    pub fn hand_over(&mut self) -> Result<()> {
         if self.read_only {
-            return Ok(self.storage);
+            return Ok(());
         }
         let reserved_tail = self.reserved_tail();
         self.release_reserve()?;
@@ -489,8 +501,9 @@ impl<S: Storage> Image<S> {
             self.storage
                 .set_len(start)
                 .map_err(|e| Error::io("trimming the unused reserve off the file", e))?;
+            self.host_end = start;
         }
-        Ok(self.storage)
+        Ok(())
     }
 
     /// Where the run of reserved clusters that ends the file starts, if one does.

@@ -4,9 +4,11 @@
 //! Every change here lands in memory (the L1 and refcount tables) or in the caches; nothing
 //! is written to storage except through `writeback.rs` (cache evictions go there too).
 
+use super::debug_event::DebugEvent;
 use super::entry::{Cluster, L1Entry, L2Entry, ReftableEntry};
 use super::error::{Error, Result};
 use super::image::Image;
+use super::overlap::MetadataMap;
 use super::storage::Storage;
 
 pub(super) fn be64_at(table: &[u8], index: usize) -> u64 {
@@ -50,7 +52,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// The L2 table offset for guest cluster `guest_cluster` (0 if none), validated.
-    fn l2_offset_for(&self, guest_cluster: u64) -> Result<(usize, L1Entry, u64)> {
+    pub(super) fn l2_offset_for(&self, guest_cluster: u64) -> Result<(usize, L1Entry, u64)> {
         let l1_index = guest_cluster >> self.l2_bits();
         let raw = usize::try_from(l1_index)
             .ok()
@@ -73,7 +75,8 @@ impl<S: Storage> Image<S> {
             });
             if let Some(what) = other {
                 return Err(Error::Corrupt(format!(
-                    "the L2 table of L1 entry {l1_index} at {l2_offset:#x} overlaps the {what}"
+                    "the L2 table of L1 entry {l1_index} at {l2_offset:#x} overlaps {}",
+                    MetadataMap::definite(what)
                 )));
             }
         }
@@ -87,6 +90,7 @@ impl<S: Storage> Image<S> {
         }
         self.make_room_in_l2_cache()?;
         let mut bytes = vec![0u8; self.cluster_size() as usize];
+        self.storage.debug_event(DebugEvent::L2Load);
         self.storage
             .read_at(l2_offset, &mut bytes)
             .map_err(|e| Error::io(format!("reading the L2 table at {l2_offset:#x}"), e))?;
@@ -129,8 +133,8 @@ impl<S: Storage> Image<S> {
         })?;
         if let Some(holder) = self.metadata.metadata_at(host_offset, host_offset + len) {
             return Err(Error::Corrupt(format!(
-                "the {what} of guest cluster {guest_cluster} at {host_offset:#x} overlaps the \
-                 {holder}"
+                "the {what} of guest cluster {guest_cluster} at {host_offset:#x} overlaps {}",
+                MetadataMap::definite(holder)
             )));
         }
         Ok(cluster)
@@ -207,6 +211,7 @@ impl<S: Storage> Image<S> {
         let content = if old_offset == 0 {
             vec![0u8; self.cluster_size() as usize]
         } else {
+            self.storage.debug_event(DebugEvent::L2AllocCowRead);
             self.load_l2(old_offset)?;
             self.l2_cache
                 .get(old_offset)
@@ -270,7 +275,8 @@ impl<S: Storage> Image<S> {
             });
             if let Some(what) = other {
                 return Err(Error::Corrupt(format!(
-                    "refcount block {rt_index} at {offset:#x} overlaps the {what}"
+                    "refcount block {rt_index} at {offset:#x} overlaps {}",
+                    MetadataMap::definite(what)
                 )));
             }
         }
@@ -284,6 +290,7 @@ impl<S: Storage> Image<S> {
         }
         self.make_room_in_refblock_cache()?;
         let mut bytes = vec![0u8; self.cluster_size() as usize];
+        self.storage.debug_event(DebugEvent::RefblockLoad);
         self.storage
             .read_at(offset, &mut bytes)
             .map_err(|e| Error::io(format!("reading the refcount block at {offset:#x}"), e))?;
@@ -380,6 +387,7 @@ impl<S: Storage> Image<S> {
     /// Allocates one host cluster (refcount 0 -> 1) and returns its offset. The refcount
     /// change stays in the cache: write_back writes it before any entry naming the cluster.
     pub(super) fn alloc_cluster(&mut self) -> Result<u64> {
+        self.storage.debug_event(DebugEvent::ClusterAlloc);
         let cluster_size = self.cluster_size();
         loop {
             let cluster = self.find_free_cluster()?;
@@ -403,6 +411,7 @@ impl<S: Storage> Image<S> {
                     // No refcount block covers this cluster yet: the cluster becomes that block,
                     // inside the range it covers, and counts itself (the spec requires every
                     // used cluster, refcount blocks included, to be counted by some block).
+                    self.storage.debug_event(DebugEvent::RefblockAlloc);
                     self.make_room_in_refblock_cache()?;
                     let mut block = vec![0u8; cluster_size as usize];
                     self.rc.set(&mut block, index, 1);
@@ -485,6 +494,10 @@ impl<S: Storage> Image<S> {
     /// Allocates `count` contiguous host clusters past everything in use (for tables that
     /// must be contiguous) and returns the offset of the first.
     pub(super) fn alloc_contiguous(&mut self, count: u64) -> Result<u64> {
+        self.storage.debug_event(DebugEvent::ClusterAlloc);
+        if !self.storage.is_growable() {
+            return self.alloc_free_run(count);
+        }
         let cluster_size = self.cluster_size();
         let mut start = self.host_end.div_ceil(cluster_size);
         let end = loop {
@@ -519,6 +532,36 @@ impl<S: Storage> Image<S> {
         Ok(start * cluster_size)
     }
 
+    /// `count` contiguous free host clusters on storage that cannot grow (a block device): the
+    /// first free run long enough, below the end of the storage. Returns the first's offset.
+    fn alloc_free_run(&mut self, count: u64) -> Result<u64> {
+        let hint = self.free_cluster_hint;
+        let end = self.host_end;
+        let found = loop {
+            let (first, got) = match self.alloc_run(count) {
+                Ok(run) => run,
+                Err(e) => break Err(e),
+            };
+            let first_cluster = first >> self.cluster_bits;
+            if got == count && (first_cluster + count) << self.cluster_bits <= end {
+                break Ok(first);
+            }
+            // Too short, or past the end: give it back (nothing names it) and look further.
+            for cluster in first_cluster..first_cluster + got {
+                self.set_refcount(cluster, 0)?;
+            }
+            if (first_cluster + got) << self.cluster_bits >= end {
+                break Err(Error::io(
+                    format!("finding {count} contiguous free clusters on a block device"),
+                    std::io::Error::from_raw_os_error(libc::ENOSPC),
+                ));
+            }
+            self.free_cluster_hint = first_cluster + got + 1;
+        };
+        self.free_cluster_hint = hint;
+        found
+    }
+
     /// Sets the refcount of a given free host cluster to 1, creating its refcount block (and
     /// growing the refcount table) elsewhere if needed.
     fn claim_cluster(&mut self, cluster: u64) -> Result<()> {
@@ -526,6 +569,7 @@ impl<S: Storage> Image<S> {
             let (rt_index, _) = self.rc.locate(cluster);
             match self.refblock_offset(rt_index)? {
                 Some(0) => {
+                    self.storage.debug_event(DebugEvent::RefblockAlloc);
                     let block = self.alloc_cluster()?;
                     if self.refblock_offset(rt_index)? != Some(0) {
                         // Allocating made that very block (self-describing); give `block` back.

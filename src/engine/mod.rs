@@ -14,11 +14,13 @@
 //! - `writeback`: the one routine that writes dirty metadata back, in the required order.
 //! - `request`: request plans (reads, writes), in-flight allocations and I/O tickets.
 //! - `dataio`: the data step of a request, over slices or QEMU I/O vectors.
+//! - [`debug_event`]: the metadata and ordering points announced to the storage (blkdebug).
 //! - `reserve`: the zero reserve: clusters counted and ordered ahead of need, so appends
 //!   need no ordering point before their flush's sync.
 //! - `txg`: transaction groups: barriers for free, two syncs per commit, a plain qcow2
 //!   image at every commit.
 //! - `resize`: growing the virtual size (and the L1 table).
+//! - `backing_file`: naming another backing file (`qemu-img rebase`, block jobs).
 //! - `zeroes`: write_zeroes and discard (zero flag, unallocation).
 //! - `compress`: compressed cluster decoding (raw deflate, zstd).
 //! - [`snapshot`]: the internal snapshot table (parsed and validated at open).
@@ -33,12 +35,14 @@
 //! lock (new clusters linked into their L2 tables). The engine's own `read`/`write` run the
 //! three steps in one call; the QEMU glue runs them around its `CoMutex`.
 
+mod backing_file;
 pub mod cache;
 mod check;
 pub mod compress;
 mod counters;
 pub mod create;
 pub mod dataio;
+pub mod debug_event;
 pub mod entry;
 pub mod error;
 pub mod header;
@@ -61,6 +65,7 @@ mod zeroes;
 pub use check::{CheckFix, CheckReport, FragmentationInfo};
 pub use counters::Counters;
 pub use create::{create, measure, CreateOptions, Measure};
+pub use debug_event::DebugEvent;
 pub use error::{Error, Result};
 pub use image::Image;
 pub use request::{ReadPlan, ReadSource, WritePiece, WritePlan};

@@ -155,6 +155,16 @@ impl MetadataMap {
         )
     }
 
+    /// `name` as the object of "overlaps": fixed regions take "the", the tables found by
+    /// [`Self::metadata_at`] carry their own article ("a refcount block", "an L2 table").
+    pub fn definite(name: &str) -> std::borrow::Cow<'_, str> {
+        if name.starts_with("a ") || name.starts_with("an ") {
+            name.into()
+        } else {
+            format!("the {name}").into()
+        }
+    }
+
     /// What metadata overlaps `[start, end)`, if any: where guest data must never be.
     pub fn metadata_at(&self, start: u64, end: u64) -> Option<&'static str> {
         self.fixed_region_at(start, end)

@@ -566,6 +566,23 @@ impl Walk {
             }
         }
         let offset = entry & OFFSET_MASK;
+        if offset == 0 && entry & OFLAG_COPIED != 0 && entry & OFLAG_ZERO == 0 {
+            // A data cluster at host offset 0 is the header (an offset of 0 may only have the
+            // flag with an external data file): reads and writes refuse the entry, so check
+            // says so, and -r all makes the cluster unallocated (what QEMU reads there).
+            if fix_all {
+                self.repaired(format!(
+                    "Repairing l2 entry {raw:x}: host offset 0 with the COPIED flag; the \
+                     cluster is now unallocated"
+                ));
+                return entry & !OFLAG_COPIED;
+            }
+            self.corruption(format!(
+                "ERROR l2 entry {raw:x}: host offset 0 with the COPIED flag (no external data \
+                 file)"
+            ));
+            return entry;
+        }
         if offset == 0 {
             // Unallocated, or a zero cluster without a host cluster.
             return entry;

@@ -371,6 +371,10 @@ impl<S: Storage> Image<S> {
                         }
                         wanted += 1;
                     }
+                    // The L2 table before the data clusters, as QEMU's qcow2 allocates them: a
+                    // fresh image is laid out alike (tests and tools that know where QEMU puts
+                    // the first tables find them there); finish_write links into it.
+                    self.l2_table_for_write(guest_cluster)?;
                     // Placed and counted now, linked by finish_write once the data is written.
                     // Clusters that would extend the file come from the zero reserve; freed
                     // clusters in the middle of the file are reused first.

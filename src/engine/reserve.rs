@@ -32,6 +32,7 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
+use super::debug_event::DebugEvent;
 use super::error::{Error, Result};
 use super::image::Image;
 use super::storage::Storage;
@@ -80,6 +81,7 @@ impl<S: Storage> Image<S> {
     /// Up to `wanted` contiguous reserved host clusters (at least one), replenishing the
     /// reserve with an ordering point if it is empty. Returns (first host offset, count).
     pub(super) fn take_reserved(&mut self, wanted: u64) -> Result<(u64, u64)> {
+        self.storage.debug_event(DebugEvent::ClusterAlloc);
         if self.reserve.usable.is_empty() {
             // Ran dry between flushes: the next batch is larger, and this one is made usable
             // at once by an ordering point.
@@ -103,10 +105,12 @@ impl<S: Storage> Image<S> {
 
     /// Whether the next cluster the allocator would hand out extends the file (so a reserved
     /// cluster serves as well, and better): false when a freed cluster waits in the middle.
+    /// Never on storage that cannot grow: there is no reserve there (nothing lies past the
+    /// end of a block device, and its free clusters do not read as zeros).
     pub(super) fn next_allocation_extends_file(&mut self) -> Result<bool> {
-        if self.txg.is_some() {
-            // A transaction group needs no reserve: nothing it writes is named by the image
-            // until its commit.
+        // A transaction group needs no reserve either: nothing it writes is named by the
+        // image until its commit.
+        if self.txg.is_some() || !self.storage.is_growable() {
             return Ok(false);
         }
         let free = self.find_free_cluster()?;
@@ -130,6 +134,7 @@ impl<S: Storage> Image<S> {
         let end = first + count;
         self.write_refcount_structures()?;
         let sector = 512u64;
+        self.storage.debug_event(DebugEvent::ClusterAllocSpace);
         self.write_metadata(
             (end << self.cluster_bits) - sector,
             &[0u8; 512],
@@ -162,7 +167,11 @@ impl<S: Storage> Image<S> {
     /// it is below half a batch, so the next interval's appends find it usable (that sync or
     /// ordering point orders it before them).
     pub(super) fn top_up_reserve(&mut self) -> Result<()> {
-        if self.read_only || self.txg.is_some() || !self.reserve.pending.is_empty() {
+        if self.read_only
+            || self.txg.is_some()
+            || !self.reserve.pending.is_empty()
+            || !self.storage.is_growable()
+        {
             return Ok(());
         }
         if self.reserve.usable_clusters() >= self.reserve.batch / 2 {

@@ -1,6 +1,7 @@
 //! Growing the virtual disk: a new virtual size in the header, and a larger L1 table when the
 //! current one does not reach the new end. Shrinking is not supported.
 
+use super::debug_event::DebugEvent;
 use super::error::{Error, Result};
 use super::image::Image;
 use super::layout::{bytes_per_l1_entry, MAX_L1_BYTES};
@@ -59,6 +60,7 @@ impl<S: Storage> Image<S> {
 
         let cluster_size = self.cluster_size();
         let table_bytes = (needed_l1 * 8).next_multiple_of(cluster_size);
+        self.storage.debug_event(DebugEvent::L1GrowAllocTable);
         let table_offset = self.alloc_contiguous(table_bytes / cluster_size)?;
         self.write_back()?;
         let mut table = self.l1.clone();
@@ -68,6 +70,7 @@ impl<S: Storage> Image<S> {
             raw.extend_from_slice(&e.to_be_bytes());
         }
         raw.resize(table_bytes as usize, 0);
+        self.storage.debug_event(DebugEvent::L1GrowWriteTable);
         self.write_metadata(table_offset, &raw, "writing the new L1 table")?;
         self.ordering_point()?;
 
@@ -76,6 +79,7 @@ impl<S: Storage> Image<S> {
         fields.extend_from_slice(&self.header.crypt_method.to_be_bytes());
         fields.extend_from_slice(&(needed_l1 as u32).to_be_bytes());
         fields.extend_from_slice(&table_offset.to_be_bytes());
+        self.storage.debug_event(DebugEvent::L1GrowActivateTable);
         self.write_metadata(
             SIZE_FIELD_OFFSET,
             &fields,

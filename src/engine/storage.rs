@@ -10,6 +10,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 
+use super::debug_event::DebugEvent;
+
 /// The file that holds the qcow2 image.
 ///
 /// Methods take `&self`: the glue's implementation forwards to QEMU's block layer, which
@@ -26,6 +28,15 @@ pub trait Storage {
     /// waiting for durability. The default is a flush: durable, hence ordered.
     fn barrier(&self) -> io::Result<()> {
         self.flush()
+    }
+    /// Announces the I/O that follows (a metadata or ordering point, see [`DebugEvent`]), for
+    /// error injection and debugging. Nothing by default.
+    fn debug_event(&self, _event: DebugEvent) {}
+    /// Whether writes past the end extend the file (a regular file) rather than fail (a block
+    /// device, whose length is fixed and whose free space holds old bytes). The zero reserve
+    /// (`reserve.rs`) needs the former; without it, clusters come from free space inside.
+    fn is_growable(&self) -> bool {
+        true
     }
     /// Current length of the file in bytes.
     fn len(&self) -> io::Result<u64>;
@@ -117,6 +128,8 @@ pub struct MemStorage {
     pub flushes: std::cell::Cell<u64>,
     /// Number of [`Storage::barrier`] calls.
     pub barriers: std::cell::Cell<u64>,
+    /// Every [`Storage::debug_event`], in order.
+    pub events: RefCell<Vec<DebugEvent>>,
 }
 
 impl MemStorage {
@@ -125,6 +138,7 @@ impl MemStorage {
             bytes: RefCell::new(bytes),
             flushes: Default::default(),
             barriers: Default::default(),
+            events: Default::default(),
         }
     }
 
@@ -173,6 +187,10 @@ impl Storage for MemStorage {
     fn barrier(&self) -> io::Result<()> {
         self.barriers.set(self.barriers.get() + 1);
         Ok(())
+    }
+
+    fn debug_event(&self, event: DebugEvent) {
+        self.events.borrow_mut().push(event);
     }
 
     fn len(&self) -> io::Result<u64> {

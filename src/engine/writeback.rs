@@ -25,7 +25,8 @@
 //! since the last one ([`Unordered`]), so a flush that only appended costs no ordering point
 //! at all, and its one sync is the flush's own.
 
-use super::entry::{Cluster, L1Entry, L2Entry, OFLAG_COPIED};
+use super::debug_event::DebugEvent;
+use super::entry::{Cluster, L1Entry, L2Entry, OFFSET_MASK, OFLAG_COPIED};
 use super::error::{Error, Result};
 use super::image::Image;
 use super::metadata::be64_at;
@@ -52,6 +53,7 @@ impl<S: Storage> Image<S> {
     /// durability. The one place ordering points go through.
     pub(super) fn ordering_point(&mut self) -> Result<()> {
         self.counters.ordering_points += 1;
+        self.storage.debug_event(DebugEvent::Barrier);
         self.storage
             .barrier()
             .map_err(|e| Error::io("ordering writes to the image file (barrier)", e))?;
@@ -113,41 +115,49 @@ impl<S: Storage> Image<S> {
         // written in stage 1 (or on eviction); order them first.
         if !self.reftable_dirty.is_empty() {
             self.order_if(self.unordered.refcounts)?;
-            let mut dirty = std::mem::take(&mut self.reftable_dirty);
+            // An entry leaves the dirty set only once written: after a failed write (or a
+            // failed ordering point between batches) the next write-back writes it again.
+            //
             // (b) A new block is itself counted by some block; when that is another new one,
             // its entry goes first, with an ordering point before the entries that depend on
             // it: an entry naming a block whose own count is not yet reachable would make a
             // referenced cluster read refcount 0.
-            while !dirty.is_empty() {
-                let ready: Vec<usize> = dirty
+            while !self.reftable_dirty.is_empty() {
+                let ready: Vec<usize> = self
+                    .reftable_dirty
                     .iter()
                     .copied()
                     .filter(|&index| match self.counting_entry(index) {
-                        Some(counter) => counter == index || !dirty.contains(&counter),
+                        Some(counter) => {
+                            counter == index || !self.reftable_dirty.contains(&counter)
+                        }
                         None => true,
                     })
                     .collect();
                 // A cycle cannot come from this allocator; should one appear, write it all.
                 let batch = if ready.is_empty() {
-                    dirty.iter().copied().collect()
+                    self.reftable_dirty.iter().copied().collect()
                 } else {
                     ready
                 };
                 for &index in &batch {
-                    dirty.remove(&index);
                     let entry = self.reftable.get(index).copied().unwrap_or(0);
                     let at = self.header.refcount_table_offset + index as u64 * 8;
+                    self.storage.debug_event(DebugEvent::RefblockAllocHookup);
                     self.write_metadata(
                         at,
                         &entry.to_be_bytes(),
                         "writing a refcount table entry",
                     )?;
+                    // Noted at once, so that a retry after a failed ordering point below
+                    // orders this entry before the ones that depend on it.
+                    self.unordered.refcounts = true;
+                    self.reftable_dirty.remove(&index);
                 }
-                if !dirty.is_empty() {
+                if !self.reftable_dirty.is_empty() {
                     self.ordering_point()?;
                 }
             }
-            self.unordered.refcounts = true;
         }
         Ok(())
     }
@@ -185,6 +195,10 @@ impl<S: Storage> Image<S> {
                     .peek(offset)
                     .map(|b| b.to_vec())
                     .unwrap_or_default();
+                if self.l2_table_is_new(offset) {
+                    self.storage.debug_event(DebugEvent::L2AllocWrite);
+                }
+                self.storage.debug_event(DebugEvent::L2Update);
                 self.write_metadata(offset, &bytes, "writing an L2 table")?;
                 self.l2_cache.mark_clean(offset);
                 if self.new_l2_tables_to_order.remove(&offset) {
@@ -198,11 +212,13 @@ impl<S: Storage> Image<S> {
         // in stages 1-2.
         if !self.l1_dirty.is_empty() {
             self.order_if(self.unordered.l2_tables || self.unordered.refcounts)?;
-            let dirty = std::mem::take(&mut self.l1_dirty);
-            for index in dirty {
+            // As for the refcount table entries: dirty until written.
+            for index in self.l1_dirty.clone() {
                 let entry = self.l1.get(index).copied().unwrap_or(0);
                 let at = self.header.l1_table_offset + index as u64 * 8;
+                self.storage.debug_event(DebugEvent::L1Update);
                 self.write_metadata(at, &entry.to_be_bytes(), "writing an L1 entry")?;
+                self.l1_dirty.remove(&index);
             }
             self.unordered.entries = true;
         }
@@ -213,6 +229,7 @@ impl<S: Storage> Image<S> {
         // stay quarantined until the next guest flush.
         if !self.pending_frees.is_empty() {
             self.order_if(self.unordered.entries)?;
+            self.storage.debug_event(DebugEvent::ClusterFree);
             self.apply_pending_frees()?;
             self.write_dirty_refblocks()?;
         }
@@ -311,6 +328,7 @@ impl<S: Storage> Image<S> {
         let cluster_bits = self.cluster_bits;
         let per_block = self.rc.entries_per_block();
         let old_entries = self.reftable.len() as u64;
+        self.storage.debug_event(DebugEvent::ReftableGrow);
         // Find a size that covers the new table and its own refcount blocks.
         let mut new_entries = old_entries.saturating_mul(2).max(min_entries).max(1);
         let (table_clusters, first_block, block_count) = loop {
@@ -345,6 +363,8 @@ impl<S: Storage> Image<S> {
         self.write_dirty_refblocks()?;
         let mut table = self.reftable.clone();
         table.resize(new_entries as usize, 0);
+        self.storage
+            .debug_event(DebugEvent::RefblockAllocWriteBlocks);
         for j in 0..block_count {
             let block_cluster = blocks_start + j;
             if let Some(e) = table.get_mut((first_block + j) as usize) {
@@ -368,6 +388,8 @@ impl<S: Storage> Image<S> {
             table_raw.extend_from_slice(&e.to_be_bytes());
         }
         table_raw.resize(table_bytes as usize, 0);
+        self.storage
+            .debug_event(DebugEvent::RefblockAllocWriteTable);
         self.write_metadata(table_offset, &table_raw, "writing the new refcount table")?;
 
         // The header names the new table only once the table and its blocks are on disk.
@@ -375,6 +397,8 @@ impl<S: Storage> Image<S> {
         let mut fields = [0u8; 12];
         fields[..8].copy_from_slice(&table_offset.to_be_bytes());
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        self.storage
+            .debug_event(DebugEvent::RefblockAllocSwitchTable);
         self.write_metadata(
             48,
             &fields,
@@ -417,10 +441,32 @@ impl<S: Storage> Image<S> {
             .peek(offset)
             .map(|b| b.to_vec())
             .unwrap_or_default();
+        if self.refblock_is_new(offset) {
+            self.storage.debug_event(DebugEvent::RefblockAllocWrite);
+        }
+        self.storage.debug_event(DebugEvent::RefblockUpdatePart);
         self.write_metadata(offset, &bytes, "writing a refcount block")?;
         self.refblock_cache.mark_clean(offset);
         self.unordered.refcounts = true;
         Ok(())
+    }
+
+    /// Whether the L2 table at `offset` is new since the last write-back (a dirty L1 entry
+    /// names it): its write is announced as `l2_alloc_write` too.
+    fn l2_table_is_new(&self, offset: u64) -> bool {
+        self.l1_dirty
+            .iter()
+            .any(|&i| self.l1.get(i).is_some_and(|&e| e & OFFSET_MASK == offset))
+    }
+
+    /// Whether the refcount block at `offset` is new since the last write-back (a dirty
+    /// refcount table entry names it): its write is announced as `refblock_alloc_write` too.
+    fn refblock_is_new(&self, offset: u64) -> bool {
+        self.reftable_dirty.iter().any(|&i| {
+            self.reftable
+                .get(i)
+                .is_some_and(|&e| e & OFFSET_MASK == offset)
+        })
     }
 
     /// Frees a slot in the L2 cache. A dirty victim may depend on data and refcounts not yet

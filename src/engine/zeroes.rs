@@ -19,6 +19,9 @@ enum ClusterOp {
     Zero { unmap: bool },
     /// Guest discard: like QEMU, zero flag on v3 for allocated clusters, unallocated on v2.
     Discard,
+    /// Emptying the image: unallocated, whatever the cluster was (the backing file shows
+    /// through again).
+    Unallocate,
 }
 
 impl<S: Storage> Image<S> {
@@ -65,6 +68,31 @@ impl<S: Storage> Image<S> {
         let (head_end, tail_start) = self.whole_cluster_span(guest_offset, len);
         if head_end < tail_start {
             self.for_each_whole_cluster(head_end, tail_start, ClusterOp::Discard)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every cluster unallocated, so that the image reads as its backing file again
+    /// (as zeros without one): `qemu-img commit` empties the committed image so. Host
+    /// clusters are freed through `pending_frees` as a discard's are (rule (d)); the L2
+    /// tables stay, with unallocated entries. Like every change here it reaches the file at
+    /// the next write-back.
+    pub fn make_empty(&mut self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let clusters_per_table = 1u64 << self.l2_bits();
+        let guest_clusters = self.header.virtual_size.div_ceil(self.cluster_size());
+        let mut first = 0;
+        while first < guest_clusters {
+            let end = (first + clusters_per_table).min(guest_clusters);
+            // A range without an L2 table is unallocated already.
+            if self.l2_offset_for(first)?.2 != 0 {
+                for guest_cluster in first..end {
+                    self.change_whole_cluster(guest_cluster, ClusterOp::Unallocate)?;
+                }
+            }
+            first = end;
         }
         Ok(())
     }
@@ -136,6 +164,10 @@ impl<S: Storage> Image<S> {
             (ClusterOp::Zero { unmap: false }, Cluster::Zero { .. }) => (None, Vec::new()),
             (ClusterOp::Zero { unmap: true }, Cluster::Zero { host_offset: 0, .. }) => {
                 (None, Vec::new())
+            }
+            (ClusterOp::Unallocate, Cluster::Unallocated) => (None, Vec::new()),
+            (ClusterOp::Unallocate, other) => {
+                (Some(L2Entry::UNALLOCATED), self.host_clusters_of(other))
             }
             // Keep a cluster that is ours alone, marked zero.
             (

@@ -4,8 +4,9 @@
 //! [`guard`]/[`guard_errp`] (no panic reaches C; errors become `-errno` there), and reach the
 //! engine through the node's lock. Guest reads and writes are in `request.rs`.
 //!
-//! Format probing is left to QEMU's qcow2 (no `bdrv_probe`): qcow2b drives the same on-disk
-//! format and is used only when asked for by name.
+//! Format probing is left to QEMU's qcow2: qcow2b drives the same on-disk format and is used
+//! only when asked for by name, unless the environment says `QCOW2B_PROBE=1` (see
+//! [`qcow2b_probe`]).
 
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::ptr;
@@ -51,6 +52,7 @@ const BARRIERFS_INJECT: &CStr = c"x-barrierfs-inject";
 const BUFFER_SIZE: &CStr = c"buffer-size";
 const TXG_MAX_BYTES: &CStr = c"txg-max-bytes";
 const TXG_MAX_AGE_MS: &CStr = c"txg-max-age-ms";
+const OVERLAP_CHECK: &CStr = c"overlap-check";
 /// Test only: `stage3` removes one ordering point (see `OpenOptions::test_skip_stage3_ordering`),
 /// `txg-first-sync` one sync of every commit (`OpenOptions::test_skip_txg_first_sync`).
 const TEST_SKIP_ORDERING: &CStr = c"x-test-skip-ordering";
@@ -65,7 +67,7 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
     unsafe impl Sync for List {}
     static LIST: OnceLock<List> = OnceLock::new();
     LIST.get_or_init(|| {
-        List(leak_list::<11>(
+        List(leak_list::<12>(
             c"qcow2b",
             &[
                 string_opt(
@@ -103,6 +105,10 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
                 size_opt(
                     CACHE_SIZE,
                     c"Maximum bytes of both caches together (split as QEMU's qcow2 does)",
+                ),
+                string_opt(
+                    OVERLAP_CHECK,
+                    c"Accepted as qcow2's and ignored: qcow2b always refuses a write or free that would hit metadata",
                 ),
                 string_opt(
                     TEST_SKIP_ORDERING,
@@ -277,6 +283,12 @@ unsafe extern "C" fn qcow2b_close(bs: *mut BlockDriverState) {
     if let Some(protocol) = node.primitive_node {
         primitive::unregister(protocol);
     }
+    // SAFETY: bs is valid for the whole call.
+    if unsafe { (*bs).open_flags } & bindings::BDRV_O_INACTIVE as c_int != 0 {
+        // Inactivated (migrated away): everything was written then, and the image belongs to
+        // the other side now; writing here would break it (and QEMU asserts against it).
+        return;
+    }
     let ret = guard("close", move || node.into_image().close().map(|_storage| 0));
     if ret < 0 {
         eprintln!(
@@ -333,15 +345,6 @@ unsafe extern "C" fn qcow2b_co_drain_begin(bs: *mut BlockDriverState) {
         o.begin_drain();
     }
     txg::drain_begin(node);
-}
-
-unsafe extern "C" fn qcow2b_co_drain_end(bs: *mut BlockDriverState) {
-    // SAFETY: as above.
-    let node = unsafe { Node::of(bs) };
-    if let FileAccess::Ordered(o) = &node.file {
-        o.end_drain();
-    }
-    txg::drain_end(node);
 }
 
 /// Runs a metadata-only change of a guest range once no allocation in flight overlaps it.
@@ -471,6 +474,71 @@ unsafe extern "C" fn qcow2b_co_truncate(
     }
 }
 
+/// The variable that makes probing pick qcow2b for qcow2 images.
+const PROBE_VARIABLE: &str = "QCOW2B_PROBE";
+
+/// Probing: nothing, unless `QCOW2B_PROBE=1` is set in the environment; then a qcow2 header
+/// (magic, version 2 or 3) scores above QEMU's qcow2 (100), so every image opened without a
+/// format name (`qemu-img info img`, a backing file without backing_fmt) is driven by qcow2b.
+/// QEMU's iotests set it with `./check -qcow2b`, so that a test's commands without `-f`
+/// exercise qcow2b as they exercise qcow2 under `-qcow2`.
+unsafe extern "C" fn qcow2b_probe(
+    buf: *const u8,
+    buf_size: c_int,
+    _filename: *const c_char,
+) -> c_int {
+    if std::env::var_os(PROBE_VARIABLE).is_none_or(|v| v != "1") || buf.is_null() || buf_size < 8 {
+        return 0;
+    }
+    // SAFETY: QEMU passes buf_size readable bytes (checked above: at least 8).
+    let head = unsafe { std::slice::from_raw_parts(buf, 8) };
+    let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    let version = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+    if magic == crate::engine::header::QCOW_MAGIC && (2..=3).contains(&version) {
+        101
+    } else {
+        0
+    }
+}
+
+unsafe extern "C" fn qcow2b_change_backing_file(
+    bs: *mut BlockDriverState,
+    backing_file: *const c_char,
+    backing_fmt: *const c_char,
+) -> c_int {
+    guard("change_backing_file", || {
+        let text = |p: *const c_char| {
+            // SAFETY: QEMU passes NULL or a NUL-terminated string.
+            (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+        };
+        let (file, format) = (text(backing_file), text(backing_fmt));
+        // SAFETY: called outside any request of the node (qemu-img rebase, the end of a block
+        // job), as QEMU's qcow2 assumes too. bdrv_change_backing_file() updates the node's
+        // backing_file fields itself once this succeeds.
+        unsafe { Node::of(bs).image_drained() }
+            .change_backing_file(file.as_deref(), format.as_deref())
+            .map(|()| 0)
+    })
+}
+
+unsafe extern "C" fn qcow2b_make_empty(bs: *mut BlockDriverState) -> c_int {
+    // qemu-img commit (and HMP commit) empty the committed image so that it reads as its
+    // backing file again. Called in the main loop, outside any coroutine; the node is
+    // drained for it, so that no request sees the table entries change under it. The drained
+    // section ends whatever the engine does (its panics stop inside `guard`).
+    // SAFETY: QEMU passes an open node, in the main loop.
+    unsafe { bindings::bdrv_drained_begin(bs) };
+    let ret = guard("make_empty", || {
+        // SAFETY: the node is drained until the end of the section below.
+        unsafe { Node::of(bs).image_drained() }
+            .make_empty()
+            .map(|()| 0)
+    });
+    // SAFETY: ends the section begun above.
+    unsafe { bindings::bdrv_drained_end(bs) };
+    ret
+}
+
 unsafe extern "C" fn qcow2b_co_block_status(
     bs: *mut BlockDriverState,
     _want_zero: bool,
@@ -584,10 +652,13 @@ unsafe extern "C" fn qcow2b_reopen_commit_post(state: *mut BDRVReopenState) {
 unsafe extern "C" fn qcow2b_reopen_abort(_state: *mut BDRVReopenState) {}
 
 unsafe extern "C" fn qcow2b_inactivate(bs: *mut BlockDriverState) -> c_int {
-    // Before another process takes the image over (migration): everything out, durably.
+    // Before another process takes the image over (migration): everything out, durably, and
+    // the zero reserve given back, as at a close.
     guard("inactivate", || {
         // SAFETY: QEMU inactivates a drained, open node.
-        unsafe { Node::of(bs).image_drained() }.flush().map(|_| 0)
+        unsafe { Node::of(bs).image_drained() }
+            .hand_over()
+            .map(|_| 0)
     })
 }
 
@@ -790,6 +861,7 @@ pub extern "C" fn qcow2b_register() {
             instance_size: std::mem::size_of::<*mut Node>() as c_int,
             is_format: true,
             supports_backing: true,
+            bdrv_probe: Some(qcow2b_probe),
             bdrv_open: Some(qcow2b_open),
             bdrv_close: Some(qcow2b_close),
             bdrv_reopen_prepare: Some(qcow2b_reopen_prepare),
@@ -801,11 +873,12 @@ pub extern "C" fn qcow2b_register() {
             bdrv_co_pwritev_part: Some(qcow2b_co_pwritev_part),
             bdrv_co_barrier: Some(qcow2b_co_barrier),
             bdrv_co_drain_begin: Some(qcow2b_co_drain_begin),
-            bdrv_co_drain_end: Some(qcow2b_co_drain_end),
             bdrv_co_pwrite_zeroes: Some(qcow2b_co_pwrite_zeroes),
             bdrv_co_pdiscard: Some(qcow2b_co_pdiscard),
             bdrv_co_flush_to_os: Some(qcow2b_co_flush_to_os),
             bdrv_co_truncate: Some(qcow2b_co_truncate),
+            bdrv_change_backing_file: Some(qcow2b_change_backing_file),
+            bdrv_make_empty: Some(qcow2b_make_empty),
             bdrv_co_block_status: Some(qcow2b_co_block_status),
             bdrv_refresh_limits: Some(qcow2b_refresh_limits),
             bdrv_has_zero_init: Some(qcow2b_has_zero_init),

@@ -26,13 +26,13 @@
 //!   synchronously first and the file used directly.
 
 use std::cell::{Cell, RefCell, UnsafeCell};
-use std::ffi::c_void;
+use std::ffi::{c_void, CStr};
 use std::io;
 use std::rc::Rc;
 use std::time::Instant;
 
 use super::bindings::{self, BdrvChild, BlockDriverState, CoQueue, QEMUIOVector};
-use crate::engine::Storage;
+use crate::engine::{DebugEvent, Storage};
 use crate::ordering::epochs::{EpochBuffer, Job, WriteError};
 use crate::ordering::BarrierMode;
 
@@ -240,6 +240,41 @@ impl FileAccess {
     }
 }
 
+/// QEMU's `BlkdebugEvent` for an engine event (the same name, see `engine::debug_event`).
+fn blkdebug_event(event: DebugEvent) -> bindings::BlkdebugEvent {
+    use bindings::*;
+    match event {
+        DebugEvent::L1Update => BLKDBG_L1_UPDATE,
+        DebugEvent::L1GrowAllocTable => BLKDBG_L1_GROW_ALLOC_TABLE,
+        DebugEvent::L1GrowWriteTable => BLKDBG_L1_GROW_WRITE_TABLE,
+        DebugEvent::L1GrowActivateTable => BLKDBG_L1_GROW_ACTIVATE_TABLE,
+        DebugEvent::L2Load => BLKDBG_L2_LOAD,
+        DebugEvent::L2Update => BLKDBG_L2_UPDATE,
+        DebugEvent::L2AllocCowRead => BLKDBG_L2_ALLOC_COW_READ,
+        DebugEvent::L2AllocWrite => BLKDBG_L2_ALLOC_WRITE,
+        DebugEvent::ReadAio => BLKDBG_READ_AIO,
+        DebugEvent::ReadBackingAio => BLKDBG_READ_BACKING_AIO,
+        DebugEvent::ReadCompressed => BLKDBG_READ_COMPRESSED,
+        DebugEvent::WriteAio => BLKDBG_WRITE_AIO,
+        DebugEvent::CowRead => BLKDBG_COW_READ,
+        DebugEvent::CowWrite => BLKDBG_COW_WRITE,
+        DebugEvent::ReftableLoad => BLKDBG_REFTABLE_LOAD,
+        DebugEvent::ReftableGrow => BLKDBG_REFTABLE_GROW,
+        DebugEvent::RefblockLoad => BLKDBG_REFBLOCK_LOAD,
+        DebugEvent::RefblockUpdatePart => BLKDBG_REFBLOCK_UPDATE_PART,
+        DebugEvent::RefblockAlloc => BLKDBG_REFBLOCK_ALLOC,
+        DebugEvent::RefblockAllocHookup => BLKDBG_REFBLOCK_ALLOC_HOOKUP,
+        DebugEvent::RefblockAllocWrite => BLKDBG_REFBLOCK_ALLOC_WRITE,
+        DebugEvent::RefblockAllocWriteBlocks => BLKDBG_REFBLOCK_ALLOC_WRITE_BLOCKS,
+        DebugEvent::RefblockAllocWriteTable => BLKDBG_REFBLOCK_ALLOC_WRITE_TABLE,
+        DebugEvent::RefblockAllocSwitchTable => BLKDBG_REFBLOCK_ALLOC_SWITCH_TABLE,
+        DebugEvent::ClusterAlloc => BLKDBG_CLUSTER_ALLOC,
+        DebugEvent::ClusterFree => BLKDBG_CLUSTER_FREE,
+        DebugEvent::ClusterAllocSpace => BLKDBG_CLUSTER_ALLOC_SPACE,
+        DebugEvent::Barrier => BLKDBG_BARRIER,
+    }
+}
+
 /// `head`, `len` bytes of `qiov` and `tail` as one vectored write at `host_offset`.
 ///
 /// # Safety
@@ -386,6 +421,24 @@ impl Storage for FileAccess {
             }
             FileAccess::Ordered(o) => o.barrier(),
         }
+    }
+
+    fn debug_event(&self, event: DebugEvent) {
+        // SAFETY: the child and its node are open while the image is; bdrv_debug_event does
+        // nothing unless the node's driver handles events (blkdebug), and a blkdebug
+        // breakpoint (suspend) there is only set by tests on events met in a coroutine.
+        unsafe { bindings::bdrv_debug_event((*self.child()).bs, blkdebug_event(event)) }
+    }
+
+    fn is_growable(&self) -> bool {
+        // SAFETY: the child and its node are open while the image is; a protocol node always
+        // has a driver, whose format_name is a static string.
+        let name = unsafe {
+            let protocol = bindings::bdrv_skip_filters((*self.child()).bs);
+            CStr::from_ptr((*(*protocol).drv).format_name)
+        };
+        // file-posix refuses to grow these ("Cannot grow device files").
+        name != c"host_device" && name != c"host_cdrom"
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -796,16 +849,14 @@ impl OrderedFile {
         Ok(())
     }
 
-    /// The drain callbacks: the writer takes the open epoch too while a drain is on.
+    /// The drain callback: the open epoch is closed, so the writer writes everything buffered
+    /// while the drain waits for it (no write arrives during a drain to open another). There
+    /// is no end callback: QEMU 7.2 waits for a driver's drain_end coroutine in the node's
+    /// AioContext, which deadlocks when the drain ends a switch to an iothread (iotest 127:
+    /// the mirror job's completion attaches a qcow2b backing file to an iothread's node).
     pub fn begin_drain(&self) {
-        self.want_open_epoch.set(self.want_open_epoch.get() + 1);
         self.buffer.borrow_mut().barrier();
         self.kick();
-    }
-
-    pub fn end_drain(&self) {
-        self.want_open_epoch
-            .set(self.want_open_epoch.get().saturating_sub(1));
     }
 }
 

@@ -58,8 +58,6 @@ pub struct Committer {
     /// Where it sleeps until the group's age bound; woken early by a write that reached the
     /// byte bound, or by a drain.
     pub sleep: UnsafeCell<QemuCoSleep>,
-    /// A drain is in progress: the committer ends and is not restarted.
-    pub draining: Cell<bool>,
     /// The group's age bound, also the pause after a failed commit.
     pub max_age: std::time::Duration,
 }
@@ -91,7 +89,6 @@ impl Node {
             txg: Committer {
                 committer_running: Cell::new(false),
                 sleep: UnsafeCell::new(QemuCoSleep::default()),
-                draining: Cell::new(false),
                 max_age: open_options
                     .txg
                     .map_or(std::time::Duration::ZERO, |t| t.max_group_age),

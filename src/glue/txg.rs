@@ -7,7 +7,9 @@
 //!   and ends when no group is open. It counts as a request of the node (so drain and close
 //!   wait for it); a drain wakes it, and it ends without committing (the group stays open,
 //!   nothing is lost: close commits it, and the next write after the drain restarts the
-//!   committer).
+//!   committer). "A drain is on" is the node's `quiesce_counter`, not a flag of ours: there
+//!   is no drain_end callback (QEMU 7.2 runs it as a coroutine in the node's AioContext, which
+//!   deadlocks when the drain ends an AioContext switch; see `driver.rs`).
 //!
 //! A commit waits for the write plans in flight and holds new ones back meanwhile (a plan
 //! may write in place into a cluster the group owns, which the commit hands to the durable
@@ -67,7 +69,10 @@ pub unsafe fn commit(node: &Node, why: Durability) -> Result<(), Error> {
 /// # Safety
 /// In a coroutine of the node's AioContext; `bs` an open qcow2b node in the txg mode.
 pub unsafe fn after_write(bs: *mut BlockDriverState, node: &Node, due: bool) {
-    if node.txg.draining.get() {
+    // SAFETY: per the caller.
+    if unsafe { drained(bs) } {
+        // A write of the drain's owner: the group stays open for its flush or close, and the
+        // first write after the drain starts the committer.
         return;
     }
     if !node.txg.committer_running.get() {
@@ -86,15 +91,20 @@ pub unsafe fn after_write(bs: *mut BlockDriverState, node: &Node, due: bool) {
     }
 }
 
-/// A drain begins: the committer stops sleeping and ends.
+/// A drain begins: the committer stops sleeping and ends (it sees the drain).
 pub fn drain_begin(node: &Node) {
-    node.txg.draining.set(true);
     // SAFETY: as in `after_write`.
     unsafe { bindings::qemu_co_sleep_wake(node.txg.sleep.get()) };
 }
 
-pub fn drain_end(node: &Node) {
-    node.txg.draining.set(false);
+/// Whether a drained section of the node is on.
+///
+/// # Safety
+/// `bs` an open node.
+unsafe fn drained(bs: *mut BlockDriverState) -> bool {
+    // SAFETY: the field lives as long as the node; QEMU updates it with atomics.
+    let counter = unsafe { std::sync::atomic::AtomicI32::from_ptr(&raw mut (*bs).quiesce_counter) };
+    counter.load(std::sync::atomic::Ordering::Relaxed) > 0
 }
 
 unsafe extern "C" fn committer_entry(opaque: *mut c_void) {
@@ -102,7 +112,7 @@ unsafe extern "C" fn committer_entry(opaque: *mut c_void) {
     // SAFETY: `after_write` passed an open node, kept open by the in-flight count.
     let node = unsafe { Node::of(bs) };
     // SAFETY: in the coroutine created for it, in the node's AioContext.
-    let outcome = super::ffi::guard("txg committer", || unsafe { run_committer(node) });
+    let outcome = super::ffi::guard("txg committer", || unsafe { run_committer(bs, node) });
     if outcome < 0 {
         eprintln!(
             "qcow2b: a transaction group commit failed (the next flush retries it): {}",
@@ -119,9 +129,10 @@ unsafe extern "C" fn committer_entry(opaque: *mut c_void) {
 ///
 /// # Safety
 /// As for [`commit`].
-unsafe fn run_committer(node: &Node) -> Result<i32, Error> {
+unsafe fn run_committer(bs: *mut BlockDriverState, node: &Node) -> Result<i32, Error> {
     let mut last_error = None;
-    while !node.txg.draining.get() {
+    // SAFETY: per the caller.
+    while !unsafe { drained(bs) } {
         let (due, age_left) = {
             // SAFETY: per the caller.
             let mut locked = unsafe { node.lock() }?;

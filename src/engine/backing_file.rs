@@ -1,0 +1,59 @@
+//! Changing the backing file an image names (`qemu-img rebase`, the end of a commit or stream
+//! block job): the header cluster is rewritten with the new name and backing format
+//! extension.
+
+use super::error::{Error, Result};
+use super::header::{ext, Header, RawExtension};
+use super::image::Image;
+use super::storage::Storage;
+
+/// The longest backing file name QEMU accepts (and writes).
+const MAX_BACKING_FILE_NAME_BYTES: usize = 1023;
+
+impl<S: Storage> Image<S> {
+    /// Names `file` (in format `format`) as the backing file, or none.
+    ///
+    /// Order: everything written before is written back and made durable first (a rebase
+    /// copies data into this image before it drops the old backing file: the new name must
+    /// not reach the disk before that data); then the header cluster is rewritten in one
+    /// write and synced.
+    pub fn change_backing_file(&mut self, file: Option<&str>, format: Option<&str>) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if format.is_some() && file.is_none() {
+            return Err(Error::Invalid(
+                "a backing format without a backing file".into(),
+            ));
+        }
+        if let Some(name) = file.filter(|n| n.len() > MAX_BACKING_FILE_NAME_BYTES) {
+            return Err(Error::Invalid(format!(
+                "backing file name of {} bytes (at most {MAX_BACKING_FILE_NAME_BYTES})",
+                name.len()
+            )));
+        }
+        let mut header = self.header.clone();
+        header.backing_file = file.map(str::to_owned);
+        header.backing_format = format.map(str::to_owned);
+        header.extensions.retain(|e| e.kind != ext::BACKING_FORMAT);
+        if let Some(format) = format {
+            // First, where QEMU puts it.
+            header.extensions.insert(
+                0,
+                RawExtension {
+                    kind: ext::BACKING_FORMAT,
+                    data: format.as_bytes().to_vec(),
+                },
+            );
+        }
+        let bytes = header.encode()?;
+        // What the header says now, as a reader of the file would parse it.
+        let header = Header::parse(&bytes)?;
+
+        self.flush_metadata_and_sync(true)?;
+        self.write_metadata(0, &bytes, "rewriting the header with the new backing file")?;
+        self.storage_flush()?;
+        self.header = header;
+        Ok(())
+    }
+}
