@@ -124,7 +124,7 @@ impl<S: Storage> Image<S> {
                 break;
             };
             let table_end = (guest_cluster / per_table + 1) * per_table;
-            if raw != 0 && guest_cluster % per_table == 0 {
+            if raw != 0 && guest_cluster.is_multiple_of(per_table) {
                 self.l1[l1_index] = 0;
                 self.l1_dirty.insert(l1_index);
                 self.metadata.remove_l2_table(raw & OFFSET_MASK);
