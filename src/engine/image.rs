@@ -497,11 +497,22 @@ impl<S: Storage> Image<S> {
         self.counters.guest_flushes += 1;
         self.flush_metadata_and_sync(false)?;
         if let Some(start) = reserved_tail {
-            // Nothing names those clusters and their counts are zero on storage now.
-            self.storage
-                .set_len(start)
-                .map_err(|e| Error::io("trimming the unused reserve off the file", e))?;
-            self.host_end = start;
+            // The write-back may have allocated (a copied L2 table, a refcount block), also
+            // in the tail: only the clusters past the last one counted go. Their counts are
+            // zero on storage now and nothing names them.
+            let first = start >> self.cluster_bits;
+            let end = self.host_end.div_ceil(self.cluster_size());
+            let mut cut = end;
+            while cut > first && self.refcount(cut - 1)? == 0 {
+                cut -= 1;
+            }
+            if cut < end {
+                let len = cut << self.cluster_bits;
+                self.storage
+                    .set_len(len)
+                    .map_err(|e| Error::io("trimming the unused reserve off the file", e))?;
+                self.host_end = len;
+            }
         }
         Ok(())
     }

@@ -2,9 +2,11 @@
 //! current one does not reach the new end. Shrinking is not supported.
 
 use super::debug_event::DebugEvent;
+use super::entry::{L2Entry, OFFSET_MASK};
 use super::error::{Error, Result};
 use super::image::Image;
 use super::layout::{bytes_per_l1_entry, MAX_L1_BYTES};
+use super::metadata::be64_at;
 use super::storage::Storage;
 
 /// Header bytes 24..48: size (8), crypt_method (4), l1_size (4), l1_table_offset (8).
@@ -47,6 +49,11 @@ impl<S: Storage> Image<S> {
             return Err(Error::Unsupported(format!(
                 "a virtual size of {new_size} bytes needs an L1 table above {MAX_L1_BYTES} bytes"
             )));
+        }
+        // Entries past the old end would show through: cut them, in order before the size.
+        if self.clear_entries_past(old_size, new_size)? {
+            self.write_back()?;
+            self.ordering_point()?;
         }
         if needed_l1 <= self.l1.len() as u64 {
             self.write_metadata(
@@ -101,5 +108,51 @@ impl<S: Storage> Image<S> {
         self.metadata
             .move_region("L1 table", table_offset, table_offset + table_bytes);
         Ok(())
+    }
+
+    /// Makes every whole guest cluster between the old and the new end unallocated. An image
+    /// may hold L1 and L2 entries past its virtual size (another writer's leftovers, or a
+    /// crafted image: nothing reads them while they lie past the end), and growth must not
+    /// expose them: the new range reads as zeros. An L1 entry wholly past the old end is
+    /// cleared, an L2 entry in the table that straddles it too; what they named is not
+    /// freed (it may be anything), so it shows as leaked clusters at worst. Returns whether
+    /// an entry changed (written back by the caller before the new size).
+    fn clear_entries_past(&mut self, old_size: u64, new_size: u64) -> Result<bool> {
+        let cluster_size = self.cluster_size();
+        let per_table = 1u64 << self.l2_bits();
+        let end = new_size.div_ceil(cluster_size);
+        let mut guest_cluster = old_size.div_ceil(cluster_size);
+        let mut changed = false;
+        while guest_cluster < end {
+            let l1_index = (guest_cluster / per_table) as usize;
+            let Some(&raw) = self.l1.get(l1_index) else {
+                break;
+            };
+            let table_end = (guest_cluster / per_table + 1) * per_table;
+            if raw != 0 && guest_cluster.is_multiple_of(per_table) {
+                self.l1[l1_index] = 0;
+                self.l1_dirty.insert(l1_index);
+                self.metadata.remove_l2_table(raw & OFFSET_MASK);
+                changed = true;
+            } else if raw != 0 {
+                let (_, _, l2_offset) = self.l2_offset_for(guest_cluster)?;
+                self.load_l2(l2_offset)?;
+                for cluster in guest_cluster..table_end.min(end) {
+                    // The raw entry: what lies past the end was never validated.
+                    let index = (cluster % per_table) as usize;
+                    let raw = self
+                        .l2_cache
+                        .peek(l2_offset)
+                        .map_or(0, |t| be64_at(t, index));
+                    if raw != 0 {
+                        let (l2_offset, l2_index) = self.l2_table_for_write(cluster)?;
+                        self.set_l2_entry(l2_offset, l2_index, L2Entry::UNALLOCATED)?;
+                        changed = true;
+                    }
+                }
+            }
+            guest_cluster = table_end;
+        }
+        Ok(changed)
     }
 }
