@@ -245,6 +245,11 @@ impl<S: Storage> Image<S> {
         self.metadata.add_l2_table(new_offset);
         if old_offset != 0 {
             self.pending_frees.push(old_offset >> self.cluster_bits);
+            // Without internal snapshots the other reference to a shared table is in the
+            // active tables: write-back's stage 6 gives it COPIED once it is the last.
+            if self.header.nb_snapshots == 0 {
+                self.copied_candidates.push(old_offset >> self.cluster_bits);
+            }
         }
         Ok((new_offset, l2_index))
     }
@@ -615,19 +620,24 @@ impl<S: Storage> Image<S> {
         let frees = std::mem::take(&mut self.pending_frees);
         for cluster in frees {
             let start = cluster << self.cluster_bits;
-            if let Some(what) = self
-                .metadata
-                .metadata_at(start, start + self.cluster_size())
-            {
-                return Err(Error::Corrupt(format!(
-                    "host cluster {cluster} would be freed, but it holds the {what}"
-                )));
-            }
             let current = self.refcount(cluster)?;
             if current == 0 {
                 return Err(Error::Corrupt(format!(
                     "host cluster {cluster} freed but its refcount is already 0"
                 )));
+            }
+            // Down to zero only when no table of this image lives there (one it names twice
+            // loses one reference at a time).
+            if current == 1 {
+                if let Some(what) = self
+                    .metadata
+                    .metadata_at(start, start + self.cluster_size())
+                {
+                    return Err(Error::Corrupt(format!(
+                        "host cluster {cluster} would be freed, but it holds {}",
+                        MetadataMap::definite(what)
+                    )));
+                }
             }
             self.set_refcount(cluster, current - 1)?;
             if current == 1 {
