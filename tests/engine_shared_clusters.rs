@@ -225,3 +225,48 @@ fn in_txg_mode_the_group_commits_the_copied_flag() {
     assert_eq!(be64(&bytes, l2 + 8), layout.shared | COPIED);
     assert_clean_with_qemu(dir.path(), bytes);
 }
+
+#[test]
+fn a_table_two_l1_entries_shared_gets_copied_back_on_the_one_left() {
+    // L1 entries 0 and 1 name the same L2 table (counted twice), whose entry 0 names a data
+    // cluster counted twice (once per walk through an L1 entry), neither flag set.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared-table.qcow2");
+    qemu_img_create(&path, CLUSTER as u64, 1 << 20, None);
+    qemu_io(&path, &["write -P 0x11 0 512"]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let l1 = be64(&bytes, 40) as usize;
+    let table = be64(&bytes, l1) & !COPIED;
+    let data = be64(&bytes, table as usize) & !COPIED;
+    let reftable = be64(&bytes, 48) as usize;
+    let refblock = be64(&bytes, reftable) as usize;
+    put64(&mut bytes, l1, table);
+    put64(&mut bytes, l1 + 8, table);
+    put64(&mut bytes, table as usize, data);
+    for host in [table, data] {
+        let at = refblock + 2 * (host as usize / CLUSTER);
+        bytes[at..at + 2].copy_from_slice(&2u16.to_be_bytes());
+    }
+    assert_clean_with_qemu(dir.path(), bytes.clone());
+
+    let mut image = Image::open(MemStorage::new(bytes), &OpenOptions::default()).unwrap();
+    image.write(0, &[0x33; CLUSTER], None).unwrap();
+    let bytes = image.close().unwrap().into_inner();
+    assert_eq!(
+        be64(&bytes, l1 + 8),
+        table | COPIED,
+        "L1 entry 1 keeps the table alone"
+    );
+    assert_eq!(
+        be64(&bytes, table as usize),
+        data | COPIED,
+        "and its entry the cluster"
+    );
+    assert_clean_with_qemu(dir.path(), bytes.clone());
+    let mut image = Image::open(MemStorage::new(bytes), &OpenOptions::default()).unwrap();
+    let mut back = vec![0u8; CLUSTER];
+    image.read(64 * CLUSTER as u64, &mut back, None).unwrap();
+    assert!(back.iter().all(|&b| b == 0x11));
+    image.read(0, &mut back, None).unwrap();
+    assert!(back.iter().all(|&b| b == 0x33));
+}

@@ -251,6 +251,10 @@ impl<S: Storage> Image<S> {
                 // A transaction group's copy of the durable image's table (clean, as nothing
                 // writes it): the old one is freed at the commit, so no cached copy outlives it.
                 self.l2_cache.evict(old_offset);
+            } else if self.header.nb_snapshots == 0 {
+                // Without internal snapshots the other reference to a shared table is in the
+                // active tables: write-back's stage 6 gives it COPIED once it is the last.
+                self.copied_candidates.push(old_offset >> self.cluster_bits);
             }
         }
         Ok((new_offset, l2_index))
@@ -645,19 +649,24 @@ impl<S: Storage> Image<S> {
         let frees = std::mem::take(&mut self.pending_frees);
         for cluster in frees {
             let start = cluster << self.cluster_bits;
-            if let Some(what) = self
-                .metadata
-                .metadata_at(start, start + self.cluster_size())
-            {
-                return Err(Error::Corrupt(format!(
-                    "host cluster {cluster} would be freed, but it holds the {what}"
-                )));
-            }
             let current = self.refcount(cluster)?;
             if current == 0 {
                 return Err(Error::Corrupt(format!(
                     "host cluster {cluster} freed but its refcount is already 0"
                 )));
+            }
+            // Down to zero only when no table of this image lives there (one it names twice
+            // loses one reference at a time).
+            if current == 1 {
+                if let Some(what) = self
+                    .metadata
+                    .metadata_at(start, start + self.cluster_size())
+                {
+                    return Err(Error::Corrupt(format!(
+                        "host cluster {cluster} would be freed, but it holds {}",
+                        MetadataMap::definite(what)
+                    )));
+                }
             }
             self.set_refcount(cluster, current - 1)?;
             if current == 1 {

@@ -234,15 +234,15 @@ impl<S: Storage> Image<S> {
             self.write_dirty_refblocks()?;
         }
 
-        // Stage 6, for images whose active table names a cluster twice (no snapshot): the
-        // entry left naming a cluster whose refcount stage 5 brought down to one gets its
-        // COPIED flag back, as the spec requires of the active table. (e) Only after that
-        // decrement is written: the table goes out in stage 3 of the write-back below, after
-        // its ordering point (stage 5 set `unordered.refcounts`), so a crash never leaves
-        // COPIED on a cluster counted twice.
+        // Stage 6, for images whose active tables name a cluster twice (no snapshot): the
+        // L1 or L2 entry left naming a cluster whose refcount stage 5 brought down to one gets
+        // its COPIED flag back, as the spec requires of the active tables. (e) Only after that
+        // decrement is written: the entry goes out in stage 3 or 4 of the write-back below,
+        // after its ordering point (stage 5 set `unordered.refcounts`), so a crash never
+        // leaves COPIED on a cluster counted twice.
         if !self.copied_candidates.is_empty() && self.pending_frees.is_empty() {
             self.restore_copied_flags()?;
-            if self.l2_cache.has_dirty() {
+            if self.l2_cache.has_dirty() || !self.l1_dirty.is_empty() {
                 return self.write_back();
             }
         }
@@ -261,6 +261,21 @@ impl<S: Storage> Image<S> {
         }
         let entries = 1u64 << self.l2_bits();
         let mut found = Vec::new();
+        // L1 entries first: a table two of them shared, or a cluster one of them used as a
+        // table while an L2 entry named it as data.
+        for l1_index in 0..self.l1.len() {
+            let l1_entry = L1Entry(self.l1[l1_index]);
+            if l1_entry.copied() {
+                continue;
+            }
+            let Ok(l2_offset) = l1_entry.l2_offset(self.cluster_size(), l1_index as u64) else {
+                continue;
+            };
+            if l2_offset != 0 && wanted.remove(&l2_offset) {
+                self.l1[l1_index] = L1Entry::new_copied(l2_offset).0;
+                self.l1_dirty.insert(l1_index);
+            }
+        }
         for l1_index in 0..self.l1.len() {
             if wanted.is_empty() {
                 break;
