@@ -9,10 +9,7 @@
 #[path = "engine_support.rs"]
 mod support;
 
-use std::cell::RefCell;
-use std::io;
-
-use qcow2b::engine::{CheckFix, Image, MemStorage, OpenOptions, Storage};
+use qcow2b::engine::{CheckFix, Image, MemStorage, OpenOptions};
 use support::*;
 
 #[test]
@@ -45,44 +42,6 @@ fn kb1_counted_clusters_past_the_end_of_the_file_are_skipped() {
     assert!(code == 0 || code == 3, "qemu-img check exited {code}");
 }
 
-/// A file that logs writes and barriers (flushes count as barriers too).
-#[derive(Default)]
-struct Log {
-    inner: MemStorage,
-    events: RefCell<Vec<Event>>,
-}
-
-enum Event {
-    Write(u64, Vec<u8>),
-    Barrier,
-}
-
-impl Storage for Log {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.inner.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.events
-            .borrow_mut()
-            .push(Event::Write(offset, buf.to_vec()));
-        self.inner.write_at(offset, buf)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.events.borrow_mut().push(Event::Barrier);
-        self.inner.flush()
-    }
-    fn barrier(&self) -> io::Result<()> {
-        self.events.borrow_mut().push(Event::Barrier);
-        self.inner.barrier()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-}
-
 #[test]
 fn kb2_a_refcount_table_entry_is_written_after_the_entry_of_the_block_that_counts_it() {
     // 512-byte clusters, 16-bit refcounts: a block counts 256 clusters. Writing 1 MiB at once
@@ -91,14 +50,7 @@ fn kb2_a_refcount_table_entry_is_written_after_the_entry_of_the_block_that_count
     let path = dir.path().join("img.qcow2");
     qemu_img_create(&path, 512, 64 << 20, None);
     let start = std::fs::read(&path).unwrap();
-    let mut image = Image::open(
-        Log {
-            inner: MemStorage::new(start.clone()),
-            ..Default::default()
-        },
-        &OpenOptions::default(),
-    )
-    .unwrap();
+    let mut image = Image::open(LogStorage::new(start.clone()), &OpenOptions::default()).unwrap();
     for i in 0..4u64 {
         image.write(i << 20, &vec![1u8; 1 << 20], None).unwrap();
     }
@@ -116,8 +68,8 @@ fn kb2_a_refcount_table_entry_is_written_after_the_entry_of_the_block_that_count
         |b: &[u8], at: u64| u64::from_be_bytes(b[at as usize..at as usize + 8].try_into().unwrap());
     for e in &events {
         match e {
-            Event::Barrier => ordered = now.clone(),
-            Event::Write(offset, data) => {
+            LogEvent::Barrier => ordered = now.clone(),
+            LogEvent::Write(offset, data) => {
                 let end = offset + data.len() as u64;
                 if now.len() < end as usize {
                     now.resize(end as usize, 0);

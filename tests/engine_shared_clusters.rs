@@ -8,9 +8,6 @@
 #[path = "engine_support.rs"]
 mod support;
 
-use std::cell::RefCell;
-use std::io;
-
 use qcow2b::engine::{CheckFix, Image, MemStorage, OpenOptions, Storage};
 use support::*;
 
@@ -123,49 +120,11 @@ fn a_discard_or_zeroing_of_one_entry_gives_the_other_its_copied_flag_back() {
     }
 }
 
-/// A file that logs writes and ordering points.
-#[derive(Default)]
-struct Log {
-    inner: MemStorage,
-    events: RefCell<Vec<(u64, Vec<u8>)>>,
-}
-
-impl Storage for Log {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.inner.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.events.borrow_mut().push((offset, buf.to_vec()));
-        self.inner.write_at(offset, buf)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.events.borrow_mut().push((u64::MAX, Vec::new()));
-        self.inner.flush()
-    }
-    fn barrier(&self) -> io::Result<()> {
-        self.events.borrow_mut().push((u64::MAX, Vec::new()));
-        self.inner.barrier()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-}
-
 #[test]
 fn the_copied_flag_is_written_after_the_decrement_is_ordered() {
     let dir = tempfile::tempdir().unwrap();
     let (start, layout) = shared_image(dir.path());
-    let mut image = Image::open(
-        Log {
-            inner: MemStorage::new(start.clone()),
-            ..Default::default()
-        },
-        &OpenOptions::default(),
-    )
-    .unwrap();
+    let mut image = Image::open(LogStorage::new(start.clone()), &OpenOptions::default()).unwrap();
     image.write(0, &[0x33; CLUSTER], None).unwrap();
     image.flush().unwrap();
     let events = image.storage().events.take();
@@ -176,11 +135,11 @@ fn the_copied_flag_is_written_after_the_decrement_is_ordered() {
     let mut ordered = start.clone();
     let mut now = start;
     let mut seen = false;
-    for (offset, data) in &events {
-        if *offset == u64::MAX {
+    for event in &events {
+        let LogEvent::Write(offset, data) = event else {
             ordered = now.clone();
             continue;
-        }
+        };
         let (offset, end) = (*offset as usize, *offset as usize + data.len());
         if now.len() < end {
             now.resize(end, 0);

@@ -8,7 +8,7 @@ use std::io;
 use std::path::Path;
 use std::process::Command;
 
-use qcow2b::engine::{Backing, Image, OpenOptions, Storage};
+use qcow2b::engine::{Backing, Image, MemStorage, OpenOptions, Storage};
 
 /// xorshift64*: deterministic, seedable, good enough for test inputs.
 pub struct XorShift(u64);
@@ -386,4 +386,54 @@ pub fn file_write(path: &Path, at: u64, bytes: &[u8]) {
         .unwrap()
         .write_all_at(bytes, at)
         .unwrap();
+}
+
+/// What a [`LogStorage`] saw, in order.
+pub enum LogEvent {
+    Write(u64, Vec<u8>),
+    /// A barrier or a flush: everything before it is ordered before everything after.
+    Barrier,
+}
+
+/// An in-memory file that logs writes and ordering points (flushes count as barriers), for
+/// tests that replay the order in which metadata reached the file.
+#[derive(Default)]
+pub struct LogStorage {
+    pub inner: MemStorage,
+    pub events: RefCell<Vec<LogEvent>>,
+}
+
+impl LogStorage {
+    pub fn new(bytes: Vec<u8>) -> LogStorage {
+        LogStorage {
+            inner: MemStorage::new(bytes),
+            ..Default::default()
+        }
+    }
+}
+
+impl Storage for LogStorage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.events
+            .borrow_mut()
+            .push(LogEvent::Write(offset, buf.to_vec()));
+        self.inner.write_at(offset, buf)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.events.borrow_mut().push(LogEvent::Barrier);
+        self.inner.flush()
+    }
+    fn barrier(&self) -> io::Result<()> {
+        self.events.borrow_mut().push(LogEvent::Barrier);
+        self.inner.barrier()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
 }

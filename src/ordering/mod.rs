@@ -166,17 +166,24 @@ impl BarrierMode {
 mod tests {
     use super::*;
 
+    /// The mode for these options (the txg bounds at their defaults).
+    fn m(
+        mode: Option<&str>,
+        syscall: Option<i64>,
+        inject: bool,
+        buffer_bytes: Option<u64>,
+    ) -> Result<BarrierMode, BadBarrierOption> {
+        BarrierMode::from_options(BarrierOptions {
+            mode,
+            syscall,
+            inject,
+            buffer_bytes,
+            ..Default::default()
+        })
+    }
+
     #[test]
     fn auto_is_ordered_unless_the_user_names_the_barrierfs_syscall() {
-        let m = |mode, syscall, inject, buffer_bytes| {
-            BarrierMode::from_options(BarrierOptions {
-                mode,
-                syscall,
-                inject,
-                buffer_bytes,
-                ..Default::default()
-            })
-        };
         assert_eq!(
             m(None, None, false, None),
             Ok(BarrierMode::Ordered {
@@ -202,15 +209,6 @@ mod tests {
 
     #[test]
     fn barrierfs_without_a_syscall_number_is_refused_and_says_why() {
-        let m = |mode, syscall, inject, buffer_bytes| {
-            BarrierMode::from_options(BarrierOptions {
-                mode,
-                syscall,
-                inject,
-                buffer_bytes,
-                ..Default::default()
-            })
-        };
         let err = m(Some("barrierfs"), None, false, None).unwrap_err();
         assert!(err.0.contains("barrierfs-syscall=N"), "{err}");
         assert!(m(Some("flush"), Some(315), false, None).is_err());
