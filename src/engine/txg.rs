@@ -31,6 +31,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use super::cache::TableCache;
 use super::error::{Error, Result};
 use super::image::Image;
 use super::storage::Storage;
@@ -458,33 +459,36 @@ impl<S: Storage> Image<S> {
     /// Writes the group's dirty L2 tables and refcount blocks, all in owned clusters, in any
     /// order (D names none of them).
     pub(super) fn write_owned_tables(&mut self) -> Result<()> {
-        for offset in self.l2_cache.dirty_offsets() {
-            if !self.may_overwrite(offset) {
-                return Err(Error::Corrupt(format!(
-                    "a dirty L2 table at {offset:#x} belongs to the durable image"
-                )));
+        self.write_owned(false)?;
+        self.write_owned(true)
+    }
+
+    /// The dirty tables of one cache (L2 tables, or refcount blocks) written out.
+    fn write_owned(&mut self, refblocks: bool) -> Result<()> {
+        let (what, writing) = if refblocks {
+            ("a refcount block", "writing a refcount block of the group")
+        } else {
+            ("an L2 table", "writing an L2 table of the group")
+        };
+        fn cache<S: Storage>(image: &mut Image<S>, refblocks: bool) -> &mut TableCache {
+            if refblocks {
+                &mut image.refblock_cache
+            } else {
+                &mut image.l2_cache
             }
-            let bytes = self
-                .l2_cache
-                .peek(offset)
-                .map(|b| b.to_vec())
-                .unwrap_or_default();
-            self.write_metadata(offset, &bytes, "writing an L2 table of the group")?;
-            self.l2_cache.mark_clean(offset);
         }
-        for offset in self.refblock_cache.dirty_offsets() {
+        for offset in cache(self, refblocks).dirty_offsets() {
             if !self.may_overwrite(offset) {
                 return Err(Error::Corrupt(format!(
-                    "a dirty refcount block at {offset:#x} belongs to the durable image"
+                    "{what} at {offset:#x}, dirty, belongs to the durable image"
                 )));
             }
-            let bytes = self
-                .refblock_cache
+            let bytes = cache(self, refblocks)
                 .peek(offset)
                 .map(|b| b.to_vec())
                 .unwrap_or_default();
-            self.write_metadata(offset, &bytes, "writing a refcount block of the group")?;
-            self.refblock_cache.mark_clean(offset);
+            self.write_metadata(offset, &bytes, writing)?;
+            cache(self, refblocks).mark_clean(offset);
         }
         Ok(())
     }
