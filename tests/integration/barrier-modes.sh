@@ -92,7 +92,7 @@ expect_status 1 "barrierfs without a syscall number" "$QEMU_IO" --image-opts \
   "driver=qcow2b,barrier=barrierfs,file.filename=$img" -c 'read 0 4k'
 expect_output "barrierfs-syscall=N"
 expect_status 1 "bad mode" "$QEMU_IO" --image-opts "driver=qcow2b,barrier=fast,file.filename=$img" -c 'read 0 4k'
-expect_output "expected auto, barrierfs, ordered or flush"
+expect_output "expected auto, barrierfs, ordered, flush or txg"
 expect_ok "info shows the mode" "$QEMU_IO" --image-opts "driver=qcow2b,file.filename=$img" -c info
 expect_output "barrier mode: ordered"
 # barrierfs-syscall=39 (getpid on x86_64) stands in for fdatabarrier: one call per barrier.
