@@ -3,11 +3,12 @@
 //! standard qcow2, exactly as `-f qcow2` would make it.
 
 use std::ffi::{c_char, c_int};
-use std::sync::OnceLock;
 
 use super::bindings::{self, BlockDriver, BlockDriverState, QemuOpts};
 use super::ffi::{guard_errp, set_error};
-use super::opts::{bool_opt, leak_list, number_opt, size_opt, string_opt, value_text, Opt};
+use super::opts::{
+    bool_opt, leak_list, number_opt, size_opt, string_opt, value_text, Opt, OptsListCell,
+};
 use super::storage::BlkStorage;
 use crate::engine::{create, measure, CreateOptions, Error};
 
@@ -57,14 +58,8 @@ const CREATE_OPTS: [Opt; 14] = [
 
 /// The option list for `BlockDriver.create_opts`, built once.
 pub fn create_opts() -> *mut bindings::QemuOptsList {
-    struct List(*mut bindings::QemuOptsList);
-    // SAFETY: built once, never changed afterwards, only read by QEMU.
-    unsafe impl Send for List {}
-    // SAFETY: as above.
-    unsafe impl Sync for List {}
-    static LIST: OnceLock<List> = OnceLock::new();
-    LIST.get_or_init(|| List(leak_list::<15>(c"qcow2b-create-opts", &CREATE_OPTS)))
-        .0
+    static LIST: OptsListCell = OptsListCell::new();
+    LIST.get_or_init(|| leak_list::<15>(c"qcow2b-create-opts", &CREATE_OPTS))
 }
 
 /// The engine's options from QEMU's; with `take`, they are removed from `opts`, leaving the

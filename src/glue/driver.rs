@@ -19,7 +19,7 @@ use super::create;
 use super::ffi::{guard, guard_errp};
 use super::file::FileAccess;
 use super::node::Node;
-use super::opts::{bool_opt, leak_list, number_opt, size_opt, string_opt, Opts};
+use super::opts::{bool_opt, leak_list, number_opt, size_opt, string_opt, Opts, OptsListCell};
 use super::request;
 use super::txg;
 use crate::engine::header::CompressionType;
@@ -59,15 +59,9 @@ const TEST_SKIP_ORDERING: &CStr = c"x-test-skip-ordering";
 
 /// The runtime options (`-drive driver=qcow2b,...`, `-blockdev`), built once.
 fn runtime_opts() -> *mut bindings::QemuOptsList {
-    use std::sync::OnceLock;
-    struct List(*mut bindings::QemuOptsList);
-    // SAFETY: the list is built once, never changed afterwards, and only read by QEMU.
-    unsafe impl Send for List {}
-    // SAFETY: as above.
-    unsafe impl Sync for List {}
-    static LIST: OnceLock<List> = OnceLock::new();
+    static LIST: OptsListCell = OptsListCell::new();
     LIST.get_or_init(|| {
-        List(leak_list::<12>(
+        leak_list::<12>(
             c"qcow2b",
             &[
                 string_opt(
@@ -115,9 +109,8 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
                     c"Test only, breaks crash consistency: stage3 leaves out the ordering point before L2 tables are written; txg-first-sync the first sync of every transaction group commit",
                 ),
             ],
-        ))
+        )
     })
-    .0
 }
 
 /// The barrier mode from the runtime options.

@@ -30,7 +30,8 @@ use std::ptr;
 
 use super::bindings::{self, BlockDriver, BlockDriverState, QDict, QEMUIOVector};
 use super::ffi::{guard, guard_errp};
-use super::opts::{leak_list, number_opt, Opts};
+use super::filter;
+use super::opts::{leak_list, number_opt, Opts, OptsListCell};
 use crate::engine::Error;
 use crate::ordering::primitive;
 
@@ -38,15 +39,9 @@ const FLUSH_LATENCY_MS: &CStr = c"flush-latency-ms";
 const FLUSH_LATENCY_US: &CStr = c"flush-latency-us";
 
 fn runtime_opts() -> *mut bindings::QemuOptsList {
-    use std::sync::OnceLock;
-    struct List(*mut bindings::QemuOptsList);
-    // SAFETY: the list is built once, never changed afterwards, and only read by QEMU.
-    unsafe impl Send for List {}
-    // SAFETY: as above.
-    unsafe impl Sync for List {}
-    static LIST: OnceLock<List> = OnceLock::new();
+    static LIST: OptsListCell = OptsListCell::new();
     LIST.get_or_init(|| {
-        List(leak_list::<3>(
+        leak_list::<3>(
             c"qcow2b-synclat",
             &[
                 number_opt(
@@ -58,9 +53,8 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
                     c"Extra time each host fdatasync costs, in microseconds (added to flush-latency-ms)",
                 ),
             ],
-        ))
+        )
     })
-    .0
 }
 
 /// The node's state in `bs->opaque` (`instance_size` bytes, zeroed by QEMU).
@@ -74,13 +68,6 @@ struct SyncLatency {
 unsafe fn state(bs: *mut BlockDriverState) -> &'static SyncLatency {
     // SAFETY: per the caller, opaque holds a SyncLatency written at open.
     unsafe { &*((*bs).opaque as *const SyncLatency) }
-}
-
-/// # Safety
-/// `bs` is an open `qcow2b-synclat` node; its file child is open.
-unsafe fn file(bs: *mut BlockDriverState) -> *mut bindings::BdrvChild {
-    // SAFETY: per the caller.
-    unsafe { (*bs).file }
 }
 
 /// Sleeps for the node's delay (in a coroutine: only this request waits).
@@ -134,23 +121,6 @@ unsafe extern "C" fn synclat_open(
 
 unsafe extern "C" fn synclat_close(_bs: *mut BlockDriverState) {}
 
-unsafe extern "C" fn synclat_getlength(bs: *mut BlockDriverState) -> i64 {
-    // SAFETY: the block layer asks only open nodes.
-    unsafe { bindings::bdrv_getlength((*file(bs)).bs) }
-}
-
-unsafe extern "C" fn synclat_co_preadv_part(
-    bs: *mut BlockDriverState,
-    offset: i64,
-    bytes: i64,
-    qiov: *mut QEMUIOVector,
-    qiov_offset: usize,
-    flags: bindings::BdrvRequestFlags,
-) -> c_int {
-    // SAFETY: a request of an open node, in a coroutine; forwarded as it came.
-    unsafe { bindings::bdrv_co_preadv_part(file(bs), offset, bytes, qiov, qiov_offset, flags) }
-}
-
 unsafe extern "C" fn synclat_co_pwritev_part(
     bs: *mut BlockDriverState,
     offset: i64,
@@ -160,7 +130,9 @@ unsafe extern "C" fn synclat_co_pwritev_part(
     flags: bindings::BdrvRequestFlags,
 ) -> c_int {
     // SAFETY: as for reads.
-    unsafe { bindings::bdrv_co_pwritev_part(file(bs), offset, bytes, qiov, qiov_offset, flags) }
+    unsafe {
+        bindings::bdrv_co_pwritev_part(filter::child(bs), offset, bytes, qiov, qiov_offset, flags)
+    }
 }
 
 unsafe extern "C" fn synclat_co_pwrite_zeroes(
@@ -170,7 +142,7 @@ unsafe extern "C" fn synclat_co_pwrite_zeroes(
     flags: bindings::BdrvRequestFlags,
 ) -> c_int {
     // SAFETY: as for reads.
-    unsafe { bindings::bdrv_co_pwrite_zeroes(file(bs), offset, bytes, flags) }
+    unsafe { bindings::bdrv_co_pwrite_zeroes(filter::child(bs), offset, bytes, flags) }
 }
 
 unsafe extern "C" fn synclat_co_pdiscard(
@@ -179,7 +151,7 @@ unsafe extern "C" fn synclat_co_pdiscard(
     bytes: i64,
 ) -> c_int {
     // SAFETY: as for reads.
-    unsafe { bindings::bdrv_co_pdiscard(file(bs), offset, bytes) }
+    unsafe { bindings::bdrv_co_pdiscard(filter::child(bs), offset, bytes) }
 }
 
 unsafe extern "C" fn synclat_co_flush_to_disk(bs: *mut BlockDriverState) -> c_int {
@@ -193,22 +165,13 @@ unsafe extern "C" fn synclat_co_flush_to_disk(bs: *mut BlockDriverState) -> c_in
 unsafe extern "C" fn synclat_co_barrier(bs: *mut BlockDriverState) -> c_int {
     // SAFETY: in a coroutine of an open node; the file child is open.
     unsafe {
-        let protocol = bindings::bdrv_skip_filters((*file(bs)).bs) as usize;
+        let protocol = bindings::bdrv_skip_filters((*filter::child(bs)).bs) as usize;
         if primitive::registered(protocol).is_none() {
             // file-posix answers a barrier without a primitive with fdatasync.
             charge_sync(bs);
         }
-        bindings::bdrv_co_barrier(file(bs))
+        bindings::bdrv_co_barrier(filter::child(bs))
     }
-}
-
-unsafe extern "C" fn synclat_reopen_prepare(
-    _state: *mut bindings::BDRVReopenState,
-    _queue: *mut bindings::BlockReopenQueue,
-    _errp: *mut *mut bindings::Error,
-) -> c_int {
-    // Nothing to prepare: the delay stays as opened.
-    0
 }
 
 static FORMAT_NAME: &CStr = c"qcow2b-synclat";
@@ -222,10 +185,10 @@ pub fn register() {
             is_filter: true,
             bdrv_open: Some(synclat_open),
             bdrv_close: Some(synclat_close),
-            bdrv_reopen_prepare: Some(synclat_reopen_prepare),
+            bdrv_reopen_prepare: Some(filter::reopen_prepare),
             bdrv_child_perm: Some(bindings::bdrv_default_perms),
-            bdrv_getlength: Some(synclat_getlength),
-            bdrv_co_preadv_part: Some(synclat_co_preadv_part),
+            bdrv_getlength: Some(filter::getlength),
+            bdrv_co_preadv_part: Some(filter::co_preadv_part),
             bdrv_co_pwritev_part: Some(synclat_co_pwritev_part),
             bdrv_co_pwrite_zeroes: Some(synclat_co_pwrite_zeroes),
             bdrv_co_pdiscard: Some(synclat_co_pdiscard),

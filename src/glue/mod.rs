@@ -23,6 +23,7 @@ mod create;
 mod driver;
 mod ffi;
 mod file;
+mod filter;
 mod host_barrier;
 mod latency;
 mod node;

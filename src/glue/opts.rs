@@ -9,6 +9,27 @@ use std::ptr;
 
 use super::bindings::{self, QemuOptDesc, QemuOptType, QemuOptsList};
 
+/// An option list built on first use and kept for the life of the process (a driver's
+/// runtime or creation options): `static LIST: OptsListCell = OptsListCell::new();`.
+pub struct OptsListCell(std::sync::OnceLock<ListPtr>);
+
+struct ListPtr(*mut QemuOptsList);
+// SAFETY: the list is built once, never changed afterwards, and only read by QEMU.
+unsafe impl Send for ListPtr {}
+// SAFETY: as above.
+unsafe impl Sync for ListPtr {}
+
+impl OptsListCell {
+    pub const fn new() -> OptsListCell {
+        OptsListCell(std::sync::OnceLock::new())
+    }
+
+    /// The list, built by `build` the first time.
+    pub fn get_or_init(&self, build: impl FnOnce() -> *mut QemuOptsList) -> *mut QemuOptsList {
+        self.0.get_or_init(|| ListPtr(build())).0
+    }
+}
+
 /// One option: its name, type and help text.
 pub struct Opt {
     pub name: &'static CStr,

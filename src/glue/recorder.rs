@@ -39,7 +39,8 @@ use std::sync::Mutex;
 
 use super::bindings::{self, BlockDriver, BlockDriverState, QDict, QEMUIOVector};
 use super::ffi::{guard, guard_errp};
-use super::opts::{leak_list, string_opt, Opts};
+use super::filter;
+use super::opts::{leak_list, string_opt, Opts, OptsListCell};
 use crate::engine::Error;
 
 static FORMAT_NAME: &CStr = c"qcow2b-recorder";
@@ -156,23 +157,16 @@ impl Recorder {
 
 /// The runtime options, built once.
 fn runtime_opts() -> *mut bindings::QemuOptsList {
-    use std::sync::OnceLock;
-    struct List(*mut bindings::QemuOptsList);
-    // SAFETY: the list is built once, never changed afterwards, and only read by QEMU.
-    unsafe impl Send for List {}
-    // SAFETY: as above.
-    unsafe impl Sync for List {}
-    static LIST: OnceLock<List> = OnceLock::new();
+    static LIST: OptsListCell = OptsListCell::new();
     LIST.get_or_init(|| {
-        List(leak_list::<2>(
+        leak_list::<2>(
             FORMAT_NAME,
             &[string_opt(
                 LOG,
                 c"File that receives the record of every write, flush and barrier (created anew)",
             )],
-        ))
+        )
     })
-    .0
 }
 
 /// The recorder of `bs`.
@@ -183,15 +177,6 @@ unsafe fn recorder_of<'a>(bs: *mut BlockDriverState) -> &'a Recorder {
     // SAFETY: recorder_open stored a Box<Recorder> pointer in the opaque area (instance_size
     // is one pointer); it stays valid until recorder_close.
     unsafe { &**((*bs).opaque as *const *const Recorder) }
-}
-
-/// The `file` child of `bs`.
-///
-/// # Safety
-/// `bs` is an open recorder node (its child was attached by recorder_open).
-unsafe fn file_of(bs: *mut BlockDriverState) -> *mut bindings::BdrvChild {
-    // SAFETY: per the caller.
-    unsafe { (*bs).file }
 }
 
 fn to_u64(v: i64) -> u64 {
@@ -263,33 +248,6 @@ unsafe extern "C" fn recorder_close(bs: *mut BlockDriverState) {
     }
 }
 
-unsafe extern "C" fn recorder_reopen_prepare(
-    _state: *mut bindings::BDRVReopenState,
-    _queue: *mut bindings::BlockReopenQueue,
-    _errp: *mut *mut bindings::Error,
-) -> c_int {
-    // Nothing of its own to change: the child is reopened by the block layer.
-    0
-}
-
-unsafe extern "C" fn recorder_getlength(bs: *mut BlockDriverState) -> i64 {
-    // SAFETY: an open recorder node; its child is open.
-    unsafe { bindings::bdrv_getlength((*file_of(bs)).bs) }
-}
-
-unsafe extern "C" fn recorder_co_preadv_part(
-    bs: *mut BlockDriverState,
-    offset: i64,
-    bytes: i64,
-    qiov: *mut QEMUIOVector,
-    qiov_offset: usize,
-    flags: bindings::BdrvRequestFlags,
-) -> c_int {
-    // SAFETY: called by the block layer in a coroutine of an open recorder node, with a qiov
-    // of `bytes` bytes from qiov_offset.
-    unsafe { bindings::bdrv_co_preadv_part(file_of(bs), offset, bytes, qiov, qiov_offset, flags) }
-}
-
 unsafe extern "C" fn recorder_co_pwritev_part(
     bs: *mut BlockDriverState,
     offset: i64,
@@ -317,7 +275,14 @@ unsafe extern "C" fn recorder_co_pwritev_part(
             Some(&data),
             // SAFETY: as above; the child is open.
             || unsafe {
-                bindings::bdrv_co_pwritev_part(file_of(bs), offset, bytes, qiov, qiov_offset, flags)
+                bindings::bdrv_co_pwritev_part(
+                    filter::child(bs),
+                    offset,
+                    bytes,
+                    qiov,
+                    qiov_offset,
+                    flags,
+                )
             },
         )
     })
@@ -339,7 +304,7 @@ unsafe extern "C" fn recorder_co_pwrite_zeroes(
             to_u64(bytes),
             None,
             // SAFETY: as above; the child is open.
-            || unsafe { bindings::bdrv_co_pwrite_zeroes(file_of(bs), offset, bytes, flags) },
+            || unsafe { bindings::bdrv_co_pwrite_zeroes(filter::child(bs), offset, bytes, flags) },
         )
     })
 }
@@ -359,7 +324,7 @@ unsafe extern "C" fn recorder_co_pdiscard(
             to_u64(bytes),
             None,
             // SAFETY: as above; the child is open.
-            || unsafe { bindings::bdrv_co_pdiscard(file_of(bs), offset, bytes) },
+            || unsafe { bindings::bdrv_co_pdiscard(filter::child(bs), offset, bytes) },
         )
     })
 }
@@ -370,7 +335,7 @@ unsafe extern "C" fn recorder_co_flush(bs: *mut BlockDriverState) -> c_int {
         let recorder = unsafe { recorder_of(bs) };
         recorder.around(Op::Flush, 0, 0, 0, None, || {
             // SAFETY: as above; the child and its node are open.
-            unsafe { bindings::bdrv_co_flush((*file_of(bs)).bs) }
+            unsafe { bindings::bdrv_co_flush((*filter::child(bs)).bs) }
         })
     })
 }
@@ -382,7 +347,7 @@ unsafe extern "C" fn recorder_co_barrier(bs: *mut BlockDriverState) -> c_int {
         recorder.around(Op::Barrier, 0, 0, 0, None, || {
             // SAFETY: as above; the child is open. file-posix below runs the primitive
             // registered for its node (this filter is skipped when it is looked up).
-            unsafe { bindings::bdrv_co_barrier(file_of(bs)) }
+            unsafe { bindings::bdrv_co_barrier(filter::child(bs)) }
         })
     })
 }
@@ -402,7 +367,8 @@ unsafe extern "C" fn recorder_co_truncate(
             let seq = recorder
                 .issue(Op::Truncate, prealloc, to_u64(offset), 0, None)
                 .map_err(|e| Error::io("qcow2b-recorder: writing an issue record", e))?;
-            let ret = bindings::bdrv_co_truncate(file_of(bs), offset, exact, prealloc, flags, errp);
+            let ret =
+                bindings::bdrv_co_truncate(filter::child(bs), offset, exact, prealloc, flags, errp);
             let logged = recorder.complete(Op::Truncate, seq, ret);
             if ret < 0 {
                 // errp already says why; the log's own failure must not set it twice.
@@ -424,10 +390,10 @@ pub fn register() {
             has_variable_length: true,
             bdrv_open: Some(recorder_open),
             bdrv_close: Some(recorder_close),
-            bdrv_reopen_prepare: Some(recorder_reopen_prepare),
+            bdrv_reopen_prepare: Some(filter::reopen_prepare),
             bdrv_child_perm: Some(bindings::bdrv_default_perms),
-            bdrv_getlength: Some(recorder_getlength),
-            bdrv_co_preadv_part: Some(recorder_co_preadv_part),
+            bdrv_getlength: Some(filter::getlength),
+            bdrv_co_preadv_part: Some(filter::co_preadv_part),
             bdrv_co_pwritev_part: Some(recorder_co_pwritev_part),
             bdrv_co_pwrite_zeroes: Some(recorder_co_pwrite_zeroes),
             bdrv_co_pdiscard: Some(recorder_co_pdiscard),
