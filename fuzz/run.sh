@@ -17,7 +17,7 @@ cargo fuzz build -s none >/dev/null 2>build.log \
 rm -f build.log
 failed=0 total=0
 for t in "${targets[@]}"; do
-  work=target/work/$t
+  work=target/corpus-copy/$t
   mkdir -p "$work"
   log=$(mktemp)
   cargo fuzz run -s none "$t" "$work" "corpus/$t" -- \
