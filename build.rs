@@ -42,6 +42,8 @@ const ALLOW_TYPES: &[&str] = &[
     "BlkdebugEvent",
     "QemuCoSleep",
     "QEMUClockType",
+    "QEMUTimer",
+    "AioContext",
 ];
 const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_register",
@@ -126,6 +128,11 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_co_pwrite_zeroes",
     "bdrv_co_pdiscard",
     "qemu_co_sleep_ns_wakeable",
+    "timer_init_full",
+    "timer_mod",
+    "timer_del",
+    "timer_deinit",
+    "qemu_clock_get_ns",
 ];
 const ALLOW_VARS: &[&str] = &["BDRV_.*", "BDRV_O_.*", "BDRV_REQ_.*", "BDRV_BLOCK_.*"];
 

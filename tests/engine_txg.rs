@@ -11,7 +11,9 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use qcow2b::engine::{CheckFix, Image, MemStorage, OpenOptions, Storage, TxgOptions};
+use qcow2b::engine::{
+    CheckFix, CommitReason, GroupExposure, Image, MemStorage, OpenOptions, Storage, TxgOptions,
+};
 use support::*;
 
 const CLUSTER: u64 = 65536;
@@ -118,6 +120,69 @@ fn the_size_bound_commits_on_its_own() {
     // What the durable image holds is the 16 writes (the last commit was after the 16th).
     let guest = guest_bytes(bytes);
     assert!(guest[..16 * CLUSTER as usize].iter().all(|&b| b == 1));
+}
+
+#[test]
+fn commits_are_counted_by_what_made_them_and_the_exposure_is_what_is_not_durable() {
+    let mut image = Image::open(
+        MemStorage::new(created(CLUSTER, 1 << 30)),
+        &OpenOptions {
+            txg: Some(TxgOptions {
+                max_group_bytes: 4 * CLUSTER,
+                max_group_age: Duration::from_millis(30),
+            }),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let data = vec![7u8; CLUSTER as usize];
+    assert_eq!(
+        image.group_exposure(),
+        Some(GroupExposure {
+            bytes: 0,
+            age: None
+        }),
+        "nothing written, nothing exposed"
+    );
+
+    // The size bound: four clusters.
+    for i in 0..4u64 {
+        image.write(i * CLUSTER, &data, None).unwrap();
+    }
+    assert_eq!(image.group_exposure().unwrap().bytes, 4 * CLUSTER);
+    assert_eq!(image.group_due_reason(), Some(CommitReason::Size));
+    image.commit().unwrap();
+    assert_eq!(image.group_exposure().unwrap().bytes, 0);
+
+    // The age bound: one cluster, then the group grows old.
+    image.write(4 * CLUSTER, &data, None).unwrap();
+    assert_eq!(image.group_due_reason(), None);
+    std::thread::sleep(Duration::from_millis(40));
+    assert!(image.group_exposure().unwrap().age.unwrap() >= Duration::from_millis(30));
+    assert_eq!(image.group_due_reason(), Some(CommitReason::Age));
+    image.commit().unwrap();
+
+    // A durability point: a flush.
+    image.write(5 * CLUSTER, &data, None).unwrap();
+    image.flush().unwrap();
+
+    let c = image.counters();
+    assert_eq!(
+        (
+            c.groups_committed,
+            c.groups_committed_by_size,
+            c.groups_committed_by_age,
+            c.groups_committed_for_durability
+        ),
+        (3, 1, 1, 1)
+    );
+    assert_eq!(c.peak_group_bytes, 4 * CLUSTER);
+    assert!(
+        c.peak_group_age_ms >= 30,
+        "the aged group: {} ms",
+        c.peak_group_age_ms
+    );
+    system_check(&image.close().unwrap().into_inner());
 }
 
 #[test]

@@ -440,7 +440,7 @@ impl<S: Storage> Image<S> {
     pub(super) fn flush_metadata_and_sync(&mut self, top_up_reserve: bool) -> Result<()> {
         if self.txg.is_some() {
             // Durability in the txg mode is a commit of the group (two syncs, or none).
-            return self.commit_and_release();
+            return self.commit_and_release(super::txg::CommitReason::Durability);
         }
         self.write_back()?;
         if self.unflushed_writes {

@@ -71,7 +71,7 @@ pub use image::Image;
 pub use request::{ReadPlan, ReadSource, WritePiece, WritePlan};
 pub use snapshot::Snapshot;
 pub use storage::{Backing, MemStorage, Storage};
-pub use txg::TxgOptions;
+pub use txg::{CommitReason, GroupExposure, TxgOptions};
 
 /// How to open an image.
 #[derive(Clone, Debug, Default)]

@@ -54,6 +54,26 @@ impl Default for TxgOptions {
     }
 }
 
+/// What made a transaction group commit (counted apart in [`super::Counters`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitReason {
+    /// The group was `max_group_age` old.
+    Age,
+    /// The group held `max_group_bytes` of guest writes.
+    Size,
+    /// Durability was asked for: a flush, a close, an inactivation, or an operation that
+    /// writes outside groups (resize, check).
+    Durability,
+}
+
+/// What the open group holds that is not durable yet: guest bytes written since the last
+/// commit and how long ago its first write came (zero and `None` when it holds none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupExposure {
+    pub bytes: u64,
+    pub age: Option<Duration>,
+}
+
 /// The open group.
 #[derive(Debug)]
 pub(super) struct TxgState {
@@ -135,10 +155,31 @@ impl<S: Storage> Image<S> {
 
     /// Whether the open group has reached its size or age bound.
     pub fn group_is_due(&self) -> bool {
-        self.txg.as_ref().is_some_and(|t| {
-            t.group_bytes >= t.options.max_group_bytes
-                || t.group_started
-                    .is_some_and(|s| s.elapsed() >= t.options.max_group_age)
+        self.group_due_reason().is_some()
+    }
+
+    /// Which bound the open group has reached, the size bound first; `None` when neither
+    /// (or outside the txg mode).
+    pub fn group_due_reason(&self) -> Option<CommitReason> {
+        let t = self.txg.as_ref()?;
+        if t.group_bytes >= t.options.max_group_bytes {
+            Some(CommitReason::Size)
+        } else if t
+            .group_started
+            .is_some_and(|s| s.elapsed() >= t.options.max_group_age)
+        {
+            Some(CommitReason::Age)
+        } else {
+            None
+        }
+    }
+
+    /// What the open group holds that is not durable yet (`None` outside the txg mode).
+    pub fn group_exposure(&self) -> Option<GroupExposure> {
+        let t = self.txg.as_ref()?;
+        Some(GroupExposure {
+            bytes: t.group_bytes,
+            age: t.group_started.map(|s| s.elapsed()),
         })
     }
 
@@ -163,21 +204,23 @@ impl<S: Storage> Image<S> {
         self.txg.as_ref().is_some_and(|t| t.commit_wanted)
     }
 
-    /// Commits the open group (its size or age bound was reached): everything written so far
-    /// becomes durable with at most two syncs. Outside the txg mode, nothing. No write plan
-    /// may be in flight (the caller asks with [`Image::request_commit`] and waits for them):
-    /// a plan in flight may write in place into a cluster the group owns, which the commit
-    /// hands to the durable image.
+    /// Commits the open group because a bound was reached (the size bound when both are, as
+    /// [`Image::group_due_reason`] says; the age bound when neither is, for a caller that
+    /// commits on its own schedule): everything written so far becomes durable with at most
+    /// two syncs. Outside the txg mode, nothing. No write plan may be in flight (the caller
+    /// asks with [`Image::request_commit`] and waits for them): a plan in flight may write in
+    /// place into a cluster the group owns, which the commit hands to the durable image.
     pub fn commit(&mut self) -> Result<()> {
         if self.txg.is_none() || self.read_only {
             return Ok(());
         }
-        self.commit_and_release()
+        let reason = self.group_due_reason().unwrap_or(CommitReason::Age);
+        self.commit_and_release(reason)
     }
 
     /// The commit, then the end of the I/O epoch: the old tree's clusters become reusable
     /// (once no request in flight may still touch them).
-    pub(super) fn commit_and_release(&mut self) -> Result<()> {
+    pub(super) fn commit_and_release(&mut self, reason: CommitReason) -> Result<()> {
         if self.write_plans_in_flight > 0 {
             if let Some(t) = self.txg.as_mut() {
                 t.commit_wanted = false;
@@ -187,7 +230,7 @@ impl<S: Storage> Image<S> {
                 self.write_plans_in_flight
             )));
         }
-        let committed = self.commit_group();
+        let committed = self.commit_group(reason);
         if let Some(t) = self.txg.as_mut() {
             // Failed or not: the writes waiting for it go on (the error reaches the flush).
             t.commit_wanted = false;
@@ -205,7 +248,7 @@ impl<S: Storage> Image<S> {
         if self.txg.is_none() {
             return f(self);
         }
-        self.commit_and_release()?;
+        self.commit_and_release(CommitReason::Durability)?;
         let state = self.txg.take();
         let result = f(self).and_then(|v| self.flush_metadata_and_sync(false).map(|()| v));
         if let Some(mut t) = state {
@@ -286,7 +329,7 @@ impl<S: Storage> Image<S> {
     /// for the failed attempt are given back then (quarantined until that commit is
     /// durable, as the header may name them if its write reached the disk after all); from a
     /// failed switch on, nothing the group wrote is overwritten either.
-    pub(super) fn commit_group(&mut self) -> Result<()> {
+    pub(super) fn commit_group(&mut self, reason: CommitReason) -> Result<()> {
         self.write_back()?;
         let changed = self.unflushed_writes
             || self
@@ -349,6 +392,19 @@ impl<S: Storage> Image<S> {
 
         // W is D now: nothing is owned, the old tree's clusters are free (after the
         // quarantine of in-flight I/O).
+        if let Some(t) = self.txg.as_ref() {
+            let c = &mut self.counters;
+            c.peak_group_bytes = c.peak_group_bytes.max(t.group_bytes);
+            let age_ms = t
+                .group_started
+                .map_or(0, |s| s.elapsed().as_millis() as u64);
+            c.peak_group_age_ms = c.peak_group_age_ms.max(age_ms);
+            match reason {
+                CommitReason::Age => c.groups_committed_by_age += 1,
+                CommitReason::Size => c.groups_committed_by_size += 1,
+                CommitReason::Durability => c.groups_committed_for_durability += 1,
+            }
+        }
         if let Some(t) = self.txg.as_mut() {
             t.owned.clear();
             t.staged = None;

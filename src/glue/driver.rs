@@ -17,7 +17,7 @@ use super::bindings::{
 };
 use super::create;
 use super::ffi::{guard, guard_errp};
-use super::file::FileAccess;
+use super::file::{FileAccess, Unsynced};
 use super::node::Node;
 use super::opts::{bool_opt, leak_list, number_opt, size_opt, string_opt, Opts, OptsListCell};
 use super::request;
@@ -273,6 +273,8 @@ unsafe extern "C" fn qcow2b_close(bs: *mut BlockDriverState) {
     let Some(node) = (unsafe { Node::take(bs) }) else {
         return;
     };
+    // SAFETY: the node is drained and about to go.
+    unsafe { txg::close(&node) };
     if let Some(protocol) = node.primitive_node {
         primitive::unregister(protocol);
     }
@@ -322,10 +324,14 @@ unsafe extern "C" fn qcow2b_co_pwritev_part(
     })
 }
 
-unsafe extern "C" fn qcow2b_co_barrier(bs: *mut BlockDriverState) -> c_int {
+unsafe extern "C" fn qcow2b_co_barrier(
+    bs: *mut BlockDriverState,
+    flags: bindings::BdrvRequestFlags,
+) -> c_int {
+    let guest_flush = flags & bindings::BDRV_REQ_GUEST_FLUSH != 0;
     guard("barrier", || {
         // SAFETY: called by the block layer in a coroutine of a node we opened.
-        unsafe { request::barrier(bs) }.map(|_| 0)
+        unsafe { request::barrier(bs, guest_flush) }.map(|_| 0)
     })
 }
 
@@ -644,6 +650,23 @@ unsafe extern "C" fn qcow2b_reopen_commit_post(state: *mut BDRVReopenState) {
 
 unsafe extern "C" fn qcow2b_reopen_abort(_state: *mut BDRVReopenState) {}
 
+unsafe extern "C" fn qcow2b_detach_aio_context(bs: *mut BlockDriverState) {
+    // SAFETY: QEMU detaches open, drained nodes.
+    unsafe { txg::detach(Node::of(bs)) };
+}
+
+unsafe extern "C" fn qcow2b_attach_aio_context(
+    bs: *mut BlockDriverState,
+    ctx: *mut bindings::AioContext,
+) {
+    // SAFETY: QEMU attaches open nodes, now in ctx.
+    let node = unsafe { Node::of(bs) };
+    if node.open_options.txg.is_some() {
+        // SAFETY: as above; the node is in the txg mode.
+        unsafe { txg::attach(bs, node, ctx) };
+    }
+}
+
 unsafe extern "C" fn qcow2b_inactivate(bs: *mut BlockDriverState) -> c_int {
     // Before another process takes the image over (migration): everything out, durably, and
     // the zero reserve given back, as at a close.
@@ -725,6 +748,23 @@ unsafe extern "C" fn qcow2b_get_specific_info(
             i.barrier_mode = bindings::g_strdup(mode.as_ptr());
             let host = node.file.counters();
             let (buffered, peak) = node.file.buffered_bytes();
+            // Not yet durable: the open group's (txg), the buffer's and the unsynced direct
+            // writes' (ordered); the other modes do not track it.
+            let unsynced = match (image.group_exposure(), node.file.unsynced()) {
+                (Some(group), _) => Unsynced {
+                    bytes: group.bytes,
+                    peak_bytes: engine.peak_group_bytes.max(group.bytes),
+                    age: group.age,
+                    peak_age_ms: engine.peak_group_age_ms,
+                },
+                (None, Some(ordered)) => ordered,
+                (None, None) => Unsynced {
+                    bytes: 0,
+                    peak_bytes: 0,
+                    age: None,
+                    peak_age_ms: 0,
+                },
+            };
             let c: *mut bindings::Qcow2bCounters =
                 bindings::g_malloc0(std::mem::size_of::<bindings::Qcow2bCounters>() as u64).cast();
             let n = |v: u64| v as i64;
@@ -743,6 +783,14 @@ unsafe extern "C" fn qcow2b_get_specific_info(
                 data_writes: n(engine.data_writes),
                 host_errors: n(host.errors.get()),
                 groups_committed: n(engine.groups_committed),
+                groups_committed_by_age: n(engine.groups_committed_by_age),
+                groups_committed_by_size: n(engine.groups_committed_by_size),
+                groups_committed_for_durability: n(engine.groups_committed_for_durability),
+                guest_flushes_as_barriers: n(node.guest_flush_barriers.get()),
+                unsynced_bytes: n(unsynced.bytes),
+                peak_unsynced_bytes: n(unsynced.peak_bytes),
+                unsynced_age_ms: n(unsynced.age.map_or(0, |a| a.as_millis() as u64)),
+                peak_unsynced_age_ms: n(unsynced.peak_age_ms),
             };
             i.counters = c;
             let spec: *mut bindings::ImageInfoSpecific =
@@ -866,6 +914,8 @@ pub extern "C" fn qcow2b_register() {
             bdrv_co_pwritev_part: Some(qcow2b_co_pwritev_part),
             bdrv_co_barrier: Some(qcow2b_co_barrier),
             bdrv_co_drain_begin: Some(qcow2b_co_drain_begin),
+            bdrv_detach_aio_context: Some(qcow2b_detach_aio_context),
+            bdrv_attach_aio_context: Some(qcow2b_attach_aio_context),
             bdrv_co_pwrite_zeroes: Some(qcow2b_co_pwrite_zeroes),
             bdrv_co_pdiscard: Some(qcow2b_co_pdiscard),
             bdrv_co_flush_to_os: Some(qcow2b_co_flush_to_os),

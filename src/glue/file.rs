@@ -141,6 +141,22 @@ impl FileAccess {
         }
     }
 
+    /// Guest bytes written and not yet durable in the ordered mode (buffered, and written
+    /// directly but not yet synced): now, at most so far, the time since everything was last
+    /// durable (an upper bound on the age of the oldest of them), and the longest that time
+    /// was before everything became durable again. `None` in the other modes.
+    pub fn unsynced(&self) -> Option<Unsynced> {
+        match self {
+            FileAccess::Direct { .. } => None,
+            FileAccess::Ordered(o) => Some(Unsynced {
+                bytes: o.unsynced_bytes(),
+                peak_bytes: o.peak_unsynced_bytes.get(),
+                age: o.unsynced_since.get().map(|s| s.elapsed()),
+                peak_age_ms: o.peak_unsynced_age_ms.get(),
+            }),
+        }
+    }
+
     fn child(&self) -> *mut BdrvChild {
         match self {
             FileAccess::Direct { child, .. } => *child,
@@ -414,7 +430,7 @@ impl Storage for FileAccess {
                     DirectBarrier::BlockLayer if !in_coroutine() => child_flush(*child, counters),
                     DirectBarrier::BlockLayer => {
                         // SAFETY: in a coroutine; the child is open.
-                        check(unsafe { bindings::bdrv_co_barrier(*child) })
+                        check(unsafe { bindings::bdrv_co_barrier(*child, 0) })
                     }
                 };
                 counters.count_error(result)
@@ -461,6 +477,14 @@ impl Storage for FileAccess {
     }
 }
 
+/// What [`FileAccess::unsynced`] reports.
+pub struct Unsynced {
+    pub bytes: u64,
+    pub peak_bytes: u64,
+    pub age: Option<std::time::Duration>,
+    pub peak_age_ms: u64,
+}
+
 /// The `ordered` mode: the epoch buffer in front of the file child, and its writer.
 pub struct OrderedFile {
     /// The qcow2b node: the writer counts as one of its requests, so drain waits for it.
@@ -494,6 +518,13 @@ pub struct OrderedFile {
     /// The highest byte any buffered write reached (the file is at least this long once
     /// written back).
     buffered_end: Cell<u64>,
+    /// Bytes written directly since the last sync that covered them all.
+    direct_unsynced_bytes: Cell<u64>,
+    /// Since when something written is not durable (`None`: everything is), and the peaks
+    /// of [`FileAccess::unsynced`].
+    unsynced_since: Cell<Option<Instant>>,
+    peak_unsynced_bytes: Cell<u64>,
+    peak_unsynced_age_ms: Cell<u64>,
     counters: Rc<HostCounters>,
 }
 
@@ -519,6 +550,10 @@ impl OrderedFile {
             direct_sync_due: Cell::new(false),
             direct_error: Cell::new(None),
             buffered_end: Cell::new(0),
+            direct_unsynced_bytes: Cell::new(0),
+            unsynced_since: Cell::new(None),
+            peak_unsynced_bytes: Cell::new(0),
+            peak_unsynced_age_ms: Cell::new(0),
             counters,
         });
         // SAFETY: both queues live at their final address inside the Rc allocation.
@@ -527,6 +562,41 @@ impl OrderedFile {
             bindings::qemu_co_queue_init(o.progress_waiters.get());
         }
         o
+    }
+
+    fn unsynced_bytes(&self) -> u64 {
+        self.buffer.borrow().buffered_bytes() + self.direct_unsynced_bytes.get()
+    }
+
+    /// A write was buffered or written directly: it is not durable yet.
+    fn note_unsynced_write(&self) {
+        if self.unsynced_since.get().is_none() {
+            self.unsynced_since.set(Some(Instant::now()));
+        }
+        let bytes = self.unsynced_bytes();
+        if bytes > self.peak_unsynced_bytes.get() {
+            self.peak_unsynced_bytes.set(bytes);
+        }
+    }
+
+    /// The direct writes so far are durable (a sync issued with none in flight).
+    fn direct_synced(&self) {
+        self.direct_unsynced.set(false);
+        self.direct_unsynced_bytes.set(0);
+        self.note_synced();
+    }
+
+    /// After a sync: once nothing is buffered or unsynced, everything is durable.
+    fn note_synced(&self) {
+        if self.direct_unsynced.get() || !self.buffer.borrow().is_empty() {
+            return;
+        }
+        if let Some(since) = self.unsynced_since.take() {
+            let ms = since.elapsed().as_millis() as u64;
+            if ms > self.peak_unsynced_age_ms.get() {
+                self.peak_unsynced_age_ms.set(ms);
+            }
+        }
     }
 
     fn wait(queue: &UnsafeCell<CoQueue>) {
@@ -557,6 +627,9 @@ impl OrderedFile {
         if self.may_write_directly() {
             // Every earlier epoch is durable: this write may reach the file now.
             self.direct_unsynced.set(true);
+            self.direct_unsynced_bytes
+                .set(self.direct_unsynced_bytes.get() + data.len() as u64);
+            self.note_unsynced_write();
             self.direct_in_flight.set(self.direct_in_flight.get() + 1);
             let result = child_pwrite(self.file, offset, data);
             self.direct_in_flight.set(self.direct_in_flight.get() - 1);
@@ -596,6 +669,7 @@ impl OrderedFile {
         if result.is_ok() {
             let end = offset + data.len() as u64;
             self.buffered_end.set(self.buffered_end.get().max(end));
+            self.note_unsynced_write();
         }
         result
     }
@@ -667,7 +741,7 @@ impl OrderedFile {
             self.counters
                 .count_error(child_flush(self.file, &self.counters))?;
             if covers_all {
-                self.direct_unsynced.set(false);
+                self.direct_synced();
             }
             return Ok(());
         }
@@ -749,7 +823,7 @@ impl OrderedFile {
                 Ok(()) => {
                     self.direct_sync_due.set(false);
                     if covers_all {
-                        self.direct_unsynced.set(false);
+                        self.direct_synced();
                     }
                     self.counters.epochs.set(self.counters.epochs.get() + 1);
                 }
@@ -774,6 +848,7 @@ impl OrderedFile {
                 Ok(()) => {
                     let _ = self.buffer.borrow_mut().complete(job);
                     self.counters.epochs.set(self.counters.epochs.get() + 1);
+                    self.note_synced();
                 }
                 Err(e) => {
                     self.failed_errno
@@ -821,7 +896,7 @@ impl OrderedFile {
         if self.direct_unsynced.get() {
             // Direct writes before whatever is buffered: durable first.
             child_flush(self.file, &self.counters)?;
-            self.direct_unsynced.set(false);
+            self.direct_synced();
             self.direct_sync_due.set(false);
         }
         loop {
@@ -837,6 +912,7 @@ impl OrderedFile {
                 Ok(()) => {
                     let _ = self.buffer.borrow_mut().complete(job);
                     self.counters.epochs.set(self.counters.epochs.get() + 1);
+                    self.note_synced();
                 }
                 Err(e) => {
                     let errno = e.raw_os_error().unwrap_or(libc::EIO);

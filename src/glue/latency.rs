@@ -162,7 +162,10 @@ unsafe extern "C" fn synclat_co_flush_to_disk(bs: *mut BlockDriverState) -> c_in
     0
 }
 
-unsafe extern "C" fn synclat_co_barrier(bs: *mut BlockDriverState) -> c_int {
+unsafe extern "C" fn synclat_co_barrier(
+    bs: *mut BlockDriverState,
+    flags: bindings::BdrvRequestFlags,
+) -> c_int {
     // SAFETY: in a coroutine of an open node; the file child is open.
     unsafe {
         let protocol = bindings::bdrv_skip_filters((*filter::child(bs)).bs) as usize;
@@ -170,7 +173,7 @@ unsafe extern "C" fn synclat_co_barrier(bs: *mut BlockDriverState) -> c_int {
             // file-posix answers a barrier without a primitive with fdatasync.
             charge_sync(bs);
         }
-        bindings::bdrv_co_barrier(filter::child(bs))
+        bindings::bdrv_co_barrier(filter::child(bs), flags)
     }
 }
 

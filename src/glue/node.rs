@@ -15,7 +15,9 @@ use std::cell::{Cell, RefCell, UnsafeCell};
 use std::collections::BTreeSet;
 use std::ffi::c_void;
 
-use super::bindings::{self, BlockDriverState, CoMutex, CoQueue, QemuCoSleep, QemuLockable};
+use super::bindings::{
+    self, AioContext, BlockDriverState, CoMutex, CoQueue, QEMUTimer, QemuCoSleep, QemuLockable,
+};
 use super::file::FileAccess;
 use crate::engine::{Error, Image, OpenOptions};
 use crate::ordering::BarrierMode;
@@ -29,6 +31,8 @@ pub struct Node {
     pub primitive_node: Option<usize>,
     /// Guest writes with the barrier flag (the engine counts the barriers themselves).
     pub barrier_writes: Cell<u64>,
+    /// Bare barriers that stand for a guest's flush (`BDRV_REQ_GUEST_FLUSH`).
+    pub guest_flush_barriers: Cell<u64>,
     /// Guest writes in flight, by arrival number: a guest barrier waits for those that
     /// arrived before it (its promise covers everything submitted before it).
     writes_in_flight: RefCell<BTreeSet<u64>>,
@@ -60,6 +64,10 @@ pub struct Committer {
     pub sleep: UnsafeCell<QemuCoSleep>,
     /// The group's age bound, also the pause after a failed commit.
     pub max_age: std::time::Duration,
+    /// Starts the committer again after a drain (`txg.rs`), and the AioContext it was set
+    /// up in (null: none).
+    pub restart: UnsafeCell<QEMUTimer>,
+    pub restart_ctx: Cell<*mut AioContext>,
 }
 
 impl Node {
@@ -78,6 +86,7 @@ impl Node {
             mode,
             primitive_node,
             barrier_writes: Cell::new(0),
+            guest_flush_barriers: Cell::new(0),
             writes_in_flight: RefCell::new(BTreeSet::new()),
             next_write: Cell::new(0),
             write_done: UnsafeCell::new(CoQueue::default()),
@@ -92,6 +101,8 @@ impl Node {
                 max_age: open_options
                     .txg
                     .map_or(std::time::Duration::ZERO, |t| t.max_group_age),
+                restart: UnsafeCell::new(QEMUTimer::default()),
+                restart_ctx: Cell::new(std::ptr::null_mut()),
             },
             open_options,
         });

@@ -340,14 +340,17 @@ unsafe extern "C" fn recorder_co_flush(bs: *mut BlockDriverState) -> c_int {
     })
 }
 
-unsafe extern "C" fn recorder_co_barrier(bs: *mut BlockDriverState) -> c_int {
+unsafe extern "C" fn recorder_co_barrier(
+    bs: *mut BlockDriverState,
+    flags: bindings::BdrvRequestFlags,
+) -> c_int {
     guard("qcow2b-recorder barrier", || {
         // SAFETY: called by the block layer in a coroutine of an open recorder node.
         let recorder = unsafe { recorder_of(bs) };
         recorder.around(Op::Barrier, 0, 0, 0, None, || {
             // SAFETY: as above; the child is open. file-posix below runs the primitive
             // registered for its node (this filter is skipped when it is looked up).
-            unsafe { bindings::bdrv_co_barrier(filter::child(bs)) }
+            unsafe { bindings::bdrv_co_barrier(filter::child(bs), flags) }
         })
     })
 }

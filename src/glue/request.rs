@@ -219,13 +219,23 @@ pub unsafe fn write(
 }
 
 /// A guest barrier without data: orders everything written before it before everything
-/// written after it.
+/// written after it. `guest_flush`: it stands for a guest's flush that its device takes as
+/// an ordering point (virtio-blk `guest-flush=barrier`); it is ordered like any barrier,
+/// and made durable within the mode's bound: `txg` commits the group within
+/// `txg-max-age-ms` and `txg-max-bytes` (the committer, `txg.rs`); `ordered` writes the
+/// closed epoch back and syncs it in the background at once (`file.rs`), so at most
+/// `buffer-size` bytes wait for the disk; `flush` and `barrierfs` answer it as a barrier
+/// there (an fdatasync, or BarrierFS's fdatabarrier).
 ///
 /// # Safety
 /// As for [`read`].
-pub unsafe fn barrier(bs: *mut BlockDriverState) -> Result<(), Error> {
+pub unsafe fn barrier(bs: *mut BlockDriverState, guest_flush: bool) -> Result<(), Error> {
     // SAFETY: the caller's contract.
     let node = unsafe { Node::of(bs) };
+    if guest_flush {
+        node.guest_flush_barriers
+            .set(node.guest_flush_barriers.get() + 1);
+    }
     let n = node.bare_barrier_arrives();
     let _pending = PendingBarrier::new(node, n);
     node.wait_for_writes_before(n);

@@ -6,10 +6,18 @@
 //!   the group's age bound, is woken early when a write finds the byte bound reached, commits,
 //!   and ends when no group is open. It counts as a request of the node (so drain and close
 //!   wait for it); a drain wakes it, and it ends without committing (the group stays open,
-//!   nothing is lost: close commits it, and the next write after the drain restarts the
-//!   committer). "A drain is on" is the node's `quiesce_counter`, not a flag of ours: there
-//!   is no drain_end callback (QEMU 7.2 runs it as a coroutine in the node's AioContext, which
-//!   deadlocks when the drain ends an AioContext switch; see `driver.rs`).
+//!   nothing is lost: close commits it). "A drain is on" is the node's `quiesce_counter`, not
+//!   a flag of ours: there is no drain_end callback (QEMU 7.2 runs it as a coroutine in the
+//!   node's AioContext, which deadlocks when the drain ends an AioContext switch; see
+//!   `driver.rs`).
+//! - After a drain, the restart timer: a committer that ended for a drain, and a write made
+//!   while one is on, arm a timer in the node's AioContext that starts the committer again
+//!   once the drain is over (it looks every [`RESTART_RETRY`]). So the age bound holds for a
+//!   guest that goes idle after a drain (a guest whose flushes are barriers relies on it),
+//!   stretched by the drain's length only. The timer is not a request: drains do not wait
+//!   for it. It lives in one AioContext: the node's detach callback deletes it and the
+//!   attach callback arms it again in the new one ([`detach`], [`attach`]); close deletes
+//!   it before the node goes.
 //!
 //! A commit waits for the write plans in flight and holds new ones back meanwhile (a plan
 //! may write in place into a cluster the group owns, which the commit hands to the durable
@@ -19,9 +27,12 @@
 use std::ffi::c_void;
 use std::time::Duration;
 
-use super::bindings::{self, BlockDriverState};
+use super::bindings::{self, AioContext, BlockDriverState};
 use super::node::Node;
 use crate::engine::Error;
+
+/// How often the restart timer looks again while a drain is on.
+pub const RESTART_RETRY: Duration = Duration::from_millis(10);
 
 /// What the commit is for.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -71,24 +82,129 @@ pub unsafe fn commit(node: &Node, why: Durability) -> Result<(), Error> {
 pub unsafe fn after_write(bs: *mut BlockDriverState, node: &Node, due: bool) {
     // SAFETY: per the caller.
     if unsafe { drained(bs) } {
-        // A write of the drain's owner: the group stays open for its flush or close, and the
-        // first write after the drain starts the committer.
+        // A write of the drain's owner: the group stays open for its flush or close; the
+        // restart timer starts the committer once the drain is over.
+        // SAFETY: per the caller.
+        unsafe { arm_restart(bs, node, RESTART_RETRY) };
         return;
     }
     if !node.txg.committer_running.get() {
-        node.txg.committer_running.set(true);
-        // SAFETY: the node is open; the committer counts as a request until it ends, so drain
-        // and close wait for it, and the node outlives it.
-        unsafe {
-            bindings::bdrv_inc_in_flight(bs);
-            let co = bindings::qemu_coroutine_create(Some(committer_entry), bs.cast());
-            bindings::aio_co_enter(bindings::bdrv_get_aio_context(bs), co);
-        }
+        // SAFETY: per the caller.
+        unsafe { start_committer(bs, node) };
     } else if due {
         // SAFETY: the sleep state lives in the node; waking a committer that is not asleep
         // does nothing.
         unsafe { bindings::qemu_co_sleep_wake(node.txg.sleep.get()) };
     }
+}
+
+/// Starts the committer coroutine (it is not running).
+///
+/// # Safety
+/// In the node's AioContext thread; `bs` an open qcow2b node in the txg mode.
+unsafe fn start_committer(bs: *mut BlockDriverState, node: &Node) {
+    node.txg.committer_running.set(true);
+    // SAFETY: the node is open; the committer counts as a request until it ends, so drain
+    // and close wait for it, and the node outlives it.
+    unsafe {
+        bindings::bdrv_inc_in_flight(bs);
+        let co = bindings::qemu_coroutine_create(Some(committer_entry), bs.cast());
+        bindings::aio_co_enter(bindings::bdrv_get_aio_context(bs), co);
+    }
+}
+
+/// Arms the restart timer to fire `delay` from now in the node's current AioContext (set up
+/// there first if it lived in no context or another one).
+///
+/// # Safety
+/// In the node's AioContext thread; `bs` an open qcow2b node.
+unsafe fn arm_restart(bs: *mut BlockDriverState, node: &Node, delay: Duration) {
+    let timer = node.txg.restart.get();
+    // SAFETY: bs is open; its AioContext outlives the timer set up in it (detach deletes it
+    // before the node leaves that context).
+    unsafe {
+        let ctx = bindings::bdrv_get_aio_context(bs);
+        if node.txg.restart_ctx.get() != ctx {
+            forget_restart(node);
+            bindings::timer_init_full(
+                timer,
+                &raw mut (*ctx).tlg,
+                bindings::QEMU_CLOCK_REALTIME,
+                1, // nanoseconds
+                0,
+                Some(restart_fired),
+                bs.cast(),
+            );
+            node.txg.restart_ctx.set(ctx);
+        }
+        let ns = i64::try_from(delay.as_nanos()).unwrap_or(i64::MAX);
+        let now = bindings::qemu_clock_get_ns(bindings::QEMU_CLOCK_REALTIME);
+        bindings::timer_mod(timer, now.saturating_add(ns));
+    }
+}
+
+/// Deletes the restart timer from the context it was set up in, if any.
+///
+/// # Safety
+/// In the thread of that context (or with it quiescent: detach, close).
+unsafe fn forget_restart(node: &Node) {
+    if node.txg.restart_ctx.get().is_null() {
+        return;
+    }
+    // SAFETY: the timer was set up by `arm_restart` and is deleted once.
+    unsafe {
+        bindings::timer_del(node.txg.restart.get());
+        bindings::timer_deinit(node.txg.restart.get());
+    }
+    node.txg.restart_ctx.set(std::ptr::null_mut());
+}
+
+/// The node leaves its AioContext (the detach callback): the timer goes with it.
+///
+/// # Safety
+/// `bs` an open qcow2b node, drained (QEMU detaches drained nodes).
+pub unsafe fn detach(node: &Node) {
+    // SAFETY: per the caller.
+    unsafe { forget_restart(node) };
+}
+
+/// The node is in `ctx` now (the attach callback): a group left open by the drain that came
+/// with the switch gets its committer there.
+///
+/// # Safety
+/// `bs` an open qcow2b node, in the txg mode, attached to `ctx` now.
+pub unsafe fn attach(bs: *mut BlockDriverState, node: &Node, _ctx: *mut AioContext) {
+    // SAFETY: per the caller; the committer it may start finds out whether a group is open.
+    unsafe { arm_restart(bs, node, RESTART_RETRY) };
+}
+
+/// Close: the timer must not fire for a node that is gone.
+///
+/// # Safety
+/// As for [`detach`].
+pub unsafe fn close(node: &Node) {
+    // SAFETY: per the caller.
+    unsafe { forget_restart(node) };
+}
+
+/// The restart timer fired, in the node's AioContext thread: start the committer once no
+/// drain is on.
+unsafe extern "C" fn restart_fired(opaque: *mut c_void) {
+    let bs: *mut BlockDriverState = opaque.cast();
+    // SAFETY: the timer is deleted before the node closes or changes context, so bs is an
+    // open node in this thread's context.
+    let node = unsafe { Node::of(bs) };
+    let _ = super::ffi::guard("txg restart timer", || {
+        // SAFETY: as above.
+        unsafe {
+            if drained(bs) {
+                arm_restart(bs, node, RESTART_RETRY);
+            } else if !node.txg.committer_running.get() {
+                start_committer(bs, node);
+            }
+        }
+        Ok(0)
+    });
 }
 
 /// A drain begins: the committer stops sleeping and ends (it sees the drain).
@@ -120,6 +236,12 @@ unsafe extern "C" fn committer_entry(opaque: *mut c_void) {
         );
     }
     node.txg.committer_running.set(false);
+    // SAFETY: as above.
+    if unsafe { drained(bs) } {
+        // Ended for a drain, maybe with a group open: started again after it.
+        // SAFETY: as above; in the node's AioContext.
+        unsafe { arm_restart(bs, node, RESTART_RETRY) };
+    }
     // SAFETY: balances the increment in `after_write`.
     unsafe { bindings::bdrv_dec_in_flight(bs) };
 }
