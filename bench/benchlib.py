@@ -1,12 +1,15 @@
 """What the benchmarks share: the built tools, image creation, host fdatasync counts from
-strace, medians of paired runs, and a qemu-io session that times groups of requests.
+strace, medians of paired runs, a qemu-io session that times groups of requests, and a QMP
+client.
 
 Imported by bench/sync-bench.py and bench/paper-bench.py (they run from any folder)."""
 
+import json
 import os
 import re
 import select
 import shutil
+import socket
 import statistics
 import subprocess
 import time
@@ -16,6 +19,82 @@ BUILD_ROOT = os.environ.get("QCOW2B_BUILD_ROOT", os.path.join(ROOT, ".build"))
 BIN = os.path.join(BUILD_ROOT, "bin")
 QEMU_IMG, QEMU_IO = os.path.join(BIN, "qemu-img"), os.path.join(BIN, "qemu-io")
 QEMU_SYSTEM = os.path.join(BIN, "qemu-system-x86_64")
+
+
+class Qmp:
+    """A QMP client on a unix socket: commands, HMP commands, and the qcow2b counters of
+    query-block. Events that arrive meanwhile are kept in `events`."""
+
+    def __init__(self, path, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(path)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.buf = b""
+        self.events = []
+        self._read()
+        self.cmd("qmp_capabilities")
+
+    def _read(self):
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("QMP closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def cmd(self, name, **arguments):
+        msg = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "return" in reply or "error" in reply:
+                return reply
+            self.events.append(reply)
+
+    def hmp(self, command_line):
+        """An HMP command; returns its output (a QMP error raises)."""
+        reply = self.cmd("human-monitor-command", **{"command-line": command_line})
+        if "error" in reply:
+            raise RuntimeError(f"HMP {command_line}: {reply['error']}")
+        return reply["return"]
+
+    def wait_event(self, name, timeout=60):
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, e in enumerate(self.events):
+                if e.get("event") == name:
+                    return self.events.pop(i)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no QMP event {name} in {timeout} s")
+            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                self.events.append(self._read())
+            finally:
+                self.sock.settimeout(None)
+
+    def qcow2b_counters(self, device=None):
+        """The counters of the first qcow2b drive (or of `device`), or None."""
+        for dev in self.cmd("query-block").get("return", []):
+            if device is not None and dev.get("device") != device:
+                continue
+            spec = dev.get("inserted", {}).get("image", {}).get("format-specific", {})
+            if spec.get("type") == "qcow2b":
+                return spec["data"]["counters"]
+        return None
+
+    def host_fdatasyncs(self):
+        counters = self.qcow2b_counters()
+        return None if counters is None else counters["host-fdatasyncs"]
 
 
 def require_tools(*tools):

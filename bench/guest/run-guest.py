@@ -25,7 +25,6 @@ import json
 import os
 import re
 import select
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,48 +42,6 @@ CONFIGS = [
     ("hostb", "", "driver=qcow2b,barrier=ordered"),
 ]
 GUEST = os.path.join(bl.BUILD_ROOT, "guest")
-
-
-class Qmp:
-    """Just enough QMP for query-block."""
-
-    def __init__(self, path, timeout=30):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(path)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        self.buf = b""
-        self._read()
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise RuntimeError("QMP closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name):
-        self.sock.sendall(json.dumps({"execute": name}).encode() + b"\n")
-        while True:
-            msg = self._read()
-            if "return" in msg or "error" in msg:
-                return msg
-
-    def host_fdatasyncs(self):
-        for dev in self.cmd("query-block").get("return", []):
-            spec = dev.get("inserted", {}).get("image", {}).get("format-specific", {})
-            if spec.get("type") == "qcow2b":
-                return spec["data"]["counters"]["host-fdatasyncs"]
-        return None
 
 
 def boot(config, args, work):
@@ -133,7 +90,7 @@ def boot(config, args, work):
             m = re.match(r"BENCH-(BEGIN|END) (.*)", line)
             if m:
                 if qmp is None:
-                    qmp = Qmp(qmp_path)
+                    qmp = bl.Qmp(qmp_path)
                 markers.append((now, m.group(1), m.group(2).strip(), qmp.host_fdatasyncs()))
     p.wait()
     if not any(line.startswith("BENCH-DONE") for line in lines):
