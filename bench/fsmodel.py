@@ -59,7 +59,17 @@ traffic; filebench's varmail would mostly read from memory).
 
 A workload is a list of "groups"; a group is one guest operation (what one fsync waits for,
 with the requests that precede it) and the unit of the latency percentiles. A request is a
-tuple (op, offset_bytes, length_bytes, barrier) with op in write, read, flush."""
+tuple (op, offset_bytes, length_bytes, barrier) with op in write, read, flush, barrier (a bare
+barrier).
+
+What the guest asks of its fsync, four ways (`GUESTS`, `requests_for`):
+- "stock": stock ext4, every fsync durable (flushes);
+- "barrierfs": BarrierFS with durable fsync: barrier writes, one flush per fsync;
+- "barrierfs-relaxed": BarrierFS with relaxed durability (fbarrier/fdatabarrier, the paper's
+  AllB setup): barrier writes, and the flush a bare barrier;
+- "stock-barrier": the stock guest on a device with guest-flush=barrier (qemu-patches 0013):
+  the stock sequence, each flush reaching the driver as a bare barrier. (qemu-io's `barrier`
+  is that barrier without the BDRV_REQ_GUEST_FLUSH hint, which only a counter reads.)"""
 
 import random
 
@@ -82,7 +92,8 @@ GROUP_BLOCKS = 32768                  # blocks per block group
 INODES_PER_BLOCK = 16
 DISK_BYTES = 8 * GIB
 
-WRITE, READ, FLUSH = "write", "read", "flush"
+WRITE, READ, FLUSH, BARRIER = "write", "read", "flush", "barrier"
+GUESTS = ("stock", "barrierfs", "barrierfs-relaxed", "stock-barrier")
 
 
 def write(block, nblocks, barrier=False):
@@ -291,6 +302,15 @@ WORKLOADS = {
 }
 
 
+def requests_for(guest, workload, n):
+    """(prepare, groups) of `workload` as `guest` (one of GUESTS) sends it."""
+    gen, _ = WORKLOADS[workload]
+    prepare, groups = gen(n, guest.startswith("barrierfs"))
+    if guest in ("barrierfs-relaxed", "stock-barrier"):
+        groups = [[(BARRIER, 0, 0, False) if r[0] == FLUSH else r for r in g] for g in groups]
+    return prepare, groups
+
+
 def qemu_io_commands(requests, pattern=0x5a):
     """qemu-io command lines for requests (writes carry a pattern, barrier writes -B)."""
     out = []
@@ -301,6 +321,8 @@ def qemu_io_commands(requests, pattern=0x5a):
             out.append(f"read -q {off} {length}")
         elif op == FLUSH:
             out.append("flush")
+        elif op == BARRIER:
+            out.append("barrier")
         else:
             raise ValueError(op)
     return out
@@ -316,4 +338,5 @@ def summary(groups):
         "barrier_writes": sum(1 for r in flat if r[0] == WRITE and r[3]) / n,
         "reads": sum(1 for r in flat if r[0] == READ) / n,
         "flushes": sum(1 for r in flat if r[0] == FLUSH) / n,
+        "barriers": sum(1 for r in flat if r[0] == BARRIER) / n,
     }

@@ -22,6 +22,11 @@ COLORS = {
     "allb": "#fdae6b",
     "allb-bfs": "#e6550d",
     "allb-txg": "#31a354",
+    "qemu-unsafe": "#ffffff",
+    "allb-rd": "#bcbddc",
+    "allb-rd-txg": "#756bb1",
+    "gfb": "#a1d99b",
+    "gfb-txg": "#006d2c",
 }
 PANEL_TITLES = {
     "measured": "measured (this machine's disk)",
@@ -58,7 +63,7 @@ def main():
                     xs.append(j - 0.4 + width * (i + 0.5))
                     ys.append(value)
                     labels.append(f"{c['ratio']:.2f}x")
-                hatch = "//" if cfg["key"] == "allb-bfs" else None
+                hatch = {"allb-bfs": "//", "qemu-unsafe": "xx"}.get(cfg["key"])
                 bars = ax.bar(xs, ys, width * 0.92, color=COLORS.get(cfg["key"], "#999999"),
                               edgecolor="black", linewidth=0.5, hatch=hatch,
                               label=cfg["label"])
