@@ -2,8 +2,10 @@
 """The paper benchmark's real guest: a Debian 6.1 kernel with ext4 on a virtio-blk disk,
 booted by the built qemu-system-x86_64, running GNU dd oflag=dsync and two fio jobs
 (bench/guest/init.sh), once per host configuration: QEMU's qcow2, qcow2 lazy_refcounts=on,
-and QEMU-HostB (qcow2b barrier=flush and barrier=ordered). A stock guest sends no barriers,
-so QEMU-AllB has no real-guest run.
+qcow2 cache=unsafe (no flush reaches the host: the ceiling, with no safety), QEMU-HostB
+(qcow2b barrier=flush and barrier=ordered), and QEMU-AllB for a stock guest: its flushes
+taken as ordering points by the device (virtio-blk guest-flush=barrier) on barrier=ordered
+and barrier=txg.
 
 Host fdatasync counts: the QEMU process runs under strace (only fdatasync and fsync are
 traced, through seccomp, so other system calls run at full speed), with a timestamp per
@@ -35,17 +37,20 @@ sys.path.insert(0, os.path.dirname(HERE))
 import benchlib as bl  # noqa: E402
 
 CONFIGS = [
-    # key, image creation options, -drive options
-    ("qemu", "", "driver=qcow2"),
-    ("qemu-lazy", "lazy_refcounts=on", "driver=qcow2"),
-    ("hostb-flush", "", "driver=qcow2b,barrier=flush"),
-    ("hostb", "", "driver=qcow2b,barrier=ordered"),
+    # key, image creation options, -drive options, virtio-blk-pci options
+    ("qemu", "", "driver=qcow2,cache=writeback", ""),
+    ("qemu-lazy", "lazy_refcounts=on", "driver=qcow2,cache=writeback", ""),
+    ("qemu-unsafe", "", "driver=qcow2,cache=unsafe", ""),
+    ("hostb-flush", "", "driver=qcow2b,barrier=flush,cache=writeback", ""),
+    ("hostb", "", "driver=qcow2b,barrier=ordered,cache=writeback", ""),
+    ("gfb", "", "driver=qcow2b,barrier=ordered,cache=writeback", "guest-flush=barrier"),
+    ("gfb-txg", "", "driver=qcow2b,barrier=txg,cache=writeback", "guest-flush=barrier"),
 ]
 GUEST = os.path.join(bl.BUILD_ROOT, "guest")
 
 
 def boot(config, args, work):
-    key, create, drive = config
+    key, create, drive, device = config
     img = os.path.join(work, f"{key}.qcow2")
     bl.create_image(img, 2 << 30, create)
     qmp_path = os.path.join(work, "qmp.sock")
@@ -59,8 +64,8 @@ def boot(config, args, work):
             "-kernel", os.path.join(GUEST, "vmlinuz"),
             "-initrd", os.path.join(GUEST, "initrd.cpio"), "-append", cmdline,
             "-serial", "stdio", "-qmp", f"unix:{qmp_path},server=on,wait=off",
-            "-drive", f"if=none,id=d0,{drive},cache=writeback,file.filename={img}",
-            "-device", "virtio-blk-pci,drive=d0"]
+            "-drive", f"if=none,id=d0,{drive},file.filename={img}",
+            "-device", ",".join(filter(None, ["virtio-blk-pci,drive=d0", device]))]
     cmd = ["strace", "-f", "--seccomp-bpf", "-ttt", "-e", "trace=fdatasync,fsync",
            "-o", trace] + qemu
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

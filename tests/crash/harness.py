@@ -43,13 +43,20 @@ MODES = {
     "flush": ("qcow2b", "barrier=flush"),
     "barrierfs": ("qcow2b", "barrier=barrierfs,x-barrierfs-inject=on"),
     "txg": ("qcow2b", "barrier=txg"),
+    "ordered-gfb": ("qcow2b", "barrier=ordered"),
+    "txg-gfb": ("qcow2b", "barrier=txg"),
     "qcow2": ("qcow2", ""),
 }
-QCOW2B_MODES = ("ordered", "flush", "barrierfs", "txg")
+QCOW2B_MODES = ("ordered", "flush", "barrierfs", "txg", "ordered-gfb", "txg-gfb")
+# The "-gfb" modes run every workload as a guest whose device has guest-flush=barrier
+# (qemu-patches 0013): each flush of the script reaches the driver as a bare barrier, so the
+# guest-level checks ask for order only (a prefix of the flush epochs), never durability.
+GUEST_FLUSH_BARRIER = ("ordered-gfb", "txg-gfb")
 # The mutation switch per mode: one ordering point left out. The txg mode has no stage 3
 # (a group writes nothing the durable image names); its commit loses its first sync.
-MUTATION = {m: "x-test-skip-ordering=stage3" for m in ("ordered", "flush", "barrierfs")}
-MUTATION["txg"] = "x-test-skip-ordering=txg-first-sync"
+MUTATION = {m: "x-test-skip-ordering=stage3" for m in ("ordered", "flush", "barrierfs",
+                                                       "ordered-gfb")}
+MUTATION["txg"] = MUTATION["txg-gfb"] = "x-test-skip-ordering=txg-first-sync"
 # The mutation test: workloads whose allocations need the stage-3 ordering point (data
 # copied from a backing file, a snapshot's shared cluster or a compressed cluster).
 MUTATION_WORKLOADS = ("backing-partial", "snapshot-cow", "compressed")
@@ -169,6 +176,8 @@ def record(workload, mode, workdir, mutation=False):
     setup = wl.Setup(workdir)
     script = wl.Script(workdir, first_id=1)
     wl.WORKLOADS[workload](setup, script)
+    if mode in GUEST_FLUSH_BARRIER:
+        script.flushes_as_barriers()
     wl.run(SYS_QEMU_IMG, "convert", "-f", "qcow2", "-O", "raw", setup.image,
            os.path.join(workdir, "initial.raw"))
     shutil.copyfile(setup.image, os.path.join(workdir, "start.img"))

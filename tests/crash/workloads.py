@@ -94,6 +94,12 @@ class Script:
     def aio_flush(self):
         self.commands.append("aio_flush")
 
+    def flushes_as_barriers(self):
+        """Every flush becomes a bare barrier, as a device with guest-flush=barrier sends it
+        (an aio_flush a synchronous barrier: qemu-io has no aio barrier)."""
+        self.commands = ["barrier" if c in ("flush", "aio_flush") else c
+                         for c in self.commands]
+
     def truncate(self, size):
         self.commands.append(f"truncate {size}")
 
