@@ -20,7 +20,7 @@ packages=(
   sudo
   # the paper benchmark (bench/paper-bench.py): charts; the real guest's tools, copied with
   # their libraries into its initramfs (bench/guest/build-guest.sh), and cpio to pack it
-  python3-matplotlib fio cpio e2fsprogs coreutils
+  python3-matplotlib fio cpio e2fsprogs coreutils sqlite3
 )
 
 missing=()

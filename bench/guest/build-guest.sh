@@ -3,7 +3,7 @@
 #   vmlinuz       Debian 12's current 6.1 kernel (the package linux-image-amd64 points at),
 #                 from `apt-get download`: unpacked here, never installed on the host;
 #   initrd.cpio   busybox-static as /init's shell, the kernel's virtio-blk and ext4 modules
-#                 (load order from FACTS.md), and GNU dd, mke2fs and fio copied from the host
+#                 (load order from FACTS.md), and GNU dd, mke2fs, fio and sqlite3 copied from the host
 #                 with the libraries ldd names (busybox's dd has no oflag=dsync);
 #                 bench/guest/init.sh as /init;
 #   firmware/     SeaBIOS's bios-256k.bin and QEMU's linuxboot_dma.bin and kvmvapic.bin from
@@ -103,6 +103,7 @@ copy_with_libs() { # host binary -> same path in the initramfs, with its shared 
 copy_with_libs /usr/bin/dd
 copy_with_libs /sbin/mke2fs
 copy_with_libs /usr/bin/fio
+copy_with_libs /usr/bin/sqlite3
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/"
 
 (cd "$root" && find . | cpio -o -H newc --quiet > "$guest/initrd.cpio")

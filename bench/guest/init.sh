@@ -5,7 +5,8 @@
 #   BENCH-BEGIN name / BENCH-END name, with the test's own output in between.
 # Parameters on the kernel command line: bench.dd=N (dd count), bench.seq=N (fio sequential
 # 64 KiB writes, fdatasync after each), bench.rand=N (fio random 4 KiB writes, fsync after
-# each); 0 skips a test.
+# each), bench.sqlite=N (SQLite autocommit inserts, once with journal_mode=DELETE and once
+# with WAL, synchronous=FULL: each insert a transaction, each commit an fsync); 0 skips a test.
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -52,6 +53,26 @@ if [ "$n" -gt 0 ]; then
   /usr/bin/fio --name=rand --filename=/mnt/fio-rand --rw=randwrite --bs=4k --size=$((n * 4))k \
     --ioengine=sync --fsync=1 --randrepeat=1 --norandommap 2>&1 | grep -E 'write: IOPS|sync.*lat.*avg|^ +lat' | head -n 3
   marker END "fio-rand $n"
+fi
+
+n=$(param sqlite 200)
+if [ "$n" -gt 0 ]; then
+  for mode in delete wal; do
+    {
+      echo "PRAGMA journal_mode=$mode;"
+      echo "PRAGMA synchronous=FULL;"
+      echo "CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT);"
+      i=0
+      while [ $i -lt "$n" ]; do
+        echo "INSERT INTO t(v) VALUES('row $i of the benchmark, autocommit');"
+        i=$((i + 1))
+      done
+    } > /tmp/inserts.sql
+    marker BEGIN "sqlite-$mode $n"
+    /usr/bin/sqlite3 /mnt/sqlite-$mode.db < /tmp/inserts.sql 2>&1 | grep -v '^\(delete\|wal\)$'
+    echo "sqlite rows: $(/usr/bin/sqlite3 /mnt/sqlite-$mode.db 'SELECT count(*) FROM t;')"
+    marker END "sqlite-$mode $n"
+  done
 fi
 
 umount /mnt

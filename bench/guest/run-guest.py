@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The paper benchmark's real guest: a Debian 6.1 kernel with ext4 on a virtio-blk disk,
-booted by the built qemu-system-x86_64, running GNU dd oflag=dsync and two fio jobs
-(bench/guest/init.sh), once per host configuration: QEMU's qcow2, qcow2 lazy_refcounts=on,
+booted by the built qemu-system-x86_64, running GNU dd oflag=dsync, two fio jobs and SQLite
+autocommit inserts in journal_mode DELETE and WAL (bench/guest/init.sh), once per host configuration: QEMU's qcow2, qcow2 lazy_refcounts=on,
 qcow2 cache=unsafe (no flush reaches the host: the ceiling, with no safety), QEMU-HostB
 (qcow2b barrier=flush and barrier=ordered), and QEMU-AllB for a stock guest: its flushes
 taken as ordering points by the device (virtio-blk guest-flush=barrier) on barrier=ordered
@@ -19,7 +19,8 @@ an AMD EPYC host, nested) KVM does not boot: with `-cpu max` or `host` QEMU abor
 MSR 0x10a (IA32_ARCH_CAPABILITIES), and with `host,arch-capabilities=off` the guest prints
 nothing in 40 s. Builds the guest first if needed (build-guest.sh).
 
-Usage: run-guest.py [--dd N] [--seq N] [--rand N] [--configs a,b] [--accel tcg|kvm]
+Usage: run-guest.py [--dd N] [--seq N] [--rand N] [--sqlite N] [--configs a,b]
+                    [--accel tcg|kvm]
                     [--json OUT]"""
 
 import argparse
@@ -56,7 +57,7 @@ def boot(config, args, work):
     qmp_path = os.path.join(work, "qmp.sock")
     trace = os.path.join(work, f"strace.{key}")
     cmdline = (f"console=ttyS0 quiet panic=-1 bench.dd={args.dd} bench.seq={args.seq} "
-               f"bench.rand={args.rand}")
+               f"bench.rand={args.rand} bench.sqlite={args.sqlite}")
     cpu = "max" if args.accel == "tcg" else "host"
     qemu = [bl.QEMU_SYSTEM, "-M", "q35", "-accel", args.accel, "-cpu", cpu, "-m", "1024",
             "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot",
@@ -116,6 +117,9 @@ def summary_of(output):
     m = re.search(r"copied, ([\d.]+ s, [\d.]+ [kMG]?B/s)", output)
     if m:
         return m.group(1)
+    m = re.search(r"sqlite rows: (\d+)", output)
+    if m:
+        return f"{m.group(1)} rows"
     m = re.search(r"write: (IOPS=[^,]+, BW=[^ ]+)", output)
     if m:
         lat = re.search(r"lat \((usec|msec|nsec)\): min=[^,]+, max=[^,]+, avg=([\d.]+)", output)
@@ -148,6 +152,8 @@ def main():
     ap.add_argument("--dd", type=int, default=200, help="dd count (64 KiB dsync writes)")
     ap.add_argument("--seq", type=int, default=128, help="fio sequential 64 KiB + fdatasync")
     ap.add_argument("--rand", type=int, default=256, help="fio random 4 KiB + fsync")
+    ap.add_argument("--sqlite", type=int, default=200,
+                    help="SQLite autocommit inserts (journal_mode DELETE, then WAL)")
     ap.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))
     ap.add_argument("--accel", default="tcg")
     ap.add_argument("--timeout", type=int, default=600)
