@@ -104,21 +104,29 @@ impl FileAccess {
         let child = unsafe { (*bs).file };
         let counters = Rc::new(HostCounters::default());
         match mode {
-            // Transaction groups order by their commit's two syncs; the engine issues no
-            // barrier inside a group (outside one, for a resize or a check, a barrier is a
-            // sync).
-            BarrierMode::Flush | BarrierMode::Txg { .. } => FileAccess::Direct {
+            BarrierMode::Flush => FileAccess::Direct {
                 child,
                 barrier: DirectBarrier::Flush,
                 counters,
             },
+            // Transaction groups order by their commit's two syncs; the engine issues no
+            // barrier inside a group (outside one, for a resize or a check, a barrier is a
+            // sync). What a group writes is written back from memory, without a sync (see
+            // `OrderedFile::sync_epochs`).
+            BarrierMode::Txg { .. } => FileAccess::Ordered(OrderedFile::new(
+                bs,
+                child,
+                TXG_BUFFER_BYTES,
+                counters,
+                false,
+            )),
             BarrierMode::BarrierFs { .. } | BarrierMode::Injected => FileAccess::Direct {
                 child,
                 barrier: DirectBarrier::BlockLayer,
                 counters,
             },
             BarrierMode::Ordered { buffer_bytes } => {
-                FileAccess::Ordered(OrderedFile::new(bs, child, buffer_bytes, counters))
+                FileAccess::Ordered(OrderedFile::new(bs, child, buffer_bytes, counters, true))
             }
         }
     }
@@ -477,6 +485,12 @@ impl Storage for FileAccess {
     }
 }
 
+/// The write-back buffer of a node in the txg mode: what a transaction group writes waits
+/// here, so a guest write completes without a round trip to the file; the writer writes it
+/// back in the background once a quarter of it is used, and a commit's first sync writes the
+/// rest. Per node, so it stays small.
+pub const TXG_BUFFER_BYTES: u64 = 16 << 20;
+
 /// What [`FileAccess::unsynced`] reports.
 pub struct Unsynced {
     pub bytes: u64,
@@ -520,6 +534,16 @@ pub struct OrderedFile {
     buffered_end: Cell<u64>,
     /// Bytes written directly since the last sync that covered them all.
     direct_unsynced_bytes: Cell<u64>,
+    /// Whether each epoch is synced before the next one is written (`ordered`). Without
+    /// (`txg`): epochs are written back in order and not synced, and nothing is ever written
+    /// directly. INVARIANT (txg): no order is owed between two writes of an open group (a
+    /// crash shows the durable image, which names none of them), so they need no sync
+    /// between them; the commit's syncs are [`OrderedFile::flush`]es, which write
+    /// everything back and then sync once; and an ordering point outside a group
+    /// (resize, check) is such a flush too ([`OrderedFile::barrier`]).
+    sync_epochs: bool,
+    /// Epochs written back since the last sync (txg).
+    written_unsynced: Cell<bool>,
     /// Since when something written is not durable (`None`: everything is), and the peaks
     /// of [`FileAccess::unsynced`].
     unsynced_since: Cell<Option<Instant>>,
@@ -534,6 +558,7 @@ impl OrderedFile {
         file: *mut BdrvChild,
         limit_bytes: u64,
         counters: Rc<HostCounters>,
+        sync_epochs: bool,
     ) -> Rc<OrderedFile> {
         let o = Rc::new(OrderedFile {
             bs,
@@ -551,6 +576,8 @@ impl OrderedFile {
             direct_error: Cell::new(None),
             buffered_end: Cell::new(0),
             direct_unsynced_bytes: Cell::new(0),
+            sync_epochs,
+            written_unsynced: Cell::new(false),
             unsynced_since: Cell::new(None),
             peak_unsynced_bytes: Cell::new(0),
             peak_unsynced_age_ms: Cell::new(0),
@@ -588,7 +615,10 @@ impl OrderedFile {
 
     /// After a sync: once nothing is buffered or unsynced, everything is durable.
     fn note_synced(&self) {
-        if self.direct_unsynced.get() || !self.buffer.borrow().is_empty() {
+        if self.direct_unsynced.get()
+            || self.written_unsynced.get()
+            || !self.buffer.borrow().is_empty()
+        {
             return;
         }
         if let Some(since) = self.unsynced_since.take() {
@@ -670,14 +700,27 @@ impl OrderedFile {
             let end = offset + data.len() as u64;
             self.buffered_end.set(self.buffered_end.get().max(end));
             self.note_unsynced_write();
+            if !self.sync_epochs && !self.writer_running.get() {
+                let buffer = self.buffer.borrow();
+                let due = buffer.buffered_bytes() >= buffer.limit_bytes() / 4;
+                drop(buffer);
+                if due {
+                    // In the background, before writes have to wait for room: the open
+                    // epoch closes (no order is owed inside a group) and is written back.
+                    self.buffer.borrow_mut().barrier();
+                    self.kick();
+                }
+            }
         }
         result
     }
 
     /// Whether a write may bypass the buffer: nothing buffered or in flight, no sync of
-    /// earlier direct writes due, and no background error waiting to be reported.
+    /// earlier direct writes due, and no background error waiting to be reported; never in
+    /// the txg mode (a direct write costs the guest a round trip to the file).
     fn may_write_directly(&self) -> bool {
-        !self.direct_sync_due.get()
+        self.sync_epochs
+            && !self.direct_sync_due.get()
             && self.failed_errno.get().is_none()
             && self.buffer.borrow().is_empty()
     }
@@ -705,6 +748,11 @@ impl OrderedFile {
     }
 
     fn barrier(&self) -> io::Result<()> {
+        if !self.sync_epochs {
+            // Outside a transaction group an ordering point is a sync (see `sync_epochs`).
+            self.counters.barriers.set(self.counters.barriers.get() + 1);
+            return self.flush();
+        }
         self.take_error()?;
         if self.direct_unsynced.get() && !self.direct_sync_due.get() {
             // The direct writes since the last sync become an epoch of their own.
@@ -750,6 +798,7 @@ impl OrderedFile {
         }
         let mark = self.buffer.borrow_mut().barrier();
         // Every epoch up to the mark gets its own fdatasync: the last one is this flush's.
+        // (txg: every epoch up to the mark is written back, and this flush syncs them.)
         loop {
             if self.buffer.borrow().is_durable(mark) && !self.direct_sync_due.get() {
                 break;
@@ -760,7 +809,25 @@ impl OrderedFile {
             self.kick();
             Self::wait(&self.progress_waiters);
         }
-        self.take_error()
+        self.take_error()?;
+        self.sync_written()
+    }
+
+    /// txg: the sync that makes the epochs written back since the last one durable.
+    fn sync_written(&self) -> io::Result<()> {
+        if self.sync_epochs || !self.written_unsynced.get() {
+            return Ok(());
+        }
+        // Cleared first: an epoch written back while the sync runs sets it again.
+        self.written_unsynced.set(false);
+        let result = self
+            .counters
+            .count_error(child_flush(self.file, &self.counters));
+        match result {
+            Ok(()) => self.note_synced(),
+            Err(_) => self.written_unsynced.set(true),
+        }
+        result
     }
 
     /// Starts the writer coroutine unless it runs already.
@@ -805,6 +872,10 @@ impl OrderedFile {
                 ret
             };
             check(ret)?;
+        }
+        if !self.sync_epochs {
+            self.written_unsynced.set(true);
+            return Ok(());
         }
         child_flush(self.file, &self.counters)
     }
@@ -866,8 +937,9 @@ impl OrderedFile {
         Self::wake_all(&self.space_waiters);
     }
 
-    /// Empties the buffer: every epoch written back and durable. In a coroutine by the writer;
-    /// outside one (the node drained) synchronously here.
+    /// Empties the buffer: every epoch written back and durable (txg: written back; the next
+    /// flush syncs it). In a coroutine by the writer; outside one (the node drained)
+    /// synchronously here, each epoch synced.
     pub fn drain(&self) -> io::Result<()> {
         self.buffer.borrow_mut().barrier();
         if in_coroutine() {
