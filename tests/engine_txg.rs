@@ -771,3 +771,32 @@ fn a_failed_commit_is_retried_and_every_state_stays_clean() {
         assert!(guest[20000..23000].iter().all(|&b| b == 3));
     }
 }
+
+/// A stream job ends with `change_backing_file` (the image names no backing file any more);
+/// in the txg mode its flush commits the open group, and the header it then wrote had been
+/// encoded before that commit: it named the old L1 and refcount tables again, so the group
+/// (the guest's writes, the streamed data) was gone, even after a clean close.
+#[test]
+fn changing_the_backing_file_keeps_the_group_its_flush_commits() {
+    let mut image = open_txg(MemStorage::new(created(CLUSTER, 64 << 20)));
+    let data = vec![0x5au8; CLUSTER as usize];
+    image.write(0, &data, None).unwrap();
+    image.write(5 * CLUSTER, &data, None).unwrap();
+    image
+        .change_backing_file(Some("base.qcow2"), Some("qcow2"))
+        .unwrap();
+    assert_eq!(image.header().backing_file.as_deref(), Some("base.qcow2"));
+
+    // What the file says right away, before any close.
+    let durable = guest_bytes(image.storage().snapshot());
+    assert!(durable[..CLUSTER as usize].iter().all(|&b| b == 0x5a));
+    assert!(durable[5 * CLUSTER as usize..6 * CLUSTER as usize]
+        .iter()
+        .all(|&b| b == 0x5a));
+
+    image.change_backing_file(None, None).unwrap();
+    let bytes = image.close().unwrap().into_inner();
+    let guest = guest_bytes(bytes.clone());
+    assert!(guest[..CLUSTER as usize].iter().all(|&b| b == 0x5a));
+    system_check(&bytes);
+}

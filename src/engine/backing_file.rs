@@ -32,25 +32,33 @@ impl<S: Storage> Image<S> {
                 name.len()
             )));
         }
-        let mut header = self.header.clone();
-        header.backing_file = file.map(str::to_owned);
-        header.backing_format = format.map(str::to_owned);
-        header.extensions.retain(|e| e.kind != ext::BACKING_FORMAT);
-        if let Some(format) = format {
-            // First, where QEMU puts it.
-            header.extensions.insert(
-                0,
-                RawExtension {
-                    kind: ext::BACKING_FORMAT,
-                    data: format.as_bytes().to_vec(),
-                },
-            );
-        }
-        let bytes = header.encode()?;
-        // What the header says now, as a reader of the file would parse it.
-        let header = Header::parse(&bytes)?;
+        let renamed = |current: &Header| {
+            let mut header = current.clone();
+            header.backing_file = file.map(str::to_owned);
+            header.backing_format = format.map(str::to_owned);
+            header.extensions.retain(|e| e.kind != ext::BACKING_FORMAT);
+            if let Some(format) = format {
+                // First, where QEMU puts it.
+                header.extensions.insert(
+                    0,
+                    RawExtension {
+                        kind: ext::BACKING_FORMAT,
+                        data: format.as_bytes().to_vec(),
+                    },
+                );
+            }
+            header
+        };
+        // Refused before anything is written if the new header does not fit.
+        renamed(&self.header).encode()?;
 
         self.flush_metadata_and_sync(true)?;
+        // From the header as the flush left it: in the txg mode the flush commits the open
+        // group, which moves the L1 and refcount tables, and a header encoded before it
+        // would name the old ones again and drop the group.
+        let bytes = renamed(&self.header).encode()?;
+        // What the header says now, as a reader of the file would parse it.
+        let header = Header::parse(&bytes)?;
         self.write_metadata(0, &bytes, "rewriting the header with the new backing file")?;
         self.storage_flush()?;
         self.header = header;

@@ -82,16 +82,21 @@ def durable(image, pattern, offset):
     raise Failure(f"reading {image}: {out}")
 
 
-def fresh(scratch, name):
+def fresh(scratch, name, backing=None):
     image = scratch.path(name)
-    run(QEMU_IMG, "create", "-q", "-f", "qcow2", image, "64M")
+    args = ["-b", backing, "-F", "qcow2"] if backing else []
+    run(QEMU_IMG, "create", "-q", "-f", "qcow2", *args, image, "64M")
     return image
 
 
-def point(scratch, name, act, pattern=0x5a, drive_opts=FAR, extra=()):
+def point(scratch, name, act, pattern=0x5a, drive_opts=FAR, extra=(), backing=False):
     """Writes, checks that the write is not durable, runs `act(vm, image)`, and returns the
-    image whose committed state must now hold the write (act's answer, or the drive's)."""
-    image = fresh(scratch, f"{name}.qcow2")
+    image whose committed state must now hold the write (act's answer, or the drive's).
+    With `backing`, the drive's image has a backing file (`image + ".base"`)."""
+    base = None
+    if backing:
+        base = fresh(scratch, f"{name}.qcow2.base")
+    image = fresh(scratch, f"{name}.qcow2", backing=base)
     vm = Vm(scratch, image, drive_opts=drive_opts, extra=extra)
     try:
         vm.write(pattern, 0)
@@ -164,6 +169,20 @@ def checks():
             wait_job(vm, "BLOCK_JOB_COMPLETED")
             return target
 
+        def active_commit(vm, image):
+            # The drive's image into its backing file: the write must land there, durably.
+            vm.cmd("block-commit", device="d0", **{"job-id": "c"})
+            wait_job(vm, "BLOCK_JOB_READY")
+            vm.cmd("block-job-complete", device="c")
+            wait_job(vm, "BLOCK_JOB_COMPLETED")
+            return image + ".base"
+
+        def stream(vm, _image):
+            # The backing file's data into the drive's image: its header changes (a backing
+            # file no more), which is written outside the group, after committing it.
+            vm.cmd("block-stream", device="d0", **{"job-id": "s"})
+            wait_job(vm, "BLOCK_JOB_COMPLETED")
+
         def age_bound(vm, _image):
             time.sleep(1.0)
 
@@ -175,6 +194,11 @@ def checks():
                    sync="full", **{"job-id": "b"})
             wait_job(vm, "BLOCK_JOB_COMPLETED")
             time.sleep(1.0)
+
+        for name, act in [("active commit job completion (into the backing file)",
+                           active_commit),
+                          ("stream job completion", stream)]:
+            point(s, name, act, backing=True)
 
         for name, act, opts, extra in [
             ("VM stop", stop, FAR, ()),
