@@ -312,23 +312,26 @@ def targets(table, models, workloads, guest):
                 out.append((f"HostB (ordered) >= 1.5x QEMU, {workload}, {model}",
                             f"{c['ratio']:.3f}x", c["ratio"] >= 1.5))
     if guest:
-        rows = {(r["config"], r["test"]): r for r in guest.get("rows", [])}
-        for (config, test), row in rows.items():
+        rows = {(r.get("model", "measured"), r["config"], r["test"]): r
+                for r in guest.get("rows", [])}
+        for (model, config, test), row in rows.items():
             if config != "gfb-txg" or not row.get("ops"):
                 continue
             v = row["syncs_per_op"]
-            out.append((f"real guest, {test}: guest-flush=barrier (txg) host fdatasync per "
-                        "guest op <= 0.02", f"{fmt(v, 3)} ({row['syncs']} for {row['ops']})",
-                        v <= 0.02))
-            unsafe, qemu = rows.get(("qemu-unsafe", test)), rows.get(("qemu", test))
+            out.append((f"real guest, {test}, {model}: guest-flush=barrier (txg) host "
+                        "fdatasync per guest op <= 0.02",
+                        f"{fmt(v, 3)} ({row['syncs']} for {row['ops']})", v <= 0.02))
+            unsafe = rows.get((model, "qemu-unsafe", test))
+            qemu = rows.get((model, "qemu", test))
             if unsafe and qemu and row["seconds"] > 0:
                 r = unsafe["seconds"] / row["seconds"]
-                out.append((f"real guest, {test}: guest-flush=barrier (txg) >= 0.9x of QEMU "
-                            "cache=unsafe (time of the test)",
+                out.append((f"real guest, {test}, {model}: guest-flush=barrier (txg) >= 0.9x "
+                            "of QEMU cache=unsafe (time of the test)",
                             f"{r:.2f}x ({qemu['seconds'] / row['seconds']:.2f}x QEMU)",
                             r >= 0.9))
         for row in guest.get("rows", []):
-            if row["config"] == "hostb" and row["test"].startswith("dd"):
+            if (row["config"] == "hostb" and row["test"].startswith("dd")
+                    and row.get("model", "measured") == "measured"):
                 v = row.get("syncs_per_op")
                 out.append(("real guest: HostB (ordered) host fdatasync per guest dsync write "
                             "<= 2.0", f"{fmt(v, 3)} ({row['syncs']} for {row['ops']})",
@@ -385,10 +388,14 @@ def report(args, table, mach, models, guest, seconds):
 def guest_markdown(guest):
     lines = [f"## Real guest ({guest['accel']}, Debian kernel {guest['kernel']}, ext4, "
              f"virtio-blk, cache=writeback unless named)\n",
-             "| test | configuration | guest result | seconds | host fdatasync | per guest op |",
-             "|---|---|---|---|---|---|"]
+             "| flush cost | test | configuration | guest result | seconds | host fdatasync "
+             "| per guest op |",
+             "|---|---|---|---|---|---|---|"]
     for row in guest["rows"]:
-        lines.append(f"| {row['test']} | {LABEL.get(row['config'], row['config'])} | "
+        model = row.get("model", "measured")
+        cost = ("this disk" if model == "measured"
+                else f"MODEL +{row.get('latency_ms') or 0:g} ms")
+        lines.append(f"| {cost} | {row['test']} | {LABEL.get(row['config'], row['config'])} | "
                      f"{row['result']} | {fmt(row.get('seconds'), 2)} | {row['syncs']} | "
                      f"{fmt(row.get('syncs_per_op'), 3)} |")
     lines.append("\nHost fdatasync counts from strace of the QEMU process (every thread); "
@@ -487,15 +494,26 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     guest = None
     if args.guest:
-        guest_json = os.path.join(args.out, "guest.json")
-        cmd = [sys.executable, os.path.join(bl.ROOT, "bench", "guest", "run-guest.py"),
-               "--json", guest_json] + args.guest_args.split()
-        log("real guest: " + " ".join(cmd[1:]))
-        if subprocess.run(cmd).returncode == 0:
+        # The real guest on this machine's disk, and under the latency model when the
+        # block-level run has it: one guest run each, rows marked with their model.
+        for model, latency_us in models:
+            guest_json = os.path.join(args.out, f"guest-{model}.json")
+            cmd = [sys.executable, os.path.join(bl.ROOT, "bench", "guest", "run-guest.py"),
+                   "--json", guest_json] + args.guest_args.split()
+            if latency_us is not None:
+                cmd += ["--latency-ms", str(latency_us / 1000)]
+            log("real guest: " + " ".join(cmd[1:]))
+            if subprocess.run(cmd).returncode != 0:
+                log(f"real guest ({model}) failed; its rows are left out")
+                continue
             with open(guest_json) as f:
-                guest = json.load(f)
-        else:
-            log("real guest failed; its table is left out")
+                run = json.load(f)
+            for row in run["rows"]:
+                row["model"], row["latency_ms"] = model, run.get("latency_ms")
+            if guest is None:
+                guest = run
+            else:
+                guest["rows"] += run["rows"]
     table = summarise(results)
     mach = machine()
     seconds = round(time.monotonic() - started)

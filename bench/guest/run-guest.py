@@ -20,7 +20,7 @@ MSR 0x10a (IA32_ARCH_CAPABILITIES), and with `host,arch-capabilities=off` the gu
 nothing in 40 s. Builds the guest first if needed (build-guest.sh).
 
 Usage: run-guest.py [--dd N] [--seq N] [--rand N] [--sqlite N] [--configs a,b]
-                    [--accel tcg|kvm]
+                    [--accel tcg|kvm] [--latency-ms MS]
                     [--json OUT]"""
 
 import argparse
@@ -50,6 +50,15 @@ CONFIGS = [
 GUEST = os.path.join(bl.BUILD_ROOT, "guest")
 
 
+def file_options(img, latency_ms):
+    """The drive's file: the image, or the image under the flush-latency model (the
+    qcow2b-synclat filter: every host fdatasync costs `latency_ms` more)."""
+    if latency_ms is None:
+        return f"file.filename={img}"
+    return (f"file.driver=qcow2b-synclat,file.flush-latency-us={round(latency_ms * 1000)},"
+            f"file.file.filename={img}")
+
+
 def boot(config, args, work):
     key, create, drive, device = config
     img = os.path.join(work, f"{key}.qcow2")
@@ -65,7 +74,7 @@ def boot(config, args, work):
             "-kernel", os.path.join(GUEST, "vmlinuz"),
             "-initrd", os.path.join(GUEST, "initrd.cpio"), "-append", cmdline,
             "-serial", "stdio", "-qmp", f"unix:{qmp_path},server=on,wait=off",
-            "-drive", f"if=none,id=d0,{drive},file.filename={img}",
+            "-drive", f"if=none,id=d0,{drive},{file_options(img, args.latency_ms)}",
             "-device", ",".join(filter(None, ["virtio-blk-pci,drive=d0", device]))]
     cmd = ["strace", "-f", "--seccomp-bpf", "-ttt", "-e", "trace=fdatasync,fsync",
            "-o", trace] + qemu
@@ -156,6 +165,9 @@ def main():
                     help="SQLite autocommit inserts (journal_mode DELETE, then WAL)")
     ap.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))
     ap.add_argument("--accel", default="tcg")
+    ap.add_argument("--latency-ms", type=float,
+                    help="run under the flush-latency model (qcow2b-synclat): every host "
+                    "fdatasync costs this much more")
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -181,7 +193,8 @@ def main():
             os.unlink(os.path.join(work, f"{config[0]}.qcow2"))
     finally:
         subprocess.run(["rm", "-rf", work])
-    result = {"accel": args.accel.upper(), "kernel": kernel, "rows": rows}
+    result = {"accel": args.accel.upper(), "kernel": kernel, "rows": rows,
+              "latency_ms": args.latency_ms}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
