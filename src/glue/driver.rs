@@ -758,12 +758,7 @@ unsafe extern "C" fn qcow2b_get_specific_info(
                     peak_age_ms: engine.peak_group_age_ms,
                 },
                 (None, Some(ordered)) => ordered,
-                (None, None) => Unsynced {
-                    bytes: 0,
-                    peak_bytes: 0,
-                    age: None,
-                    peak_age_ms: 0,
-                },
+                (None, None) => Unsynced::default(),
             };
             let c: *mut bindings::Qcow2bCounters =
                 bindings::g_malloc0(std::mem::size_of::<bindings::Qcow2bCounters>() as u64).cast();

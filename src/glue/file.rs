@@ -492,6 +492,7 @@ impl Storage for FileAccess {
 pub const TXG_BUFFER_BYTES: u64 = 16 << 20;
 
 /// What [`FileAccess::unsynced`] reports.
+#[derive(Default)]
 pub struct Unsynced {
     pub bytes: u64,
     pub peak_bytes: u64,
