@@ -53,6 +53,13 @@ record "crash-consistency (tests/crash/run.sh --quick --strict)" "$status"
 printf '%s\n' "$out" | sed -n '/^workload /,$p' | sed 's/^/    /'
 [ "$status" = 0 ] || printf '%s\n' "$out" | grep -A3 '^  FAIL' | head -40 | sed 's/^/    /'
 
+# Crash states of a real ext4 guest (tests/crash/vm.py): every mode passes, every negative
+# control fails.
+out=$(timeout 3600 bash tests/crash/run-vm.sh --quick 2>&1); status=$?
+record "real-guest crash states (tests/crash/run-vm.sh --quick)" "$status"
+printf '%s\n' "$out" | sed -n '/^mode /,$p' | sed 's/^/    /'
+[ "$status" = 0 ] || printf '%s\n' "$out" | grep -A3 'FAIL\|Error\|error' | head -40 | sed 's/^/    /'
+
 say "QEMU's iotests with -qcow2b (the auto group, the metadata and crash tests, tests/qemu-iotests/)"
 # One ./check per test, so that one that hangs cannot stop the others. A test passes, is "not
 # run" (with its reason: qcow2b-not-run for what qcow2b does not do; the environment for the

@@ -3,9 +3,10 @@
 #   vmlinuz       Debian 12's current 6.1 kernel (the package linux-image-amd64 points at),
 #                 from `apt-get download`: unpacked here, never installed on the host;
 #   initrd.cpio   busybox-static as /init's shell, the kernel's virtio-blk and ext4 modules
-#                 (load order from FACTS.md), and GNU dd, mke2fs, fio and sqlite3 copied from the host
-#                 with the libraries ldd names (busybox's dd has no oflag=dsync);
-#                 bench/guest/init.sh as /init;
+#                 (load order from FACTS.md), and GNU dd, sync, mke2fs, fio and sqlite3 copied
+#                 from the host with the libraries ldd names (busybox's dd has no oflag=dsync,
+#                 its sync fsyncs no directory); bench/guest/init.sh as /init and the crash
+#                 workloads (tests/crash/vm-workloads.sh) as /crash;
 #   firmware/     SeaBIOS's bios-256k.bin and QEMU's linuxboot_dma.bin and kvmvapic.bin from
 #                 Debian's seabios and qemu-system-data packages (the dfsg source tree ships
 #                 no firmware).
@@ -75,6 +76,7 @@ mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,mnt,tmp,lib/modules}
 cp "$bbdir/bin/busybox" "$root/bin/busybox"
 cp "$(dirname "$0")/init.sh" "$root/init"
 chmod +x "$root/init"
+cp "$(dirname "$0")/../../tests/crash/vm-workloads.sh" "$root/crash"
 
 # Modules in the order they load (each needs the ones before it); built-in ones are skipped.
 modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk
@@ -104,6 +106,7 @@ copy_with_libs /usr/bin/dd
 copy_with_libs /sbin/mke2fs
 copy_with_libs /usr/bin/fio
 copy_with_libs /usr/bin/sqlite3
+copy_with_libs /usr/bin/sync
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/"
 
 (cd "$root" && find . | cpio -o -H newc --quiet > "$guest/initrd.cpio")

@@ -23,6 +23,11 @@ for m in $(cat /lib/modules/load-order); do
 done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+# The crash workloads of tests/crash/vm.py instead of the benchmark.
+if grep -q 'crash.run=1' /proc/cmdline; then
+  while [ ! -b /dev/vdb ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  exec /bin/busybox sh /crash
+fi
 
 marker() { sleep 1; echo "BENCH-$1 $2"; }
 

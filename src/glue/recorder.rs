@@ -27,6 +27,8 @@
 //! issue record is written before the request is passed on, its completion once the child
 //! answered: a request is "in flight" between the two. Reads are passed on and not recorded.
 //!
+//! A node opened with `cache.no-flush=on` records no flush: none reaches the disk.
+//!
 //! A request whose record cannot be written fails with the error of the log write: a
 //! harness must never trust an incomplete log.
 
@@ -333,10 +335,16 @@ unsafe extern "C" fn recorder_co_flush(bs: *mut BlockDriverState) -> c_int {
     guard("qcow2b-recorder flush", || {
         // SAFETY: called by the block layer in a coroutine of an open recorder node.
         let recorder = unsafe { recorder_of(bs) };
-        recorder.around(Op::Flush, 0, 0, 0, None, || {
-            // SAFETY: as above; the child and its node are open.
-            unsafe { bindings::bdrv_co_flush((*filter::child(bs)).bs) }
-        })
+        // SAFETY: as above; the child and its node are open.
+        let flush = || unsafe { bindings::bdrv_co_flush((*filter::child(bs)).bs) };
+        // With cache.no-flush=on (what cache=unsafe sets, inherited by this node) the block
+        // layer lets no flush reach the disk below: nothing is recorded, so that a harness
+        // sees what such a node promises (nothing becomes durable before the process ends).
+        // SAFETY: bs is an open node.
+        if unsafe { (*bs).open_flags } & bindings::BDRV_O_NO_FLUSH as c_int != 0 {
+            return Ok(flush());
+        }
+        recorder.around(Op::Flush, 0, 0, 0, None, flush)
     })
 }
 
