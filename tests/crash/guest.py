@@ -18,12 +18,17 @@ write_zeroes and discard leave zeros). Then, at crash point c:
 Discards promise nothing about content: never required, zeros allowed.
 """
 
+import hashlib
+
 from reclog import BARRIER, DISCARD, FLUSH, REQ_BARRIER, TRUNCATE, WRITE, ZEROES
 
 SECTOR = 512
 INIT = -1
+CHUNK_CACHE_ENTRIES = 20_000  # at most a few hundred MiB of small dicts, then it starts over
+WRITE_CACHE_ENTRIES = 500_000
 ZERO_SECTOR = bytes(SECTOR)
 CHUNK = 64 * 1024
+ZERO_CHUNK = bytes(CHUNK)
 
 
 class GuestModel:
@@ -64,6 +69,23 @@ class GuestModel:
         for s, cands in self.candidates.items():
             cands.setdefault(self.initial_sector(s), set()).add(INIT)
         self.by_index = {o.index: o for o in ops}
+        # Per write: the sources a sector of it may show without losing it (itself, or a
+        # write there that is not strictly earlier: one that did not complete before it was
+        # issued).
+        for w in self.writes:
+            ok = {w.index}
+            first = w.offset // SECTOR
+            for s in range(first, first + w.length // SECTOR):
+                for srcs in self.candidates.get(s, {}).values():
+                    ok.update(x for x in srcs if x != INIT and x not in ok
+                              and not self.strictly_earlier(x, w))
+            w.keeps = frozenset(ok)
+            w.chunks = range(w.offset // CHUNK, (w.end + CHUNK - 1) // CHUNK) if w.length \
+                else range(0)
+        # Chunk classifications already made, by content (a run's crash images share most of
+        # their chunks): (chunk, digest) -> (foreign count, foreign examples, shown).
+        self._chunk_cache = {}
+        self._write_cache = {}  # (write, disk size, keys of its chunks) -> its verdict
 
     def initial_sector(self, s):
         piece = self.initial[s * SECTOR:(s + 1) * SECTOR]
@@ -78,45 +100,87 @@ class GuestModel:
         foreign, foreign_count = [], 0
         shown = {}  # touched sector -> set of sources
         init = self.initial
+        chunk_keys = {}  # touched chunk -> its key in the cache
         for chunk in range((size + CHUNK - 1) // CHUNK):
             lo, hi = chunk * CHUNK, min(size, (chunk + 1) * CHUNK)
+            data = bytes(raw[lo:hi])
             if chunk not in self.touched_chunks:
-                if raw[lo:hi] == init[lo:hi] or (lo >= len(init) and raw[lo:hi] == bytes(hi - lo)):
+                if lo >= len(init):
+                    if data == (ZERO_CHUNK if hi - lo == CHUNK else bytes(hi - lo)):
+                        continue
+                elif data == init[lo:hi]:
                     continue
-            for s in range(lo // SECTOR, hi // SECTOR):
-                piece = raw[s * SECTOR:(s + 1) * SECTOR]
-                cands = self.candidates.get(s)
-                if cands is None:
-                    if piece != self.initial_sector(s):
-                        foreign_count += 1
-                        if len(foreign) < 4:
-                            foreign.append((s, describe_sector(piece), self.expected(s)))
-                    continue
-                src = cands.get(piece)
-                if src is None:
-                    foreign_count += 1
-                    if len(foreign) < 4:
-                        foreign.append((s, describe_sector(piece), self.expected(s)))
-                    src = set()
-                shown[s] = src
+            key = (chunk, hashlib.blake2b(data, digest_size=16).digest())
+            chunk_keys[chunk] = key
+            got = self._chunk_cache.get(key)
+            if got is None:
+                got = self._classify_chunk(lo, data)
+                if len(self._chunk_cache) > CHUNK_CACHE_ENTRIES:
+                    self._chunk_cache.clear()
+                self._chunk_cache[key] = got
+            n, examples, chunk_shown = got
+            foreign_count += n
+            foreign.extend(examples[:4 - len(foreign)])
+            shown.update(chunk_shown)
         visible = {}
         lost = {}
         for w in self.writes:
-            first = w.offset // SECTOR
-            for s in range(first, first + w.length // SECTOR):
-                src = shown.get(s) if s < nsec else None
-                if src is not None and src == {w.index} and w.index not in visible:
-                    visible[w.index] = s
-                if w.kind == DISCARD or w.index in lost:
-                    continue
-                if s >= nsec:
-                    lost[w.index] = (s, "beyond the disk's end")
-                    continue
-                if not src or not any(x == w.index or (x != INIT and
-                                      not self.strictly_earlier(x, w)) for x in src):
-                    lost[w.index] = (s, self.describe_sources(src))
+            # A write's verdict depends only on the chunks it covers (and the disk's size).
+            key = (w.index, nsec, tuple(chunk_keys.get(c) for c in w.chunks))
+            got = self._write_cache.get(key)
+            if got is None:
+                got = self._classify_write(w, shown, nsec)
+                if len(self._write_cache) > WRITE_CACHE_ENTRIES:
+                    self._write_cache.clear()
+                self._write_cache[key] = got
+            seen, gone = got
+            if seen is not None:
+                visible[w.index] = seen
+            if gone is not None:
+                lost[w.index] = gone
         return {"size": size, "foreign": foreign, "foreign_count": foreign_count,
                 "visible": visible, "lost": lost}
+
+    def _classify_write(self, w, shown, nsec):
+        """(the first sector showing only w or None, (sector, what it shows) if w is lost)."""
+        seen = gone = None
+        first = w.offset // SECTOR
+        for s in range(first, first + w.length // SECTOR):
+            src = shown.get(s) if s < nsec else None
+            if seen is None and src is not None and len(src) == 1 and w.index in src:
+                seen = s
+            if w.kind == DISCARD or gone is not None:
+                if seen is not None:
+                    break
+                continue
+            if s >= nsec:
+                gone = (s, "beyond the disk's end")
+            elif not src or src.isdisjoint(w.keeps):
+                gone = (s, self.describe_sources(src))
+        return seen, gone
+
+    def _classify_chunk(self, lo, data):
+        """(foreign sectors, the first few of them, {sector: sources shown}) of one chunk."""
+        count, examples, shown = 0, [], {}
+        first = lo // SECTOR
+        for i in range(len(data) // SECTOR):
+            s = first + i
+            piece = data[i * SECTOR:(i + 1) * SECTOR]
+            cands = self.candidates.get(s)
+            if cands is None:
+                if piece != self.initial_sector(s):
+                    count += 1
+                    if len(examples) < 4:
+                        examples.append((s, describe_sector(piece), self.expected(s)))
+                continue
+            src = cands.get(piece)
+            if src is None:
+                count += 1
+                if len(examples) < 4:
+                    examples.append((s, describe_sector(piece), self.expected(s)))
+                src = set()
+            shown[s] = src
+        return count, examples, shown
 
     def expected(self, s):
         """What sector s may hold, in words."""
