@@ -9,7 +9,8 @@ means "every event before c happened, none after"):
   a FUA write is durable once it completes. (A barrier-flag write reaching the file, which
   neither driver sends there, is taken as a barrier right after it completes.)
 - A crash state at `c` is a set of writes issued before `c`, each present whole or torn (a
-  subset of its 512-byte sectors), that holds every write made durable by a flush completed
+  subset of its 512-byte sectors, or of the caller's larger atomic unit), that holds every
+  write made durable by a flush completed
   before `c`, and is closed under "ordered before": if any sector of W2 is present, all of W1
   is. Present writes are applied in completion order (later completion wins) to a copy of
   the starting image; truncates completed before `c` are applied in the same order.
@@ -46,7 +47,10 @@ def _k(seq):
 
 
 class FileModel:
-    def __init__(self, ops, start):
+    def __init__(self, ops, start, unit=SECTOR):
+        """`unit`: the tearing unit, what the storage writes atomically (512 bytes unless the
+        caller models a device with larger atomic writes)."""
+        self.unit = unit
         self.ops = ops
         self.start = bytes(start)
         self.writes = [o for o in ops if o.is_write()]
@@ -79,12 +83,13 @@ class FileModel:
         versions = {}  # sector -> list of (write, content in that sector)
         for w in self.writes:
             content = w.content()
-            first, last = w.offset // SECTOR, (w.end - 1) // SECTOR
+            unit = self.unit
+            first, last = w.offset // unit, (w.end - 1) // unit
             for s in range(first, last + 1):
-                lo, hi = max(w.offset, s * SECTOR), min(w.end, (s + 1) * SECTOR)
+                lo, hi = max(w.offset, s * unit), min(w.end, (s + 1) * unit)
                 versions.setdefault(s, []).append((w, lo, content[lo - w.offset:hi - w.offset]))
         for w in self.writes:
-            w.sectors = list(range(w.offset // SECTOR, (w.end - 1) // SECTOR + 1))
+            w.sectors = list(range(w.offset // self.unit, (w.end - 1) // self.unit + 1))
             w.effective = []
         for s, vs in versions.items():
             for w, lo, piece in vs:
@@ -229,7 +234,7 @@ class FileModel:
             else:
                 for s in op.sectors:
                     if s in mask or s not in op.effective:
-                        lo, hi = max(op.offset, s * SECTOR), min(op.end, (s + 1) * SECTOR)
+                        lo, hi = max(op.offset, s * self.unit), min(op.end, (s + 1) * self.unit)
                         buf[lo:hi] = content[lo - op.offset:hi - op.offset]
         return buf
 
