@@ -780,68 +780,6 @@ fn host_cluster_of(image: &mut Image<LogStorage>, guest_offset: u64, cluster: u6
 }
 
 #[test]
-fn a_small_write_into_a_new_cluster_past_the_end_of_the_file_writes_only_its_own_bytes() {
-    // A fresh image, 4 KiB writes each into its own 64 KiB cluster (the sparse pattern of a
-    // guest on a thin disk): the new clusters come from the zero reserve or extend the file,
-    // read as zeros already, and only the guest's 4 KiB is written into each.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("img.qcow2");
-    let cluster = 64 << 10;
-    qemu_img_create(&path, cluster, 256 << 20, None);
-    let start = std::fs::read(&path).unwrap();
-    let mut image = Image::open(LogStorage::new(start), &OpenOptions::default()).unwrap();
-    let stride = 68 << 10;
-    let writes = 64u64;
-    for i in 0..writes {
-        image.write(i * stride, &[0x5a; 4096], None).unwrap();
-    }
-    image.flush().unwrap();
-    let events = image.storage().events.take();
-    for i in 0..writes {
-        let guest = i * stride;
-        let host = host_cluster_of(&mut image, guest, cluster);
-        let want = host + (guest & (cluster - 1));
-        assert_eq!(
-            data_writes_in(&events, host, cluster, false),
-            vec![(want, 4096)],
-            "write {i} (guest {guest:#x}): only its own 4 KiB reaches host cluster {host:#x}"
-        );
-        // The rest of the cluster reads as zeros, in the engine and in QEMU's qcow2.
-        let mut back = vec![1u8; cluster as usize];
-        image.read(guest & !(cluster - 1), &mut back, None).unwrap();
-        let at = (guest & (cluster - 1)) as usize;
-        assert!(
-            back[..at].iter().all(|&b| b == 0),
-            "write {i}: zeros before"
-        );
-        assert!(
-            back[at..at + 4096].iter().all(|&b| b == 0x5a),
-            "write {i}: its data"
-        );
-        assert!(
-            back[at + 4096..].iter().all(|&b| b == 0),
-            "write {i}: zeros after"
-        );
-    }
-    let storage = image.close().unwrap();
-    std::fs::write(&path, storage.inner.into_inner()).unwrap();
-    qemu_img_check(&path);
-    let raw = qemu_img_to_raw(&path, &dir.path().join("img.raw"));
-    for i in 0..writes {
-        let guest = (i * stride) as usize;
-        let c = guest & !(cluster as usize - 1);
-        assert!(
-            raw[c..guest].iter().all(|&b| b == 0),
-            "QEMU reads zeros before write {i}"
-        );
-        assert!(
-            raw[guest..guest + 4096].iter().all(|&b| b == 0x5a),
-            "QEMU reads write {i}"
-        );
-    }
-}
-
-#[test]
 fn a_small_write_into_a_cluster_freed_in_the_middle_of_the_file_writes_the_zeros_around_it() {
     // A cluster freed by a discard still holds its old bytes: when a new guest cluster reuses
     // it, the parts the guest did not write are written as zeros, never left as they were.

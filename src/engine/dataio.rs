@@ -109,16 +109,6 @@ impl<S: Storage> DataContext<'_, S> {
         Ok(())
     }
 
-    /// Whether a fill's old content is zeros without reading anything: the zero flag, or
-    /// unallocated with no backing file for this request.
-    fn fill_is_zeros(&self, fill: CowFill) -> bool {
-        match fill.source {
-            CowSource::Zeros => true,
-            CowSource::Backing { .. } => self.backing.is_none(),
-            CowSource::Data { .. } | CowSource::Compressed { .. } => false,
-        }
-    }
-
     /// The old content a copy-on-write fill takes.
     fn cow_bytes(&self, fill: CowFill) -> Result<Vec<u8>> {
         let mut bytes = vec![0u8; fill.len];
@@ -176,23 +166,14 @@ impl<S: Storage> DataContext<'_, S> {
                     len,
                     head,
                     tail,
-                    in_hole,
                     ..
-                } => {
-                    // A fill of zeros in a cluster that reads as zeros is left as it is.
-                    let skip = |fill: CowFill| in_hole && self.fill_is_zeros(fill);
-                    let (start, head) = if skip(head) {
-                        (host_offset + head.len as u64, Vec::new())
-                    } else {
-                        (host_offset, self.cow_bytes(head)?)
-                    };
-                    let tail = if skip(tail) {
-                        Vec::new()
-                    } else {
-                        self.cow_bytes(tail)?
-                    };
-                    (start, head, req_at, len, tail)
-                }
+                } => (
+                    host_offset,
+                    self.cow_bytes(head)?,
+                    req_at,
+                    len,
+                    self.cow_bytes(tail)?,
+                ),
             };
             if !head.is_empty() || !tail.is_empty() {
                 self.storage.debug_event(DebugEvent::CowWrite);

@@ -133,12 +133,6 @@ pub enum WritePiece {
         /// `writeback.rs`): false only for reserved clusters replacing clusters that read as
         /// zeros.
         needs_order: bool,
-        /// The new clusters read as zeros already: taken from the zero reserve or past the
-        /// end of the file, never written. A fill whose old content is zeros (no backing
-        /// file for this request, or the zero flag) is then not written (QEMU's qcow2 zeroes
-        /// it with one write_zeroes); a crash that keeps the L2 entry shows zeros there, what
-        /// the guest had. A cluster freed in the middle of the file holds old bytes: false.
-        in_hole: bool,
     },
 }
 
@@ -361,7 +355,6 @@ impl<S: Storage> Image<S> {
                         reused: true,
                         // The preallocated cluster holds stale bytes behind its zero flag.
                         needs_order: true,
-                        in_hole: false,
                     });
                     at = stop;
                 }
@@ -386,7 +379,6 @@ impl<S: Storage> Image<S> {
                     // Clusters that would extend the file come from the zero reserve; freed
                     // clusters in the middle of the file are reused first.
                     let from_reserve = self.next_allocation_extends_file()?;
-                    let file_end = self.host_end;
                     let (host_offset, clusters) = if from_reserve {
                         self.take_reserved(wanted)?
                     } else {
@@ -421,7 +413,6 @@ impl<S: Storage> Image<S> {
                         tail,
                         reused: false,
                         needs_order: !(from_reserve && zeros_before),
-                        in_hole: from_reserve || host_offset >= file_end,
                     });
                     at = stop;
                 }

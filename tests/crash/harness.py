@@ -243,11 +243,12 @@ EXACT_COUNT_LIMIT = 60_000  # model states enumerated to count the distinct ones
 SAMPLE_IDS = 1_000_000  # state ids of sampled states start here
 
 
-def states(fm, budget, seed, tag, everything):
+def states(fm, budget, seed, tag, everything, samples=None):
     """The states to check: (number enumerated or None if all, generator of (state id, c, r,
     present)). All of them if `everything`; else every state of the small groups if they
-    fit in half the budget, then seeded samples of the other groups. A state's id replays it
-    (state_by_id)."""
+    fit in half the budget, then seeded samples of the other groups (`samples` draws, four
+    per state of the budget unless said; duplicates are dropped by the caller). A state's id
+    replays it (state_by_id, with the same `samples`)."""
     groups = fm.groups()
     if everything:
         return None, ((i, c, r, p) for i, (c, r, p) in
@@ -262,7 +263,7 @@ def states(fm, budget, seed, tag, everything):
         yield from ((i, c, r, p) for i, (c, r, p) in enumerate(fm.enumerate(small)))
         if not large:
             return
-        for i in range(budget * 4):
+        for i in range(samples or budget * 4):
             rng = random.Random(f"{seed}:{tag}:{i}")
             c, r, p = fm.sample(rng, large)
             yield SAMPLE_IDS + i, c, r, p
@@ -277,8 +278,8 @@ def unique_states(fm, gm):
                 for c, _, p in fm.enumerate(groups)})
 
 
-def state_by_id(fm, budget, seed, tag, everything, state_id):
-    _, gen = states(fm, budget, seed, tag, everything)
+def state_by_id(fm, budget, seed, tag, everything, state_id, samples=None):
+    _, gen = states(fm, budget, seed, tag, everything, samples)
     for i, c, r, p in gen:
         if i == state_id:
             return c, r, p

@@ -20,8 +20,8 @@ flushes and barriers allow; each distinct state is checked:
    guest saw completed and the state lost stay within the mode's bound.
 
 Negative controls run the same way and must fail: QEMU's qcow2 with cache.no-flush=on (what
-cache=unsafe does), qcow2b with x-test-skip-ordering (stage3 in ordered over a backing file,
-txg-first-sync in txg with guest-flush=barrier).
+cache=unsafe does) and qcow2b with x-test-skip-ordering=txg-first-sync (txg with
+guest-flush=barrier); stage3 in ordered over a backing file runs only when named (see main).
 
 Usage: vm.py [--quick | --full] [--mode M]... [--seed S] [--jobs N] [--json FILE]
        vm.py --replay DIR:STATE   (printed with every failure)
@@ -104,11 +104,13 @@ ALL_MODES = {**MODES, **NEGATIVE}
 SIZES = {"quick": {"log": 12, "ar": 8, "sqlite": 8, "burst": 16},
          "full": {"log": 32, "ar": 16, "sqlite": 24, "burst": 40}}
 STATES = {"quick": 110, "full": 10_000}
+SAMPLES_PER_STATE = 16  # seeded draws per state of the budget (the full run's qcow2 mode
+                        # found 7,254 distinct states in 4 draws per state)
 # A negative control's states: the copy-on-write ordering point matters only at the crash
 # points between an L2 write and the next sync after a cluster's first write (a few in a
 # thousand sampled states show it: 2 of 400 in one run), so its control samples more.
 NEGATIVE_STATES = {"quick": 40, "full": 400}
-NEGATIVE_STATES_STAGE3 = {"quick": 1500, "full": 5000}
+NEGATIVE_STATES_STAGE3 = {"quick": 1500, "full": 5000}  # (with 4 KiB tearing it is not caught)
 
 
 # --- what the workloads write (must match vm-workloads.sh) ---------------------------------
@@ -490,7 +492,10 @@ def check_run(run, budget, seed, jobs, resultdir):
     # A model with fewer states than the budget is checked whole (every state enumerated).
     model_states = sum(n for _, _, n in fm.groups())
     everything = model_states <= budget
-    _, gen = hz.states(fm, budget, seed, run.mode, everything)
+    # Real-guest models repeat themselves more than the block-level ones (the same few
+    # writes in flight at many crash points): more draws per distinct state.
+    samples = SAMPLES_PER_STATE * budget
+    _, gen = hz.states(fm, budget, seed, run.mode, everything, samples)
     seen, by_hash, states = set(), {}, []
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(jobs, initializer=hz.worker_init) as pool:
@@ -549,7 +554,8 @@ def check_run(run, budget, seed, jobs, resultdir):
                                                                           "disk.qcow2"))
         with open(os.path.join(keep, "meta.json")) as f:
             meta = json.load(f)
-        meta.update({"seed": seed, "budget": budget, "everything": everything})
+        meta.update({"seed": seed, "budget": budget, "everything": everything,
+                     "samples": samples})
         with open(os.path.join(keep, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         summary["kept"] = keep
@@ -608,7 +614,11 @@ def main():
         return replay(args.replay)
     level = "full" if args.full else "quick"
     sizes = SIZES[level]
-    modes = args.mode or list(ALL_MODES)
+    # The stage3 control runs only when asked (--mode): with 4 KiB tearing the real guest
+    # shows no state that needs that ordering point in 1,500 samples (a cluster's copy from
+    # the backing file happens once, at its first write), so it cannot fail reliably here;
+    # the block-level harness's mutation test covers it.
+    modes = args.mode or [m for m in ALL_MODES if not m.endswith("stage3")]
     os.makedirs(args.results, exist_ok=True)
     # Crash images and their raw copies are written and read once each: memory, not disk.
     workroot = tempfile.mkdtemp(prefix="qcow2b-crash-vm.",
@@ -680,7 +690,8 @@ def replay(spec):
     run = Recorded(keep)
     MODEL = run
     c, r, present = hz.state_by_id(run.fm, meta["budget"], meta["seed"], run.mode,
-                                   meta.get("everything", False), int(sid))
+                                   meta.get("everything", False), int(sid),
+                                   meta.get("samples"))
     print(f"{run.mode}, seed {meta['seed']}, state {sid}, phase {run.phase(c)}:")
     print("  " + hz.describe_state(run.fm, c, r, present))
     path = os.path.join(keep, f"state-{sid}.qcow2")
