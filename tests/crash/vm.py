@@ -31,7 +31,6 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import select
@@ -317,13 +316,11 @@ EXT4_NEEDS_RECOVERY = 0x4  # s_feature_incompat: the journal holds transactions 
 def check_file_system(raw, sizes):
     """e2fsck after the journal's replay, then what the applications find."""
     with open(raw, "rb") as f:
-        f.seek(1024 + 56)
-        magic = f.read(2)
-    if magic != b"\x53\xef":
+        f.seek(1024)
+        sb = f.read(0x64)
+    if sb[56:58] != b"\x53\xef":
         return {"fs": (None, "no ext4 superblock"), "present": [], "app_errors": []}
-    with open(raw, "rb") as f:
-        f.seek(1024 + 0x60)
-        incompat = int.from_bytes(f.read(4), "little")
+    incompat = int.from_bytes(sb[0x60:0x64], "little")
     replay = "no journal to replay"
     if incompat & EXT4_NEEDS_RECOVERY:
         rc1, out1 = hz.tool("e2fsck", "-E", "journal_only", "-y", raw)
@@ -433,9 +430,8 @@ def check_applications(files, sizes):
 # --- judging one state ---------------------------------------------------------------------
 def judge(run, c, res):
     """The failures of one checked state at crash point c: [(kind, text)]."""
-    fails = [(k, t) for k, t in hz.image_failures(res_for_image(res)) if k != "read"]
+    fails = hz.image_failures(res)
     if res["guest"] is None:
-        fails.append(("read", f"QEMU's qcow2 cannot read the image: {res['read_error']}"))
         return fails
     fails += run.gm.check(hz.guest_point(c), res["guest"])
     mkfs_ack = run.acks["mkfs"]
@@ -468,13 +464,6 @@ def judge(run, c, res):
     return fails
 
 
-def res_for_image(res):
-    """The fields hz.image_failures reads, for the checks this harness runs."""
-    return {"sys_check": res["sys_check"], "built_check": res["built_check"],
-            "guest": res["guest"], "read_error": res.get("read_error", ""),
-            "compare": (0, ""), "rw_qcow2b": (True, ""), "rw_qcow2": (True, "")}
-
-
 def lost_suffix(run, c, res):
     """Bytes of guest writes completed before c that the state does not show."""
     point = hz.guest_point(c)
@@ -496,29 +485,8 @@ def check_run(run, budget, seed, jobs, resultdir):
     # writes in flight at many crash points): more draws per distinct state.
     samples = SAMPLES_PER_STATE * budget
     _, gen = hz.states(fm, budget, seed, run.mode, everything, samples)
-    seen, by_hash, states = set(), {}, []
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(jobs, initializer=hz.worker_init) as pool:
-        pending = []
-        for sid, c, r, present in gen:
-            key = (hz.state_key(fm, c, present), run.gm.signature(hz.guest_point(c)))
-            if key in seen:
-                continue
-            seen.add(key)
-            img = fm.build(c, present)
-            h = hashlib.sha1(img).hexdigest()
-            if h not in by_hash:
-                path = os.path.join(run.workdir, f"s{len(by_hash)}.qcow2")
-                with open(path, "wb") as f:
-                    f.write(img)
-                by_hash[h] = pool.apply_async(check_state, (path,))
-                pending.append(by_hash[h])
-                if len(pending) > 4 * jobs:
-                    pending.pop(0).wait()
-            states.append((sid, c, r, present, h))
-            if len(states) >= budget:
-                break
-        results = {h: a.get() for h, a in by_hash.items()}
+    states, results = hz.check_distinct_states(fm, run.gm, gen, budget, run.workdir, jobs,
+                                               check_state)
     phases = {}
     failures = []
     fs_checked = fs_ok = 0
