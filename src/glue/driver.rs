@@ -335,17 +335,6 @@ unsafe extern "C" fn qcow2b_co_barrier(
     })
 }
 
-unsafe extern "C" fn qcow2b_co_drain_begin(bs: *mut BlockDriverState) {
-    // SAFETY: called by the block layer for a node we opened.
-    let node = unsafe { Node::of(bs) };
-    // The ordered mode's writer empties the buffer while the drain waits for it; the txg
-    // committer stops sleeping and ends.
-    if let FileAccess::Ordered(o) = &node.file {
-        o.begin_drain();
-    }
-    txg::drain_begin(node);
-}
-
 /// Runs a metadata-only change of a guest range once no allocation in flight overlaps it.
 ///
 /// # Safety
@@ -596,12 +585,24 @@ unsafe extern "C" fn qcow2b_reopen_prepare(
     // SAFETY: QEMU passes a valid reopen state of a drained qcow2b node, and errp.
     unsafe {
         guard_errp("reopen", errp, || {
+            let bs = (*state).bs;
             let read_only = (*state).flags & bindings::BDRV_O_RDWR as c_int == 0;
-            let image = Node::of((*state).bs).image_drained();
-            if read_only {
-                // Before the file child loses write permission: everything out, durably.
+            let image = Node::of(bs).image_drained();
+            let file_changes = names_another_file(state);
+            // The file's node now: commit reads the image anew if the reopen replaced it.
+            (*state).opaque = (*(*bs).file).bs.cast();
+            if file_changes && !image.is_read_only() {
+                // Everything out to the file it belongs to, durably, and the zero reserve
+                // given back, as at a close: after the switch, buffered epochs and dirty
+                // tables would reach the other file.
+                image.hand_over()?;
+            } else if !image.is_read_only() {
+                // A node going read-only loses its write permission: everything out,
+                // durably. QEMU's qcow2 writes its caches out at every reopen; so does this
+                // (free when nothing is dirty).
                 image.flush()?;
-            } else {
+            }
+            if !read_only {
                 // What make_writable would refuse in commit_post, where it cannot fail.
                 image.check_can_write()?;
             }
@@ -610,9 +611,57 @@ unsafe extern "C" fn qcow2b_reopen_prepare(
     }
 }
 
+/// Whether a reopen names another node as the `file` child (blockdev-reopen; without the
+/// key the child stays).
+///
+/// # Safety
+/// `state` is the reopen state of an open qcow2b node, before the block layer parses the
+/// children (the driver's prepare).
+unsafe fn names_another_file(state: *mut BDRVReopenState) -> bool {
+    // SAFETY: per the caller; node names are NUL-terminated arrays.
+    unsafe {
+        let name = bindings::qdict_get_try_str((*state).options, c"file".as_ptr());
+        let current = (*(*(*state).bs).file).bs;
+        !name.is_null() && CStr::from_ptr(name) != CStr::from_ptr((*current).node_name.as_ptr())
+    }
+}
+
+/// After a reopen that replaced the `file` child: the image is read from the new file (the
+/// old one was handed over in prepare). Nothing here may fail the reopen any more, so a
+/// node whose new file does not open refuses every request from now on.
+///
+/// # Safety
+/// `bs` an open qcow2b node, drained, whose `file` child is the new one.
+unsafe fn reopen_new_file(bs: *mut BlockDriverState) {
+    // SAFETY: per the caller.
+    let node = unsafe { Node::of(bs) };
+    let ret = guard("reopen", || {
+        let mut options = node.open_options.clone();
+        // SAFETY: per the caller.
+        let image = unsafe { node.image_drained() };
+        options.read_only = image.is_read_only();
+        let fresh = Image::open(node.file.clone(), &options)?;
+        // SAFETY: per the caller.
+        unsafe { publish_image_fields(bs, &fresh) }?;
+        let _old = std::mem::replace(image, fresh);
+        Ok(0)
+    });
+    if ret < 0 {
+        node.poison();
+        eprintln!(
+            "qcow2b: reopen with another file: the image in the new file does not open, so \
+             this node refuses every request: {}",
+            std::io::Error::from_raw_os_error(-ret)
+        );
+    }
+}
+
 unsafe extern "C" fn qcow2b_reopen_commit(state: *mut BDRVReopenState) {
     // SAFETY: as in prepare.
     unsafe {
+        if (*(*(*state).bs).file).bs != (*state).opaque.cast() {
+            reopen_new_file((*state).bs);
+        }
         if (*state).flags & bindings::BDRV_O_RDWR as c_int == 0 {
             let bs = (*state).bs;
             let ret = guard("reopen", || {
@@ -908,7 +957,6 @@ pub extern "C" fn qcow2b_register() {
             bdrv_co_preadv_part: Some(qcow2b_co_preadv_part),
             bdrv_co_pwritev_part: Some(qcow2b_co_pwritev_part),
             bdrv_co_barrier: Some(qcow2b_co_barrier),
-            bdrv_co_drain_begin: Some(qcow2b_co_drain_begin),
             bdrv_detach_aio_context: Some(qcow2b_detach_aio_context),
             bdrv_attach_aio_context: Some(qcow2b_attach_aio_context),
             bdrv_co_pwrite_zeroes: Some(qcow2b_co_pwrite_zeroes),

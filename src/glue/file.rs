@@ -87,7 +87,9 @@ pub enum DirectBarrier {
 #[derive(Clone)]
 pub enum FileAccess {
     Direct {
-        child: *mut BdrvChild,
+        /// The qcow2b node: its `file` child is looked up at each use (a reopen may replace
+        /// it).
+        bs: *mut BlockDriverState,
         barrier: DirectBarrier,
         counters: Rc<HostCounters>,
     },
@@ -100,12 +102,10 @@ impl FileAccess {
     /// # Safety
     /// `bs` is a qcow2b node whose `file` child is open; both outlive the returned value.
     pub unsafe fn new(bs: *mut BlockDriverState, mode: BarrierMode) -> FileAccess {
-        // SAFETY: per the caller.
-        let child = unsafe { (*bs).file };
         let counters = Rc::new(HostCounters::default());
         match mode {
             BarrierMode::Flush => FileAccess::Direct {
-                child,
+                bs,
                 barrier: DirectBarrier::Flush,
                 counters,
             },
@@ -113,20 +113,16 @@ impl FileAccess {
             // barrier inside a group (outside one, for a resize or a check, a barrier is a
             // sync). What a group writes is written back from memory, without a sync (see
             // `OrderedFile::sync_epochs`).
-            BarrierMode::Txg { .. } => FileAccess::Ordered(OrderedFile::new(
-                bs,
-                child,
-                TXG_BUFFER_BYTES,
-                counters,
-                false,
-            )),
+            BarrierMode::Txg { .. } => {
+                FileAccess::Ordered(OrderedFile::new(bs, TXG_BUFFER_BYTES, counters, false))
+            }
             BarrierMode::BarrierFs { .. } | BarrierMode::Injected => FileAccess::Direct {
-                child,
+                bs,
                 barrier: DirectBarrier::BlockLayer,
                 counters,
             },
             BarrierMode::Ordered { buffer_bytes } => {
-                FileAccess::Ordered(OrderedFile::new(bs, child, buffer_bytes, counters, true))
+                FileAccess::Ordered(OrderedFile::new(bs, buffer_bytes, counters, true))
             }
         }
     }
@@ -167,8 +163,9 @@ impl FileAccess {
 
     fn child(&self) -> *mut BdrvChild {
         match self {
-            FileAccess::Direct { child, .. } => *child,
-            FileAccess::Ordered(o) => o.file,
+            // SAFETY: the node is open while its FileAccess is (constructor contract).
+            FileAccess::Direct { bs, .. } => unsafe { (**bs).file },
+            FileAccess::Ordered(o) => o.file(),
         }
     }
 
@@ -226,9 +223,19 @@ impl FileAccess {
         tail: &[u8],
     ) -> io::Result<()> {
         match self {
-            FileAccess::Direct { child, .. } => {
+            FileAccess::Direct { .. } => {
                 // SAFETY: per the caller.
-                unsafe { write_vectored(*child, host_offset, head, len, qiov, qiov_offset, tail) }
+                unsafe {
+                    write_vectored(
+                        self.child(),
+                        host_offset,
+                        head,
+                        len,
+                        qiov,
+                        qiov_offset,
+                        tail,
+                    )
+                }
             }
             FileAccess::Ordered(o) if o.may_write_directly() => {
                 // Every earlier epoch is durable: straight from the request's buffers.
@@ -236,7 +243,7 @@ impl FileAccess {
                 o.direct_in_flight.set(o.direct_in_flight.get() + 1);
                 // SAFETY: per the caller.
                 let result = unsafe {
-                    write_vectored(o.file, host_offset, head, len, qiov, qiov_offset, tail)
+                    write_vectored(o.file(), host_offset, head, len, qiov, qiov_offset, tail)
                 };
                 o.direct_in_flight.set(o.direct_in_flight.get() - 1);
                 let end = host_offset + (head.len() + len + tail.len()) as u64;
@@ -403,23 +410,23 @@ fn child_truncate(child: *mut BdrvChild, len: u64) -> io::Result<()> {
 impl Storage for FileAccess {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         match self {
-            FileAccess::Direct { child, .. } => child_pread(*child, offset, buf),
+            FileAccess::Direct { .. } => child_pread(self.child(), offset, buf),
             FileAccess::Ordered(o) => o.read(offset, buf),
         }
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         match self {
-            FileAccess::Direct { child, .. } => child_pwrite(*child, offset, buf),
+            FileAccess::Direct { .. } => child_pwrite(self.child(), offset, buf),
             FileAccess::Ordered(o) => o.write(offset, buf),
         }
     }
 
     fn flush(&self) -> io::Result<()> {
         match self {
-            FileAccess::Direct {
-                child, counters, ..
-            } => counters.count_error(child_flush(*child, counters)),
+            FileAccess::Direct { counters, .. } => {
+                counters.count_error(child_flush(self.child(), counters))
+            }
             FileAccess::Ordered(o) => o.flush(),
         }
     }
@@ -427,18 +434,17 @@ impl Storage for FileAccess {
     fn barrier(&self) -> io::Result<()> {
         match self {
             FileAccess::Direct {
-                child,
-                barrier,
-                counters,
+                barrier, counters, ..
             } => {
+                let child = self.child();
                 counters.barriers.set(counters.barriers.get() + 1);
                 let result = match barrier {
-                    DirectBarrier::Flush => child_flush(*child, counters),
+                    DirectBarrier::Flush => child_flush(child, counters),
                     // Outside a coroutine (open, close) a flush orders just as well.
-                    DirectBarrier::BlockLayer if !in_coroutine() => child_flush(*child, counters),
+                    DirectBarrier::BlockLayer if !in_coroutine() => child_flush(child, counters),
                     DirectBarrier::BlockLayer => {
                         // SAFETY: in a coroutine; the child is open.
-                        check(unsafe { bindings::bdrv_co_barrier(*child, 0) })
+                        check(unsafe { bindings::bdrv_co_barrier(child, 0) })
                     }
                 };
                 counters.count_error(result)
@@ -467,17 +473,17 @@ impl Storage for FileAccess {
 
     fn len(&self) -> io::Result<u64> {
         match self {
-            FileAccess::Direct { child, .. } => child_len(*child),
-            FileAccess::Ordered(o) => Ok(child_len(o.file)?.max(o.buffered_end.get())),
+            FileAccess::Direct { .. } => child_len(self.child()),
+            FileAccess::Ordered(o) => Ok(child_len(o.file())?.max(o.buffered_end.get())),
         }
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         match self {
-            FileAccess::Direct { child, .. } => child_truncate(*child, len),
+            FileAccess::Direct { .. } => child_truncate(self.child(), len),
             FileAccess::Ordered(o) => {
                 o.drain()?;
-                child_truncate(o.file, len)?;
+                child_truncate(o.file(), len)?;
                 o.buffered_end.set(len);
                 Ok(())
             }
@@ -504,7 +510,6 @@ pub struct Unsynced {
 pub struct OrderedFile {
     /// The qcow2b node: the writer counts as one of its requests, so drain waits for it.
     bs: *mut BlockDriverState,
-    file: *mut BdrvChild,
     buffer: RefCell<EpochBuffer>,
     /// The writer coroutine is running (at most one).
     writer_running: Cell<bool>,
@@ -556,14 +561,12 @@ pub struct OrderedFile {
 impl OrderedFile {
     fn new(
         bs: *mut BlockDriverState,
-        file: *mut BdrvChild,
         limit_bytes: u64,
         counters: Rc<HostCounters>,
         sync_epochs: bool,
     ) -> Rc<OrderedFile> {
         let o = Rc::new(OrderedFile {
             bs,
-            file,
             buffer: RefCell::new(EpochBuffer::new(limit_bytes)),
             writer_running: Cell::new(false),
             want_open_epoch: Cell::new(0),
@@ -590,6 +593,13 @@ impl OrderedFile {
             bindings::qemu_co_queue_init(o.progress_waiters.get());
         }
         o
+    }
+
+    /// The node's `file` child, looked up at each use: a reopen may replace it (blockdev-reopen
+    /// with another `file`; the buffer was emptied into the old one in reopen_prepare).
+    fn file(&self) -> *mut BdrvChild {
+        // SAFETY: the node outlives its OrderedFile.
+        unsafe { (*self.bs).file }
     }
 
     fn unsynced_bytes(&self) -> u64 {
@@ -648,7 +658,7 @@ impl OrderedFile {
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         if !in_coroutine() {
             self.drain()?;
-            return child_pwrite(self.file, offset, data);
+            return child_pwrite(self.file(), offset, data);
         }
         // First come first served: a write does not pass one already waiting for space.
         // SAFETY: the queue was initialised in `new`.
@@ -662,7 +672,7 @@ impl OrderedFile {
                 .set(self.direct_unsynced_bytes.get() + data.len() as u64);
             self.note_unsynced_write();
             self.direct_in_flight.set(self.direct_in_flight.get() + 1);
-            let result = child_pwrite(self.file, offset, data);
+            let result = child_pwrite(self.file(), offset, data);
             self.direct_in_flight.set(self.direct_in_flight.get() - 1);
             self.buffered_end
                 .set(self.buffered_end.get().max(offset + data.len() as u64));
@@ -730,7 +740,7 @@ impl OrderedFile {
         // The overlay is taken before the file is read: an epoch that completes meanwhile is
         // either in the file or in the overlay.
         let overlay = self.buffer.borrow().snapshot(offset, buf.len());
-        child_pread(self.file, offset, buf)?;
+        child_pread(self.file(), offset, buf)?;
         overlay.apply(buf);
         Ok(())
     }
@@ -777,7 +787,7 @@ impl OrderedFile {
     fn flush(&self) -> io::Result<()> {
         if !in_coroutine() {
             self.drain()?;
-            return child_flush(self.file, &self.counters);
+            return child_flush(self.file(), &self.counters);
         }
         self.take_error()?;
         if self.may_write_directly() {
@@ -788,7 +798,7 @@ impl OrderedFile {
             let covers_all = self.direct_in_flight.get() == 0;
             self.counters.epochs.set(self.counters.epochs.get() + 1);
             self.counters
-                .count_error(child_flush(self.file, &self.counters))?;
+                .count_error(child_flush(self.file(), &self.counters))?;
             if covers_all {
                 self.direct_synced();
             }
@@ -823,7 +833,7 @@ impl OrderedFile {
         self.written_unsynced.set(false);
         let result = self
             .counters
-            .count_error(child_flush(self.file, &self.counters));
+            .count_error(child_flush(self.file(), &self.counters));
         match result {
             Ok(()) => self.note_synced(),
             Err(_) => self.written_unsynced.set(true),
@@ -863,7 +873,7 @@ impl OrderedFile {
                     bindings::qemu_iovec_add(q, w.data.as_ptr() as *mut _, w.data.len());
                 }
                 let ret = bindings::bdrv_co_pwritev(
-                    self.file,
+                    self.file(),
                     to_i64(run[0].offset)?,
                     to_i64(total as u64)?,
                     q,
@@ -878,7 +888,7 @@ impl OrderedFile {
             self.written_unsynced.set(true);
             return Ok(());
         }
-        child_flush(self.file, &self.counters)
+        child_flush(self.file(), &self.counters)
     }
 
     /// The writer coroutine's body: epochs, oldest first, until none is due or one fails.
@@ -890,7 +900,7 @@ impl OrderedFile {
             let covers_all = self.direct_in_flight.get() == 0;
             match self
                 .counters
-                .count_error(child_flush(self.file, &self.counters))
+                .count_error(child_flush(self.file(), &self.counters))
             {
                 Ok(()) => {
                     self.direct_sync_due.set(false);
@@ -968,7 +978,7 @@ impl OrderedFile {
         self.take_error()?;
         if self.direct_unsynced.get() {
             // Direct writes before whatever is buffered: durable first.
-            child_flush(self.file, &self.counters)?;
+            child_flush(self.file(), &self.counters)?;
             self.direct_synced();
             self.direct_sync_due.set(false);
         }
@@ -979,8 +989,8 @@ impl OrderedFile {
             let result = job
                 .writes()
                 .iter()
-                .try_for_each(|w| child_pwrite(self.file, w.offset, &w.data))
-                .and_then(|()| child_flush(self.file, &self.counters));
+                .try_for_each(|w| child_pwrite(self.file(), w.offset, &w.data))
+                .and_then(|()| child_flush(self.file(), &self.counters));
             match result {
                 Ok(()) => {
                     let _ = self.buffer.borrow_mut().complete(job);
@@ -996,16 +1006,6 @@ impl OrderedFile {
             }
         }
         Ok(())
-    }
-
-    /// The drain callback: the open epoch is closed, so the writer writes everything buffered
-    /// while the drain waits for it (no write arrives during a drain to open another). There
-    /// is no end callback: QEMU 7.2 waits for a driver's drain_end coroutine in the node's
-    /// AioContext, which deadlocks when the drain ends a switch to an iothread (iotest 127:
-    /// the mirror job's completion attaches a qcow2b backing file to an iothread's node).
-    pub fn begin_drain(&self) {
-        self.buffer.borrow_mut().barrier();
-        self.kick();
     }
 }
 

@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::ffi::c_void;
 
 use super::bindings::{
-    self, AioContext, BlockDriverState, CoMutex, CoQueue, QEMUTimer, QemuCoSleep, QemuLockable,
+    self, AioContext, BlockDriverState, CoMutex, CoQueue, QEMUTimer, QemuLockable,
 };
 use super::file::FileAccess;
 use crate::engine::{Error, Image, OpenOptions};
@@ -59,15 +59,16 @@ pub struct Node {
 pub struct Committer {
     /// The committer coroutine runs (at most one per node).
     pub committer_running: Cell<bool>,
-    /// Where it sleeps until the group's age bound; woken early by a write that reached the
-    /// byte bound, or by a drain.
-    pub sleep: UnsafeCell<QemuCoSleep>,
     /// The group's age bound, also the pause after a failed commit.
     pub max_age: std::time::Duration,
-    /// Starts the committer again after a drain (`txg.rs`), and the AioContext it was set
-    /// up in (null: none).
+    /// Starts the committer at the open group's age bound, after a failed commit's pause and
+    /// after a drain (`txg.rs`); the AioContext it was set up in (null: none), and whether
+    /// it is armed.
     pub restart: UnsafeCell<QEMUTimer>,
     pub restart_ctx: Cell<*mut AioContext>,
+    pub timer_armed: Cell<bool>,
+    /// The last commit of a reached bound failed: the timer retries it, not every write.
+    pub backing_off: Cell<bool>,
 }
 
 impl Node {
@@ -97,12 +98,13 @@ impl Node {
             poisoned: Cell::new(false),
             txg: Committer {
                 committer_running: Cell::new(false),
-                sleep: UnsafeCell::new(QemuCoSleep::default()),
                 max_age: open_options
                     .txg
                     .map_or(std::time::Duration::ZERO, |t| t.max_group_age),
                 restart: UnsafeCell::new(QEMUTimer::default()),
                 restart_ctx: Cell::new(std::ptr::null_mut()),
+                timer_armed: Cell::new(false),
+                backing_off: Cell::new(false),
             },
             open_options,
         });
@@ -124,6 +126,11 @@ impl Node {
         // SAFETY: qcow2b_open stored a Box<Node> pointer in the opaque area (instance_size is
         // one pointer); it stays valid until qcow2b_close.
         unsafe { &**((*bs).opaque as *const *const Node) }
+    }
+
+    /// From now on every request of the node fails (its state cannot be trusted).
+    pub fn poison(&self) {
+        self.poisoned.set(true);
     }
 
     /// Takes the metadata lock (yielding while another coroutine holds it).

@@ -1,23 +1,25 @@
 //! `barrier=txg` in QEMU: when a transaction group commits (`engine::txg`).
 //!
 //! - At a guest flush, in the flush's coroutine ([`commit`] with `Durability::Flush`).
-//! - When the group reaches its byte bound or its age bound, in the node's committer: one
-//!   background coroutine per node, started by the first write of a group. It sleeps until
-//!   the group's age bound, is woken early when a write finds the byte bound reached, commits,
-//!   and ends when no group is open. It counts as a request of the node (so drain and close
-//!   wait for it); a drain wakes it, and it ends without committing (the group stays open,
-//!   nothing is lost: close commits it). "A drain is on" is the node's `quiesce_counter`, not
-//!   a flag of ours: there is no drain_end callback (QEMU 7.2 runs it as a coroutine in the
-//!   node's AioContext, which deadlocks when the drain ends an AioContext switch; see
-//!   `driver.rs`).
-//! - After a drain, the restart timer: a committer that ended for a drain, and a write made
-//!   while one is on, arm a timer in the node's AioContext that starts the committer again
-//!   once the drain is over (it looks every [`RESTART_RETRY`]). So the age bound holds for a
-//!   guest that goes idle after a drain (a guest whose flushes are barriers relies on it),
-//!   stretched by the drain's length only. The timer is not a request: drains do not wait
-//!   for it. It lives in one AioContext: the node's detach callback deletes it and the
-//!   attach callback arms it again in the new one ([`detach`], [`attach`]); close deletes
-//!   it before the node goes.
+//! - When the group reaches its byte bound or its age bound, in the node's committer: a
+//!   coroutine that commits while a bound is reached and then ends, started by a write that
+//!   reached the byte bound, or by the node's timer. The timer is armed for the group's age
+//!   bound when the group opens (by a committer started for its first write, which commits
+//!   nothing and ends), and for the pause after a failed commit. The committer counts as a
+//!   request of the node (so drain and close wait for it) only while it runs, and it runs
+//!   only to commit: an idle node in the txg mode holds no request. So a drain needs no
+//!   callback, and neither polls nor waits for an age bound: QEMU 7.2 runs a driver's drain
+//!   callbacks as coroutines it must poll for, and polling a node of an iothread from a
+//!   reopen that attaches it as a backing file aborts QEMU (iotest 245,
+//!   test_iothreads_switch_overlay: the main loop does not hold the iothread's AioContext).
+//!   "A drain is on" is the node's `quiesce_counter`: a committer that finds one ends
+//!   without committing (the group stays open, nothing is lost: close commits it), and a
+//!   timer that fires during one looks again every [`RESTART_RETRY`]. So the age bound holds
+//!   for a guest that goes idle (a guest whose flushes are barriers relies on it), stretched
+//!   by a drain's length only.
+//! - The timer lives in one AioContext: the node's detach callback deletes it and the attach
+//!   callback arms it again in the new one ([`detach`], [`attach`]); close deletes it before
+//!   the node goes.
 //!
 //! A commit waits for the write plans in flight and holds new ones back meanwhile (a plan
 //! may write in place into a cluster the group owns, which the commit hands to the durable
@@ -74,8 +76,8 @@ pub unsafe fn commit(node: &Node, why: Durability) -> Result<(), Error> {
     result
 }
 
-/// After a guest write: starts the committer when a group is open and it is not running, or
-/// wakes it early when the group reached its byte bound.
+/// After a guest write: starts the committer when the group reached its byte bound, or
+/// when the group is new (nothing armed the timer for its age bound yet).
 ///
 /// # Safety
 /// In a coroutine of the node's AioContext; `bs` an open qcow2b node in the txg mode.
@@ -83,18 +85,19 @@ pub unsafe fn after_write(bs: *mut BlockDriverState, node: &Node, due: bool) {
     // SAFETY: per the caller.
     if unsafe { drained(bs) } {
         // A write of the drain's owner: the group stays open for its flush or close; the
-        // restart timer starts the committer once the drain is over.
+        // timer starts the committer once the drain is over.
         // SAFETY: per the caller.
-        unsafe { arm_restart(bs, node, RESTART_RETRY) };
+        unsafe { arm_timer(bs, node, RESTART_RETRY) };
         return;
     }
-    if !node.txg.committer_running.get() {
+    let c = &node.txg;
+    if c.committer_running.get() {
+        // It commits again before it ends while the bound is reached.
+        return;
+    }
+    if (due && !c.backing_off.get()) || !c.timer_armed.get() {
         // SAFETY: per the caller.
         unsafe { start_committer(bs, node) };
-    } else if due {
-        // SAFETY: the sleep state lives in the node; waking a committer that is not asleep
-        // does nothing.
-        unsafe { bindings::qemu_co_sleep_wake(node.txg.sleep.get()) };
     }
 }
 
@@ -113,26 +116,26 @@ unsafe fn start_committer(bs: *mut BlockDriverState, node: &Node) {
     }
 }
 
-/// Arms the restart timer to fire `delay` from now in the node's current AioContext (set up
+/// Arms the node's timer to fire `delay` from now in the node's current AioContext (set up
 /// there first if it lived in no context or another one).
 ///
 /// # Safety
 /// In the node's AioContext thread; `bs` an open qcow2b node.
-unsafe fn arm_restart(bs: *mut BlockDriverState, node: &Node, delay: Duration) {
+unsafe fn arm_timer(bs: *mut BlockDriverState, node: &Node, delay: Duration) {
     let timer = node.txg.restart.get();
     // SAFETY: bs is open; its AioContext outlives the timer set up in it (detach deletes it
     // before the node leaves that context).
     unsafe {
         let ctx = bindings::bdrv_get_aio_context(bs);
         if node.txg.restart_ctx.get() != ctx {
-            forget_restart(node);
+            forget_timer(node);
             bindings::timer_init_full(
                 timer,
                 &raw mut (*ctx).tlg,
                 bindings::QEMU_CLOCK_REALTIME,
                 1, // nanoseconds
                 0,
-                Some(restart_fired),
+                Some(timer_fired),
                 bs.cast(),
             );
             node.txg.restart_ctx.set(ctx);
@@ -141,13 +144,15 @@ unsafe fn arm_restart(bs: *mut BlockDriverState, node: &Node, delay: Duration) {
         let now = bindings::qemu_clock_get_ns(bindings::QEMU_CLOCK_REALTIME);
         bindings::timer_mod(timer, now.saturating_add(ns));
     }
+    node.txg.timer_armed.set(true);
 }
 
-/// Deletes the restart timer from the context it was set up in, if any.
+/// Deletes the node's timer from the context it was set up in, if any.
 ///
 /// # Safety
 /// In the thread of that context (or with it quiescent: detach, close).
-unsafe fn forget_restart(node: &Node) {
+unsafe fn forget_timer(node: &Node) {
+    node.txg.timer_armed.set(false);
     if node.txg.restart_ctx.get().is_null() {
         return;
     }
@@ -165,7 +170,7 @@ unsafe fn forget_restart(node: &Node) {
 /// `bs` an open qcow2b node, drained (QEMU detaches drained nodes).
 pub unsafe fn detach(node: &Node) {
     // SAFETY: per the caller.
-    unsafe { forget_restart(node) };
+    unsafe { forget_timer(node) };
 }
 
 /// The node is in `ctx` now (the attach callback): a group left open by the drain that came
@@ -175,7 +180,7 @@ pub unsafe fn detach(node: &Node) {
 /// `bs` an open qcow2b node, in the txg mode, attached to `ctx` now.
 pub unsafe fn attach(bs: *mut BlockDriverState, node: &Node, _ctx: *mut AioContext) {
     // SAFETY: per the caller; the committer it may start finds out whether a group is open.
-    unsafe { arm_restart(bs, node, RESTART_RETRY) };
+    unsafe { arm_timer(bs, node, RESTART_RETRY) };
 }
 
 /// Close: the timer must not fire for a node that is gone.
@@ -184,33 +189,29 @@ pub unsafe fn attach(bs: *mut BlockDriverState, node: &Node, _ctx: *mut AioConte
 /// As for [`detach`].
 pub unsafe fn close(node: &Node) {
     // SAFETY: per the caller.
-    unsafe { forget_restart(node) };
+    unsafe { forget_timer(node) };
 }
 
-/// The restart timer fired, in the node's AioContext thread: start the committer once no
+/// The node's timer fired, in the node's AioContext thread: start the committer once no
 /// drain is on.
-unsafe extern "C" fn restart_fired(opaque: *mut c_void) {
+unsafe extern "C" fn timer_fired(opaque: *mut c_void) {
     let bs: *mut BlockDriverState = opaque.cast();
     // SAFETY: the timer is deleted before the node closes or changes context, so bs is an
     // open node in this thread's context.
     let node = unsafe { Node::of(bs) };
-    let _ = super::ffi::guard("txg restart timer", || {
+    node.txg.timer_armed.set(false);
+    node.txg.backing_off.set(false);
+    let _ = super::ffi::guard("txg timer", || {
         // SAFETY: as above.
         unsafe {
             if drained(bs) {
-                arm_restart(bs, node, RESTART_RETRY);
+                arm_timer(bs, node, RESTART_RETRY);
             } else if !node.txg.committer_running.get() {
                 start_committer(bs, node);
             }
         }
         Ok(0)
     });
-}
-
-/// A drain begins: the committer stops sleeping and ends (it sees the drain).
-pub fn drain_begin(node: &Node) {
-    // SAFETY: as in `after_write`.
-    unsafe { bindings::qemu_co_sleep_wake(node.txg.sleep.get()) };
 }
 
 /// Whether a drained section of the node is on.
@@ -225,34 +226,46 @@ unsafe fn drained(bs: *mut BlockDriverState) -> bool {
 
 unsafe extern "C" fn committer_entry(opaque: *mut c_void) {
     let bs: *mut BlockDriverState = opaque.cast();
-    // SAFETY: `after_write` passed an open node, kept open by the in-flight count.
+    // SAFETY: `start_committer` passed an open node, kept open by the in-flight count.
     let node = unsafe { Node::of(bs) };
-    // SAFETY: in the coroutine created for it, in the node's AioContext.
-    let outcome = super::ffi::guard("txg committer", || unsafe { run_committer(bs, node) });
-    if outcome < 0 {
+    let next = std::cell::Cell::new(None);
+    let outcome = super::ffi::guard("txg committer", || {
+        // SAFETY: in the coroutine created for it, in the node's AioContext.
+        next.set(unsafe { run_committer(bs, node) }?);
+        Ok(0)
+    });
+    node.txg.committer_running.set(false);
+    // SAFETY: as above.
+    let drain_on = unsafe { drained(bs) };
+    let delay = if outcome < 0 {
         eprintln!(
             "qcow2b: a transaction group commit failed (the next flush retries it): {}",
             std::io::Error::from_raw_os_error(-outcome)
         );
-    }
-    node.txg.committer_running.set(false);
-    // SAFETY: as above.
-    if unsafe { drained(bs) } {
-        // Ended for a drain, maybe with a group open: started again after it.
+        // Not again at once: the bound is still reached, and a failing disk would be asked
+        // in a loop. The next flush retries meanwhile.
+        node.txg.backing_off.set(true);
+        Some(node.txg.max_age)
+    } else if drain_on {
+        // Ended for a drain, maybe with a group open: looked at again after it.
+        Some(RESTART_RETRY)
+    } else {
+        next.get()
+    };
+    if let Some(delay) = delay {
         // SAFETY: as above; in the node's AioContext.
-        unsafe { arm_restart(bs, node, RESTART_RETRY) };
+        unsafe { arm_timer(bs, node, delay) };
     }
-    // SAFETY: balances the increment in `after_write`.
+    // SAFETY: balances the increment in `start_committer`.
     unsafe { bindings::bdrv_dec_in_flight(bs) };
 }
 
-/// The committer's body: commit whenever a bound is reached, sleep until the age bound
-/// otherwise; end when no group is open or a drain begins.
+/// The committer's body: commits while a bound is reached and no drain is on; returns when
+/// the timer should look again (the open group's age bound), `None` when no group is open.
 ///
 /// # Safety
 /// As for [`commit`].
-unsafe fn run_committer(bs: *mut BlockDriverState, node: &Node) -> Result<i32, Error> {
-    let mut last_error = None;
+unsafe fn run_committer(bs: *mut BlockDriverState, node: &Node) -> Result<Option<Duration>, Error> {
     // SAFETY: per the caller.
     while !unsafe { drained(bs) } {
         let (due, age_left) = {
@@ -261,39 +274,11 @@ unsafe fn run_committer(bs: *mut BlockDriverState, node: &Node) -> Result<i32, E
             let image = locked.image();
             (image.group_is_due(), image.group_age_left())
         };
-        let sleep_for = if due && last_error.is_none() {
-            // SAFETY: per the caller.
-            match unsafe { commit(node, Durability::Bound) } {
-                Ok(()) => continue,
-                Err(e) => {
-                    // Not again at once: the bound is still reached, and a failing disk
-                    // would be asked in a loop. The next flush retries meanwhile.
-                    let backoff = node.txg.max_age;
-                    last_error = Some(e);
-                    backoff
-                }
-            }
-        } else {
-            match age_left {
-                None => break,
-                Some(left) => {
-                    last_error = None;
-                    left.max(Duration::from_millis(1))
-                }
-            }
-        };
-        let ns = i64::try_from(sleep_for.as_nanos()).unwrap_or(i64::MAX);
-        // SAFETY: in a coroutine; the sleep state lives in the node, which outlives us.
-        unsafe {
-            bindings::qemu_co_sleep_ns_wakeable(
-                node.txg.sleep.get(),
-                bindings::QEMU_CLOCK_REALTIME,
-                ns,
-            )
-        };
+        if !due {
+            return Ok(age_left.map(|left| left.max(Duration::from_millis(1))));
+        }
+        // SAFETY: per the caller.
+        unsafe { commit(node, Durability::Bound) }?;
     }
-    match last_error {
-        Some(e) => Err(e),
-        None => Ok(0),
-    }
+    Ok(None)
 }
