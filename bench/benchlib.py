@@ -84,12 +84,14 @@ class Qmp:
 
     def qcow2b_counters(self, device=None):
         """The counters of the first qcow2b drive (or of `device`), or None."""
-        for dev in self.cmd("query-block").get("return", []):
+        # The driver's statistics (query-blockstats, driver-specific): the image
+        # information of a qcow2b node is that of any qcow2 image.
+        for dev in self.cmd("query-blockstats").get("return", []):
             if device is not None and dev.get("device") != device:
                 continue
-            spec = dev.get("inserted", {}).get("image", {}).get("format-specific", {})
-            if spec.get("type") == "qcow2b":
-                return spec["data"]["counters"]
+            spec = dev.get("driver-specific", {})
+            if spec.get("driver") == "qcow2b":
+                return spec["counters"]
         return None
 
     def host_fdatasyncs(self):

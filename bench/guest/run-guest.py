@@ -11,7 +11,7 @@ Host fdatasync counts: the QEMU process runs under strace (only fdatasync and fs
 traced, through seccomp, so other system calls run at full speed), with a timestamp per
 call; the guest prints a marker on the serial console before and after each test, this
 script timestamps the markers, and the calls between a test's markers are that test's.
-For qcow2b the node's own counter (QMP query-block, host-fdatasyncs) is read at each marker
+For qcow2b the node's own counter (QMP query-blockstats, host-fdatasyncs) is read at each marker
 as well, as a cross-check.
 
 TCG by default (`--accel kvm` to try KVM, with `-cpu host`). On the build machine (a VM on

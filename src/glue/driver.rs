@@ -761,6 +761,20 @@ unsafe extern "C" fn qcow2b_get_info(
     })
 }
 
+/// Allocates a zeroed QAPI object with glib, as QEMU frees them (qapi_free_*).
+///
+/// # Safety
+/// `T` is a QAPI C struct, for which all zeros is a valid (empty) value.
+unsafe fn qapi_new<T>() -> *mut T {
+    // SAFETY: per the caller; g_malloc0 aborts rather than return NULL.
+    unsafe { bindings::g_malloc0(std::mem::size_of::<T>() as u64).cast() }
+}
+
+/// The image information of a qcow2b node: that of a qcow2 image, field for field, so that
+/// `qemu-img info`, query-block and query-named-block-nodes show what they show for QEMU's
+/// qcow2 (management tools and tests read it, and compare it before and after an operation).
+/// What is the driver's own (barrier mode, counters) is in its statistics
+/// ([`qcow2b_get_specific_stats`]).
 unsafe extern "C" fn qcow2b_get_specific_info(
     bs: *mut BlockDriverState,
     errp: *mut *mut bindings::Error,
@@ -770,14 +784,8 @@ unsafe extern "C" fn qcow2b_get_specific_info(
     // frees them with qapi_free_ImageInfoSpecific.
     unsafe {
         guard_errp("get_specific_info", errp, || {
-            let node = Node::of(bs);
-            let image = node.image_drained();
-            let header = image.header().clone();
-            let engine = image.counters();
-            let info: *mut bindings::ImageInfoSpecificQCow2b = bindings::g_malloc0(
-                std::mem::size_of::<bindings::ImageInfoSpecificQCow2b>() as u64,
-            )
-            .cast();
+            let header = Node::of(bs).image_drained().header().clone();
+            let info: *mut bindings::ImageInfoSpecificQCow2 = qapi_new();
             let i = &mut *info;
             let compat = if header.version >= 3 { c"1.1" } else { c"0.10" };
             i.compat = bindings::g_strdup(compat.as_ptr());
@@ -793,58 +801,79 @@ unsafe extern "C" fn qcow2b_get_specific_info(
                 CompressionType::Zlib => bindings::QCOW2_COMPRESSION_TYPE_ZLIB,
                 CompressionType::Zstd => bindings::QCOW2_COMPRESSION_TYPE_ZSTD,
             };
-            let mode = CString::new(node.mode.name()).unwrap_or_default();
-            i.barrier_mode = bindings::g_strdup(mode.as_ptr());
-            let host = node.file.counters();
-            let (buffered, peak) = node.file.buffered_bytes();
-            // Not yet durable: the open group's (txg), the buffer's and the unsynced direct
-            // writes' (ordered); the other modes do not track it.
-            let unsynced = match (image.group_exposure(), node.file.unsynced()) {
-                (Some(group), _) => Unsynced {
-                    bytes: group.bytes,
-                    peak_bytes: engine.peak_group_bytes.max(group.bytes),
-                    age: group.age,
-                    peak_age_ms: engine.peak_group_age_ms,
-                },
-                (None, Some(ordered)) => ordered,
-                (None, None) => Unsynced::default(),
-            };
-            let c: *mut bindings::Qcow2bCounters =
-                bindings::g_malloc0(std::mem::size_of::<bindings::Qcow2bCounters>() as u64).cast();
-            let n = |v: u64| v as i64;
-            *c = bindings::Qcow2bCounters {
-                guest_flushes: n(engine.guest_flushes),
-                guest_barrier_writes: n(node.barrier_writes.get()),
-                guest_barriers: n(engine.guest_barriers),
-                host_fdatasyncs: n(host.fdatasyncs.get()),
-                host_barriers: n(host.barriers.get()),
-                epochs: n(host.epochs.get()),
-                buffered_bytes: n(buffered),
-                peak_buffered_bytes: n(peak),
-                full_buffer_wait_ns: n(host.full_wait_ns.get()),
-                ordering_points: n(engine.ordering_points),
-                metadata_writes: n(engine.metadata_writes),
-                data_writes: n(engine.data_writes),
-                host_errors: n(host.errors.get()),
-                groups_committed: n(engine.groups_committed),
-                groups_committed_by_age: n(engine.groups_committed_by_age),
-                groups_committed_by_size: n(engine.groups_committed_by_size),
-                groups_committed_for_durability: n(engine.groups_committed_for_durability),
-                guest_flushes_as_barriers: n(node.guest_flush_barriers.get()),
-                unsynced_bytes: n(unsynced.bytes),
-                peak_unsynced_bytes: n(unsynced.peak_bytes),
-                unsynced_age_ms: n(unsynced.age.map_or(0, |a| a.as_millis() as u64)),
-                peak_unsynced_age_ms: n(unsynced.peak_age_ms),
-            };
-            i.counters = c;
-            let spec: *mut bindings::ImageInfoSpecific =
-                bindings::g_malloc0(std::mem::size_of::<bindings::ImageInfoSpecific>() as u64)
-                    .cast();
-            (*spec).type_ = bindings::IMAGE_INFO_SPECIFIC_KIND_QCOW2B;
-            (*spec).u.qcow2b.data = info;
+            let spec: *mut bindings::ImageInfoSpecific = qapi_new();
+            (*spec).type_ = bindings::IMAGE_INFO_SPECIFIC_KIND_QCOW2;
+            (*spec).u.qcow2.data = info;
             out = spec;
             Ok(0)
         });
+    }
+    out
+}
+
+/// The driver's statistics (QMP query-blockstats, `driver-specific`; qemu-io's info): the
+/// barrier mode and the counters of what the node received and issued since it was opened.
+unsafe extern "C" fn qcow2b_get_specific_stats(
+    bs: *mut BlockDriverState,
+) -> *mut bindings::BlockStatsSpecific {
+    let mut out = ptr::null_mut();
+    // SAFETY: bs is an open qcow2b node; the QAPI objects are allocated with glib, as QEMU
+    // frees them with qapi_free_BlockStatsSpecific.
+    let ret = guard("get_specific_stats", || unsafe {
+        let node = Node::of(bs);
+        let image = node.image_drained();
+        let engine = image.counters();
+        let host = node.file.counters();
+        let (buffered, peak) = node.file.buffered_bytes();
+        // Not yet durable: the open group's (txg), the buffer's and the unsynced direct
+        // writes' (ordered); the other modes do not track it.
+        let unsynced = match (image.group_exposure(), node.file.unsynced()) {
+            (Some(group), _) => Unsynced {
+                bytes: group.bytes,
+                peak_bytes: engine.peak_group_bytes.max(group.bytes),
+                age: group.age,
+                peak_age_ms: engine.peak_group_age_ms,
+            },
+            (None, Some(ordered)) => ordered,
+            (None, None) => Unsynced::default(),
+        };
+        let c: *mut bindings::Qcow2bCounters = qapi_new();
+        let n = |v: u64| v as i64;
+        *c = bindings::Qcow2bCounters {
+            guest_flushes: n(engine.guest_flushes),
+            guest_barrier_writes: n(node.barrier_writes.get()),
+            guest_barriers: n(engine.guest_barriers),
+            host_fdatasyncs: n(host.fdatasyncs.get()),
+            host_barriers: n(host.barriers.get()),
+            epochs: n(host.epochs.get()),
+            buffered_bytes: n(buffered),
+            peak_buffered_bytes: n(peak),
+            full_buffer_wait_ns: n(host.full_wait_ns.get()),
+            ordering_points: n(engine.ordering_points),
+            metadata_writes: n(engine.metadata_writes),
+            data_writes: n(engine.data_writes),
+            host_errors: n(host.errors.get()),
+            groups_committed: n(engine.groups_committed),
+            groups_committed_by_age: n(engine.groups_committed_by_age),
+            groups_committed_by_size: n(engine.groups_committed_by_size),
+            groups_committed_for_durability: n(engine.groups_committed_for_durability),
+            guest_flushes_as_barriers: n(node.guest_flush_barriers.get()),
+            unsynced_bytes: n(unsynced.bytes),
+            peak_unsynced_bytes: n(unsynced.peak_bytes),
+            unsynced_age_ms: n(unsynced.age.map_or(0, |a| a.as_millis() as u64)),
+            peak_unsynced_age_ms: n(unsynced.peak_age_ms),
+        };
+        let stats: *mut bindings::BlockStatsSpecific = qapi_new();
+        (*stats).driver = bindings::BLOCKDEV_DRIVER_QCOW2B;
+        let mode = CString::new(node.mode.name()).unwrap_or_default();
+        (*stats).u.qcow2b.barrier_mode = bindings::g_strdup(mode.as_ptr());
+        (*stats).u.qcow2b.counters = c;
+        out = stats;
+        Ok(0)
+    });
+    if ret < 0 {
+        // Statistics are optional: none rather than a half-built object.
+        return ptr::null_mut();
     }
     out
 }
@@ -972,6 +1001,7 @@ pub extern "C" fn qcow2b_register() {
             bdrv_co_invalidate_cache: Some(qcow2b_co_invalidate_cache),
             bdrv_get_info: Some(qcow2b_get_info),
             bdrv_get_specific_info: Some(qcow2b_get_specific_info),
+            bdrv_get_specific_stats: Some(qcow2b_get_specific_stats),
             bdrv_co_check: Some(qcow2b_co_check),
             bdrv_snapshot_list: Some(qcow2b_snapshot_list),
             bdrv_co_create_opts: Some(create::qcow2b_co_create_opts),
