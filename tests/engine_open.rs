@@ -5,7 +5,7 @@
 mod support;
 
 use qcow2b::engine::header::Header;
-use qcow2b::engine::{Error, Image, MemStorage, OpenOptions};
+use qcow2b::engine::{Error, Image, Mapping, MemStorage, OpenOptions};
 use support::*;
 
 const RW: OpenOptions = OpenOptions {
@@ -386,12 +386,11 @@ fn image_with_l2_entry(entry: u64) -> Image<MemStorage> {
 }
 
 #[test]
-fn l2_entry_pointing_at_offset_0_the_header_or_past_eof_is_corrupt() {
+fn l2_entry_pointing_at_offset_0_or_the_header_is_corrupt() {
     let mut buf = [0u8; 512];
     for (entry, needle) in [
         (1u64 << 63, "host offset 0"),
         (512 | (1 << 63), "aligned"),
-        ((1 << 30) | (1 << 63), "beyond the end"),
         ((1 << 62) | 100, "header"),
     ] {
         let mut image = image_with_l2_entry(entry);
@@ -400,6 +399,50 @@ fn l2_entry_pointing_at_offset_0_the_header_or_past_eof_is_corrupt() {
             other => panic!("entry {entry:#x}: {other:?}"),
         }
     }
+}
+
+#[test]
+fn a_data_cluster_past_the_end_of_the_file_reads_as_zeros_and_is_written_only_if_counted() {
+    // iotest 102: a file cut short outside of QEMU. QEMU's qcow2 reads such a cluster as
+    // zeros and writes it in place.
+    let mut buf = [0xffu8; 512];
+    let past = (1u64 << 30) | (1 << 63);
+    let mut image = image_with_l2_entry(past);
+    image.read(0, &mut buf, None).unwrap();
+    assert_eq!(buf, [0u8; 512]);
+    // Not counted by any refcount: an allocation could hand it out, so no write goes there.
+    match image.write(0, &[7u8; 512], None) {
+        Err(Error::Corrupt(m)) => assert!(
+            m.contains("beyond the end") && m.contains("refcount 0"),
+            "{m}"
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    // Counted (the refcount says so, the file is shorter): written in place, and the file
+    // ends after it; a new allocation does not land on it.
+    let mut b = valid();
+    let l2_at = b.len();
+    let data_at = l2_at + 2 * 65536; // one cluster of gap, then the cut-off data cluster
+    b.resize(l2_at + 65536, 0);
+    put64(&mut b, 3 * 65536, l2_at as u64 | (1 << 63));
+    put64(&mut b, l2_at, data_at as u64 | (1 << 63));
+    b[2 * 65536 + 2 * (l2_at / 65536) + 1] = 1;
+    b[2 * 65536 + 2 * (data_at / 65536) + 1] = 1;
+    let mut image = open(b, &RW).unwrap();
+    image.read(0, &mut buf, None).unwrap();
+    assert_eq!(buf, [0u8; 512]);
+    image.write(512, &[7u8; 512], None).unwrap();
+    image.write(65536, &[9u8; 512], None).unwrap();
+    image.flush().unwrap();
+    image.read(512, &mut buf, None).unwrap();
+    assert_eq!(buf, [7u8; 512]);
+    match image.map(65536, 65536).unwrap().0 {
+        Mapping::Data { host_offset } => assert_ne!(host_offset, data_at as u64),
+        other => panic!("{other:?}"),
+    }
+    image.read(65536, &mut buf, None).unwrap();
+    assert_eq!(buf, [9u8; 512]);
 }
 
 #[test]

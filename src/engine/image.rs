@@ -417,13 +417,27 @@ impl<S: Storage> Image<S> {
     }
 
     /// Refuses a data write that would land on the header or a table.
-    pub(super) fn check_data_target(&self, host_offset: u64) -> Result<()> {
+    pub(super) fn check_data_target(&mut self, host_offset: u64) -> Result<()> {
         let end = host_offset + self.cluster_size();
         if let Some(what) = self.metadata.metadata_at(host_offset, end) {
             return Err(Error::Corrupt(format!(
                 "data cluster at {host_offset:#x} overlaps {}",
                 MetadataMap::definite(what)
             )));
+        }
+        if end > self.host_end {
+            // Past the end of the file (cut short outside of QEMU): written in place, as
+            // QEMU's qcow2 does, only if its refcount counts it, so that no allocation can
+            // hand it out again (the file's extension skips counted clusters); the file ends
+            // after it from now on.
+            if self.refcount(host_offset >> self.cluster_bits)? == 0 {
+                return Err(Error::Corrupt(format!(
+                    "data cluster at {host_offset:#x} is beyond the end of the image file \
+                     ({:#x}) and has refcount 0",
+                    self.host_end
+                )));
+            }
+            self.host_end = end;
         }
         Ok(())
     }
