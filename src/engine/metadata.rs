@@ -37,15 +37,26 @@ impl<S: Storage> Image<S> {
             return Ok(());
         }
         let what = what();
-        if host_offset < self.cluster_size() {
-            return Err(Error::Corrupt(format!(
-                "{what} at {host_offset:#x} points into the header"
-            )));
-        }
+        self.check_not_header(host_offset, || what.clone())?;
         if host_offset >= self.host_end {
             return Err(Error::Corrupt(format!(
                 "{what} at {host_offset:#x} is beyond the end of the image file ({:#x})",
                 self.host_end
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a host cluster offset that points into the header (the first cluster).
+    pub(super) fn check_not_header(
+        &self,
+        host_offset: u64,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
+        if host_offset < self.cluster_size() {
+            return Err(Error::Corrupt(format!(
+                "{} at {host_offset:#x} points into the header",
+                what()
             )));
         }
         Ok(())
@@ -128,14 +139,11 @@ impl<S: Storage> Image<S> {
             } => (host_offset, max_len_bytes.max(1), "compressed data"),
             _ => return Ok(cluster),
         };
+        let name = || format!("{what} of guest cluster {guest_cluster}");
         if matches!(cluster, Cluster::Compressed { .. }) {
-            self.check_host_offset(host_offset, || {
-                format!("{what} of guest cluster {guest_cluster}")
-            })?;
-        } else if host_offset < self.cluster_size() {
-            return Err(Error::Corrupt(format!(
-                "{what} of guest cluster {guest_cluster} at {host_offset:#x} points into the header"
-            )));
+            self.check_host_offset(host_offset, name)?;
+        } else {
+            self.check_not_header(host_offset, name)?;
         }
         // A data cluster past the end of the file (a file cut short outside of QEMU, iotest
         // 102) reads as zeros, as with QEMU's qcow2: the file child zero-fills reads past its
