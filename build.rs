@@ -134,6 +134,7 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "timer_mod",
     "timer_del",
     "timer_deinit",
+    "timer_pending",
     "qemu_clock_get_ns",
 ];
 const ALLOW_VARS: &[&str] = &["BDRV_.*", "BDRV_O_.*", "BDRV_REQ_.*", "BDRV_BLOCK_.*"];

@@ -62,11 +62,9 @@ pub struct Committer {
     /// The group's age bound, also the pause after a failed commit.
     pub max_age: std::time::Duration,
     /// Starts the committer at the open group's age bound, after a failed commit's pause and
-    /// after a drain (`txg.rs`); the AioContext it was set up in (null: none), and whether
-    /// it is armed.
-    pub restart: UnsafeCell<QEMUTimer>,
-    pub restart_ctx: Cell<*mut AioContext>,
-    pub timer_armed: Cell<bool>,
+    /// after a drain (`txg.rs`), and the AioContext it was set up in (null: none).
+    pub timer: UnsafeCell<QEMUTimer>,
+    pub timer_ctx: Cell<*mut AioContext>,
     /// The last commit of a reached bound failed: the timer retries it, not every write.
     pub backing_off: Cell<bool>,
 }
@@ -101,9 +99,8 @@ impl Node {
                 max_age: open_options
                     .txg
                     .map_or(std::time::Duration::ZERO, |t| t.max_group_age),
-                restart: UnsafeCell::new(QEMUTimer::default()),
-                restart_ctx: Cell::new(std::ptr::null_mut()),
-                timer_armed: Cell::new(false),
+                timer: UnsafeCell::new(QEMUTimer::default()),
+                timer_ctx: Cell::new(std::ptr::null_mut()),
                 backing_off: Cell::new(false),
             },
             open_options,

@@ -33,7 +33,7 @@ use super::bindings::{self, AioContext, BlockDriverState};
 use super::node::Node;
 use crate::engine::Error;
 
-/// How often the restart timer looks again while a drain is on.
+/// How often the node's timer looks again while a drain is on.
 pub const RESTART_RETRY: Duration = Duration::from_millis(10);
 
 /// What the commit is for.
@@ -95,7 +95,7 @@ pub unsafe fn after_write(bs: *mut BlockDriverState, node: &Node, due: bool) {
         // It commits again before it ends while the bound is reached.
         return;
     }
-    if (due && !c.backing_off.get()) || !c.timer_armed.get() {
+    if (due && !c.backing_off.get()) || !timer_armed(node) {
         // SAFETY: per the caller.
         unsafe { start_committer(bs, node) };
     }
@@ -122,12 +122,12 @@ unsafe fn start_committer(bs: *mut BlockDriverState, node: &Node) {
 /// # Safety
 /// In the node's AioContext thread; `bs` an open qcow2b node.
 unsafe fn arm_timer(bs: *mut BlockDriverState, node: &Node, delay: Duration) {
-    let timer = node.txg.restart.get();
+    let timer = node.txg.timer.get();
     // SAFETY: bs is open; its AioContext outlives the timer set up in it (detach deletes it
     // before the node leaves that context).
     unsafe {
         let ctx = bindings::bdrv_get_aio_context(bs);
-        if node.txg.restart_ctx.get() != ctx {
+        if node.txg.timer_ctx.get() != ctx {
             forget_timer(node);
             bindings::timer_init_full(
                 timer,
@@ -138,13 +138,20 @@ unsafe fn arm_timer(bs: *mut BlockDriverState, node: &Node, delay: Duration) {
                 Some(timer_fired),
                 bs.cast(),
             );
-            node.txg.restart_ctx.set(ctx);
+            node.txg.timer_ctx.set(ctx);
         }
         let ns = i64::try_from(delay.as_nanos()).unwrap_or(i64::MAX);
         let now = bindings::qemu_clock_get_ns(bindings::QEMU_CLOCK_REALTIME);
         bindings::timer_mod(timer, now.saturating_add(ns));
     }
-    node.txg.timer_armed.set(true);
+}
+
+/// Whether the node's timer is armed: set up in a context and pending there (QEMU marks a
+/// timer not pending before it runs its callback, and when it is deleted).
+fn timer_armed(node: &Node) -> bool {
+    // SAFETY: a timer set up in a context (non-null `timer_ctx`) was initialised by
+    // `arm_timer` and not yet deinitialised (`forget_timer` clears the context).
+    !node.txg.timer_ctx.get().is_null() && unsafe { bindings::timer_pending(node.txg.timer.get()) }
 }
 
 /// Deletes the node's timer from the context it was set up in, if any.
@@ -152,16 +159,15 @@ unsafe fn arm_timer(bs: *mut BlockDriverState, node: &Node, delay: Duration) {
 /// # Safety
 /// In the thread of that context (or with it quiescent: detach, close).
 unsafe fn forget_timer(node: &Node) {
-    node.txg.timer_armed.set(false);
-    if node.txg.restart_ctx.get().is_null() {
+    if node.txg.timer_ctx.get().is_null() {
         return;
     }
-    // SAFETY: the timer was set up by `arm_restart` and is deleted once.
+    // SAFETY: the timer was set up by `arm_timer` and is deleted once.
     unsafe {
-        bindings::timer_del(node.txg.restart.get());
-        bindings::timer_deinit(node.txg.restart.get());
+        bindings::timer_del(node.txg.timer.get());
+        bindings::timer_deinit(node.txg.timer.get());
     }
-    node.txg.restart_ctx.set(std::ptr::null_mut());
+    node.txg.timer_ctx.set(std::ptr::null_mut());
 }
 
 /// The node leaves its AioContext (the detach callback): the timer goes with it.
@@ -199,7 +205,6 @@ unsafe extern "C" fn timer_fired(opaque: *mut c_void) {
     // SAFETY: the timer is deleted before the node closes or changes context, so bs is an
     // open node in this thread's context.
     let node = unsafe { Node::of(bs) };
-    node.txg.timer_armed.set(false);
     node.txg.backing_off.set(false);
     let _ = super::ffi::guard("txg timer", || {
         // SAFETY: as above.
