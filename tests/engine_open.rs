@@ -16,6 +16,7 @@ const RW: OpenOptions = OpenOptions {
     txg: None,
     test_skip_stage3_ordering: false,
     test_skip_txg_first_sync: false,
+    test_txg_overwrite_after_barrier: false,
 };
 const RO: OpenOptions = OpenOptions {
     read_only: true,
@@ -25,6 +26,7 @@ const RO: OpenOptions = OpenOptions {
     txg: None,
     test_skip_stage3_ordering: false,
     test_skip_txg_first_sync: false,
+    test_txg_overwrite_after_barrier: false,
 };
 
 fn open(bytes: Vec<u8>, opts: &OpenOptions) -> Result<Image<MemStorage>, Error> {

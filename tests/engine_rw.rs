@@ -818,3 +818,59 @@ fn a_small_write_into_a_cluster_freed_in_the_middle_of_the_file_writes_the_zeros
         "no old bytes after it"
     );
 }
+
+#[test]
+fn a_small_write_into_a_new_cluster_past_everything_written_writes_only_its_own_bytes() {
+    // A host cluster past everything the file ever held reads as zeros already: only the
+    // guest's bytes are written (QEMU's qcow2 writes them plus one write_zeroes). The freed
+    // cluster above is the case where the zeros must be written.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    let cluster = 64 << 10;
+    qemu_img_create(&path, cluster, 64 << 20, None);
+    let start = std::fs::read(&path).unwrap();
+    let mut image = Image::open(LogStorage::new(start), &OpenOptions::default()).unwrap();
+    let mut guests = Vec::new();
+    for i in 0..40u64 {
+        // Every write starts a new guest cluster, 8 KiB into it: a head and a tail.
+        let guest = i * 3 * cluster + 8192;
+        image.write(guest, &[0x5a; 4096], None).unwrap();
+        guests.push(guest);
+    }
+    image.flush().unwrap();
+    let events = image.storage().events.take();
+    for &guest in &guests {
+        let host = host_cluster_of(&mut image, guest, cluster);
+        // The zero reserve extends the file with one zero sector at the end of each batch
+        // of clusters it counts; that sector may fall in this cluster.
+        let writes: Vec<_> = data_writes_in(&events, host, cluster)
+            .into_iter()
+            .filter(|&w| w != (host + cluster - 512, 512))
+            .collect();
+        assert_eq!(
+            writes,
+            vec![(host + 8192, 4096)],
+            "guest {guest:#x}: only the request's bytes reach host cluster {host:#x}"
+        );
+        let mut back = vec![1u8; cluster as usize];
+        image.read(guest & !(cluster - 1), &mut back, None).unwrap();
+        assert!(back[..8192].iter().all(|&b| b == 0), "zeros before");
+        assert!(back[8192..12288].iter().all(|&b| b == 0x5a), "the data");
+        assert!(back[12288..].iter().all(|&b| b == 0), "zeros after");
+    }
+    let bytes = image.close().unwrap().inner.into_inner();
+    let img = dir.path().join("after.qcow2");
+    std::fs::write(&img, bytes).unwrap();
+    qemu_img_check(&img);
+    for &guest in &guests {
+        let head = guest & !(cluster - 1);
+        qemu_io(
+            &img,
+            &[
+                &format!("read -P 0 {head} 8k"),
+                &format!("read -P 0x5a {guest} 4k"),
+                &format!("read -P 0 {} {}", guest + 4096, cluster - 12288),
+            ],
+        );
+    }
+}

@@ -109,6 +109,15 @@ impl<S: Storage> DataContext<'_, S> {
         Ok(())
     }
 
+    /// Whether a fill's old content is zeros (without reading it).
+    fn reads_zeros(&self, fill: CowFill) -> bool {
+        match fill.source {
+            CowSource::Zeros => true,
+            CowSource::Backing { .. } => self.backing.is_none(),
+            CowSource::Data { .. } | CowSource::Compressed { .. } => false,
+        }
+    }
+
     /// The old content a copy-on-write fill takes.
     fn cow_bytes(&self, fill: CowFill) -> Result<Vec<u8>> {
         let mut bytes = vec![0u8; fill.len];
@@ -167,13 +176,27 @@ impl<S: Storage> DataContext<'_, S> {
                     head,
                     tail,
                     ..
-                } => (
-                    host_offset,
-                    self.cow_bytes(head)?,
-                    req_at,
-                    len,
-                    self.cow_bytes(tail)?,
-                ),
+                } => {
+                    // A fill of zeros over a hole is left out: the write starts after the
+                    // head, or ends before the tail.
+                    let written = |fill: CowFill| !(fill.over_hole && self.reads_zeros(fill));
+                    let start = if written(head) {
+                        host_offset
+                    } else {
+                        host_offset + head.len as u64
+                    };
+                    let head = if written(head) {
+                        self.cow_bytes(head)?
+                    } else {
+                        Vec::new()
+                    };
+                    let tail = if written(tail) {
+                        self.cow_bytes(tail)?
+                    } else {
+                        Vec::new()
+                    };
+                    (start, head, req_at, len, tail)
+                }
             };
             if !head.is_empty() || !tail.is_empty() {
                 self.storage.debug_event(DebugEvent::CowWrite);

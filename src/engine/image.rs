@@ -103,6 +103,8 @@ pub struct Image<S: Storage> {
     pub(super) test_skip_stage3_ordering: bool,
     /// Test only: see [`OpenOptions::test_skip_txg_first_sync`].
     pub(super) test_skip_txg_first_sync: bool,
+    /// Test only: see [`OpenOptions::test_txg_overwrite_after_barrier`].
+    pub(super) test_txg_overwrite_after_barrier: bool,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -223,6 +225,7 @@ impl<S: Storage> Image<S> {
             header,
             test_skip_stage3_ordering: opts.test_skip_stage3_ordering,
             test_skip_txg_first_sync: opts.test_skip_txg_first_sync,
+            test_txg_overwrite_after_barrier: opts.test_txg_overwrite_after_barrier,
         };
         image.metadata.reload_tables(&image.l1, &image.reftable);
         if !opts.read_only {
@@ -477,7 +480,9 @@ impl<S: Storage> Image<S> {
             return Ok(());
         }
         if self.txg.is_some() {
-            // A group commits whole or not at all: every barrier in it is kept for free.
+            // A group commits whole or not at all: every barrier in it is kept for free, once
+            // the group copies what D holds (`txg.rs`, "One epoch").
+            self.note_group_barrier();
             return Ok(());
         }
         self.write_back()?;

@@ -101,6 +101,10 @@ pub struct OpenOptions {
     /// sync (the group's tables before the header that names them), so that the crash
     /// harness can show it catches that. Driver option `x-test-skip-ordering=txg-first-sync`.
     pub test_skip_txg_first_sync: bool,
+    /// Test only, never for real data: a transaction group overwrites the durable image's
+    /// data clusters in place after a guest barrier too (breaking "One epoch" in `txg.rs`),
+    /// so that the engine's crash check can show it catches that.
+    pub test_txg_overwrite_after_barrier: bool,
 }
 
 /// What backs a range of guest bytes (the answer of [`Image::map`]).

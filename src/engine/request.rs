@@ -96,13 +96,23 @@ pub enum CowSource {
 pub struct CowFill {
     pub len: usize,
     pub source: CowSource,
+    /// The new host cluster reads as zeros here already: it lies past everything the file
+    /// was ever written with (a hole, or past its end). A fill whose old content is zeros
+    /// is then not written at all (the data step starts the write after the head, or ends
+    /// it before the tail).
+    pub over_hole: bool,
 }
 
 impl CowFill {
     const NONE: CowFill = CowFill {
         len: 0,
         source: CowSource::Zeros,
+        over_hole: false,
     };
+
+    fn over_hole(self, over_hole: bool) -> CowFill {
+        CowFill { over_hole, ..self }
+    }
 }
 
 /// One contiguous piece of a guest write.
@@ -300,7 +310,7 @@ impl<S: Storage> Image<S> {
                 Cluster::Data {
                     host_offset,
                     copied: true,
-                } if self.may_overwrite(host_offset) => {
+                } if self.may_overwrite_data(host_offset) => {
                     // In place, over as many following clusters as are contiguous in the file.
                     self.check_data_target(host_offset)?;
                     let mut stop = cluster_end.min(end);
@@ -312,7 +322,7 @@ impl<S: Storage> Image<S> {
                                 host_offset: next_host,
                                 copied: true,
                             })
-                            || !self.may_overwrite(next_host)
+                            || !self.may_overwrite_data(next_host)
                         {
                             break;
                         }
@@ -347,10 +357,12 @@ impl<S: Storage> Image<S> {
                         head: CowFill {
                             len: in_cluster as usize,
                             source: CowSource::Zeros,
+                            over_hole: false,
                         },
                         tail: CowFill {
                             len: (cluster_end - stop) as usize,
                             source: CowSource::Zeros,
+                            over_hole: false,
                         },
                         reused: true,
                         // The preallocated cluster holds stale bytes behind its zero flag.
@@ -379,18 +391,29 @@ impl<S: Storage> Image<S> {
                     // Clusters that would extend the file come from the zero reserve; freed
                     // clusters in the middle of the file are reused first.
                     let from_reserve = self.next_allocation_extends_file()?;
+                    let unwritten_from = self.host_end;
                     let (host_offset, clusters) = if from_reserve {
                         self.take_reserved(wanted)?
                     } else {
                         self.alloc_run(wanted)?
                     };
+                    // A host cluster that reads as zeros needs no zeros written: a reserved
+                    // one (`reserve.rs`: counted past everything in use, never written), or
+                    // one at or past the end of everything allocated before this plan (the
+                    // file never held bytes there: every write lies inside an allocation, and
+                    // `host_end` covers every allocation). QEMU's qcow2 gets the same from
+                    // the file with one write_zeroes per new cluster; here no call is made.
+                    let growable = self.storage.is_growable();
+                    let is_hole = |host: u64| growable && (from_reserve || host >= unwritten_from);
                     self.inflight_allocs.push(InflightAlloc {
                         start: guest_cluster,
                         end: guest_cluster + clusters,
                     });
                     let run_end = (guest_cluster + clusters) << self.cluster_bits;
                     let stop = run_end.min(end);
-                    let head = self.cow_fill(first_state, guest_cluster, 0, in_cluster)?;
+                    let head = self
+                        .cow_fill(first_state, guest_cluster, 0, in_cluster)?
+                        .over_hole(is_hole(host_offset));
                     let tail_len = run_end - stop;
                     let tail = if tail_len == 0 {
                         CowFill::NONE
@@ -401,7 +424,9 @@ impl<S: Storage> Image<S> {
                         } else {
                             self.cluster_at(last)?
                         };
+                        let last_host = host_offset + ((clusters - 1) << self.cluster_bits);
                         self.cow_fill(last_state, last, cluster_size - tail_len, tail_len)?
+                            .over_hole(is_hole(last_host))
                     };
                     pieces.push(WritePiece::Allocate {
                         host_offset,
@@ -447,6 +472,7 @@ impl<S: Storage> Image<S> {
         Ok(CowFill {
             len: len as usize,
             source,
+            over_hole: false,
         })
     }
 
@@ -581,7 +607,7 @@ impl<S: Storage> Image<S> {
             Cluster::Data {
                 host_offset,
                 copied: true,
-            } => !self.may_overwrite(host_offset),
+            } => !self.may_overwrite_data(host_offset),
             Cluster::Zero {
                 host_offset,
                 copied: true,

@@ -19,7 +19,9 @@
 //! Invariants kept here:
 //! - a cluster is in `usable` only once its refcount and the file extension covering it are
 //!   ordered before every later write (a barrier after writing them), or durable (the sync of
-//!   the flush that reserved them);
+//!   the flush that reserved them); a `pending` cluster handed out when `usable` ran dry is an
+//!   ordinary allocation as far as (b) goes: `unordered.refcounts` makes the write-back order
+//!   its refcount before the entry naming it;
 //! - reserved clusters are never named by any table while reserved; `take` hands them out
 //!   once each;
 //! - freed clusters in the middle of the file are reused before the reserve grows (the file
@@ -83,22 +85,30 @@ impl<S: Storage> Image<S> {
     pub(super) fn take_reserved(&mut self, wanted: u64) -> Result<(u64, u64)> {
         self.storage.debug_event(DebugEvent::ClusterAlloc);
         if self.reserve.usable.is_empty() {
-            // Ran dry between flushes: the next batch is larger, and this one is made usable
-            // at once by an ordering point.
-            self.reserve.batch = (self.reserve.batch * 2).min(self.reserve_cap());
-            self.replenish_reserve(true)?;
+            // Ran dry between flushes: the next batch is larger. This one is handed out
+            // before an ordering point has ordered its refcounts, like any cluster the
+            // allocator counts: (b) is kept by the write-back, whose stage 3 orders the
+            // refcounts before the L2 entries naming these clusters (`unordered.refcounts`,
+            // set here in case nothing was written). No ordering point is taken now, so a
+            // guest that never flushes makes no host sync for the reserve; the clusters still
+            // read as zeros, so (a) and (c) need nothing either.
+            if self.reserve.pending.is_empty() {
+                self.reserve.batch = (self.reserve.batch * 2).min(self.reserve_cap());
+                self.replenish_reserve()?;
+            }
+            self.unordered.refcounts = true;
         }
-        let Some(run) = self.reserve.usable.front_mut() else {
-            return Err(Error::Corrupt(
-                "the zero reserve is empty after a replenish".into(),
-            ));
+        let run = match self.reserve.usable.front_mut() {
+            Some(run) => run,
+            None => self.reserve.pending.first_mut().ok_or_else(|| {
+                Error::Corrupt("the zero reserve is empty after a replenish".into())
+            })?,
         };
         let n = wanted.min(run.end - run.start).max(1);
         let first = run.start;
         run.start += n;
-        if run.is_empty() {
-            self.reserve.usable.pop_front();
-        }
+        self.reserve.usable.retain(|r| !r.is_empty());
+        self.reserve.pending.retain(|r| !r.is_empty());
         self.counters.reserved_clusters_used += n;
         Ok((first << self.cluster_bits, n))
     }
@@ -125,10 +135,9 @@ impl<S: Storage> Image<S> {
     }
 
     /// Reserves a batch of clusters past everything in use: counts them, writes the refcount
-    /// structures and one zero sector at the end of the batch (so the file covers it). With
-    /// `order`, an ordering point makes them usable now; without, the caller syncs next (a
-    /// flush) and then calls [`Self::promote_pending_reserve`].
-    pub(super) fn replenish_reserve(&mut self, order: bool) -> Result<()> {
+    /// structures and one zero sector at the end of the batch (so the file covers it). They
+    /// are pending until the next ordering point or sync ([`Self::promote_pending_reserve`]).
+    pub(super) fn replenish_reserve(&mut self) -> Result<()> {
         let count = self.reserve.batch.min(self.reserve_cap()).max(1);
         let first = self.alloc_contiguous(count)? >> self.cluster_bits;
         let end = first + count;
@@ -146,10 +155,6 @@ impl<S: Storage> Image<S> {
             _ => self.reserve.pending.push(first..end),
         }
         self.counters.reserved_clusters += count;
-        if order {
-            // The ordering point makes the pending clusters usable.
-            self.ordering_point()?;
-        }
         Ok(())
     }
 
@@ -177,7 +182,7 @@ impl<S: Storage> Image<S> {
         if self.reserve.usable_clusters() >= self.reserve.batch / 2 {
             return Ok(());
         }
-        self.replenish_reserve(false)
+        self.replenish_reserve()
     }
 
     /// Gives every reserved cluster back (refcount 0): before a close, a check, or anything

@@ -27,6 +27,16 @@
 //! When: at a guest flush (durability asks for it), when the group's bytes reach a bound, and
 //! when it is older than a time bound (the glue checks [`Image::group_is_due`]). A flush with
 //! nothing new commits nothing and costs nothing.
+//!
+//! One epoch: until a guest barrier comes after one of its writes, a group holds a single
+//! guest epoch (the one the last commit or barrier left open), whose writes a crash may show
+//! sector by sector, each old or new. So, until then, a write to a data cluster that D owns
+//! alone goes in place, as outside groups: a crash before the commit shows D with some of
+//! those sectors new, which is a prefix of the guest's epochs (the last one partial). From
+//! the group's first barrier on, everything is copied as above, so the epochs after it appear
+//! only with the commit, which the group's sync orders after every in-place write. A group
+//! that changed nothing but data in place commits with one sync and no header write
+//! (`commit_group`): a flush after every overwrite costs what it costs outside groups.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -91,6 +101,11 @@ pub(super) struct TxgState {
     pub commits: u64,
     /// A commit waits for the write plans in flight: new ones wait meanwhile.
     pub commit_wanted: bool,
+    /// A guest barrier came after a write of this group. Until then the group holds a single
+    /// guest epoch, so it has no order of its own to keep: D's data clusters are overwritten
+    /// in place (`may_overwrite_data`), as outside groups. See "One epoch" in the module
+    /// comment.
+    barrier_in_group: bool,
     /// The tables placed by a commit attempt that failed (freed by the next attempt).
     staged: Option<Roots>,
     /// D's L1 and refcount tables were freed in W (by a commit attempt).
@@ -117,6 +132,7 @@ impl TxgState {
             group_started: None,
             commits: 0,
             commit_wanted: false,
+            barrier_in_group: false,
             staged: None,
             durable_roots_freed: false,
         }
@@ -135,6 +151,25 @@ impl<S: Storage> Image<S> {
         match &self.txg {
             None => true,
             Some(t) => t.owned.contains(&(host_offset >> self.cluster_bits)),
+        }
+    }
+
+    /// Whether guest data may be written in place into host cluster `host_offset`, a data
+    /// cluster the image owns alone: as [`Image::may_overwrite`], and also into one of D's
+    /// while the group holds a single epoch ("One epoch" in the module comment).
+    pub(super) fn may_overwrite_data(&self, host_offset: u64) -> bool {
+        match &self.txg {
+            Some(t) if !t.barrier_in_group || self.test_txg_overwrite_after_barrier => true,
+            _ => self.may_overwrite(host_offset),
+        }
+    }
+
+    /// A guest barrier: a group that holds writes holds two epochs from now on.
+    pub(super) fn note_group_barrier(&mut self) {
+        if let Some(t) = self.txg.as_mut() {
+            if t.group_started.is_some() {
+                t.barrier_in_group = true;
+            }
         }
     }
 
@@ -258,6 +293,7 @@ impl<S: Storage> Image<S> {
             t.reftable_changed = false;
             t.group_bytes = 0;
             t.group_started = None;
+            t.barrier_in_group = false;
             self.txg = Some(t);
         }
         result
@@ -339,6 +375,22 @@ impl<S: Storage> Image<S> {
         if !changed {
             return Ok(());
         }
+        let tables_unchanged = self.txg.as_ref().is_some_and(|t| {
+            t.owned.is_empty()
+                && !t.l1_changed
+                && !t.reftable_changed
+                && t.staged.is_none()
+                && !t.durable_roots_freed
+        }) && self.pending_frees.is_empty()
+            && !self.l2_cache.has_dirty()
+            && !self.refblock_cache.has_dirty();
+        if tables_unchanged {
+            // Only D's data changed, in place ("One epoch"): D stays the image, and its one
+            // sync makes those writes durable. No header write, no second sync.
+            self.storage_flush()?;
+            self.end_group(reason);
+            return Ok(());
+        }
         let roots = self.place_roots()?;
         if let Some(t) = self.txg.as_mut() {
             t.staged = Some(roots);
@@ -389,9 +441,13 @@ impl<S: Storage> Image<S> {
             return Err(e);
         }
         self.header = next;
+        self.end_group(reason);
+        Ok(())
+    }
 
-        // W is D now: nothing is owned, the old tree's clusters are free (after the
-        // quarantine of in-flight I/O).
+    /// After a commit: W is D now, nothing is owned, the old tree's clusters are free (after
+    /// the quarantine of in-flight I/O), and the next group starts empty.
+    fn end_group(&mut self, reason: CommitReason) {
         if let Some(t) = self.txg.as_ref() {
             let c = &mut self.counters;
             c.peak_group_bytes = c.peak_group_bytes.max(t.group_bytes);
@@ -413,10 +469,10 @@ impl<S: Storage> Image<S> {
             t.reftable_changed = false;
             t.group_bytes = 0;
             t.group_started = None;
+            t.barrier_in_group = false;
             t.commits += 1;
         }
         self.counters.groups_committed += 1;
-        Ok(())
     }
 
     /// New places for the L1 table and the refcount table. The old ones (D's, or a failed

@@ -207,6 +207,7 @@ fn open_options(
         },
         test_skip_stage3_ordering,
         test_skip_txg_first_sync,
+        test_txg_overwrite_after_barrier: false,
     })
 }
 
