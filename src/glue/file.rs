@@ -33,7 +33,7 @@ use std::time::Instant;
 
 use super::bindings::{self, BdrvChild, BlockDriverState, CoQueue, QEMUIOVector};
 use crate::engine::{DebugEvent, Storage};
-use crate::ordering::epochs::{EpochBuffer, Job, WriteError};
+use crate::ordering::epochs::{EpochBuffer, Job, JobWrite, WriteError};
 use crate::ordering::BarrierMode;
 
 fn check(ret: i32) -> io::Result<()> {
@@ -859,31 +859,59 @@ impl OrderedFile {
         }
     }
 
-    /// One job: its writes (adjacent ones as one vectored write), then one fdatasync.
+    /// One job: its writes, then one fdatasync. Adjacent writes go as one vectored write (of
+    /// at most the file's `max_iov` pieces: preadv and pwritev refuse more than IOV_MAX), and
+    /// up to [`WRITE_BACK_PARALLEL`] of them are in flight at once: no order is owed between
+    /// the writes of one job (E3: disjoint; order is owed only between epochs, by the sync
+    /// that ends each), so they reach the file as a guest's own queue of requests would.
     fn write_back(&self, job: &Job) -> io::Result<()> {
-        for run in job.runs() {
-            let mut qiov = std::mem::MaybeUninit::<QEMUIOVector>::zeroed();
-            let total: usize = run.iter().map(|w| w.data.len()).sum();
-            // SAFETY: the qiov is initialised, used for one write, and destroyed; the job
-            // keeps the data alive meanwhile; the child is open.
-            let ret = unsafe {
-                let q = qiov.as_mut_ptr();
-                bindings::qemu_iovec_init(q, run.len() as i32);
-                for w in run {
-                    bindings::qemu_iovec_add(q, w.data.as_ptr() as *mut _, w.data.len());
-                }
-                let ret = bindings::bdrv_co_pwritev(
-                    self.file(),
-                    to_i64(run[0].offset)?,
-                    to_i64(total as u64)?,
-                    q,
-                    0,
-                );
-                bindings::qemu_iovec_destroy(q);
-                ret
-            };
-            check(ret)?;
+        // SAFETY: the child is open while the node is (constructor contract).
+        let max_iov = unsafe { (*(*self.file()).bs).bl.max_iov };
+        let max_iov = usize::try_from(max_iov)
+            .ok()
+            .filter(|&n| n > 0)
+            .unwrap_or(1024);
+        let mut pieces = job.runs().flat_map(|run| run.chunks(max_iov)).peekable();
+        let Some(first) = pieces.next() else {
+            return self.end_write_back();
+        };
+        if pieces.peek().is_none() {
+            check(write_run(self.file(), first))?;
+            return self.end_write_back();
         }
+        let join = Join::new();
+        for run in std::iter::once(first).chain(pieces) {
+            while join.pending.get() >= WRITE_BACK_PARALLEL {
+                Self::wait(&join.queue);
+            }
+            join.pending.set(join.pending.get() + 1);
+            let task = Box::new(WriteTask {
+                join: &*join,
+                child: self.file(),
+                run: run as *const [JobWrite],
+            });
+            // SAFETY: the task coroutine runs in this AioContext after this one yields (a
+            // coroutine entering another of its context queues it); `join` and the job's
+            // data outlive it, as this loop and the one below wait for every task.
+            unsafe {
+                let co = bindings::qemu_coroutine_create(
+                    Some(write_task_entry),
+                    Box::into_raw(task).cast(),
+                );
+                bindings::aio_co_enter(bindings::bdrv_get_aio_context(self.bs), co);
+            }
+        }
+        while join.pending.get() > 0 {
+            Self::wait(&join.queue);
+        }
+        match join.error.get() {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => self.end_write_back(),
+        }
+    }
+
+    /// After a job's writes: its sync (ordered), or a note that one is owed (txg).
+    fn end_write_back(&self) -> io::Result<()> {
         if !self.sync_epochs {
             self.written_unsynced.set(true);
             return Ok(());
@@ -1007,6 +1035,78 @@ impl OrderedFile {
         }
         Ok(())
     }
+}
+
+/// How many of one epoch's writes the writer has in flight at once.
+const WRITE_BACK_PARALLEL: u32 = 16;
+
+/// The writes of one job in flight, and the writer waiting for them.
+struct Join {
+    queue: UnsafeCell<CoQueue>,
+    pending: Cell<u32>,
+    /// The first failure's errno.
+    error: Cell<Option<i32>>,
+}
+
+impl Join {
+    /// On the heap: an initialised CoQueue points into itself, so it must not move.
+    fn new() -> Box<Join> {
+        let join = Box::new(Join {
+            queue: UnsafeCell::new(CoQueue::default()),
+            pending: Cell::new(0),
+            error: Cell::new(None),
+        });
+        // SAFETY: the queue is initialised where it stays until the box is dropped, after
+        // every task (the writer waits for them all).
+        unsafe { bindings::qemu_co_queue_init(join.queue.get()) };
+        join
+    }
+}
+
+/// One vectored write of the write-back, as a coroutine of its own.
+struct WriteTask {
+    join: *const Join,
+    child: *mut BdrvChild,
+    run: *const [JobWrite],
+}
+
+/// Writes one run of adjacent writes as one vectored write; returns QEMU's result.
+fn write_run(child: *mut BdrvChild, run: &[JobWrite]) -> i32 {
+    let total: usize = run.iter().map(|w| w.data.len()).sum();
+    let (Ok(offset), Ok(bytes)) = (to_i64(run[0].offset), to_i64(total as u64)) else {
+        return -libc::EINVAL;
+    };
+    let mut qiov = std::mem::MaybeUninit::<QEMUIOVector>::zeroed();
+    // SAFETY: the qiov is initialised, used for one write, and destroyed; the caller keeps
+    // the data alive meanwhile; the child is open; in a coroutine.
+    unsafe {
+        let q = qiov.as_mut_ptr();
+        bindings::qemu_iovec_init(q, run.len() as i32);
+        for w in run {
+            bindings::qemu_iovec_add(q, w.data.as_ptr() as *mut _, w.data.len());
+        }
+        let ret = bindings::bdrv_co_pwritev(child, offset, bytes, q, 0);
+        bindings::qemu_iovec_destroy(q);
+        ret
+    }
+}
+
+unsafe extern "C" fn write_task_entry(opaque: *mut c_void) {
+    // SAFETY: made by `write_back` with Box::into_raw, entered once.
+    let task = unsafe { Box::from_raw(opaque as *mut WriteTask) };
+    // SAFETY: the writer waits for this task before `join` or the job goes.
+    let join = unsafe { &*task.join };
+    let ret = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: as above.
+        write_run(task.child, unsafe { &*task.run })
+    }))
+    .unwrap_or(-libc::EIO);
+    if ret < 0 && join.error.get().is_none() {
+        join.error.set(Some(-ret));
+    }
+    join.pending.set(join.pending.get() - 1);
+    // SAFETY: the queue is initialised; restarting schedules the writer, it does not run it.
+    unsafe { bindings::qemu_co_queue_next(join.queue.get()) };
 }
 
 unsafe extern "C" fn writer_entry(opaque: *mut c_void) {
