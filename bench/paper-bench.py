@@ -87,9 +87,9 @@ LABEL = {c[0]: c[1] for c in CONFIGS}
 
 PRESETS = {
     # name: (N guest operations per workload, repetitions, real-guest sizes)
-    "smoke": (8, 1, "--dd 16 --seq 16 --rand 16 --sqlite 16"),
-    "quick": (200, 3, "--dd 200 --seq 128 --rand 256 --sqlite 200"),
-    "full": (2000, 5, "--dd 2000 --seq 1024 --rand 2048 --sqlite 2000"),
+    "smoke": (8, 1, "--fresh 0 --dd 16 --seq 16 --rand 16 --sqlite 16"),
+    "quick": (200, 3, "--fresh 0 --dd 200 --seq 128 --rand 256 --sqlite 200"),
+    "full": (2000, 5, "--fresh 0 --dd 2000 --seq 1024 --rand 2048 --sqlite 2000"),
 }
 
 FIGURES = [

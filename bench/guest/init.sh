@@ -3,7 +3,8 @@
 # Makes ext4 on /dev/vda, mounts it, and runs the tests, each between two markers on the
 # serial console that the host (run-guest.py) timestamps to split its fdatasync counts:
 #   BENCH-BEGIN name / BENCH-END name, with the test's own output in between.
-# Parameters on the kernel command line: bench.dd=N (dd count), bench.seq=N (fio sequential
+# Parameters on the kernel command line: bench.fresh=N (fio random 4 KiB writes on the bare
+# fresh disk, O_DIRECT, one fsync at the end), bench.dd=N (dd count), bench.seq=N (fio sequential
 # 64 KiB writes, fdatasync after each), bench.rand=N (fio random 4 KiB writes, fsync after
 # each), bench.sqlite=N (SQLite autocommit inserts, once with journal_mode=DELETE and once
 # with WAL, synchronous=FULL: each insert a transaction, each commit an fsync); 0 skips a test.
@@ -32,6 +33,18 @@ fi
 marker() { sleep 1; echo "BENCH-$1 $2"; }
 
 echo "BENCH-KERNEL $(uname -r)"
+# Random 4 KiB writes on the fresh thin disk itself, before any file system: every write
+# lands in a cluster nothing was written to yet (the most common qcow2 benchmark). O_DIRECT,
+# no fsync, then one at the end.
+n=$(param fresh 2000)
+if [ "$n" -gt 0 ]; then
+  marker BEGIN "fio-fresh $n"
+  /usr/bin/fio --name=fresh --filename=/dev/vda --rw=randwrite --bs=4k --number_ios="$n" \
+    --ioengine=sync --direct=1 --end_fsync=1 --randrepeat=1 --norandommap 2>&1 \
+    | grep -E 'write: IOPS|^ +lat' | head -n 2
+  marker END "fio-fresh $n"
+fi
+
 marker BEGIN mkfs
 /sbin/mke2fs -q -F -t ext4 /dev/vda
 mount -t ext4 /dev/vda /mnt

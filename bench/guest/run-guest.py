@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The paper benchmark's real guest: a Debian 6.1 kernel with ext4 on a virtio-blk disk,
-booted by the built qemu-system-x86_64, running GNU dd oflag=dsync, two fio jobs and SQLite
+booted by the built qemu-system-x86_64, running fio random 4 KiB writes on the fresh bare disk
+(no fsync until the end), GNU dd oflag=dsync, two fio jobs on ext4 and SQLite
 autocommit inserts in journal_mode DELETE and WAL (bench/guest/init.sh), once per host configuration: QEMU's qcow2, qcow2 lazy_refcounts=on,
 qcow2 cache=unsafe (no flush reaches the host: the ceiling, with no safety), QEMU-HostB
 (qcow2b barrier=flush and barrier=ordered), and QEMU-AllB for a stock guest: its flushes
@@ -19,7 +20,7 @@ an AMD EPYC host, nested) KVM does not boot: with `-cpu max` or `host` QEMU abor
 MSR 0x10a (IA32_ARCH_CAPABILITIES), and with `host,arch-capabilities=off` the guest prints
 nothing in 40 s. Builds the guest first if needed (build-guest.sh).
 
-Usage: run-guest.py [--dd N] [--seq N] [--rand N] [--sqlite N] [--configs a,b]
+Usage: run-guest.py [--fresh N] [--dd N] [--seq N] [--rand N] [--sqlite N] [--configs a,b]
                     [--accel tcg|kvm] [--latency-ms MS]
                     [--json OUT]"""
 
@@ -65,7 +66,8 @@ def boot(config, args, work):
     bl.create_image(img, 2 << 30, create)
     qmp_path = os.path.join(work, "qmp.sock")
     trace = os.path.join(work, f"strace.{key}")
-    cmdline = (f"console=ttyS0 quiet panic=-1 bench.dd={args.dd} bench.seq={args.seq} "
+    cmdline = (f"console=ttyS0 quiet panic=-1 bench.fresh={args.fresh} bench.dd={args.dd} "
+               f"bench.seq={args.seq} "
                f"bench.rand={args.rand} bench.sqlite={args.sqlite}")
     cpu = "max" if args.accel == "tcg" else "host"
     qemu = [bl.QEMU_SYSTEM, "-M", "q35", "-accel", args.accel, "-cpu", cpu, "-m", "1024",
@@ -158,6 +160,9 @@ def tests_of(markers, calls, lines):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fresh", type=int, default=2000,
+                    help="fio random 4 KiB writes on the fresh disk (O_DIRECT, one fsync at "
+                    "the end)")
     ap.add_argument("--dd", type=int, default=200, help="dd count (64 KiB dsync writes)")
     ap.add_argument("--seq", type=int, default=128, help="fio sequential 64 KiB + fdatasync")
     ap.add_argument("--rand", type=int, default=256, help="fio random 4 KiB + fsync")
