@@ -65,9 +65,13 @@ counted) = 352 runs per medium plus the image copies, roughly 30-40 minutes; --s
 repetition, counts / 64, images / 16, tmpfs) takes about half a minute and proves that
 everything runs.
 
+--driver NAME=OPTIONS adds a qcow2b configuration of your own to the run (repeatable), for
+example `--driver ordered16=barrier=ordered,buffer-size=16M`: it runs beside the others and
+is held to the target of the barrier mode its options name.
+
 Usage: datapath-bench.py [--reps N] [--scale X] [--media tmpfs,disk] [--cells a,b]
-                         [--modes ordered,flush,txg] [--timing process|run] [--json FILE]
-                         [--smoke]"""
+                         [--modes ordered,flush,txg] [--driver NAME=OPTIONS]...
+                         [--timing process|run] [--json FILE] [--smoke]"""
 
 import argparse
 import dataclasses
@@ -417,9 +421,30 @@ def print_table(medium, rows, drivers, reps, timing):
         print("  ".join(cols).rstrip())
 
 
+def target_ratio(driver):
+    """The ratio a driver is held to: its barrier mode's (ordered when its options name none)."""
+    m = re.search(r"(?:^|,)barrier=(\w+)", DRIVERS[driver])
+    return TARGET_RATIO.get(m.group(1) if m else "ordered", 1.0)
+
+
+def extra_driver(text):
+    """--driver NAME=OPTIONS: a qcow2b configuration beside the built-in ones."""
+    name, sep, options = text.partition("=")
+    if not sep or not re.fullmatch(r"[\w-]+", name) or not options:
+        raise SystemExit(f"--driver wants NAME=OPTIONS (like ordered16=barrier=ordered,"
+                         f"buffer-size=16M), not {text!r}")
+    if name in DRIVERS:
+        raise SystemExit(f"--driver {name}: that name is taken ({', '.join(DRIVERS)})")
+    if "driver=" in options or "file." in options:
+        raise SystemExit(f"--driver {name}: give qcow2b's options only (the driver and "
+                         "file.filename are set by the benchmark)")
+    DRIVERS[name] = f"driver=qcow2b,{options}"
+    return name
+
+
 def print_summary(rows, modes):
     for mode in modes:
-        target = TARGET_RATIO[mode]
+        target = target_ratio(mode)
         below = [r for r in rows if r["ratios"][mode]["median"] < target]
         listed = ", ".join(f"{r['cell']} {r['cadence']} ({r['ratios'][mode]['median']:.3f})"
                            for r in below) or "none"
@@ -454,6 +479,8 @@ def parse_args():
                     help="comma-separated cell names (default all)")
     ap.add_argument("--modes", default=",".join(MODES),
                     help="qcow2b barrier modes to run against qcow2 (default ordered,flush,txg)")
+    ap.add_argument("--driver", action="append", default=[], metavar="NAME=OPTIONS",
+                    help="another qcow2b configuration to run beside the others (repeatable)")
     ap.add_argument("--timing", choices=["process", "run"], default="process",
                     help="time a run as the whole process (default) or as qemu-img bench "
                          "reports it")
@@ -468,6 +495,7 @@ def parse_args():
     wanted = choose(args.cells, [c.name for c in CELLS], "cells")
     args.cells = [c for c in CELLS if c.name in wanted]
     args.drivers = ["qcow2"] + [m for m in MODES if m in choose(args.modes, MODES, "modes")]
+    args.drivers += [extra_driver(d) for d in args.driver]
     return args
 
 

@@ -208,6 +208,51 @@ fn loads_reads_frees_and_copy_on_write_are_announced() {
     assert!(in_order(&events, &[L2Update, ClusterFree]), "{events:?}");
 }
 
+/// A backing file whose byte at guest offset `o` is `o / 512 % 251`, recording every read.
+struct Recording(std::cell::RefCell<Vec<(u64, usize)>>);
+
+impl Backing for Recording {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.borrow_mut().push((offset, buf.len()));
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = ((offset + i as u64) / 512 % 251) as u8;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_write_inside_a_cluster_over_a_backing_file_reads_both_fills_in_one_read() {
+    let mut image = image_of(65536, 64 << 20);
+    let backing = Recording(Default::default());
+    let cluster = 3 << 16;
+    image
+        .write(cluster + 8192, &[0xee; 4096], Some(&backing))
+        .unwrap();
+    // The head [0, 8 KiB) and the tail [12 KiB, 64 KiB) of the cluster: one read of it all.
+    assert_eq!(*backing.0.borrow(), vec![(cluster, 65536)]);
+    let events = take_events(&image);
+    assert_eq!(count(&events, CowRead), 1, "{events:?}");
+
+    let mut buf = vec![0u8; 65536];
+    let reads = Recording(Default::default());
+    image.read(cluster, &mut buf, Some(&reads)).unwrap();
+    assert!(reads.0.borrow().is_empty(), "the cluster is allocated now");
+    for (i, &b) in buf.iter().enumerate() {
+        let want = if (8192..12288).contains(&i) {
+            0xee
+        } else {
+            ((cluster + i as u64) / 512 % 251) as u8
+        };
+        assert_eq!(b, want, "byte {i} of the cluster");
+    }
+
+    // A write at the start of a cluster has only a tail: one read of the tail alone.
+    backing.0.borrow_mut().clear();
+    image.write(5 << 16, &[0xdd; 4096], Some(&backing)).unwrap();
+    assert_eq!(*backing.0.borrow(), vec![((5 << 16) + 4096, 65536 - 4096)]);
+}
+
 #[test]
 fn copying_a_shared_l2_table_is_announced() {
     let dir = tempfile::tempdir().unwrap();

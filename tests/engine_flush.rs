@@ -82,6 +82,37 @@ fn overwriting_allocated_clusters_costs_one_sync_per_flush() {
 }
 
 #[test]
+fn a_guest_that_only_overwrites_reserves_nothing_and_closes_with_one_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    qemu_img_create(&path, CLUSTER, 64 << 20, None);
+    qemu_io(&path, &["write -P 0x11 0 1M"]);
+    let mut image = image_from(&path);
+    image.write(4096, &[0x22; 4096], None).unwrap();
+    image.flush().unwrap();
+    assert_eq!(cost(&image), (1, 0));
+    image.write(8192, &[0x33; 4096], None).unwrap();
+    assert_eq!(
+        image.counters().reserved_clusters,
+        0,
+        "no cluster was needed"
+    );
+    let storage = image.close().unwrap();
+    assert_eq!(
+        storage.flushes.get(),
+        2,
+        "the close's flush is the only other sync"
+    );
+    let closed = dir.path().join("closed.qcow2");
+    std::fs::write(&closed, storage.into_inner()).unwrap();
+    qemu_img_check(&closed);
+    assert_eq!(
+        std::fs::metadata(&closed).unwrap().len(),
+        std::fs::metadata(&path).unwrap().len()
+    );
+}
+
+#[test]
 fn a_flush_with_nothing_written_does_not_sync() {
     let mut image = fresh_image();
     image.flush().unwrap();

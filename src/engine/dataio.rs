@@ -159,6 +159,35 @@ impl<S: Storage> DataContext<'_, S> {
         Ok(bytes)
     }
 
+    /// The old content of both fills of a new cluster, around `len` bytes of the request.
+    /// Where the two lie in one source one after the other (the backing file, or the old
+    /// cluster), one read of the whole span serves both and the request's part of it is
+    /// dropped: a 4 KiB write into the middle of a cluster over a backing file costs one
+    /// read of the cluster instead of two (each a round trip to the file's thread pool).
+    fn cow_pair(&self, head: CowFill, len: usize, tail: CowFill) -> Result<(Vec<u8>, Vec<u8>)> {
+        let gap = (head.len + len) as u64;
+        let joined = match (head.source, tail.source) {
+            (CowSource::Backing { guest_offset: h }, CowSource::Backing { guest_offset: t }) => {
+                h.checked_add(gap) == Some(t)
+            }
+            (CowSource::Data { host_offset: h }, CowSource::Data { host_offset: t }) => {
+                h.checked_add(gap) == Some(t)
+            }
+            _ => false,
+        };
+        if !joined || head.len == 0 || tail.len == 0 {
+            return Ok((self.cow_bytes(head)?, self.cow_bytes(tail)?));
+        }
+        let span = CowFill {
+            len: head.len + len + tail.len,
+            ..head
+        };
+        let mut bytes = self.cow_bytes(span)?;
+        let tail_bytes = bytes.split_off(head.len + len);
+        bytes.truncate(head.len);
+        Ok((bytes, tail_bytes))
+    }
+
     /// The data step of a write: every piece's bytes reach the file (new clusters whole, with
     /// their copy-on-write fills) before the plan is finished.
     pub fn write(&self, plan: &WritePlan, source: &mut dyn WriteSource) -> Result<()> {
@@ -185,15 +214,11 @@ impl<S: Storage> DataContext<'_, S> {
                     } else {
                         host_offset + head.len as u64
                     };
-                    let head = if written(head) {
-                        self.cow_bytes(head)?
-                    } else {
-                        Vec::new()
-                    };
-                    let tail = if written(tail) {
-                        self.cow_bytes(tail)?
-                    } else {
-                        Vec::new()
+                    let (head, tail) = match (written(head), written(tail)) {
+                        (true, true) => self.cow_pair(head, len, tail)?,
+                        (true, false) => (self.cow_bytes(head)?, Vec::new()),
+                        (false, true) => (Vec::new(), self.cow_bytes(tail)?),
+                        (false, false) => (Vec::new(), Vec::new()),
                     };
                     (start, head, req_at, len, tail)
                 }

@@ -53,6 +53,10 @@ pub(super) struct Reserve {
     pending: Vec<Range<u64>>,
     /// Clusters the next replenish reserves.
     batch: u64,
+    /// A cluster was taken since the last top-up: the guest appends, so the next flush or
+    /// barrier tops the reserve up. A guest that only overwrites never draws from it, and
+    /// its flushes (the close's included) write no reserve at all.
+    drawn: bool,
 }
 
 impl Default for Reserve {
@@ -61,6 +65,7 @@ impl Default for Reserve {
             usable: VecDeque::new(),
             pending: Vec::new(),
             batch: FIRST_BATCH_CLUSTERS,
+            drawn: false,
         }
     }
 }
@@ -84,6 +89,7 @@ impl<S: Storage> Image<S> {
     /// reserve with an ordering point if it is empty. Returns (first host offset, count).
     pub(super) fn take_reserved(&mut self, wanted: u64) -> Result<(u64, u64)> {
         self.storage.debug_event(DebugEvent::ClusterAlloc);
+        self.reserve.drawn = true;
         if self.reserve.usable.is_empty() {
             // Ran dry between flushes: the next batch is larger. This one is handed out
             // before an ordering point has ordered its refcounts, like any cluster the
@@ -169,16 +175,18 @@ impl<S: Storage> Image<S> {
     }
 
     /// At a guest flush or barrier, before its sync or ordering point: tops the reserve up if
-    /// it is below half a batch, so the next interval's appends find it usable (that sync or
-    /// ordering point orders it before them).
+    /// it was drawn from since the last top-up and is below half a batch, so the next
+    /// interval's appends find it usable (that sync or ordering point orders it before them).
     pub(super) fn top_up_reserve(&mut self) -> Result<()> {
         if self.read_only
             || self.txg.is_some()
+            || !self.reserve.drawn
             || !self.reserve.pending.is_empty()
             || !self.storage.is_growable()
         {
             return Ok(());
         }
+        self.reserve.drawn = false;
         if self.reserve.usable_clusters() >= self.reserve.batch / 2 {
             return Ok(());
         }

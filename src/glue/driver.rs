@@ -78,7 +78,7 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
                 ),
                 size_opt(
                     BUFFER_SIZE,
-                    c"Bytes the ordered mode may buffer before new writes wait (default 64M)",
+                    c"Bytes the ordered mode may buffer before new writes wait (default 16M)",
                 ),
                 size_opt(
                     TXG_MAX_BYTES,

@@ -51,7 +51,7 @@ pub struct BarrierOptions<'a> {
 }
 
 /// The default bound of the `ordered` mode's buffer.
-pub const DEFAULT_BUFFER_BYTES: u64 = 64 << 20;
+pub const DEFAULT_BUFFER_BYTES: u64 = 16 << 20;
 
 /// Why a set of barrier options was refused.
 #[derive(Debug, PartialEq, Eq)]

@@ -73,7 +73,7 @@ for mode in ordered barrierfs flush; do
     ordered)
       [ "$n" -le $((epochs + 3)) ] || fail "ordered: $n fdatasyncs for $epochs epochs"
       [ "$epochs" -ge 200 ] || fail "ordered: each guest barrier should close an epoch ($epochs)"
-      [ "$waited" = 0 ] || fail "ordered: a write waited $waited ns for room (64 MiB buffer)"
+      [ "$waited" = 0 ] || fail "ordered: a write waited $waited ns for room (16 MiB buffer)"
       ;;
     barrierfs)
       [ "$n" -le 3 ] || fail "barrierfs: $n fdatasyncs (the flush's, and open/close at most)"
