@@ -92,6 +92,9 @@ pub struct Image<S: Storage> {
     pub(super) reserve: Reserve,
     /// The open transaction group, in the txg mode (`txg.rs`).
     pub(super) txg: Option<TxgState>,
+    /// The txg mode's state while no group is open: the interval of one epoch before the
+    /// guest's next barrier, which follows the ordinary rules (`txg.rs`, "One epoch").
+    pub(super) txg_parked: Option<TxgState>,
     /// Some write was issued since the last storage flush.
     pub(super) unflushed_writes: bool,
     pub(super) counters: Counters,
@@ -218,6 +221,7 @@ impl<S: Storage> Image<S> {
             new_l2_tables_to_order: BTreeSet::new(),
             reserve: Reserve::default(),
             txg: None,
+            txg_parked: None,
             unflushed_writes: false,
             counters: Counters::default(),
             for_check: opts.for_check,
@@ -233,7 +237,7 @@ impl<S: Storage> Image<S> {
             // Groups start once the image is writable (its own repairs are written in place
             // and made durable first) and never under `qemu-img check`.
             if let (Some(options), false) = (opts.txg, opts.for_check) {
-                image.txg = Some(TxgState::new(options));
+                image.txg_parked = Some(TxgState::new(options));
             }
         }
         Ok(image)
@@ -456,9 +460,18 @@ impl<S: Storage> Image<S> {
     /// close, a check) and must stay empty.
     pub(super) fn flush_metadata_and_sync(&mut self, top_up_reserve: bool) -> Result<()> {
         if self.txg.is_some() {
-            // Durability in the txg mode is a commit of the group (two syncs, or none).
+            // Durability in an open group is its commit (two syncs, or none).
             return self.commit_and_release(super::txg::CommitReason::Durability);
         }
+        self.ordinary_flush(top_up_reserve)?;
+        // In the txg mode with no group open, this made the interval durable (`txg.rs`).
+        self.end_interval(super::txg::CommitReason::Durability);
+        Ok(())
+    }
+
+    /// Write-back in order, then one storage flush (skipped if nothing was written since the
+    /// last one), and the end of the I/O epoch.
+    pub(super) fn ordinary_flush(&mut self, top_up_reserve: bool) -> Result<()> {
         self.write_back()?;
         if self.unflushed_writes {
             // The sync is due anyway: the reserve rides along (`reserve.rs`).
@@ -479,11 +492,10 @@ impl<S: Storage> Image<S> {
         if self.read_only {
             return Ok(());
         }
-        if self.txg.is_some() {
-            // A group commits whole or not at all: every barrier in it is kept for free, once
-            // the group copies what D holds (`txg.rs`, "One epoch").
-            self.note_group_barrier();
-            return Ok(());
+        if self.in_transaction_groups() {
+            // A group commits whole or not at all: every barrier in it is kept for free; the
+            // first one after a write opens it (`txg.rs`, "One epoch").
+            return self.txg_barrier();
         }
         self.write_back()?;
         if self.unbarriered_writes {

@@ -28,15 +28,23 @@
 //! when it is older than a time bound (the glue checks [`Image::group_is_due`]). A flush with
 //! nothing new commits nothing and costs nothing.
 //!
-//! One epoch: until a guest barrier comes after one of its writes, a group holds a single
-//! guest epoch (the one the last commit or barrier left open), whose writes a crash may show
-//! sector by sector, each old or new. So, until then, a write to a data cluster that D owns
-//! alone goes in place, as outside groups: a crash before the commit shows D with some of
-//! those sectors new, which is a prefix of the guest's epochs (the last one partial). From
-//! the group's first barrier on, everything is copied as above, so the epochs after it appear
-//! only with the commit, which the group's sync orders after every in-place write. A group
-//! that changed nothing but data in place commits with one sync and no header write
-//! (`commit_group`): a flush after every overwrite costs what it costs outside groups.
+//! One epoch: a group opens only at the guest's first barrier after a write since the last
+//! commit. Until then the txg state is parked (`Image::txg_parked`, `Image::txg` is `None`)
+//! and the image follows the ordinary rules of `writeback.rs`, as the `ordered` mode does:
+//! writes in place, new clusters from the zero reserve, ordering points where those rules
+//! need them. That interval holds a single guest epoch (the one the last commit left open),
+//! which a crash may show in part, each sector old or new, with every reference valid and at
+//! worst leaked reserve clusters: a prefix of the guest's epochs whose last one is partial. A
+//! durability point in it (a flush, a bound) is the ordinary flush, write-back and one sync,
+//! so a guest that flushes after every write pays what it pays in the `ordered` mode. The
+//! barrier that ends the interval writes its metadata back in the ordinary order and opens
+//! the group (`Image::txg_barrier`); from then on nothing on storage is overwritten, so the
+//! later epochs appear only with the commit, whose first sync makes the interval durable too.
+//!
+//! INVARIANT (one epoch): a group is open exactly from the first guest barrier that follows a
+//! change of the interval to the end of its commit; the interval's metadata is written back
+//! before the group's first write, so W starts from what storage holds. A commit parks the
+//! state again.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -101,11 +109,6 @@ pub(super) struct TxgState {
     pub commits: u64,
     /// A commit waits for the write plans in flight: new ones wait meanwhile.
     pub commit_wanted: bool,
-    /// A guest barrier came after a write of this group. Until then the group holds a single
-    /// guest epoch, so it has no order of its own to keep: D's data clusters are overwritten
-    /// in place (`may_overwrite_data`), as outside groups. See "One epoch" in the module
-    /// comment.
-    barrier_in_group: bool,
     /// The tables placed by a commit attempt that failed (freed by the next attempt).
     staged: Option<Roots>,
     /// D's L1 and refcount tables were freed in W (by a commit attempt).
@@ -132,7 +135,6 @@ impl TxgState {
             group_started: None,
             commits: 0,
             commit_wanted: false,
-            barrier_in_group: false,
             staged: None,
             durable_roots_freed: false,
         }
@@ -155,22 +157,49 @@ impl<S: Storage> Image<S> {
     }
 
     /// Whether guest data may be written in place into host cluster `host_offset`, a data
-    /// cluster the image owns alone: as [`Image::may_overwrite`], and also into one of D's
-    /// while the group holds a single epoch ("One epoch" in the module comment).
+    /// cluster the image owns alone: as [`Image::may_overwrite`] (the test option
+    /// `test_txg_overwrite_after_barrier` breaks this inside groups, for the crash check's
+    /// negative control).
     pub(super) fn may_overwrite_data(&self, host_offset: u64) -> bool {
-        match &self.txg {
-            Some(t) if !t.barrier_in_group || self.test_txg_overwrite_after_barrier => true,
-            _ => self.may_overwrite(host_offset),
+        self.test_txg_overwrite_after_barrier || self.may_overwrite(host_offset)
+    }
+
+    /// The txg mode's state, parked or in an open group (`None` outside the mode).
+    fn txg_state(&self) -> Option<&TxgState> {
+        self.txg.as_ref().or(self.txg_parked.as_ref())
+    }
+
+    fn txg_state_mut(&mut self) -> Option<&mut TxgState> {
+        match (&mut self.txg, &mut self.txg_parked) {
+            (Some(t), _) => Some(t),
+            (None, parked) => parked.as_mut(),
         }
     }
 
-    /// A guest barrier: a group that holds writes holds two epochs from now on.
-    pub(super) fn note_group_barrier(&mut self) {
-        if let Some(t) = self.txg.as_mut() {
-            if t.group_started.is_some() {
-                t.barrier_in_group = true;
-            }
+    /// Whether a transaction group is open (its copy-on-write rules hold).
+    pub fn group_open(&self) -> bool {
+        self.txg.is_some()
+    }
+
+    /// A guest barrier in the txg mode. Inside a group: nothing, the group keeps it. With no
+    /// group open, one that follows a change since the last sync ends the interval of one
+    /// epoch: its metadata is written back in the ordinary order and a group opens ("One
+    /// epoch" in the module comment). A barrier with nothing before it opens nothing.
+    pub(super) fn txg_barrier(&mut self) -> Result<()> {
+        let Some(parked) = self.txg_parked.as_ref() else {
+            return Ok(());
+        };
+        let changed = parked.group_started.is_some()
+            || self.unflushed_writes
+            || self.l2_cache.has_dirty()
+            || self.refblock_cache.has_dirty()
+            || !self.pending_frees.is_empty();
+        if !changed {
+            return Ok(());
         }
+        self.write_back()?;
+        self.txg = self.txg_parked.take();
+        Ok(())
     }
 
     /// Notes a cluster allocated in the open group.
@@ -180,9 +209,10 @@ impl<S: Storage> Image<S> {
         }
     }
 
-    /// Notes guest bytes written in the group (for its size bound).
+    /// Notes bytes the group (or the interval before it) writes for the guest, for its size
+    /// bound.
     pub(super) fn note_group_bytes(&mut self, bytes: u64) {
-        if let Some(t) = self.txg.as_mut() {
+        if let Some(t) = self.txg_state_mut() {
             t.group_bytes += bytes;
             t.group_started.get_or_insert_with(Instant::now);
         }
@@ -196,7 +226,7 @@ impl<S: Storage> Image<S> {
     /// Which bound the open group has reached, the size bound first; `None` when neither
     /// (or outside the txg mode).
     pub fn group_due_reason(&self) -> Option<CommitReason> {
-        let t = self.txg.as_ref()?;
+        let t = self.txg_state()?;
         if t.group_bytes >= t.options.max_group_bytes {
             Some(CommitReason::Size)
         } else if t
@@ -211,7 +241,7 @@ impl<S: Storage> Image<S> {
 
     /// What the open group holds that is not durable yet (`None` outside the txg mode).
     pub fn group_exposure(&self) -> Option<GroupExposure> {
-        let t = self.txg.as_ref()?;
+        let t = self.txg_state()?;
         Some(GroupExposure {
             bytes: t.group_bytes,
             age: t.group_started.map(|s| s.elapsed()),
@@ -221,7 +251,7 @@ impl<S: Storage> Image<S> {
     /// How long until the open group reaches its age bound (zero once it has); `None` when
     /// no guest write is in the group, or outside the txg mode.
     pub fn group_age_left(&self) -> Option<Duration> {
-        let t = self.txg.as_ref()?;
+        let t = self.txg_state()?;
         let started = t.group_started?;
         Some(t.options.max_group_age.saturating_sub(started.elapsed()))
     }
@@ -246,11 +276,17 @@ impl<S: Storage> Image<S> {
     /// asks with [`Image::request_commit`] and waits for them): a plan in flight may write in
     /// place into a cluster the group owns, which the commit hands to the durable image.
     pub fn commit(&mut self) -> Result<()> {
-        if self.txg.is_none() || self.read_only {
+        if self.txg_state().is_none() || self.read_only {
             return Ok(());
         }
         let reason = self.group_due_reason().unwrap_or(CommitReason::Age);
-        self.commit_and_release(reason)
+        if self.txg.is_some() {
+            return self.commit_and_release(reason);
+        }
+        // No group open: the interval's durability point is the ordinary flush.
+        self.ordinary_flush(true)?;
+        self.end_interval(reason);
+        Ok(())
     }
 
     /// The commit, then the end of the I/O epoch: the old tree's clusters become reusable
@@ -273,39 +309,33 @@ impl<S: Storage> Image<S> {
         committed?;
         self.io_epoch += 1;
         self.release_quarantine();
+        // The next interval follows the ordinary rules until a barrier opens a group.
+        self.txg_parked = self.txg.take();
         Ok(())
     }
 
-    /// Runs `f` with transaction groups off: the group commits first, `f` writes in place with
-    /// the ordinary ordering rules, and its result is made durable before groups resume. For
-    /// rare operations that change the image's shape (resize, check with repair).
+    /// Runs `f` with no group open: an open group commits first, `f` writes in place with the
+    /// ordinary ordering rules, and its result is made durable before a group may open again.
+    /// For rare operations that change the image's shape (resize, check with repair).
     pub(super) fn outside_group<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        if self.txg.is_none() {
+        if self.txg_state().is_none() {
             return f(self);
         }
-        self.commit_and_release(CommitReason::Durability)?;
-        let state = self.txg.take();
-        let result = f(self).and_then(|v| self.flush_metadata_and_sync(false).map(|()| v));
-        if let Some(mut t) = state {
-            // Everything on storage is the durable image now; the group starts empty.
-            t.owned.clear();
-            t.l1_changed = false;
-            t.reftable_changed = false;
-            t.group_bytes = 0;
-            t.group_started = None;
-            t.barrier_in_group = false;
-            self.txg = Some(t);
+        if self.txg.is_some() {
+            self.commit_and_release(CommitReason::Durability)?;
         }
-        result
+        f(self).and_then(|v| self.flush_metadata_and_sync(false).map(|()| v))
     }
 
-    /// Groups committed since the image was opened (0 outside the txg mode).
+    /// Groups committed since the image was opened, intervals of one epoch made durable
+    /// included (0 outside the txg mode).
     pub fn groups_committed(&self) -> u64 {
-        self.txg.as_ref().map_or(0, |t| t.commits)
+        self.txg_state().map_or(0, |t| t.commits)
     }
 
+    /// Whether the image is in the txg mode (a group open or not).
     pub fn in_transaction_groups(&self) -> bool {
-        self.txg.is_some()
+        self.txg_state().is_some()
     }
 
     /// Copies refcount block `rt_index` (a block of D) to a new cluster owned by the group and
@@ -385,8 +415,9 @@ impl<S: Storage> Image<S> {
             && !self.l2_cache.has_dirty()
             && !self.refblock_cache.has_dirty();
         if tables_unchanged {
-            // Only D's data changed, in place ("One epoch"): D stays the image, and its one
-            // sync makes those writes durable. No header write, no second sync.
+            // The group changed nothing of its own (what storage holds is the interval before
+            // it, written back in place when the barrier opened it, "One epoch"): D stays the
+            // image, and one sync makes it durable. No header write, no second sync.
             self.storage_flush()?;
             self.end_group(reason);
             return Ok(());
@@ -448,31 +479,43 @@ impl<S: Storage> Image<S> {
     /// After a commit: W is D now, nothing is owned, the old tree's clusters are free (after
     /// the quarantine of in-flight I/O), and the next group starts empty.
     fn end_group(&mut self, reason: CommitReason) {
-        if let Some(t) = self.txg.as_ref() {
-            let c = &mut self.counters;
-            c.peak_group_bytes = c.peak_group_bytes.max(t.group_bytes);
-            let age_ms = t
-                .group_started
-                .map_or(0, |s| s.elapsed().as_millis() as u64);
-            c.peak_group_age_ms = c.peak_group_age_ms.max(age_ms);
-            match reason {
-                CommitReason::Age => c.groups_committed_by_age += 1,
-                CommitReason::Size => c.groups_committed_by_size += 1,
-                CommitReason::Durability => c.groups_committed_for_durability += 1,
-            }
+        let Some(t) = self.txg_state_mut() else {
+            return;
+        };
+        let (bytes, age_ms) = (
+            t.group_bytes,
+            t.group_started
+                .map_or(0, |s| s.elapsed().as_millis() as u64),
+        );
+        t.owned.clear();
+        t.staged = None;
+        t.durable_roots_freed = false;
+        t.l1_changed = false;
+        t.reftable_changed = false;
+        t.group_bytes = 0;
+        t.group_started = None;
+        t.commits += 1;
+        let c = &mut self.counters;
+        c.peak_group_bytes = c.peak_group_bytes.max(bytes);
+        c.peak_group_age_ms = c.peak_group_age_ms.max(age_ms);
+        match reason {
+            CommitReason::Age => c.groups_committed_by_age += 1,
+            CommitReason::Size => c.groups_committed_by_size += 1,
+            CommitReason::Durability => c.groups_committed_for_durability += 1,
         }
-        if let Some(t) = self.txg.as_mut() {
-            t.owned.clear();
-            t.staged = None;
-            t.durable_roots_freed = false;
-            t.l1_changed = false;
-            t.reftable_changed = false;
-            t.group_bytes = 0;
-            t.group_started = None;
-            t.barrier_in_group = false;
-            t.commits += 1;
+        c.groups_committed += 1;
+    }
+
+    /// After a durability point with no group open: the interval, if the guest changed
+    /// anything in it, counts as a group committed (in place, with the ordinary flush).
+    pub(super) fn end_interval(&mut self, reason: CommitReason) {
+        if self
+            .txg_parked
+            .as_ref()
+            .is_some_and(|t| t.group_started.is_some())
+        {
+            self.end_group(reason);
         }
-        self.counters.groups_committed += 1;
     }
 
     /// New places for the L1 table and the refcount table. The old ones (D's, or a failed

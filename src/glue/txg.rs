@@ -21,10 +21,12 @@
 //!   callback arms it again in the new one ([`detach`], [`attach`]); close deletes it before
 //!   the node goes.
 //!
-//! A commit waits for the write plans in flight and holds new ones back meanwhile (a plan
-//! may write in place into a cluster the group owns, which the commit hands to the durable
-//! image): [`commit`] asks the engine for the commit, then sleeps on the allocation queue
-//! until no plan is left.
+//! A commit of an open group waits for the write plans in flight and holds new ones back
+//! meanwhile (a plan may write in place into a cluster the group owns, which the commit hands
+//! to the durable image): [`commit`] asks the engine for the commit, then sleeps on the
+//! allocation queue until no plan is left. With no group open (the interval of one epoch
+//! before the guest's next barrier, `engine::txg`), the durability point is the ordinary
+//! flush, which waits for nothing.
 
 use std::ffi::c_void;
 use std::time::Duration;
@@ -59,6 +61,11 @@ pub unsafe fn commit(node: &Node, why: Durability) -> Result<(), Error> {
         };
     }
     loop {
+        if !locked.image().group_open() {
+            // No group open (or it committed meanwhile): the interval's durability point is
+            // the ordinary flush, which needs no plan to end first.
+            break;
+        }
         // Asked again on every round: a commit that ran meanwhile (another flush's) cleared
         // the request, and new plans must not starve this one.
         locked.image().request_commit();
