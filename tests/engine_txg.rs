@@ -269,10 +269,33 @@ fn the_size_bound_commits_on_its_own() {
     assert_eq!(syncs(&image), 9);
     assert_eq!(image.groups_committed(), 5);
     assert_eq!(image.counters().groups_committed_by_size, 5);
+
+    // The glue's committer does not sync under the image: it has the interval written back
+    // and syncs the file itself, with the image unlocked.
+    for i in 20..24u64 {
+        image.write(i * CLUSTER, &data, None).unwrap();
+    }
+    assert_eq!(image.group_due_reason(), Some(CommitReason::Size));
+    assert!(
+        image.write_back_interval_for_bound().unwrap(),
+        "a sync is due"
+    );
+    assert_eq!(syncs(&image), 9, "the caller syncs, not the image");
+    assert_eq!(image.group_due_reason(), None, "the window starts again");
+    assert_eq!(image.groups_committed(), 6);
+    let written_back = guest_bytes(image.storage().snapshot());
+    assert!(
+        written_back[20 * CLUSTER as usize..24 * CLUSTER as usize]
+            .iter()
+            .all(|&b| b == 1),
+        "what the file holds names the interval's writes"
+    );
+    image.flush().unwrap();
+    assert_eq!(syncs(&image), 10, "the image still syncs at the next flush");
     let bytes = image.storage().snapshot();
-    // What the durable image holds is the 20 writes (the last commit was after the 20th).
+    // What the durable image holds is the 24 writes.
     let guest = guest_bytes(bytes);
-    assert!(guest[..20 * CLUSTER as usize].iter().all(|&b| b == 1));
+    assert!(guest[..24 * CLUSTER as usize].iter().all(|&b| b == 1));
 }
 
 #[test]

@@ -289,6 +289,24 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
+    /// A bound reached with no group open: the interval's metadata is written back in the
+    /// ordinary order and its window starts again; the caller then syncs the file, without
+    /// holding the image, so that the guest's requests do not wait for that sync (nobody asked
+    /// for it: it only keeps the durability bound). Returns whether a sync is due. Nothing
+    /// here assumes it happens: the image's own bookkeeping of what is unflushed stays as it
+    /// is (the next flush syncs again), so the sync is a pure "durable now" that is safe at
+    /// any time, whatever the requests meanwhile. With a group open, or outside the txg mode,
+    /// nothing: `false`.
+    pub fn write_back_interval_for_bound(&mut self) -> Result<bool> {
+        if self.txg.is_some() || self.txg_parked.is_none() || self.read_only {
+            return Ok(false);
+        }
+        let reason = self.group_due_reason().unwrap_or(CommitReason::Age);
+        self.write_back()?;
+        self.end_interval(reason);
+        Ok(self.unflushed_writes)
+    }
+
     /// The commit, then the end of the I/O epoch: the old tree's clusters become reusable
     /// (once no request in flight may still touch them).
     pub(super) fn commit_and_release(&mut self, reason: CommitReason) -> Result<()> {

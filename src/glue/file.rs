@@ -548,6 +548,12 @@ pub struct OrderedFile {
     /// everything back and then sync once; and an ordering point outside a group
     /// (resize, check) is such a flush too ([`OrderedFile::barrier`]).
     sync_epochs: bool,
+    /// txg: writes may go straight to the file while nothing is buffered (as in `ordered`).
+    /// The node sets it while no transaction group is open ([`OrderedFile::set_direct_writes`]):
+    /// the interval before a group follows the ordinary rules, whose writes gain nothing from
+    /// a copy into the buffer. Performance only: in txg every ordering point is a flush, and a
+    /// flush syncs direct and written-back writes alike, so no order depends on it.
+    direct_allowed: Cell<bool>,
     /// Epochs written back since the last sync (txg).
     written_unsynced: Cell<bool>,
     /// Since when something written is not durable (`None`: everything is), and the peaks
@@ -581,6 +587,7 @@ impl OrderedFile {
             buffered_end: Cell::new(0),
             direct_unsynced_bytes: Cell::new(0),
             sync_epochs,
+            direct_allowed: Cell::new(true),
             written_unsynced: Cell::new(false),
             unsynced_since: Cell::new(None),
             peak_unsynced_bytes: Cell::new(0),
@@ -726,11 +733,18 @@ impl OrderedFile {
         result
     }
 
-    /// Whether a write may bypass the buffer: nothing buffered or in flight, no sync of
-    /// earlier direct writes due, and no background error waiting to be reported; never in
-    /// the txg mode (a direct write costs the guest a round trip to the file).
+    /// txg: whether writes may bypass the buffer (see `direct_allowed`). The node allows them
+    /// while no group is open; inside a group they go to the buffer (a direct write costs the
+    /// guest a round trip to the file, which a group's writes need not pay).
+    pub fn set_direct_writes(&self, allowed: bool) {
+        self.direct_allowed.set(allowed);
+    }
+
+    /// Whether a write may bypass the buffer: allowed (always in `ordered`), nothing buffered
+    /// or in flight, no sync of earlier direct writes due, and no background error waiting to
+    /// be reported.
     fn may_write_directly(&self) -> bool {
-        self.sync_epochs
+        (self.sync_epochs || self.direct_allowed.get())
             && !self.direct_sync_due.get()
             && self.failed_errno.get().is_none()
             && self.buffer.borrow().is_empty()
@@ -791,20 +805,32 @@ impl OrderedFile {
         }
         self.take_error()?;
         if self.may_write_directly() {
-            // Only direct writes (or none) since the last sync: this flush syncs them.
-            if !self.direct_unsynced.get() {
+            // Only direct writes (or none) since the last sync, and in txg perhaps epochs
+            // written back before them: this flush syncs them all.
+            if !self.direct_unsynced.get() && !self.written_unsynced.get() {
                 return Ok(());
             }
             let covers_all = self.direct_in_flight.get() == 0;
+            let written = self.written_unsynced.replace(false);
             self.counters.epochs.set(self.counters.epochs.get() + 1);
-            self.counters
-                .count_error(child_flush(self.file(), &self.counters))?;
+            let result = self
+                .counters
+                .count_error(child_flush(self.file(), &self.counters));
+            if result.is_err() {
+                self.written_unsynced.set(written);
+                return result;
+            }
             if covers_all {
                 self.direct_synced();
+            } else {
+                self.note_synced();
             }
             return Ok(());
         }
-        if self.direct_unsynced.get() {
+        if self.direct_unsynced.get() && self.sync_epochs {
+            // ordered: the direct writes are an epoch of their own, synced before the
+            // buffered ones reach the file. (txg owes no order between them: the one sync
+            // below covers both.)
             self.direct_sync_due.set(true);
         }
         let mark = self.buffer.borrow_mut().barrier();
@@ -824,17 +850,20 @@ impl OrderedFile {
         self.sync_written()
     }
 
-    /// txg: the sync that makes the epochs written back since the last one durable.
+    /// txg: the sync that makes the epochs written back since the last one durable, and the
+    /// direct writes complete when it is issued.
     fn sync_written(&self) -> io::Result<()> {
-        if self.sync_epochs || !self.written_unsynced.get() {
+        if self.sync_epochs || (!self.written_unsynced.get() && !self.direct_unsynced.get()) {
             return Ok(());
         }
+        let covers_direct = self.direct_in_flight.get() == 0;
         // Cleared first: an epoch written back while the sync runs sets it again.
         self.written_unsynced.set(false);
         let result = self
             .counters
             .count_error(child_flush(self.file(), &self.counters));
         match result {
+            Ok(()) if covers_direct => self.direct_synced(),
             Ok(()) => self.note_synced(),
             Err(_) => self.written_unsynced.set(true),
         }

@@ -336,6 +336,14 @@ impl Drop for Locked<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.node.poisoned.set(true);
+        } else if let (BarrierMode::Txg { .. }, FileAccess::Ordered(file)) =
+            (self.node.mode, &self.node.file)
+        {
+            // Whatever the engine call did (a barrier may have opened a group, a commit
+            // closes one): writes go straight to the file only while no group is open.
+            // SAFETY: the mutex is still held; nothing else refers to the image now.
+            let group_open = unsafe { &*self.node.image.get() }.group_open();
+            file.set_direct_writes(!group_open);
         }
         // SAFETY: this coroutine took the mutex in Node::lock.
         unsafe { bindings::qemu_co_mutex_unlock(self.node.lock.get()) };

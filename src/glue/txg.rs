@@ -1,6 +1,9 @@
 //! `barrier=txg` in QEMU: when a transaction group commits (`engine::txg`).
 //!
 //! - At a guest flush, in the flush's coroutine ([`commit`] with `Durability::Flush`).
+//! - With no group open (the interval before the guest's next barrier), a reached bound has
+//!   the interval's metadata written back and then syncs the file with the node unlocked, so
+//!   that requests do not wait for a sync nobody asked for.
 //! - When the group reaches its byte bound or its age bound, in the node's committer: a
 //!   coroutine that commits while a bound is reached and then ends, started by a write that
 //!   reached the byte bound, or by the node's timer. The timer is armed for the group's age
@@ -33,7 +36,7 @@ use std::time::Duration;
 
 use super::bindings::{self, AioContext, BlockDriverState};
 use super::node::Node;
-use crate::engine::Error;
+use crate::engine::{Error, Storage};
 
 /// How often the node's timer looks again while a drain is on.
 pub const RESTART_RETRY: Duration = Duration::from_millis(10);
@@ -58,6 +61,19 @@ pub unsafe fn commit(node: &Node, why: Durability) -> Result<(), Error> {
         return match why {
             Durability::Flush => locked.image().flush(),
             Durability::Bound => Ok(()),
+        };
+    }
+    if why == Durability::Bound && !locked.image().group_open() {
+        // No group open: the bound's sync runs with the image unlocked, off the guest's
+        // critical path (`Image::write_back_interval_for_bound`).
+        let sync_due = locked.image().write_back_interval_for_bound()?;
+        drop(locked);
+        return if sync_due {
+            node.file
+                .flush()
+                .map_err(|e| Error::io("syncing the image file for the durability bound", e))
+        } else {
+            Ok(())
         };
     }
     loop {

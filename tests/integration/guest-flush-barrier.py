@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from qemu_tools import BIN, QEMU_IMG, QEMU_IO, Failure, Scratch, check_clean, main, run
+from qemu_tools import BIN, QEMU_IMG, QEMU_IO, Failure, Scratch, check_clean, check_consistent, main, run
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 import benchlib as bl  # noqa: E402
@@ -127,9 +127,11 @@ def checks():
         if durable(image, 0x11, 0):
             raise Failure("killed: an uncommitted write survived a SIGKILL: the reads of "
                           "this test cannot tell committed from not")
-        check_clean(image)
+        # Before the group's first barrier the write went in place, into a cluster of the zero
+        # reserve, which the crash leaves counted: leaked, nothing worse.
+        check_consistent(image)
         print("ok    negative control: no durability point, SIGKILL: the write is lost and "
-              "the image is clean")
+              "the image is consistent")
 
         def stop(vm, _image):
             vm.cmd("stop")
