@@ -656,11 +656,7 @@ impl<S: Storage> Image<S> {
                     "{what} at {offset:#x}, dirty, belongs to the durable image"
                 )));
             }
-            let bytes = cache(self, refblocks)
-                .peek(offset)
-                .map(|b| b.to_vec())
-                .unwrap_or_default();
-            self.write_metadata(offset, &bytes, writing)?;
+            self.write_cached_table(refblocks, offset, writing)?;
             cache(self, refblocks).mark_clean(offset);
         }
         Ok(())

@@ -104,6 +104,32 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
+    /// A table written from the cache itself, without a copy of its cluster (an L2 table, or a
+    /// refcount block when `refblock`), counted as [`Self::write_metadata`] counts. A table
+    /// missing from the cache writes nothing.
+    pub(super) fn write_cached_table(
+        &mut self,
+        refblock: bool,
+        host_offset: u64,
+        what: &str,
+    ) -> Result<()> {
+        let cache = if refblock {
+            &self.refblock_cache
+        } else {
+            &self.l2_cache
+        };
+        let Some(bytes) = cache.peek(host_offset) else {
+            return Ok(());
+        };
+        self.storage
+            .write_at(host_offset, bytes)
+            .map_err(|e| Error::io(format!("{what} at {host_offset:#x}"), e))?;
+        self.counters.metadata_writes += 1;
+        self.unbarriered_writes = true;
+        self.unflushed_writes = true;
+        Ok(())
+    }
+
     /// Stages 1 and 2 of [`Self::write_back`]: refcount blocks, then (after an ordering point
     /// if a block was written) the refcount table entries naming new blocks.
     pub(super) fn write_refcount_structures(&mut self) -> Result<()> {
@@ -190,16 +216,11 @@ impl<S: Storage> Image<S> {
             // The crash harness's mutation test removes this one point (test only).
             self.order_if(needed && !self.test_skip_stage3_ordering)?;
             for offset in self.l2_cache.dirty_offsets() {
-                let bytes = self
-                    .l2_cache
-                    .peek(offset)
-                    .map(|b| b.to_vec())
-                    .unwrap_or_default();
                 if self.l2_table_is_new(offset) {
                     self.storage.debug_event(DebugEvent::L2AllocWrite);
                 }
                 self.storage.debug_event(DebugEvent::L2Update);
-                self.write_metadata(offset, &bytes, "writing an L2 table")?;
+                self.write_cached_table(false, offset, "writing an L2 table")?;
                 self.l2_cache.mark_clean(offset);
                 if self.new_l2_tables_to_order.remove(&offset) {
                     self.unordered.l2_tables = true;
@@ -451,16 +472,11 @@ impl<S: Storage> Image<S> {
     }
 
     fn write_refblock(&mut self, offset: u64) -> Result<()> {
-        let bytes = self
-            .refblock_cache
-            .peek(offset)
-            .map(|b| b.to_vec())
-            .unwrap_or_default();
         if self.refblock_is_new(offset) {
             self.storage.debug_event(DebugEvent::RefblockAllocWrite);
         }
         self.storage.debug_event(DebugEvent::RefblockUpdatePart);
-        self.write_metadata(offset, &bytes, "writing a refcount block")?;
+        self.write_cached_table(true, offset, "writing a refcount block")?;
         self.refblock_cache.mark_clean(offset);
         self.unordered.refcounts = true;
         Ok(())
