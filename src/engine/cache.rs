@@ -102,6 +102,17 @@ impl TableCache {
             .map(|s| (s.host_offset, s.dirty))
     }
 
+    /// Drops a table, dirty or not, and returns its bytes: for a caller that moves the
+    /// content to another cluster (a transaction group taking over a table, `txg.rs`).
+    pub fn take(&mut self, host_offset: u64) -> Option<Vec<u8>> {
+        let index = self.by_offset.remove(&host_offset)?;
+        let slot = self.slots.swap_remove(index);
+        if let Some(moved) = self.slots.get(index) {
+            self.by_offset.insert(moved.host_offset, index);
+        }
+        Some(slot.bytes)
+    }
+
     /// Drops a clean table. Refuses (returns false) for a dirty one.
     pub fn evict(&mut self, host_offset: u64) -> bool {
         let Some(&index) = self.by_offset.get(&host_offset) else {

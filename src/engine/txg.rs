@@ -37,14 +37,16 @@
 //! worst leaked reserve clusters: a prefix of the guest's epochs whose last one is partial. A
 //! durability point in it (a flush, a bound) is the ordinary flush, write-back and one sync,
 //! so a guest that flushes after every write pays what it pays in the `ordered` mode. The
-//! barrier that ends the interval writes its metadata back in the ordinary order and opens
-//! the group (`Image::txg_barrier`); from then on nothing on storage is overwritten, so the
-//! later epochs appear only with the commit, whose first sync makes the interval durable too.
+//! barrier that ends the interval opens the group and hands it the interval's changed tables
+//! (`Image::txg_barrier`): they are copied into the group like any table of D it changes,
+//! nothing is written and nothing synced, so the barrier is free; from then on nothing on
+//! storage is overwritten, and the interval's tables and the later epochs appear only with
+//! the commit.
 //!
 //! INVARIANT (one epoch): a group is open exactly from the first guest barrier that follows a
-//! change of the interval to the end of its commit; the interval's metadata is written back
-//! before the group's first write, so W starts from what storage holds. A commit parks the
-//! state again.
+//! change of the interval to the end of its commit; when it opens, no table of D is dirty
+//! (the refcount blocks were written, the L2 tables taken over), so W starts from what
+//! storage holds. A commit parks the state again.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -197,8 +199,56 @@ impl<S: Storage> Image<S> {
         if !changed {
             return Ok(());
         }
-        self.write_back()?;
+        // Refcount blocks go out in place (stage 1 of `write_back`): increments and new
+        // blocks only, safe at any time (a crash leaves at worst a leak), so no ordering
+        // point; the group then copies them like any block of D it changes.
+        self.write_dirty_refblocks()?;
         self.txg = self.txg_parked.take();
+        self.take_over_interval_tables()
+    }
+
+    /// The interval's changed L2 tables become the group's: each is moved, as it is in the
+    /// cache, to a cluster the group allocates, and the L1 entry (in memory) names the copy.
+    /// Nothing of them is written now: D on storage keeps its tables, the interval's changes
+    /// reach storage with the group and become durable with its commit (the L1 and refcount
+    /// table changes too: `write_back_group` marks them for it). So the barrier costs no
+    /// write and no sync, and until the commit a crash shows D with the interval's in-place
+    /// data writes in part, its new clusters unnamed (free, or leaked where the reserve or
+    /// the refcount blocks just written count them).
+    fn take_over_interval_tables(&mut self) -> Result<()> {
+        for old in self.l2_cache.dirty_offsets() {
+            if self.may_overwrite(old) {
+                continue;
+            }
+            let l1_index = self
+                .l1
+                .iter()
+                .position(|&e| e & super::entry::OFFSET_MASK == old)
+                .ok_or_else(|| {
+                    Error::Corrupt(format!(
+                        "the dirty L2 table at {old:#x} is named by no L1 entry"
+                    ))
+                })?;
+            let new = self.alloc_cluster()?;
+            let content = self.l2_cache.take(old).ok_or_else(|| {
+                Error::Corrupt(format!("L2 table {old:#x} vanished from the cache"))
+            })?;
+            // One table out, one in: the cache needs no room made (which could write back).
+            self.l2_cache.insert(new, content, true);
+            if let Some(e) = self.l1.get_mut(l1_index) {
+                *e = super::entry::L1Entry::new_copied(new).0;
+            }
+            self.l1_dirty.insert(l1_index);
+            self.metadata.remove_l2_table(old);
+            self.metadata.add_l2_table(new);
+            // D's table (or a table only the interval used) is freed at the commit.
+            self.pending_frees.push(old >> self.cluster_bits);
+        }
+        // Nothing written since the last sync is owed an order any more: what the interval
+        // wrote before now is named only by the group's tables, which its commit's first
+        // sync orders after everything.
+        self.unordered = super::writeback::Unordered::default();
+        self.new_l2_tables_to_order.clear();
         Ok(())
     }
 

@@ -464,7 +464,7 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
-    fn write_dirty_refblocks(&mut self) -> Result<()> {
+    pub(super) fn write_dirty_refblocks(&mut self) -> Result<()> {
         for offset in self.refblock_cache.dirty_offsets() {
             self.write_refblock(offset)?;
         }
