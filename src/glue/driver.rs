@@ -53,6 +53,7 @@ const BUFFER_SIZE: &CStr = c"buffer-size";
 const TXG_MAX_BYTES: &CStr = c"txg-max-bytes";
 const TXG_MAX_AGE_MS: &CStr = c"txg-max-age-ms";
 const OVERLAP_CHECK: &CStr = c"overlap-check";
+const LAZY_REFCOUNTS: &CStr = c"lazy-refcounts";
 /// Test only: `stage3` removes one ordering point (see `OpenOptions::test_skip_stage3_ordering`),
 /// `txg-first-sync` one sync of every commit (`OpenOptions::test_skip_txg_first_sync`).
 const TEST_SKIP_ORDERING: &CStr = c"x-test-skip-ordering";
@@ -61,7 +62,7 @@ const TEST_SKIP_ORDERING: &CStr = c"x-test-skip-ordering";
 fn runtime_opts() -> *mut bindings::QemuOptsList {
     static LIST: OptsListCell = OptsListCell::new();
     LIST.get_or_init(|| {
-        leak_list::<12>(
+        leak_list::<13>(
             c"qcow2b",
             &[
                 string_opt(
@@ -103,6 +104,10 @@ fn runtime_opts() -> *mut bindings::QemuOptsList {
                 string_opt(
                     OVERLAP_CHECK,
                     c"Accepted as qcow2's and ignored: qcow2b always refuses a write or free that would hit metadata",
+                ),
+                bool_opt(
+                    LAZY_REFCOUNTS,
+                    c"Accepted as qcow2's (compat=1.1 images only) and moot: qcow2b orders refcount updates without extra syncs, so it never defers them or marks the image dirty",
                 ),
                 string_opt(
                     TEST_SKIP_ORDERING,
@@ -256,6 +261,14 @@ unsafe extern "C" fn qcow2b_open(
             let open_options = open_options(&opts, mode, read_only, for_check)?;
             let file = FileAccess::new(bs, mode);
             let image = Image::open(file.clone(), &open_options)?;
+            if opts.bool(LAZY_REFCOUNTS) == Some(true) && image.header().version < 3 {
+                // QEMU's qcow2 refuses it so (a version 2 image has no dirty bit).
+                return Err(Error::BadOption(
+                    "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility \
+                     level"
+                        .into(),
+                ));
+            }
             publish_image_fields(bs, &image)?;
             (*bs).supported_zero_flags =
                 bindings::BDRV_REQ_MAY_UNMAP | bindings::BDRV_REQ_NO_FALLBACK;
