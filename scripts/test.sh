@@ -68,7 +68,7 @@ say "QEMU's iotests with -qcow2b (the auto group, the metadata and crash tests, 
 iotests_dir=$QEMU_BUILD/tests/qemu-iotests
 listed() { awk -v t="$2" '$1 == t { found = 1 } END { exit !found }' "$1"; }
 own=$(cd tests/qemu-iotests/tests && ls qcow2b-* | grep -v '\.out')
-must_pass="026 039 044 046 060 080 102 108 121 130 138 179 289 302 305 $own"
+must_pass="026 039 044 046 051 060 080 102 108 121 130 138 142 179 182 197 215 289 302 305 $own"
 auto=$(cd "$iotests_dir" && ./check -qcow2b -n -g auto | sed 's|^tests/||')
 iotests_scratch=$(mktemp -d)
 io_pass=0 io_notrun=0 io_xfail=0 io_start=$SECONDS
