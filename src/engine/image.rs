@@ -459,19 +459,28 @@ impl<S: Storage> Image<S> {
     /// What a flush does; `top_up_reserve` is false when the reserve was just given back (a
     /// close, a check) and must stay empty.
     pub(super) fn flush_metadata_and_sync(&mut self, top_up_reserve: bool) -> Result<()> {
+        self.durability_point(top_up_reserve, super::txg::CommitReason::Durability)
+    }
+
+    /// Everything written so far made durable, for `reason` (counted by the txg mode): an
+    /// open group's commit (two syncs, or none), else the ordinary flush, which in the txg mode
+    /// with no group open makes the interval durable (`txg.rs`).
+    pub(super) fn durability_point(
+        &mut self,
+        top_up_reserve: bool,
+        reason: super::txg::CommitReason,
+    ) -> Result<()> {
         if self.txg.is_some() {
-            // Durability in an open group is its commit (two syncs, or none).
-            return self.commit_and_release(super::txg::CommitReason::Durability);
+            return self.commit_and_release(reason);
         }
         self.ordinary_flush(top_up_reserve)?;
-        // In the txg mode with no group open, this made the interval durable (`txg.rs`).
-        self.end_interval(super::txg::CommitReason::Durability);
+        self.end_interval(reason);
         Ok(())
     }
 
     /// Write-back in order, then one storage flush (skipped if nothing was written since the
     /// last one), and the end of the I/O epoch.
-    pub(super) fn ordinary_flush(&mut self, top_up_reserve: bool) -> Result<()> {
+    fn ordinary_flush(&mut self, top_up_reserve: bool) -> Result<()> {
         self.write_back()?;
         if self.unflushed_writes {
             // The sync is due anyway: the reserve rides along (`reserve.rs`).

@@ -172,10 +172,7 @@ impl<S: Storage> Image<S> {
     }
 
     fn txg_state_mut(&mut self) -> Option<&mut TxgState> {
-        match (&mut self.txg, &mut self.txg_parked) {
-            (Some(t), _) => Some(t),
-            (None, parked) => parked.as_mut(),
-        }
+        self.txg.as_mut().or(self.txg_parked.as_mut())
     }
 
     /// Whether a transaction group is open (its copy-on-write rules hold).
@@ -185,8 +182,8 @@ impl<S: Storage> Image<S> {
 
     /// A guest barrier in the txg mode. Inside a group: nothing, the group keeps it. With no
     /// group open, one that follows a change since the last sync ends the interval of one
-    /// epoch: its metadata is written back in the ordinary order and a group opens ("One
-    /// epoch" in the module comment). A barrier with nothing before it opens nothing.
+    /// epoch: a group opens and takes the interval's changed tables over ("One epoch" in the
+    /// module comment). A barrier with nothing before it opens nothing.
     pub(super) fn txg_barrier(&mut self) -> Result<()> {
         let Some(parked) = self.txg_parked.as_ref() else {
             return Ok(());
@@ -330,13 +327,7 @@ impl<S: Storage> Image<S> {
             return Ok(());
         }
         let reason = self.group_due_reason().unwrap_or(CommitReason::Age);
-        if self.txg.is_some() {
-            return self.commit_and_release(reason);
-        }
-        // No group open: the interval's durability point is the ordinary flush.
-        self.ordinary_flush(true)?;
-        self.end_interval(reason);
-        Ok(())
+        self.durability_point(true, reason)
     }
 
     /// A bound reached with no group open: the interval's metadata is written back in the
@@ -483,9 +474,10 @@ impl<S: Storage> Image<S> {
             && !self.l2_cache.has_dirty()
             && !self.refblock_cache.has_dirty();
         if tables_unchanged {
-            // The group changed nothing of its own (what storage holds is the interval before
-            // it, written back in place when the barrier opened it, "One epoch"): D stays the
-            // image, and one sync makes it durable. No header write, no second sync.
+            // Neither the group nor the interval before it changed a table (storage holds D,
+            // the interval's in-place data writes and the refcount blocks the opening barrier
+            // wrote, "One epoch"): D stays the image, and one sync makes it durable. No header
+            // write, no second sync.
             self.storage_flush()?;
             self.end_group(reason);
             return Ok(());

@@ -48,6 +48,14 @@ pub(super) struct Unordered {
     pub entries: bool,
 }
 
+/// One metadata write, its error naming what was written and where. A free function, so that
+/// the bytes may be borrowed from the image's caches while the storage is written.
+fn write_to<S: Storage>(storage: &S, host_offset: u64, bytes: &[u8], what: &str) -> Result<()> {
+    storage
+        .write_at(host_offset, bytes)
+        .map_err(|e| Error::io(format!("{what} at {host_offset:#x}"), e))
+}
+
 impl<S: Storage> Image<S> {
     /// Everything written before this call is ordered before anything written after it; no
     /// durability. The one place ordering points go through.
@@ -95,13 +103,16 @@ impl<S: Storage> Image<S> {
         bytes: &[u8],
         what: &str,
     ) -> Result<()> {
-        self.storage
-            .write_at(host_offset, bytes)
-            .map_err(|e| Error::io(format!("{what} at {host_offset:#x}"), e))?;
+        write_to(&self.storage, host_offset, bytes, what)?;
+        self.count_metadata_write();
+        Ok(())
+    }
+
+    /// What every metadata write notes once it was issued.
+    fn count_metadata_write(&mut self) {
         self.counters.metadata_writes += 1;
         self.unbarriered_writes = true;
         self.unflushed_writes = true;
-        Ok(())
     }
 
     /// A table written from the cache itself, without a copy of its cluster (an L2 table, or a
@@ -121,12 +132,8 @@ impl<S: Storage> Image<S> {
         let Some(bytes) = cache.peek(host_offset) else {
             return Ok(());
         };
-        self.storage
-            .write_at(host_offset, bytes)
-            .map_err(|e| Error::io(format!("{what} at {host_offset:#x}"), e))?;
-        self.counters.metadata_writes += 1;
-        self.unbarriered_writes = true;
-        self.unflushed_writes = true;
+        write_to(&self.storage, host_offset, bytes, what)?;
+        self.count_metadata_write();
         Ok(())
     }
 
