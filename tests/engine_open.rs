@@ -5,7 +5,7 @@
 mod support;
 
 use qcow2b::engine::header::Header;
-use qcow2b::engine::{Error, Image, Mapping, MemStorage, OpenOptions};
+use qcow2b::engine::{DiscardPolicy, Error, Image, Mapping, MemStorage, OpenOptions};
 use support::*;
 
 const RW: OpenOptions = OpenOptions {
@@ -17,6 +17,7 @@ const RW: OpenOptions = OpenOptions {
     test_skip_stage3_ordering: false,
     test_skip_txg_first_sync: false,
     test_txg_overwrite_after_barrier: false,
+    discard: DiscardPolicy::DEFAULT,
 };
 const RO: OpenOptions = OpenOptions {
     read_only: true,
@@ -27,6 +28,7 @@ const RO: OpenOptions = OpenOptions {
     test_skip_stage3_ordering: false,
     test_skip_txg_first_sync: false,
     test_txg_overwrite_after_barrier: false,
+    discard: DiscardPolicy::DEFAULT,
 };
 
 fn open(bytes: Vec<u8>, opts: &OpenOptions) -> Result<Image<MemStorage>, Error> {

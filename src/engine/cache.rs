@@ -47,6 +47,8 @@ pub struct TableCache {
     slots: Vec<Slot>,
     by_offset: OffsetMap,
     clock: u64,
+    /// The clock at the last [`Self::drop_unused`]: tables not used since are idle.
+    cleaned_at: u64,
 }
 
 impl TableCache {
@@ -57,7 +59,56 @@ impl TableCache {
             slots: Vec::new(),
             by_offset: OffsetMap::default(),
             clock: 0,
+            cleaned_at: 0,
         }
+    }
+
+    /// Holds at most `capacity_tables` tables (at least 2) from now on; the least recently
+    /// used clean tables beyond it are dropped. Dirty ones stay until written back (the
+    /// caller writes back first to shrink below them).
+    pub fn set_capacity(&mut self, capacity_tables: usize) {
+        self.capacity_tables = capacity_tables.max(2);
+        while self.slots.len() > self.capacity_tables {
+            let Some(oldest_clean) = self
+                .slots
+                .iter()
+                .filter(|s| !s.dirty)
+                .min_by_key(|s| s.last_used)
+                .map(|s| s.host_offset)
+            else {
+                break;
+            };
+            self.evict(oldest_clean);
+        }
+        self.slots.shrink_to_fit();
+    }
+
+    /// Drops the clean tables not used since the previous call and gives their memory back
+    /// (QEMU's `cache-clean-interval`: called once per interval). Returns how many went.
+    pub fn drop_unused(&mut self) -> usize {
+        let idle: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|s| !s.dirty && s.last_used <= self.cleaned_at)
+            .map(|s| s.host_offset)
+            .collect();
+        for &host_offset in &idle {
+            self.evict(host_offset);
+        }
+        if !idle.is_empty() {
+            self.slots.shrink_to_fit();
+        }
+        self.cleaned_at = self.clock;
+        idle.len()
+    }
+
+    /// Tables held now.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
     }
 
     pub fn capacity_tables(&self) -> usize {
@@ -200,5 +251,37 @@ mod tests {
         assert!(c.evict(1024));
         assert_eq!(c.victim(), None);
         assert_eq!(c.get(512), Some(&[1u8][..]));
+    }
+
+    #[test]
+    fn a_clean_drops_only_clean_tables_unused_since_the_previous_clean() {
+        let mut c = TableCache::new(8);
+        c.insert(512, vec![1], false);
+        c.insert(1024, vec![2], true);
+        c.insert(1536, vec![3], false);
+        // The first clean after use drops nothing: every table was used since "the start".
+        assert_eq!(c.drop_unused(), 0);
+        assert!(c.get(1536).is_some());
+        // 512 was idle for a whole interval; 1024 too, but it is dirty; 1536 was used.
+        assert_eq!(c.drop_unused(), 1);
+        assert!(!c.contains(512));
+        assert!(c.contains(1024) && c.contains(1536));
+        c.mark_clean(1024);
+        assert_eq!(c.drop_unused(), 2);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn shrinking_the_capacity_drops_the_least_recently_used_clean_tables() {
+        let mut c = TableCache::new(4);
+        for (i, offset) in [512u64, 1024, 1536, 2048].into_iter().enumerate() {
+            c.insert(offset, vec![i as u8], offset == 1024);
+        }
+        c.get(512);
+        c.set_capacity(2);
+        // 1024 is dirty and stays; of the clean ones 512 was used last.
+        assert_eq!(c.len(), 2);
+        assert!(c.contains(512) && c.contains(1024));
+        assert_eq!(c.capacity_tables(), 2);
     }
 }

@@ -435,6 +435,7 @@ impl<S: Storage> Image<S> {
         self.pending_frees.clear();
         self.copied_candidates.clear();
         self.quarantine.clear();
+        self.discard.on_release.clear();
         self.free_cluster_hint = 0;
         self.host_end = self.host_end.max(file_len);
         Ok(())

@@ -33,4 +33,8 @@ pub struct Counters {
     pub metadata_writes: u64,
     /// Guest data writes (in place, or whole newly allocated clusters).
     pub data_writes: u64,
+    /// Freed host clusters discarded on the file (`discard.rs`), and discards the file
+    /// refused or failed (advisory: nothing else changes).
+    pub discarded_clusters: u64,
+    pub discards_refused: u64,
 }

@@ -12,6 +12,7 @@ use super::cache::TableCache;
 use super::counters::Counters;
 use super::dataio::{DataContext, SliceSource, SliceTarget};
 use super::debug_event::DebugEvent;
+use super::discard::DiscardState;
 use super::entry::Cluster;
 use super::error::{Error, Result};
 use super::header::{AutoclearFeatures, Header, IncompatibleFeatures, MAX_CLUSTER_BITS};
@@ -55,8 +56,11 @@ pub struct Image<S: Storage> {
     pub(super) l2_cache: TableCache,
     pub(super) refblock_cache: TableCache,
     /// Host clusters whose refcount must drop by one once the L2/L1 entries that stopped
-    /// referencing them are written (applied by `write_back`).
-    pub(super) pending_frees: Vec<u64>,
+    /// referencing them are written (applied by `write_back`), each with whether it is
+    /// discarded on the file once free (`discard.rs`).
+    pub(super) pending_frees: Vec<(u64, bool)>,
+    /// Which freed clusters are discarded on the file, and those waiting for it.
+    pub(super) discard: DiscardState,
     /// Host clusters an active L2 entry without COPIED stopped naming while the image has no
     /// internal snapshot: another active entry may name them too (qcow2 allows it; qemu-img
     /// never makes it), and gets its COPIED flag back once the refcount is down to one
@@ -137,6 +141,28 @@ fn read_table<S: Storage>(
         .collect())
 }
 
+/// How many L2 tables and refcount blocks the caches hold, from the sizes asked for in
+/// bytes (QEMU's `l2-cache-size` and `refcount-cache-size`) or the defaults.
+fn cache_capacities(
+    header: &Header,
+    l2_cache_bytes: Option<u64>,
+    refcount_cache_bytes: Option<u64>,
+) -> (usize, usize) {
+    let cluster_size = header.cluster_size();
+    let max_l2_bytes = header
+        .virtual_size
+        .div_ceil(layout::bytes_per_l1_entry(header.cluster_bits))
+        .saturating_mul(cluster_size)
+        .min(DEFAULT_L2_CACHE_MAX_BYTES);
+    let l2_tables = l2_cache_bytes.unwrap_or(max_l2_bytes) / cluster_size;
+    let refblocks = (refcount_cache_bytes
+        .unwrap_or(DEFAULT_REFCOUNT_CACHE_CLUSTERS * cluster_size)
+        / cluster_size)
+        .max(MIN_REFCOUNT_CACHE_CLUSTERS);
+    let tables = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    (tables(l2_tables), tables(refblocks))
+}
+
 impl<S: Storage> Image<S> {
     /// Opens and validates an image. Refuses what this engine cannot handle safely, with an
     /// error naming the field or feature.
@@ -163,7 +189,6 @@ impl<S: Storage> Image<S> {
         let snapshots = snapshot::read_table(&storage, &header, file_len, &mut regions)?;
 
         let cluster_bits = header.cluster_bits;
-        let cluster_size = header.cluster_size();
         let l1 = read_table(
             &storage,
             header.l1_table_offset,
@@ -179,17 +204,8 @@ impl<S: Storage> Image<S> {
             "refcount table",
         )?;
 
-        let max_l2_bytes = header
-            .virtual_size
-            .div_ceil(layout::bytes_per_l1_entry(cluster_bits))
-            .saturating_mul(cluster_size)
-            .min(DEFAULT_L2_CACHE_MAX_BYTES);
-        let l2_tables = opts.l2_cache_bytes.unwrap_or(max_l2_bytes) / cluster_size;
-        let refblocks = (opts
-            .refcount_cache_bytes
-            .unwrap_or(DEFAULT_REFCOUNT_CACHE_CLUSTERS * cluster_size)
-            / cluster_size)
-            .max(MIN_REFCOUNT_CACHE_CLUSTERS);
+        let (l2_tables, refblocks) =
+            cache_capacities(&header, opts.l2_cache_bytes, opts.refcount_cache_bytes);
 
         let mut image = Image {
             rc: RefcountGeometry {
@@ -205,9 +221,13 @@ impl<S: Storage> Image<S> {
             l1_dirty: BTreeSet::new(),
             reftable,
             reftable_dirty: BTreeSet::new(),
-            l2_cache: TableCache::new(usize::try_from(l2_tables).unwrap_or(usize::MAX)),
-            refblock_cache: TableCache::new(usize::try_from(refblocks).unwrap_or(usize::MAX)),
+            l2_cache: TableCache::new(l2_tables),
+            refblock_cache: TableCache::new(refblocks),
             pending_frees: Vec::new(),
+            discard: DiscardState {
+                policy: opts.discard,
+                ..DiscardState::default()
+            },
             copied_candidates: Vec::new(),
             quarantine: BTreeMap::new(),
             io_epoch: 0,
@@ -299,6 +319,32 @@ impl<S: Storage> Image<S> {
             self.read_only = true;
         }
         Ok(())
+    }
+
+    /// Sizes the caches anew (a reopen with other cache options), as [`OpenOptions`] says
+    /// for an open. Clean tables beyond the new size go at once; dirty ones at their next
+    /// write-back.
+    pub fn set_cache_sizes(
+        &mut self,
+        l2_cache_bytes: Option<u64>,
+        refcount_cache_bytes: Option<u64>,
+    ) {
+        let (l2_tables, refblocks) =
+            cache_capacities(&self.header, l2_cache_bytes, refcount_cache_bytes);
+        self.l2_cache.set_capacity(l2_tables);
+        self.refblock_cache.set_capacity(refblocks);
+    }
+
+    /// Drops the cached tables unused since the previous call (QEMU's
+    /// `cache-clean-interval`, once per interval), giving their memory back. Dirty tables
+    /// stay. Returns how many were dropped.
+    pub fn drop_idle_cache_tables(&mut self) -> usize {
+        self.l2_cache.drop_unused() + self.refblock_cache.drop_unused()
+    }
+
+    /// Tables cached now: (L2 tables, refcount blocks).
+    pub fn cached_tables(&self) -> (usize, usize) {
+        (self.l2_cache.len(), self.refblock_cache.len())
     }
 
     pub fn is_read_only(&self) -> bool {

@@ -5,6 +5,7 @@
 //! is written to storage except through `writeback.rs` (cache evictions go there too).
 
 use super::debug_event::DebugEvent;
+use super::discard::FreeKind;
 use super::entry::{Cluster, L1Entry, L2Entry, ReftableEntry};
 use super::error::{Error, Result};
 use super::image::Image;
@@ -263,7 +264,7 @@ impl<S: Storage> Image<S> {
         }
         self.metadata.add_l2_table(new_offset);
         if old_offset != 0 {
-            self.pending_frees.push(old_offset >> self.cluster_bits);
+            self.free_later([old_offset >> self.cluster_bits], FreeKind::Other);
             if l1_entry.copied() {
                 // A transaction group's copy of the durable image's table (clean, as nothing
                 // writes it): the old one is freed at the commit, so no cached copy outlives it.
@@ -498,18 +499,25 @@ impl<S: Storage> Image<S> {
 
     /// (d) Makes freed host clusters reusable once a guest flush has ended the I/O epoch they
     /// were freed in, and no request planned in that epoch or earlier is still in flight (its
-    /// data step may still touch them).
+    /// data step may still touch them). Called only after a durability point; those that
+    /// the discard policy passes are discarded on the file first (`discard.rs`).
     pub(super) fn release_quarantine(&mut self) {
         let limit = self.oldest_inflight_epoch().min(self.io_epoch);
-        let mut lowest = u64::MAX;
+        let mut released = Vec::new();
         self.quarantine.retain(|&cluster, &mut freed_in| {
             let keep = freed_in >= limit;
             if !keep {
-                lowest = lowest.min(cluster);
+                released.push(cluster);
             }
             keep
         });
-        self.free_cluster_hint = self.free_cluster_hint.min(lowest);
+        // The map iterates in order: the first released cluster is the lowest.
+        if let Some(&lowest) = released.first() {
+            self.free_cluster_hint = self.free_cluster_hint.min(lowest);
+        }
+        if !self.discard.on_release.is_empty() {
+            self.discard_released(&released);
+        }
     }
 
     /// Allocates `count` contiguous host clusters past everything in use (for tables that
@@ -664,7 +672,7 @@ impl<S: Storage> Image<S> {
     /// into quarantine (see `release_quarantine`).
     pub(super) fn apply_pending_frees(&mut self) -> Result<()> {
         let frees = std::mem::take(&mut self.pending_frees);
-        for cluster in frees {
+        for (cluster, discard) in frees {
             let start = cluster << self.cluster_bits;
             let current = self.refcount(cluster)?;
             if current == 0 {
@@ -688,6 +696,9 @@ impl<S: Storage> Image<S> {
             self.set_refcount(cluster, current - 1)?;
             if current == 1 {
                 self.quarantine.insert(cluster, self.io_epoch);
+                if discard {
+                    self.discard.on_release.insert(cluster);
+                }
             }
         }
         Ok(())

@@ -22,6 +22,8 @@
 //! - `resize`: growing the virtual size (and the L1 table).
 //! - `backing_file`: naming another backing file (`qemu-img rebase`, block jobs).
 //! - `zeroes`: write_zeroes and discard (zero flag, unallocation).
+//! - [`discard`]: freed clusters passed down to the file as discards, after a durability
+//!   point.
 //! - `compress`: compressed cluster decoding (raw deflate, zstd).
 //! - [`snapshot`]: the internal snapshot table (parsed and validated at open).
 //! - `check`: `qemu-img check` for qcow2: counting, comparing, repairing; the repair of
@@ -43,6 +45,7 @@ mod counters;
 pub mod create;
 pub mod dataio;
 pub mod debug_event;
+pub mod discard;
 pub mod entry;
 pub mod error;
 pub mod header;
@@ -66,6 +69,7 @@ pub use check::{CheckFix, CheckReport, FragmentationInfo};
 pub use counters::Counters;
 pub use create::{create, measure, CreateOptions, Measure};
 pub use debug_event::DebugEvent;
+pub use discard::DiscardPolicy;
 pub use error::{Error, Result};
 pub use image::Image;
 pub use request::{ReadPlan, ReadSource, WritePiece, WritePlan};
@@ -89,6 +93,8 @@ pub struct OpenOptions {
     /// opened read-write so that the check can repair it, and a dirty image is not repaired
     /// at open, so that the check reports what is wrong.
     pub for_check: bool,
+    /// Which freed host clusters are discarded on the file (QEMU's `pass-discard-*`).
+    pub discard: DiscardPolicy,
     /// Work in transaction groups (`barrier=txg`, `txg.rs`): nothing the durable image names
     /// is overwritten until a commit switches the header to the group's tables.
     pub txg: Option<TxgOptions>,

@@ -17,6 +17,7 @@
 //!   `f` is outstanding (`Image::release_quarantine`). Without this, a read planned before a
 //!   discard could return the data of the guest cluster that the freed cluster went to next.
 
+use super::discard::FreeKind;
 use super::entry::{Cluster, L2Entry};
 use super::error::{Error, Result};
 use super::image::Image;
@@ -549,7 +550,7 @@ impl<S: Storage> Image<S> {
         if !reused {
             self.note_shared_release(old);
             let freed = self.host_clusters_of(old);
-            self.pending_frees.extend(freed);
+            self.free_later(freed, FreeKind::Never);
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! current one does not reach the new end. Shrinking is not supported.
 
 use super::debug_event::DebugEvent;
+use super::discard::FreeKind;
 use super::entry::{L2Entry, OFFSET_MASK};
 use super::error::{Error, Result};
 use super::image::Image;
@@ -98,8 +99,7 @@ impl<S: Storage> Image<S> {
         let old_first = self.header.l1_table_offset >> self.cluster_bits;
         let old_clusters = (u64::from(self.header.l1_size_entries) * 8).div_ceil(cluster_size);
         if self.header.l1_size_entries > 0 {
-            self.pending_frees
-                .extend(old_first..old_first + old_clusters);
+            self.free_later(old_first..old_first + old_clusters, FreeKind::Other);
         }
         self.header.virtual_size = new_size;
         self.header.l1_size_entries = needed_l1 as u32;

@@ -46,6 +46,12 @@ pub trait Storage {
     }
     /// Truncates or extends the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Gives the space of `offset..offset + len` back to the host (advisory: the bytes read
+    /// as zeros or as before afterwards). Only for clusters nothing names any more
+    /// (`discard.rs`). A storage that cannot says so (the default: unsupported).
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// Reserves space for `offset..offset + len` (growing the file if it ends before), so
     /// later writes there cannot fail for lack of space (`preallocation=falloc`). Bytes past
     /// the old end of the file read as zeros afterwards; bytes before it may be zeroed. The
@@ -103,6 +109,27 @@ impl Storage for File {
         File::set_len(self, len)
     }
 
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
+        let start = libc::off_t::try_from(offset).map_err(|_| too_big())?;
+        let count = libc::off_t::try_from(len).map_err(|_| too_big())?;
+        // SAFETY: the descriptor is open for as long as `self` is borrowed; fallocate reads
+        // or writes no memory of this process.
+        let ret = unsafe {
+            libc::fallocate(
+                self.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                start,
+                count,
+            )
+        };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
         let start = libc::off_t::try_from(offset).map_err(|_| too_big())?;
@@ -130,6 +157,8 @@ pub struct MemStorage {
     pub barriers: std::cell::Cell<u64>,
     /// Every [`Storage::debug_event`], in order.
     pub events: RefCell<Vec<DebugEvent>>,
+    /// Every [`Storage::discard`] as (offset, length, flushes before it), in order.
+    pub discards: RefCell<Vec<(u64, u64, u64)>>,
 }
 
 impl MemStorage {
@@ -139,6 +168,7 @@ impl MemStorage {
             flushes: Default::default(),
             barriers: Default::default(),
             events: Default::default(),
+            discards: Default::default(),
         }
     }
 
@@ -200,6 +230,22 @@ impl Storage for MemStorage {
     fn set_len(&self, len: u64) -> io::Result<()> {
         let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
         self.bytes.borrow_mut().resize(len, 0);
+        Ok(())
+    }
+
+    /// Zeroes the range (as a punched hole reads), within the file's length.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.discards
+            .borrow_mut()
+            .push((offset, len, self.flushes.get()));
+        let mut bytes = self.bytes.borrow_mut();
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        let end = usize::try_from(offset.saturating_add(len))
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        bytes[start..end].fill(0);
         Ok(())
     }
 }

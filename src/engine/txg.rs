@@ -52,6 +52,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use super::cache::TableCache;
+use super::discard::FreeKind;
 use super::error::{Error, Result};
 use super::image::Image;
 use super::storage::Storage;
@@ -239,7 +240,7 @@ impl<S: Storage> Image<S> {
             self.metadata.remove_l2_table(old);
             self.metadata.add_l2_table(new);
             // D's table (or a table only the interval used) is freed at the commit.
-            self.pending_frees.push(old >> self.cluster_bits);
+            self.free_later([old >> self.cluster_bits], FreeKind::Other);
         }
         // Nothing written since the last sync is owed an order any more: what the interval
         // wrote before now is named only by the group's tables, which its commit's first
@@ -443,7 +444,7 @@ impl<S: Storage> Image<S> {
             self.set_refcount(cluster, 1)?;
         }
         // D's block loses the refcount table's reference: freed once the group commits.
-        self.pending_frees.push(old_offset >> self.cluster_bits);
+        self.free_later([old_offset >> self.cluster_bits], FreeKind::Other);
         Ok(new_offset)
     }
 
@@ -619,7 +620,7 @@ impl<S: Storage> Image<S> {
         };
         self.metadata
             .move_region("L1 table", l1, l1 + (l1_clusters << self.cluster_bits));
-        self.pending_frees.extend(old_l1..old_l1 + old.l1_clusters);
+        self.free_later(old_l1..old_l1 + old.l1_clusters, FreeKind::Other);
 
         let mut old_rt_freed = false;
         let (rt, rt_clusters) = loop {
@@ -629,7 +630,7 @@ impl<S: Storage> Image<S> {
             self.metadata
                 .move_region("refcount table", at, at + (want << self.cluster_bits));
             if !old_rt_freed {
-                self.pending_frees.extend(old_rt..old_rt + old.rt_clusters);
+                self.free_later(old_rt..old_rt + old.rt_clusters, FreeKind::Other);
                 old_rt_freed = true;
             }
             self.settle_frees()?;

@@ -26,6 +26,7 @@
 //! at all, and its one sync is the flush's own.
 
 use super::debug_event::DebugEvent;
+use super::discard::FreeKind;
 use super::entry::{Cluster, L1Entry, L2Entry, OFFSET_MASK, OFLAG_COPIED};
 use super::error::{Error, Result};
 use super::image::Image;
@@ -462,8 +463,7 @@ impl<S: Storage> Image<S> {
                 .add_refblock((blocks_start + j) << cluster_bits);
         }
         let old_first = old_offset >> cluster_bits;
-        self.pending_frees
-            .extend(old_first..old_first + old_clusters);
+        self.free_later(old_first..old_first + old_clusters, FreeKind::Other);
         self.free_cluster_hint = area_start + area_clusters;
         self.host_end = self
             .host_end

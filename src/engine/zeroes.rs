@@ -4,8 +4,10 @@
 //!
 //! A host cluster that loses its last reference goes through `pending_frees`, so its refcount
 //! drops only after the new L2 entry is written and it is not reused before the next flush
-//! (write-back stage 5, rule (d)).
+//! (write-back stage 5, rule (d)); with `pass-discard-request` it is discarded on the file
+//! then (`discard.rs`).
 
+use super::discard::FreeKind;
 use super::entry::{Cluster, L2Entry, OFLAG_COPIED, OFLAG_ZERO};
 use super::error::{Error, Result};
 use super::image::Image;
@@ -198,7 +200,12 @@ impl<S: Storage> Image<S> {
         let (l2_offset, l2_index) = self.l2_table_for_write(guest_cluster)?;
         self.set_l2_entry(l2_offset, l2_index, entry)?;
         self.note_shared_release(current);
-        self.pending_frees.extend(freed);
+        let kind = match op {
+            // qemu-img commit empties the image (QEMU's qcow2 counts it as a snapshot free).
+            ClusterOp::Unallocate => FreeKind::Snapshot,
+            ClusterOp::Zero { .. } | ClusterOp::Discard => FreeKind::Request,
+        };
+        self.free_later(freed, kind);
         Ok(())
     }
 

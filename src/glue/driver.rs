@@ -213,6 +213,7 @@ fn open_options(
         test_skip_stage3_ordering,
         test_skip_txg_first_sync,
         test_txg_overwrite_after_barrier: false,
+        discard: crate::engine::DiscardPolicy::DEFAULT,
     })
 }
 
@@ -228,8 +229,15 @@ unsafe fn publish_image_fields(
     let bs = unsafe { &mut *bs };
     bs.total_sectors = (image.virtual_size() / 512) as i64;
     if let Some(name) = image.backing_file() {
-        set_c_string(&mut bs.backing_file, name, "backing file name")?;
-        set_c_string(&mut bs.auto_backing_file, name, "backing file name")?;
+        // Only a name that changed is published: after an incoming migration the image is
+        // read anew (invalidate_cache), and auto_backing_file may hold what the block layer
+        // made of a json: name; set again, the node's file name would turn into json: too.
+        // SAFETY: backing_file is a NUL-terminated array.
+        let current = unsafe { CStr::from_ptr(bs.backing_file.as_ptr()) };
+        if current.to_bytes() != name.as_bytes() {
+            set_c_string(&mut bs.backing_file, name, "backing file name")?;
+            set_c_string(&mut bs.auto_backing_file, name, "backing file name")?;
+        }
         if let Some(fmt) = image.backing_format() {
             set_c_string(&mut bs.backing_format, fmt, "backing format")?;
         }
