@@ -60,6 +60,7 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_co_barrier",
     "bdrv_co_pwrite_zeroes",
     "bdrv_co_pdiscard",
+    "bdrv_pdiscard",
     "bdrv_co_pread",
     "bdrv_co_pwrite",
     "bdrv_pread",
@@ -120,6 +121,8 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "error_setg_errno_internal",
     "qdict_get_try_str",
     "qdict_del",
+    "qdict_haskey",
+    "qdict_join",
     "qemu_opt_get",
     "qemu_opt_get_size_del",
     "qemu_opt_get_del",
@@ -166,9 +169,13 @@ fn main() {
     println!("cargo:rerun-if-changed={}", commands.display());
     // The patched tree's stamp (scripts/fetch-qemu.sh): a change of qemu-patches/ can change
     // the layout of what is bound here (a new BlockDriver callback, a new QAPI member), and
-    // compile_commands.json does not change with it.
-    if let Some(src) = env::var_os("QCOW2B_QEMU_SRC") {
-        let stamp = Path::new(&src).join(".qcow2b-patched");
+    // compile_commands.json does not change with it. The tree is QCOW2B_QEMU_SRC, or else
+    // the build directory's sibling qemu-src (scripts/lib.sh's layout).
+    let src = env::var_os("QCOW2B_QEMU_SRC")
+        .map(PathBuf::from)
+        .or_else(|| qemu_build.parent().map(|p| p.join("qemu-src")));
+    if let Some(src) = src {
+        let stamp = src.join(".qcow2b-patched");
         if stamp.is_file() {
             println!("cargo:rerun-if-changed={}", stamp.display());
         }

@@ -141,26 +141,61 @@ fn read_table<S: Storage>(
         .collect())
 }
 
-/// How many L2 tables and refcount blocks the caches hold, from the sizes asked for in
-/// bytes (QEMU's `l2-cache-size` and `refcount-cache-size`) or the defaults.
-fn cache_capacities(
-    header: &Header,
-    l2_cache_bytes: Option<u64>,
-    refcount_cache_bytes: Option<u64>,
-) -> (usize, usize) {
+/// The cache sizes an image gets, in bytes (see [`cache_sizes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheSizes {
+    pub l2_bytes: u64,
+    pub refcount_bytes: u64,
+    /// What the L2 tables of the whole disk take (the most an L2 cache can use).
+    pub disk_l2_bytes: u64,
+}
+
+/// The cache sizes for `header` from the sizes asked for in bytes (QEMU's `l2-cache-size`,
+/// `refcount-cache-size` and `cache-size`), split and bounded as QEMU's qcow2 does: the L2
+/// part at most what the whole disk needs (and, unless given, at most 32 MiB); with only
+/// `cache-size`, the L2 tables of the whole disk first if the refcount minimum fits beside
+/// them. The minimum counts of tables are the caches' own.
+pub fn cache_sizes(header: &Header, opts: &OpenOptions) -> CacheSizes {
     let cluster_size = header.cluster_size();
-    let max_l2_bytes = header
+    let disk_l2_bytes = header
         .virtual_size
         .div_ceil(layout::bytes_per_l1_entry(header.cluster_bits))
-        .saturating_mul(cluster_size)
-        .min(DEFAULT_L2_CACHE_MAX_BYTES);
-    let l2_tables = l2_cache_bytes.unwrap_or(max_l2_bytes) / cluster_size;
-    let refblocks = (refcount_cache_bytes
-        .unwrap_or(DEFAULT_REFCOUNT_CACHE_CLUSTERS * cluster_size)
-        / cluster_size)
-        .max(MIN_REFCOUNT_CACHE_CLUSTERS);
+        .saturating_mul(cluster_size);
+    let min_refcount_bytes = MIN_REFCOUNT_CACHE_CLUSTERS * cluster_size;
+    let l2 = disk_l2_bytes.min(opts.l2_cache_bytes.unwrap_or(DEFAULT_L2_CACHE_MAX_BYTES));
+    let (l2_bytes, refcount_bytes) = match (
+        opts.cache_bytes,
+        opts.l2_cache_bytes,
+        opts.refcount_cache_bytes,
+    ) {
+        (None, _, rc) => (
+            l2,
+            rc.unwrap_or(DEFAULT_REFCOUNT_CACHE_CLUSTERS * cluster_size),
+        ),
+        (Some(total), Some(_), _) => (l2, total.saturating_sub(l2)),
+        (Some(total), None, Some(rc)) => (total.saturating_sub(rc), rc),
+        (Some(total), None, None) if total >= disk_l2_bytes + min_refcount_bytes => {
+            (disk_l2_bytes, total - disk_l2_bytes)
+        }
+        (Some(total), None, None) => {
+            let rc = total.min(min_refcount_bytes);
+            (total - rc, rc)
+        }
+    };
+    CacheSizes {
+        l2_bytes,
+        refcount_bytes,
+        disk_l2_bytes,
+    }
+}
+
+/// How many L2 tables and refcount blocks the caches hold ([`cache_sizes`] in tables).
+fn cache_capacities(header: &Header, opts: &OpenOptions) -> (usize, usize) {
+    let sizes = cache_sizes(header, opts);
+    let cluster_size = header.cluster_size();
+    let refblocks = (sizes.refcount_bytes / cluster_size).max(MIN_REFCOUNT_CACHE_CLUSTERS);
     let tables = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
-    (tables(l2_tables), tables(refblocks))
+    (tables(sizes.l2_bytes / cluster_size), tables(refblocks))
 }
 
 impl<S: Storage> Image<S> {
@@ -204,8 +239,7 @@ impl<S: Storage> Image<S> {
             "refcount table",
         )?;
 
-        let (l2_tables, refblocks) =
-            cache_capacities(&header, opts.l2_cache_bytes, opts.refcount_cache_bytes);
+        let (l2_tables, refblocks) = cache_capacities(&header, opts);
 
         let mut image = Image {
             rc: RefcountGeometry {
@@ -321,16 +355,11 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
-    /// Sizes the caches anew (a reopen with other cache options), as [`OpenOptions`] says
-    /// for an open. Clean tables beyond the new size go at once; dirty ones at their next
-    /// write-back.
-    pub fn set_cache_sizes(
-        &mut self,
-        l2_cache_bytes: Option<u64>,
-        refcount_cache_bytes: Option<u64>,
-    ) {
-        let (l2_tables, refblocks) =
-            cache_capacities(&self.header, l2_cache_bytes, refcount_cache_bytes);
+    /// Sizes the caches anew (a reopen with other cache options) from the cache sizes of
+    /// `opts`, as at an open. Clean tables beyond the new size go at once; dirty ones at
+    /// their next write-back.
+    pub fn set_cache_sizes(&mut self, opts: &OpenOptions) {
+        let (l2_tables, refblocks) = cache_capacities(&self.header, opts);
         self.l2_cache.set_capacity(l2_tables);
         self.refblock_cache.set_capacity(refblocks);
     }

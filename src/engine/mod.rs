@@ -71,7 +71,7 @@ pub use create::{create, measure, CreateOptions, Measure};
 pub use debug_event::DebugEvent;
 pub use discard::DiscardPolicy;
 pub use error::{Error, Result};
-pub use image::Image;
+pub use image::{cache_sizes, CacheSizes, Image};
 pub use request::{ReadPlan, ReadSource, WritePiece, WritePlan};
 pub use snapshot::Snapshot;
 pub use storage::{Backing, MemStorage, Storage};
@@ -89,6 +89,11 @@ pub struct OpenOptions {
     /// `MIN_REFCOUNT_CACHE_SIZE`, its default too: 256 KiB with 64 KiB clusters); at least 4
     /// blocks.
     pub refcount_cache_bytes: Option<u64>,
+    /// Bytes of both caches together (QEMU's `cache-size`), split as QEMU's qcow2 splits it:
+    /// what one of the two sizes above leaves, or, with neither given, what the L2 tables of
+    /// the whole disk need and the rest (at least the refcount minimum) for refcount blocks.
+    /// The caller refuses combinations QEMU refuses (all three, or a part above the total).
+    pub cache_bytes: Option<u64>,
     /// Opened for `qemu-img check` (QEMU's `BDRV_O_CHECK`): an image marked corrupt may be
     /// opened read-write so that the check can repair it, and a dirty image is not repaired
     /// at open, so that the check reports what is wrong.

@@ -15,18 +15,19 @@ use super::bindings::{
     self, BDRVReopenState, BlockDriver, BlockDriverInfo, BlockDriverState, BlockReopenQueue, QDict,
     QEMUIOVector,
 };
+use super::cache_clean;
 use super::create;
 use super::ffi::{guard, guard_errp};
 use super::file::{FileAccess, Unsynced};
 use super::node::Node;
-use super::opts::{bool_opt, leak_list, number_opt, size_opt, string_opt, Opts, OptsListCell};
+use super::opts::Opts;
 use super::request;
+use super::runtime_opts::{self, Settings};
 use super::txg;
 use crate::engine::header::CompressionType;
-use crate::engine::TxgOptions;
-use crate::engine::{CheckFix, Error, Image, Mapping, OpenOptions};
+use crate::engine::{CheckFix, Error, Image, Mapping};
 use crate::ordering::primitive::{self, Primitive};
-use crate::ordering::{BarrierMode, BarrierOptions};
+use crate::ordering::BarrierMode;
 
 /// Copies `value` into a fixed C char array, NUL-terminated; refuses what does not fit.
 fn set_c_string(dst: &mut [c_char], value: &str, what: &str) -> Result<(), Error> {
@@ -41,95 +42,6 @@ fn set_c_string(dst: &mut [c_char], value: &str, what: &str) -> Result<(), Error
     }
     dst[value.len()] = 0;
     Ok(())
-}
-
-const L2_CACHE_SIZE: &CStr = c"l2-cache-size";
-const REFCOUNT_CACHE_SIZE: &CStr = c"refcount-cache-size";
-const CACHE_SIZE: &CStr = c"cache-size";
-const BARRIER: &CStr = c"barrier";
-const BARRIERFS_SYSCALL: &CStr = c"barrierfs-syscall";
-const BARRIERFS_INJECT: &CStr = c"x-barrierfs-inject";
-const BUFFER_SIZE: &CStr = c"buffer-size";
-const TXG_MAX_BYTES: &CStr = c"txg-max-bytes";
-const TXG_MAX_AGE_MS: &CStr = c"txg-max-age-ms";
-const OVERLAP_CHECK: &CStr = c"overlap-check";
-const LAZY_REFCOUNTS: &CStr = c"lazy-refcounts";
-/// Test only: `stage3` removes one ordering point (see `OpenOptions::test_skip_stage3_ordering`),
-/// `txg-first-sync` one sync of every commit (`OpenOptions::test_skip_txg_first_sync`).
-const TEST_SKIP_ORDERING: &CStr = c"x-test-skip-ordering";
-
-/// The runtime options (`-drive driver=qcow2b,...`, `-blockdev`), built once.
-fn runtime_opts() -> *mut bindings::QemuOptsList {
-    static LIST: OptsListCell = OptsListCell::new();
-    LIST.get_or_init(|| {
-        leak_list::<13>(
-            c"qcow2b",
-            &[
-                string_opt(
-                    BARRIER,
-                    c"How barriers reach the host: auto (barrierfs when barrierfs-syscall is given, else ordered), barrierfs, ordered, flush, txg",
-                ),
-                number_opt(
-                    BARRIERFS_SYSCALL,
-                    c"System call number of BarrierFS's fdatabarrier on this host (never guessed)",
-                ),
-                bool_opt(
-                    BARRIERFS_INJECT,
-                    c"barrierfs with an injected primitive that records barriers and orders nothing (tests and bounds only)",
-                ),
-                size_opt(
-                    BUFFER_SIZE,
-                    c"Bytes the ordered mode may buffer before new writes wait (default 16M)",
-                ),
-                size_opt(
-                    TXG_MAX_BYTES,
-                    c"With barrier=txg, commit a transaction group once it holds this many guest bytes (default 64M)",
-                ),
-                number_opt(
-                    TXG_MAX_AGE_MS,
-                    c"With barrier=txg, commit a transaction group once it is this many milliseconds old (default 5000)",
-                ),
-                size_opt(
-                    L2_CACHE_SIZE,
-                    c"Maximum bytes of L2 tables cached (default: enough for the whole disk, at most 32 MiB)",
-                ),
-                size_opt(
-                    REFCOUNT_CACHE_SIZE,
-                    c"Maximum bytes of refcount blocks cached (default: 4 clusters)",
-                ),
-                size_opt(
-                    CACHE_SIZE,
-                    c"Maximum bytes of both caches together (split as QEMU's qcow2 does)",
-                ),
-                string_opt(
-                    OVERLAP_CHECK,
-                    c"Accepted as qcow2's and ignored: qcow2b always refuses a write or free that would hit metadata",
-                ),
-                bool_opt(
-                    LAZY_REFCOUNTS,
-                    c"Accepted as qcow2's (compat=1.1 images only) and moot: qcow2b orders refcount updates without extra syncs, so it never defers them or marks the image dirty",
-                ),
-                string_opt(
-                    TEST_SKIP_ORDERING,
-                    c"Test only, breaks crash consistency: stage3 leaves out the ordering point before L2 tables are written; txg-first-sync the first sync of every transaction group commit",
-                ),
-            ],
-        )
-    })
-}
-
-/// The barrier mode from the runtime options.
-fn barrier_mode(opts: &Opts) -> Result<BarrierMode, Error> {
-    let mode = opts.string(BARRIER);
-    BarrierMode::from_options(BarrierOptions {
-        mode: mode.as_deref(),
-        syscall: opts.number(BARRIERFS_SYSCALL).map(|n| n as i64),
-        inject: opts.bool(BARRIERFS_INJECT).unwrap_or(false),
-        buffer_bytes: opts.size(BUFFER_SIZE),
-        txg_max_bytes: opts.size(TXG_MAX_BYTES),
-        txg_max_age_ms: opts.number(TXG_MAX_AGE_MS),
-    })
-    .map_err(|e| Error::BadOption(e.to_string()))
 }
 
 /// Registers the barrier primitive of a barrierfs mode for the protocol node under `bs`
@@ -147,74 +59,6 @@ unsafe fn register_primitive(bs: *mut BlockDriverState, mode: BarrierMode) -> Op
     let protocol = unsafe { bindings::bdrv_skip_filters((*(*bs).file).bs) } as usize;
     primitive::register(protocol, primitive);
     Some(protocol)
-}
-
-/// The engine's cache sizes from the runtime options, with QEMU's rules for `cache-size`.
-fn open_options(
-    opts: &Opts,
-    mode: BarrierMode,
-    read_only: bool,
-    for_check: bool,
-) -> Result<OpenOptions, Error> {
-    let l2 = opts.size(L2_CACHE_SIZE);
-    let refcount = opts.size(REFCOUNT_CACHE_SIZE);
-    let (l2_cache_bytes, refcount_cache_bytes) = match (opts.size(CACHE_SIZE), l2, refcount) {
-        (None, l2, rc) => (l2, rc),
-        (Some(_), Some(_), Some(_)) => {
-            return Err(Error::BadOption(
-                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same \
-                 time"
-                    .into(),
-            ))
-        }
-        (Some(total), Some(l2), None) => (
-            Some(l2),
-            Some(total.checked_sub(l2).ok_or_else(|| {
-                Error::BadOption("l2-cache-size may not exceed cache-size".into())
-            })?),
-        ),
-        (Some(total), None, Some(rc)) => (
-            Some(total.checked_sub(rc).ok_or_else(|| {
-                Error::BadOption("refcount-cache-size may not exceed cache-size".into())
-            })?),
-            Some(rc),
-        ),
-        // The engine takes what the disk needs for L2 tables (at most the total) and gives
-        // the rest to refcount blocks.
-        (Some(total), None, None) => (Some(total), None),
-    };
-    let (test_skip_stage3_ordering, test_skip_txg_first_sync) =
-        match opts.string(TEST_SKIP_ORDERING).as_deref() {
-            None => (false, false),
-            Some("stage3") => (true, false),
-            Some("txg-first-sync") if matches!(mode, BarrierMode::Txg { .. }) => (false, true),
-            Some(other) => {
-                return Err(Error::BadOption(format!(
-                    "x-test-skip-ordering={other}: the (test-only) values are stage3, and \
-                     txg-first-sync with barrier=txg"
-                )))
-            }
-        };
-    Ok(OpenOptions {
-        read_only,
-        l2_cache_bytes,
-        refcount_cache_bytes,
-        for_check,
-        txg: match mode {
-            BarrierMode::Txg {
-                max_bytes,
-                max_age_ms,
-            } => Some(TxgOptions {
-                max_group_bytes: max_bytes,
-                max_group_age: std::time::Duration::from_millis(max_age_ms),
-            }),
-            _ => None,
-        },
-        test_skip_stage3_ordering,
-        test_skip_txg_first_sync,
-        test_txg_overwrite_after_barrier: false,
-        discard: crate::engine::DiscardPolicy::DEFAULT,
-    })
 }
 
 /// Publishes what QEMU's generic code reads from the node after open or a resize.
@@ -260,31 +104,31 @@ unsafe extern "C" fn qcow2b_open(
                 // errp already says why.
                 return Ok(ret);
             }
-            let Some(opts) = Opts::absorb(runtime_opts(), options, errp) else {
+            let Some(opts) = Opts::absorb(runtime_opts::list(), options, errp) else {
                 return Ok(-libc::EINVAL);
             };
-            let read_only = flags & bindings::BDRV_O_RDWR as c_int == 0;
-            let for_check = flags & bindings::BDRV_O_CHECK as c_int != 0;
-            let mode = barrier_mode(&opts)?;
-            let open_options = open_options(&opts, mode, read_only, for_check)?;
+            let settings = Settings::read(&opts, flags)?;
+            let mode = settings.mode;
             let file = FileAccess::new(bs, mode);
-            let image = Image::open(file.clone(), &open_options)?;
-            if opts.bool(LAZY_REFCOUNTS) == Some(true) && image.header().version < 3 {
-                // QEMU's qcow2 refuses it so (a version 2 image has no dirty bit).
-                return Err(Error::BadOption(
-                    "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility \
-                     level"
-                        .into(),
-                ));
-            }
+            let image = Image::open(file.clone(), &settings.open)?;
+            settings.check_image(image.header())?;
             publish_image_fields(bs, &image)?;
             (*bs).supported_zero_flags =
                 bindings::BDRV_REQ_MAY_UNMAP | bindings::BDRV_REQ_NO_FALLBACK;
             // Barrier writes are ours: the block layer hands them over instead of emulating.
             (*bs).supported_write_flags = bindings::BDRV_REQ_BARRIER;
             let primitive_node = register_primitive(bs, mode);
-            let node = Box::into_raw(Node::new(image, file, mode, primitive_node, open_options));
+            let node = Node::new(
+                image,
+                file,
+                mode,
+                primitive_node,
+                settings.open,
+                settings.cache_clean_interval,
+            );
+            let node = Box::into_raw(node);
             *((*bs).opaque as *mut *mut Node) = node;
+            cache_clean::start(bs, &*node);
             Ok(0)
         })
     }
@@ -296,7 +140,10 @@ unsafe extern "C" fn qcow2b_close(bs: *mut BlockDriverState) {
         return;
     };
     // SAFETY: the node is drained and about to go.
-    unsafe { txg::close(&node) };
+    unsafe {
+        txg::close(&node);
+        cache_clean::stop(&node);
+    }
     if let Some(protocol) = node.primitive_node {
         primitive::unregister(protocol);
     }
@@ -612,6 +459,15 @@ unsafe extern "C" fn qcow2b_has_zero_init(_bs: *mut BlockDriverState) -> c_int {
     1
 }
 
+/// What a reopen's prepare decided, for its commit (`BDRVReopenState.opaque`; freed by
+/// commit or abort).
+struct ReopenPlan {
+    /// The file's node before the reopen: commit reads the image anew if it changed.
+    old_file: *mut BlockDriverState,
+    /// The runtime options of the reopen, checked.
+    settings: Settings,
+}
+
 unsafe extern "C" fn qcow2b_reopen_prepare(
     state: *mut BDRVReopenState,
     _queue: *mut BlockReopenQueue,
@@ -622,10 +478,24 @@ unsafe extern "C" fn qcow2b_reopen_prepare(
         guard_errp("reopen", errp, || {
             let bs = (*state).bs;
             let read_only = (*state).flags & bindings::BDRV_O_RDWR as c_int == 0;
-            let image = Node::of(bs).image_drained();
+            let node = Node::of(bs);
+            // The options first, so that a refused one changes nothing. Taken out of the
+            // reopen's options: what is left the block layer checks is unchanged.
+            let Some(opts) = Opts::absorb(runtime_opts::list(), (*state).options, errp) else {
+                return Ok(-libc::EINVAL);
+            };
+            let settings = Settings::read(&opts, (*state).flags)?;
+            let image = node.image_drained();
+            settings.check_image(image.header())?;
+            if settings.mode != node.mode {
+                return Err(Error::BadOption(format!(
+                    "a reopen cannot change qcow2b's barrier mode or its bounds (it is {}; \
+                     asked for {}): close and open the image again",
+                    node.mode.describe(),
+                    settings.mode.describe()
+                )));
+            }
             let file_changes = names_another_file(state);
-            // The file's node now: commit reads the image anew if the reopen replaced it.
-            (*state).opaque = (*(*bs).file).bs.cast();
             if file_changes && !image.is_read_only() {
                 // Everything out to the file it belongs to, durably, and the zero reserve
                 // given back, as at a close: after the switch, buffered epochs and dirty
@@ -641,6 +511,11 @@ unsafe extern "C" fn qcow2b_reopen_prepare(
                 // What make_writable would refuse in commit_post, where it cannot fail.
                 image.check_can_write()?;
             }
+            let plan = ReopenPlan {
+                old_file: (*(*bs).file).bs,
+                settings,
+            };
+            (*state).opaque = Box::into_raw(Box::new(plan)).cast();
             Ok(0)
         })
     }
@@ -671,7 +546,7 @@ unsafe fn reopen_new_file(bs: *mut BlockDriverState) {
     // SAFETY: per the caller.
     let node = unsafe { Node::of(bs) };
     let ret = guard("reopen", || {
-        let mut options = node.open_options.clone();
+        let mut options = node.open_options.borrow().clone();
         // SAFETY: per the caller.
         let image = unsafe { node.image_drained() };
         options.read_only = image.is_read_only();
@@ -692,10 +567,21 @@ unsafe fn reopen_new_file(bs: *mut BlockDriverState) {
 }
 
 unsafe extern "C" fn qcow2b_reopen_commit(state: *mut BDRVReopenState) {
-    // SAFETY: as in prepare.
+    // SAFETY: as in prepare; prepare succeeded, so opaque holds its plan, taken back here
+    // once.
     unsafe {
-        if (*(*(*state).bs).file).bs != (*state).opaque.cast() {
-            reopen_new_file((*state).bs);
+        let bs = (*state).bs;
+        let node = Node::of(bs);
+        let plan = Box::from_raw((*state).opaque.cast::<ReopenPlan>());
+        (*state).opaque = ptr::null_mut();
+        let settings = plan.settings;
+        let image = node.image_drained();
+        image.set_cache_sizes(&settings.open);
+        image.set_discard_policy(settings.open.discard);
+        *node.open_options.borrow_mut() = settings.open;
+        cache_clean::set_interval(bs, node, settings.cache_clean_interval);
+        if (*(*bs).file).bs != plan.old_file {
+            reopen_new_file(bs);
         }
         if (*state).flags & bindings::BDRV_O_RDWR as c_int == 0 {
             let bs = (*state).bs;
@@ -732,11 +618,24 @@ unsafe extern "C" fn qcow2b_reopen_commit_post(state: *mut BDRVReopenState) {
     }
 }
 
-unsafe extern "C" fn qcow2b_reopen_abort(_state: *mut BDRVReopenState) {}
+unsafe extern "C" fn qcow2b_reopen_abort(state: *mut BDRVReopenState) {
+    // SAFETY: QEMU aborts only a reopen whose prepare succeeded, so opaque holds its plan,
+    // dropped here once.
+    unsafe {
+        if !(*state).opaque.is_null() {
+            drop(Box::from_raw((*state).opaque.cast::<ReopenPlan>()));
+            (*state).opaque = ptr::null_mut();
+        }
+    }
+}
 
 unsafe extern "C" fn qcow2b_detach_aio_context(bs: *mut BlockDriverState) {
     // SAFETY: QEMU detaches open, drained nodes.
-    unsafe { txg::detach(Node::of(bs)) };
+    unsafe {
+        let node = Node::of(bs);
+        txg::detach(node);
+        cache_clean::stop(node);
+    }
 }
 
 unsafe extern "C" fn qcow2b_attach_aio_context(
@@ -745,10 +644,12 @@ unsafe extern "C" fn qcow2b_attach_aio_context(
 ) {
     // SAFETY: QEMU attaches open nodes, now in ctx.
     let node = unsafe { Node::of(bs) };
-    if node.open_options.txg.is_some() {
+    if node.open_options.borrow().txg.is_some() {
         // SAFETY: as above; the node is in the txg mode.
         unsafe { txg::attach(bs, node, ctx) };
     }
+    // SAFETY: as above.
+    unsafe { cache_clean::start(bs, node) };
 }
 
 unsafe extern "C" fn qcow2b_inactivate(bs: *mut BlockDriverState) -> c_int {
@@ -771,7 +672,8 @@ unsafe extern "C" fn qcow2b_co_invalidate_cache(
     unsafe {
         guard_errp("invalidate_cache", errp, || {
             let node = Node::of(bs);
-            let fresh = Image::open(node.file.clone(), &node.open_options)?;
+            let options = node.open_options.borrow().clone();
+            let fresh = Image::open(node.file.clone(), &options)?;
             publish_image_fields(bs, &fresh)?;
             // The old state is dropped unflushed: its metadata is what the other side wrote
             // over, and this side wrote nothing since it was inactivated.
@@ -860,6 +762,7 @@ unsafe extern "C" fn qcow2b_get_specific_stats(
         let node = Node::of(bs);
         let image = node.image_drained();
         let engine = image.counters();
+        let (cached_l2, cached_refblocks) = image.cached_tables();
         let host = node.file.counters();
         let (buffered, peak) = node.file.buffered_bytes();
         // Not yet durable: the open group's (txg), the buffer's and the unsynced direct
@@ -899,6 +802,9 @@ unsafe extern "C" fn qcow2b_get_specific_stats(
             peak_unsynced_bytes: n(unsynced.peak_bytes),
             unsynced_age_ms: n(unsynced.age.map_or(0, |a| a.as_millis() as u64)),
             peak_unsynced_age_ms: n(unsynced.peak_age_ms),
+            discarded_clusters: n(engine.discarded_clusters),
+            cached_l2_tables: n(cached_l2 as u64),
+            cached_refcount_blocks: n(cached_refblocks as u64),
         };
         let stats: *mut bindings::BlockStatsSpecific = qapi_new();
         (*stats).driver = bindings::BLOCKDEV_DRIVER_QCOW2B;
@@ -1015,6 +921,8 @@ pub extern "C" fn qcow2b_register() {
             bdrv_reopen_commit: Some(qcow2b_reopen_commit),
             bdrv_reopen_commit_post: Some(qcow2b_reopen_commit_post),
             bdrv_reopen_abort: Some(qcow2b_reopen_abort),
+            bdrv_join_options: Some(runtime_opts::join_options),
+            mutable_opts: runtime_opts::mutable_opts(),
             bdrv_child_perm: Some(bindings::bdrv_default_perms),
             bdrv_co_preadv_part: Some(qcow2b_co_preadv_part),
             bdrv_co_pwritev_part: Some(qcow2b_co_pwritev_part),

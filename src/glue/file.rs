@@ -387,6 +387,19 @@ fn child_flush(child: *mut BdrvChild, counters: &HostCounters) -> io::Result<()>
     Ok(())
 }
 
+fn child_discard(child: *mut BdrvChild, offset: u64, len: u64) -> io::Result<()> {
+    let (offset, len) = (to_i64(offset)?, to_i64(len)?);
+    // SAFETY: the child and its node are open; inside a coroutine the coroutine version is
+    // called, outside it the generated wrapper polls.
+    check(unsafe {
+        if in_coroutine() {
+            bindings::bdrv_co_pdiscard(child, offset, len)
+        } else {
+            bindings::bdrv_pdiscard(child, offset, len)
+        }
+    })
+}
+
 fn child_len(child: *mut BdrvChild) -> io::Result<u64> {
     // SAFETY: as above.
     let len = unsafe { bindings::bdrv_getlength((*child).bs) };
@@ -476,6 +489,18 @@ impl Storage for FileAccess {
             FileAccess::Direct { .. } => child_len(self.child()),
             FileAccess::Ordered(o) => Ok(child_len(o.file())?.max(o.buffered_end.get())),
         }
+    }
+
+    /// Straight to the file in every mode: the engine discards only clusters nothing names
+    /// and nothing can write any more until the discard returned (released from quarantine
+    /// after a durability point, `engine::discard`), and a durability point left no buffered
+    /// write of theirs behind; writes buffered since are to other clusters.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let child = match self {
+            FileAccess::Direct { .. } => self.child(),
+            FileAccess::Ordered(o) => o.file(),
+        };
+        child_discard(child, offset, len)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

@@ -19,6 +19,7 @@
 //!   paper benchmark's flush-latency model).
 
 mod bindings;
+mod cache_clean;
 mod create;
 mod driver;
 mod ffi;
@@ -30,5 +31,7 @@ mod node;
 mod opts;
 mod recorder;
 mod request;
+mod runtime_opts;
 mod storage;
+mod timer;
 mod txg;

@@ -15,10 +15,10 @@ use std::cell::{Cell, RefCell, UnsafeCell};
 use std::collections::BTreeSet;
 use std::ffi::c_void;
 
-use super::bindings::{
-    self, AioContext, BlockDriverState, CoMutex, CoQueue, QEMUTimer, QemuLockable,
-};
+use super::bindings::{self, BlockDriverState, CoMutex, CoQueue, QemuLockable};
+use super::cache_clean::CacheCleaner;
 use super::file::FileAccess;
+use super::timer::NodeTimer;
 use crate::engine::{Error, Image, OpenOptions};
 use crate::ordering::BarrierMode;
 
@@ -49,10 +49,13 @@ pub struct Node {
     /// Set when a panic unwound while the lock was held: the in-memory metadata may be half
     /// updated, so the node refuses every further request.
     poisoned: Cell<bool>,
-    /// How the image was opened (for `invalidate_cache`).
-    pub open_options: OpenOptions,
+    /// The engine's options now (for `invalidate_cache` and a reopen with another file):
+    /// those of the open, or of the last reopen.
+    pub open_options: RefCell<OpenOptions>,
     /// The txg mode's committer (`txg.rs`).
     pub txg: Committer,
+    /// Drops cached tables unused for `cache-clean-interval` (`cache_clean.rs`).
+    pub cache_clean: CacheCleaner,
 }
 
 /// The state of a node's transaction group committer (`txg.rs`).
@@ -62,9 +65,8 @@ pub struct Committer {
     /// The group's age bound, also the pause after a failed commit.
     pub max_age: std::time::Duration,
     /// Starts the committer at the open group's age bound, after a failed commit's pause and
-    /// after a drain (`txg.rs`), and the AioContext it was set up in (null: none).
-    pub timer: UnsafeCell<QEMUTimer>,
-    pub timer_ctx: Cell<*mut AioContext>,
+    /// after a drain (`txg.rs`).
+    pub timer: NodeTimer,
     /// The last commit of a reached bound failed: the timer retries it, not every write.
     pub backing_off: Cell<bool>,
 }
@@ -78,6 +80,7 @@ impl Node {
         mode: BarrierMode,
         primitive_node: Option<usize>,
         open_options: OpenOptions,
+        cache_clean_interval: std::time::Duration,
     ) -> Box<Node> {
         let node = Box::new(Node {
             image: UnsafeCell::new(image),
@@ -99,11 +102,11 @@ impl Node {
                 max_age: open_options
                     .txg
                     .map_or(std::time::Duration::ZERO, |t| t.max_group_age),
-                timer: UnsafeCell::new(QEMUTimer::default()),
-                timer_ctx: Cell::new(std::ptr::null_mut()),
+                timer: NodeTimer::new(super::txg::timer_fired),
                 backing_off: Cell::new(false),
             },
-            open_options,
+            open_options: RefCell::new(open_options),
+            cache_clean: CacheCleaner::new(cache_clean_interval),
         });
         // SAFETY: the objects are zeroed and live at their final heap address.
         unsafe {

@@ -34,8 +34,9 @@
 use std::ffi::c_void;
 use std::time::Duration;
 
-use super::bindings::{self, AioContext, BlockDriverState};
+use super::bindings::{AioContext, BlockDriverState};
 use super::node::Node;
+use super::timer::{drained, end_task, start_task};
 use crate::engine::{Error, Storage};
 
 /// How often the node's timer looks again while a drain is on.
@@ -110,7 +111,7 @@ pub unsafe fn after_write(bs: *mut BlockDriverState, node: &Node, due: bool) {
         // A write of the drain's owner: the group stays open for its flush or close; the
         // timer starts the committer once the drain is over.
         // SAFETY: per the caller.
-        unsafe { arm_timer(bs, node, RESTART_RETRY) };
+        unsafe { node.txg.timer.arm(bs, RESTART_RETRY) };
         return;
     }
     let c = &node.txg;
@@ -118,7 +119,7 @@ pub unsafe fn after_write(bs: *mut BlockDriverState, node: &Node, due: bool) {
         // It commits again before it ends while the bound is reached.
         return;
     }
-    if (due && !c.backing_off.get()) || !timer_armed(node) {
+    if (due && !c.backing_off.get()) || !c.timer.armed() {
         // SAFETY: per the caller.
         unsafe { start_committer(bs, node) };
     }
@@ -130,67 +131,8 @@ pub unsafe fn after_write(bs: *mut BlockDriverState, node: &Node, due: bool) {
 /// In the node's AioContext thread; `bs` an open qcow2b node in the txg mode.
 unsafe fn start_committer(bs: *mut BlockDriverState, node: &Node) {
     node.txg.committer_running.set(true);
-    // SAFETY: the node is open; the committer counts as a request until it ends, so drain
-    // and close wait for it, and the node outlives it.
-    unsafe {
-        bindings::bdrv_inc_in_flight(bs);
-        let co = bindings::qemu_coroutine_create(Some(committer_entry), bs.cast());
-        bindings::aio_co_enter(bindings::bdrv_get_aio_context(bs), co);
-    }
-}
-
-/// Arms the node's timer to fire `delay` from now in the node's current AioContext (set up
-/// there first if it lived in no context or another one).
-///
-/// # Safety
-/// In the node's AioContext thread; `bs` an open qcow2b node.
-unsafe fn arm_timer(bs: *mut BlockDriverState, node: &Node, delay: Duration) {
-    let timer = node.txg.timer.get();
-    // SAFETY: bs is open; its AioContext outlives the timer set up in it (detach deletes it
-    // before the node leaves that context).
-    unsafe {
-        let ctx = bindings::bdrv_get_aio_context(bs);
-        if node.txg.timer_ctx.get() != ctx {
-            forget_timer(node);
-            bindings::timer_init_full(
-                timer,
-                &raw mut (*ctx).tlg,
-                bindings::QEMU_CLOCK_REALTIME,
-                1, // nanoseconds
-                0,
-                Some(timer_fired),
-                bs.cast(),
-            );
-            node.txg.timer_ctx.set(ctx);
-        }
-        let ns = i64::try_from(delay.as_nanos()).unwrap_or(i64::MAX);
-        let now = bindings::qemu_clock_get_ns(bindings::QEMU_CLOCK_REALTIME);
-        bindings::timer_mod(timer, now.saturating_add(ns));
-    }
-}
-
-/// Whether the node's timer is armed: set up in a context and pending there (QEMU marks a
-/// timer not pending before it runs its callback, and when it is deleted).
-fn timer_armed(node: &Node) -> bool {
-    // SAFETY: a timer set up in a context (non-null `timer_ctx`) was initialised by
-    // `arm_timer` and not yet deinitialised (`forget_timer` clears the context).
-    !node.txg.timer_ctx.get().is_null() && unsafe { bindings::timer_pending(node.txg.timer.get()) }
-}
-
-/// Deletes the node's timer from the context it was set up in, if any.
-///
-/// # Safety
-/// In the thread of that context (or with it quiescent: detach, close).
-unsafe fn forget_timer(node: &Node) {
-    if node.txg.timer_ctx.get().is_null() {
-        return;
-    }
-    // SAFETY: the timer was set up by `arm_timer` and is deleted once.
-    unsafe {
-        bindings::timer_del(node.txg.timer.get());
-        bindings::timer_deinit(node.txg.timer.get());
-    }
-    node.txg.timer_ctx.set(std::ptr::null_mut());
+    // SAFETY: per the caller; the committer ends with end_task.
+    unsafe { start_task(bs, committer_entry) };
 }
 
 /// The node leaves its AioContext (the detach callback): the timer goes with it.
@@ -199,7 +141,7 @@ unsafe fn forget_timer(node: &Node) {
 /// `bs` an open qcow2b node, drained (QEMU detaches drained nodes).
 pub unsafe fn detach(node: &Node) {
     // SAFETY: per the caller.
-    unsafe { forget_timer(node) };
+    unsafe { node.txg.timer.forget() };
 }
 
 /// The node is in `ctx` now (the attach callback): a group left open by the drain that came
@@ -209,7 +151,7 @@ pub unsafe fn detach(node: &Node) {
 /// `bs` an open qcow2b node, in the txg mode, attached to `ctx` now.
 pub unsafe fn attach(bs: *mut BlockDriverState, node: &Node, _ctx: *mut AioContext) {
     // SAFETY: per the caller; the committer it may start finds out whether a group is open.
-    unsafe { arm_timer(bs, node, RESTART_RETRY) };
+    unsafe { node.txg.timer.arm(bs, RESTART_RETRY) };
 }
 
 /// Close: the timer must not fire for a node that is gone.
@@ -218,12 +160,12 @@ pub unsafe fn attach(bs: *mut BlockDriverState, node: &Node, _ctx: *mut AioConte
 /// As for [`detach`].
 pub unsafe fn close(node: &Node) {
     // SAFETY: per the caller.
-    unsafe { forget_timer(node) };
+    unsafe { node.txg.timer.forget() };
 }
 
 /// The node's timer fired, in the node's AioContext thread: start the committer once no
 /// drain is on.
-unsafe extern "C" fn timer_fired(opaque: *mut c_void) {
+pub unsafe extern "C" fn timer_fired(opaque: *mut c_void) {
     let bs: *mut BlockDriverState = opaque.cast();
     // SAFETY: the timer is deleted before the node closes or changes context, so bs is an
     // open node in this thread's context.
@@ -233,23 +175,13 @@ unsafe extern "C" fn timer_fired(opaque: *mut c_void) {
         // SAFETY: as above.
         unsafe {
             if drained(bs) {
-                arm_timer(bs, node, RESTART_RETRY);
+                node.txg.timer.arm(bs, RESTART_RETRY);
             } else if !node.txg.committer_running.get() {
                 start_committer(bs, node);
             }
         }
         Ok(0)
     });
-}
-
-/// Whether a drained section of the node is on.
-///
-/// # Safety
-/// `bs` an open node.
-unsafe fn drained(bs: *mut BlockDriverState) -> bool {
-    // SAFETY: the field lives as long as the node; QEMU updates it with atomics.
-    let counter = unsafe { std::sync::atomic::AtomicI32::from_ptr(&raw mut (*bs).quiesce_counter) };
-    counter.load(std::sync::atomic::Ordering::Relaxed) > 0
 }
 
 unsafe extern "C" fn committer_entry(opaque: *mut c_void) {
@@ -282,10 +214,10 @@ unsafe extern "C" fn committer_entry(opaque: *mut c_void) {
     };
     if let Some(delay) = delay {
         // SAFETY: as above; in the node's AioContext.
-        unsafe { arm_timer(bs, node, delay) };
+        unsafe { node.txg.timer.arm(bs, delay) };
     }
-    // SAFETY: balances the increment in `start_committer`.
-    unsafe { bindings::bdrv_dec_in_flight(bs) };
+    // SAFETY: the end of the task `start_committer` began.
+    unsafe { end_task(bs) };
 }
 
 /// The committer's body: commits while a bound is reached and no drain is on; returns when

@@ -160,6 +160,24 @@ impl BarrierMode {
             BarrierMode::Txg { .. } => "txg",
         }
     }
+
+    /// The mode as the driver options that select it, with every bound spelled out.
+    pub fn describe(self) -> String {
+        match self {
+            BarrierMode::Flush => "barrier=flush".into(),
+            BarrierMode::BarrierFs { syscall } => {
+                format!("barrier=barrierfs,barrierfs-syscall={syscall}")
+            }
+            BarrierMode::Injected => "barrier=barrierfs,x-barrierfs-inject=on".into(),
+            BarrierMode::Ordered { buffer_bytes } => {
+                format!("barrier=ordered,buffer-size={buffer_bytes}")
+            }
+            BarrierMode::Txg {
+                max_bytes,
+                max_age_ms,
+            } => format!("barrier=txg,txg-max-bytes={max_bytes},txg-max-age-ms={max_age_ms}"),
+        }
+    }
 }
 
 #[cfg(test)]
