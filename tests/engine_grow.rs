@@ -6,7 +6,7 @@
 #[path = "engine_support.rs"]
 mod support;
 
-use qcow2b::engine::{CheckFix, Image, MemStorage, OpenOptions};
+use qcow2b::engine::{CheckFix, Image, MemStorage, OpenOptions, Storage};
 use support::*;
 
 const CLUSTER: u64 = 512;
@@ -71,4 +71,155 @@ fn growth_within_the_l1_table_reads_zeros() {
 #[test]
 fn growth_past_the_l1_table_reads_zeros() {
     grow_and_read(512 << 10);
+}
+
+/// A backing file of 128 KiB of 0x01 under a 31 KiB image with 64 KiB clusters (iotest 125's
+/// case), as bytes of both.
+fn image_over_a_longer_backing_file() -> (tempfile::TempDir, Vec<u8>, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    qemu_img_create(&base, 65536, 128 << 10, None);
+    qemu_io(&base, &["write -P 1 0 128k"]);
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&top)
+        .arg("31k")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let base_bytes = std::fs::read(&base).unwrap();
+    let top_bytes = std::fs::read(&top).unwrap();
+    (dir, base_bytes, top_bytes)
+}
+
+#[test]
+fn growth_asked_to_zero_hides_a_longer_backing_file_and_keeps_what_it_showed() {
+    use qcow2b::engine::{Growth, Preallocation};
+    use std::cell::RefCell;
+    for preallocation in [
+        Preallocation::Off,
+        Preallocation::Metadata,
+        Preallocation::Falloc,
+        Preallocation::Full,
+    ] {
+        for zero in [true, false] {
+            let (_dir, base, top) = image_over_a_longer_backing_file();
+            let backing = ImageBacking(RefCell::new(
+                Image::open(MemStorage::new(base), &OpenOptions::default()).unwrap(),
+            ));
+            let mut image = Image::open(MemStorage::new(top), &OpenOptions::default()).unwrap();
+            image
+                .grow(
+                    96 << 10,
+                    Growth {
+                        preallocation,
+                        zero,
+                    },
+                    Some(&backing),
+                )
+                .unwrap();
+            let mut buf = vec![0xffu8; 96 << 10];
+            image.read(0, &mut buf, Some(&backing)).unwrap();
+            let what = format!("{preallocation:?}, zero {zero}");
+            assert!(
+                buf[..31 << 10].iter().all(|&b| b == 1),
+                "{what}: the old part"
+            );
+            // Without the zeroing asked, the backing file shows through where the image
+            // leaves the new area unallocated (the block layer asks whenever it is longer).
+            let expect_new = if zero || preallocation != Preallocation::Off {
+                0
+            } else {
+                1
+            };
+            assert!(
+                buf[31 << 10..].iter().all(|&b| b == expect_new),
+                "{what}: the new area"
+            );
+            // Preallocated: writing the new area allocates nothing more.
+            if preallocation != Preallocation::Off {
+                let before = image.storage().len().unwrap();
+                image.write(64 << 10, &[7u8; 32 << 10], None).unwrap();
+                assert_eq!(image.storage().len().unwrap(), before, "{what}");
+            }
+            let bytes = image.close().unwrap().into_inner();
+            let reopened = Image::open(MemStorage::new(bytes), &OpenOptions::default()).unwrap();
+            assert_eq!(reopened.virtual_size(), 96 << 10, "{what}");
+        }
+    }
+}
+
+#[test]
+fn a_failed_growth_leaves_the_old_size_on_disk_and_in_memory() {
+    use qcow2b::engine::{Growth, Preallocation};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    qemu_img_create(&path, 65536, 1 << 20, None);
+    let bytes = std::fs::read(&path).unwrap();
+    // A storage that refuses to grow past 1 MiB of file: the preallocation fails.
+    let mut image = Image::open(
+        LimitedStorage::new(MemStorage::new(bytes), 1 << 20),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    let result = image.grow(
+        64 << 20,
+        Growth {
+            preallocation: Preallocation::Full,
+            zero: false,
+        },
+        None,
+    );
+    assert!(result.is_err());
+    assert_eq!(image.virtual_size(), 1 << 20);
+    let bytes = image.storage().inner.snapshot();
+    assert_eq!(
+        u64::from_be_bytes(bytes[24..32].try_into().unwrap()),
+        1 << 20
+    );
+}
+
+/// MemStorage on which writes (and growth) past `limit` bytes fail with ENOSPC.
+struct LimitedStorage {
+    inner: MemStorage,
+    limit: u64,
+}
+
+impl LimitedStorage {
+    fn new(inner: MemStorage, limit: u64) -> LimitedStorage {
+        LimitedStorage { inner, limit }
+    }
+
+    fn refuse(&self, end: u64) -> std::io::Result<()> {
+        if end > self.limit {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        Ok(())
+    }
+}
+
+impl qcow2b::engine::Storage for LimitedStorage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.refuse(offset + buf.len() as u64)?;
+        self.inner.write_at(offset, buf)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.refuse(len)?;
+        self.inner.set_len(len)
+    }
 }

@@ -277,7 +277,7 @@ fn map_reports_runs_like_qemu_allocates_them() {
     );
     assert_eq!(
         image.map(256 << 10, 1 << 20).unwrap(),
-        (Mapping::Zero, 128 << 10)
+        (Mapping::Zero { host_offset: None }, 128 << 10)
     );
     assert_eq!(
         image.map(384 << 10, 10).unwrap(),
@@ -495,11 +495,11 @@ fn write_zeroes_and_discard_are_seen_by_qemu() {
     image.discard(600 << 10, 100 << 10).unwrap();
     assert_eq!(
         image.map(64 << 10, 1 << 20).unwrap(),
-        (Mapping::Zero, 128 << 10)
+        (Mapping::Zero { host_offset: None }, 128 << 10)
     );
     assert_eq!(
         image.map(320 << 10, 1 << 20).unwrap(),
-        (Mapping::Zero, 64 << 10)
+        (Mapping::Zero { host_offset: None }, 64 << 10)
     );
     assert_eq!(
         image.map(576 << 10, 1 << 20).unwrap(),

@@ -768,33 +768,46 @@ fn write_tables<S: Storage>(storage: &S, layout: &Layout, preallocate: bool) -> 
     Ok(())
 }
 
-/// Allocates the data area as `preallocation` asks and sets the file's final length.
-fn allocate_data_area<S: Storage>(
+/// Allocates a data area of `len` bytes at `offset` as `preallocation` asks: nothing for
+/// `off` and `metadata` (the area reads as zeros, sparse), reserved space for `falloc`,
+/// zeros written for `full`. For a new image and for a resize's new area alike.
+pub(super) fn allocate_data_area<S: Storage>(
+    storage: &S,
+    offset: u64,
+    len: u64,
+    preallocation: Preallocation,
+) -> Result<()> {
+    match preallocation {
+        Preallocation::Off | Preallocation::Metadata => {}
+        Preallocation::Falloc if len > 0 => storage
+            .allocate(offset, len)
+            .map_err(|e| Error::io("allocating the data area", e))?,
+        Preallocation::Falloc => {}
+        Preallocation::Full => {
+            let zeros = vec![0u8; (WRITE_CHUNK_BYTES as u64).min(len) as usize];
+            let end = offset + len;
+            let mut at = offset;
+            while at < end {
+                let n = (end - at).min(zeros.len() as u64) as usize;
+                storage
+                    .write_at(at, &zeros[..n])
+                    .map_err(|e| Error::io(format!("writing zeros at {at:#x}"), e))?;
+                at += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Allocates the new image's data area as `preallocation` asks and sets the file's final
+/// length.
+fn allocate_new_data_area<S: Storage>(
     storage: &S,
     layout: &Layout,
     preallocation: Preallocation,
 ) -> Result<()> {
     let data_len = layout.data_clusters << layout.rc.cluster_bits;
-    let what = |e| Error::io("allocating the new image's data area", e);
-    match preallocation {
-        Preallocation::Off | Preallocation::Metadata => {}
-        Preallocation::Falloc if data_len > 0 => storage
-            .allocate(layout.data_offset, data_len)
-            .map_err(what)?,
-        Preallocation::Falloc => {}
-        Preallocation::Full => {
-            let zeros = vec![0u8; (WRITE_CHUNK_BYTES as u64).min(data_len) as usize];
-            let end = layout.data_offset + data_len;
-            let mut offset = layout.data_offset;
-            while offset < end {
-                let n = (end - offset).min(zeros.len() as u64) as usize;
-                storage
-                    .write_at(offset, &zeros[..n])
-                    .map_err(|e| Error::io(format!("writing zeros at {offset:#x}"), e))?;
-                offset += n as u64;
-            }
-        }
-    }
+    allocate_data_area(storage, layout.data_offset, data_len, preallocation)?;
     storage.set_len(layout.file_len).map_err(|e| {
         Error::io(
             format!("setting the new image's length to {}", layout.file_len),
@@ -855,7 +868,7 @@ pub fn create<S: Storage>(storage: &S, opts: &CreateOptions) -> Result<()> {
             .map_err(|e| Error::io("truncating the storage", e))?;
     }
     write_tables(storage, &layout, preallocate)?;
-    allocate_data_area(storage, &layout, opts.preallocation)?;
+    allocate_new_data_area(storage, &layout, opts.preallocation)?;
     // Ordering point: the tables the header names are on disk before the header is.
     storage
         .flush()

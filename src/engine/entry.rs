@@ -89,6 +89,12 @@ impl L2Entry {
         L2Entry(OFLAG_ZERO)
     }
 
+    /// A zero cluster with its host cluster at `host_offset` (refcount one): it reads as
+    /// zeros, and a write goes there in place.
+    pub fn preallocated_zero(host_offset: u64) -> L2Entry {
+        L2Entry(host_offset | OFLAG_COPIED | OFLAG_ZERO)
+    }
+
     /// Decodes the entry. `version` decides whether the zero flag exists; `guest_cluster` is
     /// only for the error message.
     pub fn decode(self, cluster_bits: u32, version: u32, guest_cluster: u64) -> Result<Cluster> {

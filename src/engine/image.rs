@@ -665,7 +665,10 @@ impl<S: Storage> Image<S> {
         let in_cluster = guest_offset & (self.cluster_size() - 1);
         let mapping = match cluster {
             Cluster::Unallocated => Mapping::Unallocated,
-            Cluster::Zero { .. } => Mapping::Zero,
+            Cluster::Zero { host_offset: 0, .. } => Mapping::Zero { host_offset: None },
+            Cluster::Zero { host_offset, .. } => Mapping::Zero {
+                host_offset: Some(host_offset + in_cluster),
+            },
             Cluster::Data { host_offset, .. } => Mapping::Data {
                 host_offset: host_offset + in_cluster,
             },

@@ -197,7 +197,14 @@ impl<S: Storage> Image<S> {
             while run < len {
                 let same = match (state, self.cluster_at(next)?) {
                     (Cluster::Unallocated, Cluster::Unallocated) => true,
-                    (Cluster::Zero { .. }, Cluster::Zero { .. }) => true,
+                    (
+                        Cluster::Zero { host_offset: 0, .. },
+                        Cluster::Zero { host_offset: 0, .. },
+                    ) => true,
+                    (
+                        Cluster::Zero { host_offset: a, .. },
+                        Cluster::Zero { host_offset: b, .. },
+                    ) => a != 0 && b == a + (next - first) * cluster_size,
                     (
                         Cluster::Data { host_offset: a, .. },
                         Cluster::Data { host_offset: b, .. },
@@ -248,7 +255,45 @@ impl<S: Storage> Image<S> {
         } else {
             self.alloc_cluster()?
         };
-        if !from_reserve {
+        self.install_l2_table(
+            l1_index,
+            l1_entry,
+            old_offset,
+            new_offset,
+            content,
+            !from_reserve,
+        )?;
+        Ok((new_offset, l2_index))
+    }
+
+    /// A new, empty L2 table at `new_offset` (a cluster just allocated) for the range of
+    /// `guest_cluster`, which has none: for callers that place tables themselves (a resize's
+    /// preallocation puts each table before its clusters, as QEMU's qcow2 does).
+    pub(super) fn new_l2_table_at(&mut self, guest_cluster: u64, new_offset: u64) -> Result<()> {
+        let (l1_index, l1_entry, old_offset) = self.l2_offset_for(guest_cluster)?;
+        if old_offset != 0 {
+            return Err(Error::Invalid(format!(
+                "guest cluster {guest_cluster} has an L2 table already"
+            )));
+        }
+        let content = vec![0u8; self.cluster_size() as usize];
+        self.install_l2_table(l1_index, l1_entry, 0, new_offset, content, true)
+    }
+
+    /// Makes `content` the L2 table of L1 entry `l1_index` at `new_offset`, in place of the
+    /// table at `old_offset` (0: none). `ordered`: the table must be written before the L1
+    /// entry that names it, with an ordering point between (rule (c) of writeback.rs): a
+    /// copy of a shared table, or a table that is not a zeroed reserve cluster.
+    fn install_l2_table(
+        &mut self,
+        l1_index: usize,
+        l1_entry: L1Entry,
+        old_offset: u64,
+        new_offset: u64,
+        content: Vec<u8>,
+        ordered: bool,
+    ) -> Result<()> {
+        if ordered {
             self.new_l2_tables_to_order.insert(new_offset);
         }
         self.make_room_in_l2_cache()?;
@@ -275,7 +320,7 @@ impl<S: Storage> Image<S> {
                 self.copied_candidates.push(old_offset >> self.cluster_bits);
             }
         }
-        Ok((new_offset, l2_index))
+        Ok(())
     }
 
     /// The refcount block offset for refcount table index `rt_index` (0 if none).

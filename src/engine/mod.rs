@@ -67,12 +67,13 @@ mod zeroes;
 
 pub use check::{CheckFix, CheckReport, FragmentationInfo};
 pub use counters::Counters;
-pub use create::{create, measure, CreateOptions, Measure};
+pub use create::{create, measure, CreateOptions, Measure, Preallocation};
 pub use debug_event::DebugEvent;
 pub use discard::DiscardPolicy;
 pub use error::{Error, Result};
 pub use image::{cache_sizes, CacheSizes, Image};
 pub use request::{ReadPlan, ReadSource, WritePiece, WritePlan};
+pub use resize::Growth;
 pub use snapshot::Snapshot;
 pub use storage::{Backing, MemStorage, Storage};
 pub use txg::{CommitReason, GroupExposure, TxgOptions};
@@ -123,8 +124,9 @@ pub struct OpenOptions {
 pub enum Mapping {
     /// Not allocated in this image: reads go to the backing file, or read as zeros.
     Unallocated,
-    /// Reads as zeros (v3 zero flag), without reading the backing file.
-    Zero,
+    /// Reads as zeros (v3 zero flag), without reading the backing file; `host_offset` is
+    /// the preallocated host cluster's (of the first byte asked for), if it has one.
+    Zero { host_offset: Option<u64> },
     /// Stored uncompressed at `host_offset` in the image file (the offset of the first byte
     /// asked for; the range is contiguous in the file).
     Data { host_offset: u64 },

@@ -544,9 +544,21 @@ impl<S: Storage> Image<S> {
     }
 
     fn link_cluster(&mut self, guest_cluster: u64, host_offset: u64, reused: bool) -> Result<()> {
+        self.link_entry(guest_cluster, L2Entry::data_copied(host_offset), reused)
+    }
+
+    /// Sets the L2 entry of `guest_cluster` to `entry`, which names a host cluster allocated
+    /// for it; unless that cluster was `reused` from the old entry, what the old entry named
+    /// loses a reference (freed after the new entry is written, rule (d)).
+    pub(super) fn link_entry(
+        &mut self,
+        guest_cluster: u64,
+        entry: L2Entry,
+        reused: bool,
+    ) -> Result<()> {
         let (l2_offset, l2_index) = self.l2_table_for_write(guest_cluster)?;
         let old = self.l2_entry(l2_offset, l2_index, guest_cluster)?;
-        self.set_l2_entry(l2_offset, l2_index, L2Entry::data_copied(host_offset))?;
+        self.set_l2_entry(l2_offset, l2_index, entry)?;
         if !reused {
             self.note_shared_release(old);
             let freed = self.host_clusters_of(old);

@@ -1,6 +1,9 @@
-//! Growing the virtual disk: a new virtual size in the header, and a larger L1 table when the
-//! current one does not reach the new end. Shrinking is not supported.
+//! Growing the virtual disk: a new virtual size in the header, a larger L1 table when the
+//! current one does not reach the new end, and, when asked, the new area preallocated
+//! (`metadata`, `falloc`, `full`) or made to read as zeros over a backing file that reaches
+//! into it (QEMU's `BDRV_REQ_ZERO_WRITE`). Shrinking is not supported.
 
+use super::create::{allocate_data_area, Preallocation};
 use super::debug_event::DebugEvent;
 use super::discard::FreeKind;
 use super::entry::{L2Entry, OFFSET_MASK};
@@ -8,24 +11,59 @@ use super::error::{Error, Result};
 use super::image::Image;
 use super::layout::{bytes_per_l1_entry, MAX_L1_BYTES};
 use super::metadata::be64_at;
-use super::storage::Storage;
+use super::storage::{Backing, Storage};
 
 /// Header bytes 24..48: size (8), crypt_method (4), l1_size (4), l1_table_offset (8).
 const SIZE_FIELD_OFFSET: u64 = 24;
+const L1_FIELDS_OFFSET: u64 = 36;
+
+/// How a resize fills the area it adds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Growth {
+    /// Host clusters for the new area, as `qemu-img resize --preallocation` asks.
+    pub preallocation: Preallocation,
+    /// The new area reads as zeros even where the backing file has data there (QEMU's
+    /// `BDRV_REQ_ZERO_WRITE`, which the block layer asks for when the backing file is
+    /// longer than the image was).
+    pub zero: bool,
+}
 
 impl<S: Storage> Image<S> {
-    /// Changes the virtual size. Only growth is supported.
+    /// Changes the virtual size. Only growth is supported; the new area is unallocated.
+    pub fn truncate(&mut self, new_size: u64) -> Result<()> {
+        self.grow(new_size, Growth::default(), None)
+    }
+
+    /// Grows the virtual size to `new_size`, filling the new area as `growth` says (the
+    /// backing file serves the copy-on-write of the cluster that held the old end).
     ///
     /// Order when the L1 table must grow: all dirty metadata is written back (so the table on
     /// disk equals the one in memory) and the new table's refcounts with it; the new table is
-    /// written; ordering point; the header switches to the new size and table; the old
-    /// table's clusters are freed at the next write-back (stage 5, after an ordering point).
-    pub fn truncate(&mut self, new_size: u64) -> Result<()> {
+    /// written; ordering point; the header switches to the new table; the old table's
+    /// clusters are freed at the next write-back (stage 5, after an ordering point).
+    ///
+    /// Order when the new area is filled (preallocated or zeroed): its table entries and the
+    /// refcounts of its clusters are written back, in the order of `write_back`, then an
+    /// ordering point, and only then the header names the new size. A crash before shows the
+    /// old size: never the backing file's data, nor a cluster not counted, in the new area.
+    /// (Without filling, the size goes with the L1 switch, or alone: the area is unallocated,
+    /// so there is nothing to order it after.)
+    pub fn grow(
+        &mut self,
+        new_size: u64,
+        growth: Growth,
+        backing: Option<&dyn Backing>,
+    ) -> Result<()> {
         // A transaction group commits first; the resize itself is written in place, in order.
-        self.outside_group(|image| image.truncate_in_place(new_size))
+        self.outside_group(|image| image.grow_in_place(new_size, growth, backing))
     }
 
-    fn truncate_in_place(&mut self, new_size: u64) -> Result<()> {
+    fn grow_in_place(
+        &mut self,
+        new_size: u64,
+        growth: Growth,
+        backing: Option<&dyn Backing>,
+    ) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -56,16 +94,45 @@ impl<S: Storage> Image<S> {
             self.write_back()?;
             self.ordering_point()?;
         }
-        if needed_l1 <= self.l1.len() as u64 {
+        let fill = growth.preallocation != Preallocation::Off || growth.zero;
+        if needed_l1 > self.l1.len() as u64 {
+            self.grow_l1_table(needed_l1, (!fill).then_some(new_size))?;
+        } else if !fill {
             self.write_metadata(
                 SIZE_FIELD_OFFSET,
                 &new_size.to_be_bytes(),
                 "writing the new virtual size",
             )?;
+        }
+        if !fill {
             self.header.virtual_size = new_size;
             return Ok(());
         }
+        // The new area is inside the disk for the engine from here on (its entries are
+        // made with the ordinary tools), on disk only once they are written.
+        self.header.virtual_size = new_size;
+        let filled = self
+            .fill_new_area(old_size, new_size, growth, backing)
+            .and_then(|()| self.write_back())
+            .and_then(|()| self.ordering_point())
+            .and_then(|()| {
+                self.write_metadata(
+                    SIZE_FIELD_OFFSET,
+                    &new_size.to_be_bytes(),
+                    "writing the new virtual size",
+                )
+            });
+        if filled.is_err() {
+            // The entries made stay (past the size on disk, harmless; cleared by the next
+            // growth), the guest sees the old size.
+            self.header.virtual_size = old_size;
+        }
+        filled
+    }
 
+    /// A larger L1 table, switched to in the header, with the new virtual size in the same
+    /// write if `size` is given (the header's size is left alone otherwise).
+    fn grow_l1_table(&mut self, needed_l1: u64, size: Option<u64>) -> Result<()> {
         let cluster_size = self.cluster_size();
         let table_bytes = (needed_l1 * 8).next_multiple_of(cluster_size);
         self.storage.debug_event(DebugEvent::L1GrowAllocTable);
@@ -83,16 +150,19 @@ impl<S: Storage> Image<S> {
         self.ordering_point()?;
 
         let mut fields = Vec::with_capacity(24);
-        fields.extend_from_slice(&new_size.to_be_bytes());
-        fields.extend_from_slice(&self.header.crypt_method.to_be_bytes());
+        if let Some(size) = size {
+            fields.extend_from_slice(&size.to_be_bytes());
+            fields.extend_from_slice(&self.header.crypt_method.to_be_bytes());
+        }
         fields.extend_from_slice(&(needed_l1 as u32).to_be_bytes());
         fields.extend_from_slice(&table_offset.to_be_bytes());
         self.storage.debug_event(DebugEvent::L1GrowActivateTable);
-        self.write_metadata(
-            SIZE_FIELD_OFFSET,
-            &fields,
-            "switching the header to the new L1 table",
-        )?;
+        let at = if size.is_some() {
+            SIZE_FIELD_OFFSET
+        } else {
+            L1_FIELDS_OFFSET
+        };
+        self.write_metadata(at, &fields, "switching the header to the new L1 table")?;
         // (d) The old table's clusters are freed only after this write, which dropped them.
         self.unordered.entries = true;
 
@@ -101,12 +171,96 @@ impl<S: Storage> Image<S> {
         if self.header.l1_size_entries > 0 {
             self.free_later(old_first..old_first + old_clusters, FreeKind::Other);
         }
-        self.header.virtual_size = new_size;
+        if let Some(size) = size {
+            self.header.virtual_size = size;
+        }
         self.header.l1_size_entries = needed_l1 as u32;
         self.header.l1_table_offset = table_offset;
         self.l1 = table;
         self.metadata
             .move_region("L1 table", table_offset, table_offset + table_bytes);
+        Ok(())
+    }
+
+    /// Fills `old_size..new_size` (inside the in-memory size already) as `growth` says. The
+    /// cluster that held the old end gets zeros after it through the ordinary write path
+    /// (copy-on-write of its start); whole new clusters get the zero flag, or are
+    /// preallocated past everything in use, where the file reads as zeros: one L2 table's
+    /// range at a time, the table first and then its clusters (QEMU's layout). With
+    /// `metadata` their entries also carry the zero flag on a version 3 image (a
+    /// preallocated zero cluster, as QEMU's qcow2 makes them: what is there was never
+    /// written); `falloc` and `full` make plain data clusters.
+    fn fill_new_area(
+        &mut self,
+        old_size: u64,
+        new_size: u64,
+        growth: Growth,
+        backing: Option<&dyn Backing>,
+    ) -> Result<()> {
+        let cluster_size = self.cluster_size();
+        let head_end = old_size.next_multiple_of(cluster_size).min(new_size);
+        if head_end < new_size {
+            self.fill_whole_clusters(head_end, new_size, growth, backing)?;
+        }
+        // Last, so that what its allocation may add to the zero reserve ends the file (and
+        // goes at the close) rather than lie between the new area's clusters.
+        if head_end > old_size {
+            let zeros = vec![0u8; (head_end - old_size) as usize];
+            self.write(old_size, &zeros, backing)?;
+        }
+        Ok(())
+    }
+
+    /// The whole clusters of the new area, from `start` (cluster-aligned) to `new_size`.
+    fn fill_whole_clusters(
+        &mut self,
+        start: u64,
+        new_size: u64,
+        growth: Growth,
+        backing: Option<&dyn Backing>,
+    ) -> Result<()> {
+        let cluster_size = self.cluster_size();
+        if growth.preallocation == Preallocation::Off {
+            // Only zeroing asked: the zero flag (zero bytes on a version 2 image).
+            return self.write_zeroes(start, new_size - start, true, backing);
+        }
+        let zero_flag = growth.preallocation == Preallocation::Metadata && self.header.version >= 3;
+        let per_table = 1u64 << self.l2_bits();
+        let end = new_size.div_ceil(cluster_size);
+        let mut first = start / cluster_size;
+        while first < end {
+            let count = (first / per_table + 1) * per_table - first;
+            let count = count.min(end - first);
+            // The table first (its range has none: entries past the old size were cleared
+            // with their tables), then its clusters, each past everything in use.
+            if self.l2_offset_for(first)?.2 == 0 {
+                let table = self.alloc_contiguous(1)?;
+                self.new_l2_table_at(first, table)?;
+            }
+            let run = self.alloc_contiguous(count)?;
+            let len = count * cluster_size;
+            allocate_data_area(&self.storage, run, len, growth.preallocation)?;
+            let file_len = self
+                .storage
+                .len()
+                .map_err(|e| Error::io("getting the image file length", e))?;
+            if file_len < run + len {
+                // metadata: the file covers the clusters, sparse (they read as zeros).
+                self.storage
+                    .set_len(run + len)
+                    .map_err(|e| Error::io("extending the image file over the new area", e))?;
+            }
+            for i in 0..count {
+                let host = run + i * cluster_size;
+                let entry = if zero_flag {
+                    L2Entry::preallocated_zero(host)
+                } else {
+                    L2Entry::data_copied(host)
+                };
+                self.link_entry(first + i, entry, false)?;
+            }
+            first += count;
+        }
         Ok(())
     }
 

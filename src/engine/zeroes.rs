@@ -8,7 +8,7 @@
 //! then (`discard.rs`).
 
 use super::discard::FreeKind;
-use super::entry::{Cluster, L2Entry, OFLAG_COPIED, OFLAG_ZERO};
+use super::entry::{Cluster, L2Entry};
 use super::error::{Error, Result};
 use super::image::Image;
 use super::storage::{Backing, Storage};
@@ -181,10 +181,7 @@ impl<S: Storage> Image<S> {
                     host_offset,
                     copied: true,
                 },
-            ) => (
-                Some(L2Entry(host_offset | OFLAG_COPIED | OFLAG_ZERO)),
-                Vec::new(),
-            ),
+            ) => (Some(L2Entry::preallocated_zero(host_offset)), Vec::new()),
             (_, other) => {
                 let entry = if v3 {
                     L2Entry::zero()

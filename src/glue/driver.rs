@@ -25,7 +25,7 @@ use super::request;
 use super::runtime_opts::{self, Settings};
 use super::txg;
 use crate::engine::header::CompressionType;
-use crate::engine::{CheckFix, Error, Image, Mapping};
+use crate::engine::{Backing, CheckFix, Error, Growth, Image, Mapping, Preallocation};
 use crate::ordering::primitive::{self, Primitive};
 use crate::ordering::BarrierMode;
 
@@ -117,6 +117,8 @@ unsafe extern "C" fn qcow2b_open(
                 bindings::BDRV_REQ_MAY_UNMAP | bindings::BDRV_REQ_NO_FALLBACK;
             // Barrier writes are ours: the block layer hands them over instead of emulating.
             (*bs).supported_write_flags = bindings::BDRV_REQ_BARRIER;
+            // A growth over a longer backing file reads as zeros (Image::grow).
+            (*bs).supported_truncate_flags = bindings::BDRV_REQ_ZERO_WRITE;
             let primitive_node = register_primitive(bs, mode);
             let node = Node::new(
                 image,
@@ -317,17 +319,30 @@ unsafe extern "C" fn qcow2b_co_truncate(
     offset: i64,
     _exact: bool,
     prealloc: bindings::PreallocMode,
-    _flags: bindings::BdrvRequestFlags,
+    flags: bindings::BdrvRequestFlags,
     errp: *mut *mut bindings::Error,
 ) -> c_int {
     // SAFETY: QEMU passes a valid node and errp; we run in a coroutine of the node.
     unsafe {
         guard_errp("truncate", errp, || {
-            if prealloc != bindings::PREALLOC_MODE_OFF {
-                return Err(Error::Unsupported(
-                    "resizing with preallocation (only preallocation=off)".into(),
-                ));
-            }
+            let preallocation = match prealloc {
+                bindings::PREALLOC_MODE_OFF => Preallocation::Off,
+                bindings::PREALLOC_MODE_METADATA => Preallocation::Metadata,
+                bindings::PREALLOC_MODE_FALLOC => Preallocation::Falloc,
+                bindings::PREALLOC_MODE_FULL => Preallocation::Full,
+                _ => {
+                    return Err(Error::BadOption(
+                        "Unsupported preallocation mode (qcow2b: off, metadata, falloc, full)"
+                            .into(),
+                    ))
+                }
+            };
+            let growth = Growth {
+                preallocation,
+                // The block layer asks for it when the backing file reaches into the new
+                // area (supported_truncate_flags).
+                zero: flags & bindings::BDRV_REQ_ZERO_WRITE != 0,
+            };
             let node = Node::of(bs);
             // The ordered mode's buffer is emptied first: the new size and L1 table reach a
             // file that holds everything written before.
@@ -337,7 +352,12 @@ unsafe extern "C" fn qcow2b_co_truncate(
             }
             let mut locked = node.lock()?;
             let image = locked.image();
-            image.truncate(offset as u64)?;
+            let backing = request::backing_of(bs);
+            image.grow(
+                offset as u64,
+                growth,
+                backing.as_ref().map(|b| b as &dyn Backing),
+            )?;
             publish_image_fields(bs, image)?;
             Ok(0)
         })
@@ -429,7 +449,15 @@ unsafe extern "C" fn qcow2b_co_block_status(
             *pnum = len as i64;
             Ok(match mapping {
                 Mapping::Unallocated => 0,
-                Mapping::Zero => bindings::BDRV_BLOCK_ZERO as c_int,
+                Mapping::Zero { host_offset: None } => bindings::BDRV_BLOCK_ZERO as c_int,
+                Mapping::Zero {
+                    host_offset: Some(host_offset),
+                } => {
+                    // A preallocated zero cluster: where it is, as QEMU's qcow2 says.
+                    *map = host_offset as i64;
+                    *file = (*(*bs).file).bs;
+                    (bindings::BDRV_BLOCK_ZERO | bindings::BDRV_BLOCK_OFFSET_VALID) as c_int
+                }
                 Mapping::Compressed => bindings::BDRV_BLOCK_DATA as c_int,
                 Mapping::Data { host_offset } => {
                     *map = host_offset as i64;

@@ -123,7 +123,7 @@ impl QiovIo {
 }
 
 /// The backing child, for the data step's own small reads (copy-on-write fills).
-fn backing_of(bs: *mut BlockDriverState) -> Option<ChildStorage> {
+pub fn backing_of(bs: *mut BlockDriverState) -> Option<ChildStorage> {
     // SAFETY: bs is an open node (callers' contract); a backing child stays attached while
     // requests run.
     let backing = unsafe { (*bs).backing };
