@@ -186,7 +186,7 @@ def record(workload, mode, workdir, mutation=False):
     fmt, opts = format_options(mode, mutation)
     spec = ",".join(
         [f"driver=qcow2b-recorder,log={workdir}/guest.log,file.driver={fmt}"]
-        + [f"file.{o}" for o in opts]
+        + [f"file.{o}" for o in opts + script.driver_options]
         + ["file.file.driver=qcow2b-recorder", f"file.file.log={workdir}/file.log",
            f"file.file.file.filename={setup.image}"])
     args = [QEMU_IO, "-t", "writeback", "--image-opts", spec] + script.args()

@@ -58,6 +58,9 @@ class Script:
         self.commands = []
         self.next_id = first_id
         self.next_pattern = 1
+        # Options of the format node the workload needs (generic or qcow2's, so that every
+        # mode, QEMU's qcow2 among them, takes them).
+        self.driver_options = []
 
     def _source(self, offset, length):
         wid = self.next_id
@@ -250,6 +253,29 @@ def zeroes_discard_reuse(setup, s):
     s.write(3 * M + 256 * K, 64 * K)
 
 
+def discard_passthrough(setup, s):
+    # discard=unmap (so pass-discard-request is on, as a platform's thin disk has it): the
+    # clusters a guest discard frees are discarded on the file once the free is durable,
+    # before anything reuses them. Discards, then writes that reuse the freed clusters right
+    # after the flush that released them, between barriers.
+    s.driver_options.append("discard=unmap")
+    setup.create(4 * M)
+    setup.writes(setup.image, [(0, 2 * M)])
+    s.discard(256 * K, 512 * K)
+    s.write(1 * M, 64 * K, barrier=True)
+    s.flush()
+    s.write(3 * M, 256 * K, barrier=True)
+    s.zeroes(1 * M + 512 * K, 256 * K, unmap=True)
+    s.write(2 * M + 64 * K, 4 * K, barrier=True)
+    s.flush()
+    s.write(3 * M + 256 * K, 256 * K)
+    s.discard(0, 128 * K)
+    s.barrier()
+    s.write(256 * K + 4 * K, 8 * K, barrier=True)
+    s.flush()
+    s.write(64 * K, 64 * K)
+
+
 def resize(setup, s):
     # 512-byte clusters: an L1 entry maps 32 KiB, one L1 cluster 2 MiB; 4 MiB needs a
     # larger L1 table.
@@ -347,6 +373,7 @@ WORKLOADS = {
     "refblock-alloc": refcount_block_allocation,
     "reftable-grow": refcount_table_growth,
     "zero-discard-reuse": zeroes_discard_reuse,
+    "discard-passthrough": discard_passthrough,
     "resize": resize,
     "snapshot-cow": snapshot_cow,
     "compressed": compressed_overwrite,
