@@ -39,7 +39,7 @@ impl Input<'_> {
 pub mod header {
     //! header: the fuzz target's body.
 
-    use crate::engine::header::Header;
+    use crate::engine::format::header::Header;
 
     /// The header and its extensions: any bytes parse to a header or an error, never a panic or
     /// an allocation out of proportion; a header that parses and encodes parses again to the same
@@ -189,8 +189,8 @@ pub mod compressed {
     //! compressed: the fuzz target's body.
 
     use super::*;
-    use crate::engine::compress::decompress_cluster;
-    use crate::engine::header::CompressionType;
+    use crate::engine::format::compress::decompress_cluster;
+    use crate::engine::format::header::CompressionType;
     use crate::engine::{CreateOptions, Image, MemStorage, OpenOptions};
 
     const CLUSTER: usize = 65536;

@@ -5,7 +5,7 @@
 #[path = "engine_support.rs"]
 mod support;
 
-use qcow2b::engine::dataio::{SliceSource, SliceTarget};
+use qcow2b::engine::image::dataio::{SliceSource, SliceTarget};
 use qcow2b::engine::{Image, Mapping, MemStorage, OpenOptions, WritePiece, WritePlan};
 use support::*;
 

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use qcow2b::engine::create::{Compat, Preallocation};
-use qcow2b::engine::header::CompressionType;
+use qcow2b::engine::format::header::CompressionType;
 use qcow2b::engine::{create, measure, Backing, CreateOptions, Error, Measure, OpenOptions};
 use support::*;
 

@@ -4,7 +4,7 @@
 #[path = "engine_support.rs"]
 mod support;
 
-use qcow2b::engine::header::Header;
+use qcow2b::engine::format::header::Header;
 use qcow2b::engine::{DiscardPolicy, Error, Image, Mapping, MemStorage, OpenOptions};
 use support::*;
 

@@ -252,7 +252,7 @@ fn header_encode_reproduces_what_qemu_img_wrote() {
     qemu_img_create(&base, 65536, 1 << 20, None);
     qemu_img_create(&img, 65536, 1 << 20, Some(&base));
     let bytes = std::fs::read(&img).unwrap();
-    let header = qcow2b::engine::header::Header::parse(&bytes[..65536]).unwrap();
+    let header = qcow2b::engine::format::header::Header::parse(&bytes[..65536]).unwrap();
     assert_eq!(header.backing_format.as_deref(), Some("qcow2"));
     assert!(!header.feature_names.is_empty());
     assert!(header.encode().unwrap() == bytes[..65536]);

@@ -1,35 +1,25 @@
 //! The qcow2 format and its read/write engine: pure Rust, no QEMU types, generic over
 //! [`Storage`].
 //!
-//! Layout by concept:
-//! - [`header`]: header fields, feature bits, header extensions (parse, validate, encode).
-//! - [`layout`]: table offsets and sizes checked against the file and each other.
-//! - [`entry`]: L1, L2 and refcount table entries and their flag bits.
-//! - [`refcount`]: refcount block entries of 1 to 64 bits.
-//! - [`cache`]: the write-back cache of L2 tables and refcount blocks.
-//! - [`create`]: creating new images (`qemu-img create`) and measuring them (`qemu-img measure`).
-//! - `image`: [`Image`], opening and the guest-facing read/write/map/flush.
-//! - `metadata`: cluster lookup, L2 allocation and copy-on-write, the cluster allocator.
-//! - `overlap`: where the metadata is, so that no data write, table use or free can hit it.
-//! - `writeback`: the one routine that writes dirty metadata back, in the required order.
-//! - `request`: request plans (reads, writes), in-flight allocations and I/O tickets.
-//! - `dataio`: the data step of a request, over slices or QEMU I/O vectors.
-//! - [`debug_event`]: the metadata and ordering points announced to the storage (blkdebug).
-//! - `reserve`: the zero reserve: clusters counted and ordered ahead of need, so appends
-//!   need no ordering point before their flush's sync.
-//! - `txg`: transaction groups: barriers for free, two syncs per commit, a plain qcow2
-//!   image at every commit.
-//! - `resize`: growing the virtual size (and the L1 table).
-//! - `backing_file`: naming another backing file (`qemu-img rebase`, block jobs).
-//! - `zeroes`: write_zeroes and discard (zero flag, unallocation).
-//! - [`discard`]: freed clusters passed down to the file as discards, after a durability
-//!   point.
-//! - `compress`: compressed cluster decoding (raw deflate, zstd).
-//! - [`snapshot`]: the internal snapshot table (parsed and validated at open).
-//! - `check`: `qemu-img check` for qcow2: counting, comparing, repairing; the repair of
-//!   images opened with the dirty bit.
-//! - `references`: counting the references to every host cluster (for `check`).
-//! - `rebuild`: rebuilding the refcount table and blocks from counted references.
+//! Folders by concept:
+//! - [`format`](mod@format): the on-disk format, parsed and validated before anything trusts it: the byte
+//!   reader, header, table layout, entries, refcount fields, snapshot table, compression.
+//!   This is the untrusted-input surface, and what the fuzz targets drive.
+//! - `check`: `qemu-img check` for qcow2: the reference walk (with the bitmaps' checks),
+//!   comparing and repairing, rebuilding the refcount structure; the repair of images
+//!   opened with the dirty bit.
+//! - [`create`](mod@create): creating new images (`qemu-img create`): layout, writing, and measuring
+//!   them (`qemu-img measure`).
+//! - [`image`]: [`Image`], an open image: opening, the guest-facing read/write/map/flush, and
+//!   the allocation and write-back core (lookup and allocation, caches, the overlap check,
+//!   write-back order, requests and their data step, the zero reserve, transaction groups,
+//!   discards passed to the file, resize, zeroes and discard, backing file names).
+//!
+//! Shared by all of them:
+//! - [`error`]: the engine's error, with the context a user needs;
+//! - [`storage`]: the [`Storage`] and [`Backing`] traits, and [`MemStorage`];
+//! - [`debug_event`]: the metadata and ordering points announced to the storage (blkdebug);
+//! - `counters`: what the engine did, for the driver's statistics ([`Counters`]).
 //!
 //! Data I/O (guest bytes to and from host clusters) is kept apart from metadata work: a
 //! request is planned under the metadata lock (`request`: where the bytes go, which clusters
@@ -37,46 +27,27 @@
 //! lock (new clusters linked into their L2 tables). The engine's own `read`/`write` run the
 //! three steps in one call; the QEMU glue runs them around its `CoMutex`.
 
-mod backing_file;
-pub mod cache;
 mod check;
-pub mod compress;
 mod counters;
 pub mod create;
-pub mod dataio;
 pub mod debug_event;
-pub mod discard;
-pub mod entry;
 pub mod error;
-pub mod header;
-mod image;
-pub mod layout;
-mod metadata;
-mod overlap;
-mod rebuild;
-pub mod refcount;
-mod references;
-pub mod request;
-mod reserve;
-mod resize;
-pub mod snapshot;
+pub mod format;
+pub mod image;
 pub mod storage;
-pub mod txg;
-mod writeback;
-mod zeroes;
 
 pub use check::{CheckFix, CheckReport, FragmentationInfo};
 pub use counters::Counters;
 pub use create::{create, measure, CreateOptions, Measure, Preallocation};
 pub use debug_event::DebugEvent;
-pub use discard::DiscardPolicy;
 pub use error::{Error, Result};
+pub use format::snapshot::Snapshot;
+pub use image::discard::DiscardPolicy;
+pub use image::request::{ReadPlan, ReadSource, WritePiece, WritePlan};
+pub use image::txg::{CommitReason, GroupExposure, TxgOptions};
+pub use image::Growth;
 pub use image::{cache_sizes, CacheSizes, Image};
-pub use request::{ReadPlan, ReadSource, WritePiece, WritePlan};
-pub use resize::Growth;
-pub use snapshot::Snapshot;
 pub use storage::{Backing, MemStorage, Storage};
-pub use txg::{CommitReason, GroupExposure, TxgOptions};
 
 /// How to open an image.
 #[derive(Clone, Debug, Default)]

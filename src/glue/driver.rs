@@ -24,7 +24,7 @@ use super::opts::Opts;
 use super::request;
 use super::runtime_opts::{self, Settings};
 use super::txg;
-use crate::engine::header::CompressionType;
+use crate::engine::format::header::CompressionType;
 use crate::engine::{Backing, CheckFix, Error, Growth, Image, Mapping, Preallocation};
 use crate::ordering::primitive::{self, Primitive};
 use crate::ordering::BarrierMode;
@@ -384,7 +384,7 @@ unsafe extern "C" fn qcow2b_probe(
     let head = unsafe { std::slice::from_raw_parts(buf, 8) };
     let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
     let version = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-    if magic == crate::engine::header::QCOW_MAGIC && (2..=3).contains(&version) {
+    if magic == crate::engine::format::header::QCOW_MAGIC && (2..=3).contains(&version) {
         101
     } else {
         0

@@ -493,7 +493,7 @@ impl Storage for FileAccess {
 
     /// Straight to the file in every mode: the engine discards only clusters nothing names
     /// and nothing can write any more until the discard returned (released from quarantine
-    /// after a durability point, `engine::discard`), and a durability point left no buffered
+    /// after a durability point, `engine::image::discard`), and a durability point left no buffered
     /// write of theirs behind; writes buffered since are to other clusters.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let child = match self {

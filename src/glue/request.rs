@@ -9,8 +9,8 @@ use super::file::FileAccess;
 use super::node::{Node, PendingBarrier};
 use super::storage::ChildStorage;
 use super::txg;
-use crate::engine::dataio::{DataContext, ReadTarget, WriteSource};
-use crate::engine::header::CompressionType;
+use crate::engine::format::header::CompressionType;
+use crate::engine::image::dataio::{DataContext, ReadTarget, WriteSource};
 use crate::engine::{Backing, Error, WritePiece};
 
 fn check(ret: i32) -> io::Result<()> {

@@ -9,7 +9,7 @@
 //!   for that long are dropped (`cache_clean.rs`).
 //! - `pass-discard-request` (default: on with `discard=unmap`), `pass-discard-snapshot`
 //!   (default on), `pass-discard-other` (default off): which freed clusters are discarded on
-//!   the file (`engine::discard`).
+//!   the file (`engine::image::discard`).
 //! - `l2-cache-entry-size`: checked as qcow2 checks it (a power of two from 512 to the cluster
 //!   size) and used for qcow2's bound on the L2 cache's entry count; otherwise moot: qcow2b
 //!   caches whole L2 tables.
@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use super::bindings;
 use super::opts::{bool_opt, leak_list, number_opt, size_opt, string_opt, Opts, OptsListCell};
-use crate::engine::header::Header;
+use crate::engine::format::header::Header;
 use crate::engine::{cache_sizes, CacheSizes, DiscardPolicy, Error, OpenOptions, TxgOptions};
 use crate::ordering::{BarrierMode, BarrierOptions};
 

@@ -1,4 +1,4 @@
-//! `barrier=txg` in QEMU: when a transaction group commits (`engine::txg`).
+//! `barrier=txg` in QEMU: when a transaction group commits (`engine::image::txg`).
 //!
 //! - At a guest flush, in the flush's coroutine ([`commit`] with `Durability::Flush`).
 //! - With no group open (the interval before the guest's next barrier), a reached bound has
@@ -28,7 +28,7 @@
 //! meanwhile (a plan may write in place into a cluster the group owns, which the commit hands
 //! to the durable image): [`commit`] asks the engine for the commit, then sleeps on the
 //! allocation queue until no plan is left. With no group open (the interval of one epoch
-//! before the guest's next barrier, `engine::txg`), the durability point is the ordinary
+//! before the guest's next barrier, `engine::image::txg`), the durability point is the ordinary
 //! flush, which waits for nothing.
 
 use std::ffi::c_void;

@@ -30,7 +30,7 @@ pub enum BarrierMode {
     /// Order-preserving write-back in user space: writes are grouped into epochs separated by
     /// barriers, and an epoch reaches the file only after the one before it is durable.
     Ordered { buffer_bytes: u64 },
-    /// Transaction groups (`engine::txg`): barriers cost nothing; a group commits with two
+    /// Transaction groups (`engine::image::txg`): barriers cost nothing; a group commits with two
     /// syncs at a guest flush, after `max_bytes` guest bytes or after `max_age_ms`.
     Txg { max_bytes: u64, max_age_ms: u64 },
 }

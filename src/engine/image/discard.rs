@@ -18,8 +18,8 @@
 
 use std::collections::BTreeSet;
 
-use super::image::Image;
-use super::storage::Storage;
+use crate::engine::image::Image;
+use crate::engine::storage::Storage;
 
 /// Which kinds of freed clusters are discarded on the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,18 +77,22 @@ impl DiscardPolicy {
 
 /// The clusters to discard once they leave quarantine.
 #[derive(Debug, Default)]
-pub(super) struct DiscardState {
-    pub(super) policy: DiscardPolicy,
+pub(in crate::engine) struct DiscardState {
+    pub(in crate::engine) policy: DiscardPolicy,
     /// Host clusters (in cluster units) whose last reference a passed kind dropped; the
     /// pending frees' kinds are kept beside them until write-back applies them.
-    pub(super) on_release: BTreeSet<u64>,
+    pub(in crate::engine) on_release: BTreeSet<u64>,
 }
 
 impl<S: Storage> Image<S> {
     /// Drops one reference to each host cluster in `clusters` once the entries that stopped
     /// naming them are written (write-back stage 5, rule (d) of `writeback.rs`); `kind` says
     /// what dropped them (whether they are discarded once free).
-    pub(super) fn free_later(&mut self, clusters: impl IntoIterator<Item = u64>, kind: FreeKind) {
+    pub(in crate::engine) fn free_later(
+        &mut self,
+        clusters: impl IntoIterator<Item = u64>,
+        kind: FreeKind,
+    ) {
         let pass = self.discard.policy.passes(kind);
         for cluster in clusters {
             self.pending_frees.push((cluster, pass));
@@ -104,7 +108,7 @@ impl<S: Storage> Image<S> {
     /// clusters. Called when clusters leave quarantine (see the module comment for why that
     /// is the safe moment). A discard is advisory: a file that cannot discard, or fails to,
     /// changes nothing (its count is kept).
-    pub(super) fn discard_released(&mut self, released: &[u64]) {
+    pub(in crate::engine) fn discard_released(&mut self, released: &[u64]) {
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for &cluster in released {
             if !self.discard.on_release.remove(&cluster) {

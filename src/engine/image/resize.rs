@@ -3,15 +3,15 @@
 //! (`metadata`, `falloc`, `full`) or made to read as zeros over a backing file that reaches
 //! into it (QEMU's `BDRV_REQ_ZERO_WRITE`). Shrinking is not supported.
 
-use super::create::{allocate_data_area, Preallocation};
-use super::debug_event::DebugEvent;
-use super::discard::FreeKind;
-use super::entry::{L2Entry, OFFSET_MASK};
-use super::error::{Error, Result};
-use super::image::Image;
-use super::layout::{bytes_per_l1_entry, MAX_L1_BYTES};
-use super::metadata::be64_at;
-use super::storage::{Backing, Storage};
+use crate::engine::create::{allocate_data_area, Preallocation};
+use crate::engine::debug_event::DebugEvent;
+use crate::engine::error::{Error, Result};
+use crate::engine::format::entry::{L2Entry, OFFSET_MASK};
+use crate::engine::format::layout::{bytes_per_l1_entry, MAX_L1_BYTES};
+use crate::engine::image::discard::FreeKind;
+use crate::engine::image::metadata::be64_at;
+use crate::engine::image::Image;
+use crate::engine::storage::{Backing, Storage};
 
 /// Header bytes 24..48: size (8), crypt_method (4), l1_size (4), l1_table_offset (8).
 const SIZE_FIELD_OFFSET: u64 = 24;

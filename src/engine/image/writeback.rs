@@ -25,17 +25,17 @@
 //! since the last one ([`Unordered`]), so a flush that only appended costs no ordering point
 //! at all, and its one sync is the flush's own.
 
-use super::debug_event::DebugEvent;
-use super::discard::FreeKind;
-use super::entry::{Cluster, L1Entry, L2Entry, OFFSET_MASK, OFLAG_COPIED};
-use super::error::{Error, Result};
-use super::image::Image;
-use super::metadata::be64_at;
-use super::storage::Storage;
+use crate::engine::debug_event::DebugEvent;
+use crate::engine::error::{Error, Result};
+use crate::engine::format::entry::{Cluster, L1Entry, L2Entry, OFFSET_MASK, OFLAG_COPIED};
+use crate::engine::image::discard::FreeKind;
+use crate::engine::image::metadata::be64_at;
+use crate::engine::image::Image;
+use crate::engine::storage::Storage;
 
 /// Writes issued since the last ordering point (or sync) that a later stage depends on.
 #[derive(Clone, Copy, Debug, Default)]
-pub(super) struct Unordered {
+pub(in crate::engine) struct Unordered {
     /// (a) Guest data in new clusters, where a crash keeping the new L2 entry without the
     /// data would show bytes the guest never wrote there.
     pub data: bool,
@@ -60,7 +60,7 @@ fn write_to<S: Storage>(storage: &S, host_offset: u64, bytes: &[u8], what: &str)
 impl<S: Storage> Image<S> {
     /// Everything written before this call is ordered before anything written after it; no
     /// durability. The one place ordering points go through.
-    pub(super) fn ordering_point(&mut self) -> Result<()> {
+    pub(in crate::engine) fn ordering_point(&mut self) -> Result<()> {
         self.counters.ordering_points += 1;
         self.storage.debug_event(DebugEvent::Barrier);
         self.storage
@@ -75,7 +75,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// One `Storage::flush` (durability), counted.
-    pub(super) fn storage_flush(&mut self) -> Result<()> {
+    pub(in crate::engine) fn storage_flush(&mut self) -> Result<()> {
         self.storage
             .flush()
             .map_err(|e| Error::io("flushing the image file", e))?;
@@ -98,7 +98,7 @@ impl<S: Storage> Image<S> {
 
     /// A metadata write, counted. The caller notes in `self.unordered` what later stages must
     /// be ordered after.
-    pub(super) fn write_metadata(
+    pub(in crate::engine) fn write_metadata(
         &mut self,
         host_offset: u64,
         bytes: &[u8],
@@ -119,7 +119,7 @@ impl<S: Storage> Image<S> {
     /// A table written from the cache itself, without a copy of its cluster (an L2 table, or a
     /// refcount block when `refblock`), counted as [`Self::write_metadata`] counts. A table
     /// missing from the cache writes nothing.
-    pub(super) fn write_cached_table(
+    pub(in crate::engine) fn write_cached_table(
         &mut self,
         refblock: bool,
         host_offset: u64,
@@ -140,7 +140,7 @@ impl<S: Storage> Image<S> {
 
     /// Stages 1 and 2 of [`Self::write_back`]: refcount blocks, then (after an ordering point
     /// if a block was written) the refcount table entries naming new blocks.
-    pub(super) fn write_refcount_structures(&mut self) -> Result<()> {
+    pub(in crate::engine) fn write_refcount_structures(&mut self) -> Result<()> {
         // Stage 1: refcount blocks. They hold only increments and new blocks here (decrements
         // wait for stage 5), so writing them early is always safe: at worst a leak.
         self.write_dirty_refblocks()?;
@@ -199,7 +199,8 @@ impl<S: Storage> Image<S> {
     /// The refcount table index whose block counts the refcount block named by entry
     /// `index` (None for an empty entry).
     fn counting_entry(&self, index: usize) -> Option<usize> {
-        let offset = self.reftable.get(index).copied()? & super::references::REFTABLE_OFFSET_MASK;
+        let offset =
+            self.reftable.get(index).copied()? & crate::engine::format::entry::REFTABLE_OFFSET_MASK;
         if offset == 0 {
             return None;
         }
@@ -209,7 +210,7 @@ impl<S: Storage> Image<S> {
     /// Writes back all dirty metadata, stage by stage, with an ordering point before a stage
     /// only when it depends on a write issued since the last one. Does not sync at the end:
     /// [`Image::flush`] does that.
-    pub(super) fn write_back(&mut self) -> Result<()> {
+    pub(in crate::engine) fn write_back(&mut self) -> Result<()> {
         if self.txg.is_some() {
             // Nothing of the durable image is written: no order to keep (`txg.rs`).
             return self.write_back_group();
@@ -281,7 +282,7 @@ impl<S: Storage> Image<S> {
     /// Sets COPIED on the active L2 entries that name a candidate cluster whose refcount is
     /// now one (`copied_candidates`). Looks through every active L2 table; only images whose
     /// active table names one cluster twice ever get here.
-    pub(super) fn restore_copied_flags(&mut self) -> Result<()> {
+    pub(in crate::engine) fn restore_copied_flags(&mut self) -> Result<()> {
         let mut wanted = std::collections::BTreeSet::new();
         for cluster in std::mem::take(&mut self.copied_candidates) {
             if self.refcount(cluster)? == 1 {
@@ -350,7 +351,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// Grows the refcount table in memory (a transaction group writes it whole at commit).
-    pub(super) fn grow_reftable_in_group(&mut self, min_entries: u64) {
+    pub(in crate::engine) fn grow_reftable_in_group(&mut self, min_entries: u64) {
         let new_entries = (self.reftable.len() as u64 * 2).max(min_entries).max(1);
         self.reftable.resize(new_entries as usize, 0);
         if let Some(t) = self.txg.as_mut() {
@@ -367,7 +368,11 @@ impl<S: Storage> Image<S> {
     /// are freed through `pending_frees` (stage 5 of the next write-back). A crash before the
     /// header write leaves the old table in force and the new area as unreferenced clusters
     /// past the old table's reach (a leak QEMU repairs; nothing counted too low).
-    pub(super) fn grow_reftable(&mut self, min_entries: u64, area_start: u64) -> Result<()> {
+    pub(in crate::engine) fn grow_reftable(
+        &mut self,
+        min_entries: u64,
+        area_start: u64,
+    ) -> Result<()> {
         let cluster_size = self.cluster_size();
         let cluster_bits = self.cluster_bits;
         let per_block = self.rc.entries_per_block();
@@ -393,10 +398,10 @@ impl<S: Storage> Image<S> {
             new_entries = first_block + block_count;
         };
         let table_bytes = table_clusters << cluster_bits;
-        if table_bytes > super::layout::MAX_REFTABLE_BYTES {
+        if table_bytes > crate::engine::format::layout::MAX_REFTABLE_BYTES {
             return Err(Error::Unsupported(format!(
                 "refcount table growth beyond {} bytes",
-                super::layout::MAX_REFTABLE_BYTES
+                crate::engine::format::layout::MAX_REFTABLE_BYTES
             )));
         }
         let area_clusters = table_clusters + block_count;
@@ -471,7 +476,7 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
-    pub(super) fn write_dirty_refblocks(&mut self) -> Result<()> {
+    pub(in crate::engine) fn write_dirty_refblocks(&mut self) -> Result<()> {
         for offset in self.refblock_cache.dirty_offsets() {
             self.write_refblock(offset)?;
         }
@@ -509,7 +514,7 @@ impl<S: Storage> Image<S> {
 
     /// Frees a slot in the L2 cache. A dirty victim may depend on data and refcounts not yet
     /// ordered before it, so the whole write-back runs first.
-    pub(super) fn make_room_in_l2_cache(&mut self) -> Result<()> {
+    pub(in crate::engine) fn make_room_in_l2_cache(&mut self) -> Result<()> {
         if let Some((victim, dirty)) = self.l2_cache.victim() {
             if dirty {
                 self.write_back()?;
@@ -522,7 +527,7 @@ impl<S: Storage> Image<S> {
     /// Frees a slot in the refcount block cache. A dirty block holds only increments or new
     /// blocks (decrements are applied in stage 5 after their ordering point), which may be
     /// written at any time: the victim alone is written.
-    pub(super) fn make_room_in_refblock_cache(&mut self) -> Result<()> {
+    pub(in crate::engine) fn make_room_in_refblock_cache(&mut self) -> Result<()> {
         if let Some((victim, dirty)) = self.refblock_cache.victim() {
             if dirty {
                 self.write_refblock(victim)?;

@@ -3,8 +3,8 @@
 //! vs virtual size) before anything is read or allocated from it. After this, reading the L1
 //! and refcount tables allocates at most the file's length.
 
-use super::error::{Error, Result};
-use super::header::Header;
+use crate::engine::error::{Error, Result};
+use crate::engine::format::header::Header;
 
 /// QEMU's limit on the L1 table (32 MiB).
 pub const MAX_L1_BYTES: u64 = 32 << 20;

@@ -4,7 +4,7 @@
 //! Decoding checks the reserved bits and alignment; whether an offset lies inside the file is
 //! checked by the image, which knows the file length.
 
-use super::error::{Error, Result};
+use crate::engine::error::{Error, Result};
 
 /// Bit 63 of L1 and standard L2 entries: the refcount of what the entry points to is exactly
 /// one, so it may be written in place.
@@ -22,6 +22,8 @@ pub const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
 pub const L2_STANDARD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// Reserved bits of a refcount table entry (0..=8).
 pub const REFTABLE_RESERVED_MASK: u64 = 0x1ff;
+/// Bits 9..=63 of a refcount table entry (QEMU's `REFT_OFFSET_MASK`).
+pub const REFTABLE_OFFSET_MASK: u64 = !REFTABLE_RESERVED_MASK;
 
 /// An L1 table entry: where the L2 table for one range of guest clusters lives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //!
 //! 1. plan ([`Image::plan_read`], [`Image::plan_write`]), under the lock: look the clusters up,
 //!    allocate the new ones, and describe where every byte goes ([`ReadPlan`], [`WritePlan`]);
-//! 2. the data step ([`super::dataio`]), without the lock: move the guest bytes;
+//! 2. the data step ([`crate::engine::image::dataio`]), without the lock: move the guest bytes;
 //! 3. finish ([`Image::finish_read`], [`Image::finish_write`] or [`Image::abort_write`]), under
 //!    the lock again: link the new clusters into their L2 tables, note what was written.
 //!
@@ -17,11 +17,11 @@
 //!   `f` is outstanding (`Image::release_quarantine`). Without this, a read planned before a
 //!   discard could return the data of the guest cluster that the freed cluster went to next.
 
-use super::discard::FreeKind;
-use super::entry::{Cluster, L2Entry};
-use super::error::{Error, Result};
-use super::image::Image;
-use super::storage::Storage;
+use crate::engine::error::{Error, Result};
+use crate::engine::format::entry::{Cluster, L2Entry};
+use crate::engine::image::discard::FreeKind;
+use crate::engine::image::Image;
+use crate::engine::storage::Storage;
 
 /// Keeps freed host clusters from reuse while the plan that holds it is in flight. Returned
 /// by `finish_read`/`finish_write`/`abort_write`; a plan dropped without finishing keeps its
@@ -156,7 +156,7 @@ pub struct WritePlan {
 
 /// Guest clusters `[start, end)` whose allocation is in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct InflightAlloc {
+pub(in crate::engine) struct InflightAlloc {
     start: u64,
     end: u64,
 }
@@ -185,7 +185,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// The oldest epoch with I/O in flight (the current one if none).
-    pub(super) fn oldest_inflight_epoch(&self) -> u64 {
+    pub(in crate::engine) fn oldest_inflight_epoch(&self) -> u64 {
         self.inflight_tickets
             .front()
             .map_or(self.io_epoch, |&(epoch, _)| epoch)
@@ -193,7 +193,11 @@ impl<S: Storage> Image<S> {
 
     /// Bytes to read for a compressed cluster: what its descriptor covers, never past the end
     /// of the file nor more than a compressed cluster can take.
-    pub(super) fn compressed_read_len(&self, host_offset: u64, max_len_bytes: u64) -> u64 {
+    pub(in crate::engine) fn compressed_read_len(
+        &self,
+        host_offset: u64,
+        max_len_bytes: u64,
+    ) -> u64 {
         let available = self.host_end.saturating_sub(host_offset);
         max_len_bytes
             .min(available)
@@ -550,7 +554,7 @@ impl<S: Storage> Image<S> {
     /// Sets the L2 entry of `guest_cluster` to `entry`, which names a host cluster allocated
     /// for it; unless that cluster was `reused` from the old entry, what the old entry named
     /// loses a reference (freed after the new entry is written, rule (d)).
-    pub(super) fn link_entry(
+    pub(in crate::engine) fn link_entry(
         &mut self,
         guest_cluster: u64,
         entry: L2Entry,

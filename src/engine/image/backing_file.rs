@@ -2,10 +2,10 @@
 //! block job): the header cluster is rewritten with the new name and backing format
 //! extension.
 
-use super::error::{Error, Result};
-use super::header::{ext, Header, RawExtension};
-use super::image::Image;
-use super::storage::Storage;
+use crate::engine::error::{Error, Result};
+use crate::engine::format::header::{ext, Header, RawExtension};
+use crate::engine::image::Image;
+use crate::engine::storage::Storage;
 
 /// The longest backing file name QEMU accepts (and writes).
 const MAX_BACKING_FILE_NAME_BYTES: usize = 1023;

@@ -18,11 +18,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::entry::{L1Entry, ReftableEntry};
-use super::layout::Region;
+use crate::engine::format::entry::{L1Entry, ReftableEntry};
+use crate::engine::format::layout::Region;
 
 #[derive(Debug)]
-pub(super) struct MetadataMap {
+pub(in crate::engine) struct MetadataMap {
     cluster_size: u64,
     /// Fixed regions by start offset; never overlapping (overlapping ones are merged).
     regions: BTreeMap<u64, Region>,

@@ -4,15 +4,15 @@
 //! Every change here lands in memory (the L1 and refcount tables) or in the caches; nothing
 //! is written to storage except through `writeback.rs` (cache evictions go there too).
 
-use super::debug_event::DebugEvent;
-use super::discard::FreeKind;
-use super::entry::{Cluster, L1Entry, L2Entry, ReftableEntry};
-use super::error::{Error, Result};
-use super::image::Image;
-use super::overlap::MetadataMap;
-use super::storage::Storage;
+use crate::engine::debug_event::DebugEvent;
+use crate::engine::error::{Error, Result};
+use crate::engine::format::entry::{Cluster, L1Entry, L2Entry, ReftableEntry};
+use crate::engine::image::discard::FreeKind;
+use crate::engine::image::overlap::MetadataMap;
+use crate::engine::image::Image;
+use crate::engine::storage::Storage;
 
-pub(super) fn be64_at(table: &[u8], index: usize) -> u64 {
+pub(in crate::engine) fn be64_at(table: &[u8], index: usize) -> u64 {
     let mut b = [0u8; 8];
     if let Some(s) = table.get(index * 8..index * 8 + 8) {
         b.copy_from_slice(s);
@@ -22,14 +22,14 @@ pub(super) fn be64_at(table: &[u8], index: usize) -> u64 {
 
 impl<S: Storage> Image<S> {
     /// log2 of the entries in one L2 table.
-    pub(super) fn l2_bits(&self) -> u32 {
+    pub(in crate::engine) fn l2_bits(&self) -> u32 {
         self.cluster_bits - 3
     }
 
     /// Refuses a host cluster offset (from an L1, L2 or refcount table entry) that points into
     /// the header or past the end of the file. `what` names it for the message (called only
     /// on failure: this runs on every lookup).
-    pub(super) fn check_host_offset(
+    pub(in crate::engine) fn check_host_offset(
         &self,
         host_offset: u64,
         what: impl FnOnce() -> String,
@@ -49,7 +49,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// Refuses a host cluster offset that points into the header (the first cluster).
-    pub(super) fn check_not_header(
+    pub(in crate::engine) fn check_not_header(
         &self,
         host_offset: u64,
         what: impl FnOnce() -> String,
@@ -64,7 +64,10 @@ impl<S: Storage> Image<S> {
     }
 
     /// The L2 table offset for guest cluster `guest_cluster` (0 if none), validated.
-    pub(super) fn l2_offset_for(&self, guest_cluster: u64) -> Result<(usize, L1Entry, u64)> {
+    pub(in crate::engine) fn l2_offset_for(
+        &self,
+        guest_cluster: u64,
+    ) -> Result<(usize, L1Entry, u64)> {
         let l1_index = guest_cluster >> self.l2_bits();
         let raw = usize::try_from(l1_index)
             .ok()
@@ -96,7 +99,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// Makes sure the L2 table at `l2_offset` is in the cache.
-    pub(super) fn load_l2(&mut self, l2_offset: u64) -> Result<()> {
+    pub(in crate::engine) fn load_l2(&mut self, l2_offset: u64) -> Result<()> {
         if self.l2_cache.contains(l2_offset) {
             return Ok(());
         }
@@ -111,7 +114,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// Decodes and validates entry `l2_index` of the L2 table at `l2_offset`.
-    pub(super) fn l2_entry(
+    pub(in crate::engine) fn l2_entry(
         &mut self,
         l2_offset: u64,
         l2_index: usize,
@@ -158,7 +161,7 @@ impl<S: Storage> Image<S> {
         Ok(cluster)
     }
 
-    pub(super) fn set_l2_entry(
+    pub(in crate::engine) fn set_l2_entry(
         &mut self,
         l2_offset: u64,
         l2_index: usize,
@@ -175,7 +178,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// What backs guest cluster `guest_cluster`.
-    pub(super) fn cluster_at(&mut self, guest_cluster: u64) -> Result<Cluster> {
+    pub(in crate::engine) fn cluster_at(&mut self, guest_cluster: u64) -> Result<Cluster> {
         let (_, _, l2_offset) = self.l2_offset_for(guest_cluster)?;
         if l2_offset == 0 {
             return Ok(Cluster::Unallocated);
@@ -187,7 +190,11 @@ impl<S: Storage> Image<S> {
     /// The state of the cluster holding `guest_offset`, and how many bytes from there (at
     /// most `len`) share it: same kind, and for data, contiguous host clusters. A compressed
     /// run never extends past its cluster.
-    pub(super) fn lookup_run(&mut self, guest_offset: u64, len: u64) -> Result<(Cluster, u64)> {
+    pub(in crate::engine) fn lookup_run(
+        &mut self,
+        guest_offset: u64,
+        len: u64,
+    ) -> Result<(Cluster, u64)> {
         let cluster_size = self.cluster_size();
         let first = guest_offset >> self.cluster_bits;
         let state = self.cluster_at(first)?;
@@ -223,7 +230,10 @@ impl<S: Storage> Image<S> {
 
     /// The L2 table for `guest_cluster`, made writable: allocated if the L1 entry is empty,
     /// copied if it is shared (L1 entry without COPIED). Returns (table offset, entry index).
-    pub(super) fn l2_table_for_write(&mut self, guest_cluster: u64) -> Result<(u64, usize)> {
+    pub(in crate::engine) fn l2_table_for_write(
+        &mut self,
+        guest_cluster: u64,
+    ) -> Result<(u64, usize)> {
         let l2_index = (guest_cluster & ((1u64 << self.l2_bits()) - 1)) as usize;
         let (l1_index, l1_entry, old_offset) = self.l2_offset_for(guest_cluster)?;
         // In a transaction group a table of the durable image is copied too (`txg.rs`).
@@ -269,7 +279,11 @@ impl<S: Storage> Image<S> {
     /// A new, empty L2 table at `new_offset` (a cluster just allocated) for the range of
     /// `guest_cluster`, which has none: for callers that place tables themselves (a resize's
     /// preallocation puts each table before its clusters, as QEMU's qcow2 does).
-    pub(super) fn new_l2_table_at(&mut self, guest_cluster: u64, new_offset: u64) -> Result<()> {
+    pub(in crate::engine) fn new_l2_table_at(
+        &mut self,
+        guest_cluster: u64,
+        new_offset: u64,
+    ) -> Result<()> {
         let (l1_index, l1_entry, old_offset) = self.l2_offset_for(guest_cluster)?;
         if old_offset != 0 {
             return Err(Error::Invalid(format!(
@@ -324,7 +338,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// The refcount block offset for refcount table index `rt_index` (0 if none).
-    pub(super) fn refblock_offset(&self, rt_index: u64) -> Result<Option<u64>> {
+    pub(in crate::engine) fn refblock_offset(&self, rt_index: u64) -> Result<Option<u64>> {
         let Some(&raw) = usize::try_from(rt_index)
             .ok()
             .and_then(|i| self.reftable.get(i))
@@ -351,7 +365,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// Makes sure the refcount block at `offset` is in the cache.
-    pub(super) fn load_refblock(&mut self, offset: u64) -> Result<()> {
+    pub(in crate::engine) fn load_refblock(&mut self, offset: u64) -> Result<()> {
         if self.refblock_cache.contains(offset) {
             return Ok(());
         }
@@ -366,7 +380,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// The refcount of a host cluster (0 where no refcount block covers it).
-    pub(super) fn refcount(&mut self, host_cluster: u64) -> Result<u64> {
+    pub(in crate::engine) fn refcount(&mut self, host_cluster: u64) -> Result<u64> {
         let (rt_index, index) = self.rc.locate(host_cluster);
         match self.refblock_offset(rt_index)? {
             None | Some(0) => Ok(0),
@@ -382,7 +396,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// Sets the refcount of a host cluster whose refcount block exists.
-    pub(super) fn set_refcount(&mut self, host_cluster: u64, value: u64) -> Result<()> {
+    pub(in crate::engine) fn set_refcount(&mut self, host_cluster: u64, value: u64) -> Result<()> {
         let (rt_index, index) = self.rc.locate(host_cluster);
         let Some(offset) = self.refblock_offset(rt_index)?.filter(|&o| o != 0) else {
             return Err(Error::Corrupt(format!(
@@ -423,7 +437,7 @@ impl<S: Storage> Image<S> {
 
     /// The first host cluster at or after the hint that is free (refcount 0, not freed since
     /// the last flush). Clusters past the refcount table's reach count as free.
-    pub(super) fn find_free_cluster(&mut self) -> Result<u64> {
+    pub(in crate::engine) fn find_free_cluster(&mut self) -> Result<u64> {
         let mut cluster = self.free_cluster_hint.max(1);
         loop {
             if self.quarantine.contains_key(&cluster) {
@@ -453,14 +467,14 @@ impl<S: Storage> Image<S> {
 
     /// Allocates one host cluster (refcount 0 -> 1) and returns its offset. The refcount
     /// change stays in the cache: write_back writes it before any entry naming the cluster.
-    pub(super) fn alloc_cluster(&mut self) -> Result<u64> {
+    pub(in crate::engine) fn alloc_cluster(&mut self) -> Result<u64> {
         self.storage.debug_event(DebugEvent::ClusterAlloc);
         let cluster_size = self.cluster_size();
         loop {
             let cluster = self.find_free_cluster()?;
             let host_offset = cluster
                 .checked_mul(cluster_size)
-                .filter(|&o| o & !super::entry::OFFSET_MASK == 0)
+                .filter(|&o| o & !crate::engine::format::entry::OFFSET_MASK == 0)
                 .ok_or_else(|| Error::Unsupported("host offset beyond 2^56 bytes".into()))?;
             self.check_free_cluster_is_unused(host_offset)?;
             let (rt_index, index) = self.rc.locate(cluster);
@@ -505,7 +519,7 @@ impl<S: Storage> Image<S> {
     /// Allocates up to `wanted` contiguous host clusters (at least one) and returns the
     /// offset of the first and how many were allocated. The run grows while the following
     /// clusters are free and counted by an existing refcount block.
-    pub(super) fn alloc_run(&mut self, wanted: u64) -> Result<(u64, u64)> {
+    pub(in crate::engine) fn alloc_run(&mut self, wanted: u64) -> Result<(u64, u64)> {
         let first = self.alloc_cluster()?;
         let mut got = 1;
         while got < wanted && self.claim_if_free((first >> self.cluster_bits) + got)? {
@@ -519,7 +533,7 @@ impl<S: Storage> Image<S> {
     fn claim_if_free(&mut self, cluster: u64) -> Result<bool> {
         let Some(host_offset) = cluster
             .checked_mul(self.cluster_size())
-            .filter(|&o| o & !super::entry::OFFSET_MASK == 0)
+            .filter(|&o| o & !crate::engine::format::entry::OFFSET_MASK == 0)
         else {
             return Ok(false);
         };
@@ -546,7 +560,7 @@ impl<S: Storage> Image<S> {
     /// were freed in, and no request planned in that epoch or earlier is still in flight (its
     /// data step may still touch them). Called only after a durability point; those that
     /// the discard policy passes are discarded on the file first (`discard.rs`).
-    pub(super) fn release_quarantine(&mut self) {
+    pub(in crate::engine) fn release_quarantine(&mut self) {
         let limit = self.oldest_inflight_epoch().min(self.io_epoch);
         let mut released = Vec::new();
         self.quarantine.retain(|&cluster, &mut freed_in| {
@@ -567,7 +581,7 @@ impl<S: Storage> Image<S> {
 
     /// Allocates `count` contiguous host clusters past everything in use (for tables that
     /// must be contiguous) and returns the offset of the first.
-    pub(super) fn alloc_contiguous(&mut self, count: u64) -> Result<u64> {
+    pub(in crate::engine) fn alloc_contiguous(&mut self, count: u64) -> Result<u64> {
         self.storage.debug_event(DebugEvent::ClusterAlloc);
         if !self.storage.is_growable() {
             return self.alloc_free_run(count);
@@ -579,7 +593,7 @@ impl<S: Storage> Image<S> {
                 .checked_add(count)
                 .filter(|&e| {
                     e.checked_mul(cluster_size)
-                        .is_some_and(|o| o & !super::entry::OFFSET_MASK == 0)
+                        .is_some_and(|o| o & !crate::engine::format::entry::OFFSET_MASK == 0)
                 })
                 .ok_or_else(|| Error::Unsupported("host offset beyond 2^56 bytes".into()))?;
             // A crash may leave clusters past the end of the file counted (their refcount
@@ -707,7 +721,7 @@ impl<S: Storage> Image<S> {
         }
     }
 
-    pub(super) fn note_allocated(&mut self, cluster: u64) {
+    pub(in crate::engine) fn note_allocated(&mut self, cluster: u64) {
         self.note_owned(cluster);
         self.free_cluster_hint = self.free_cluster_hint.max(cluster + 1);
         self.host_end = self.host_end.max((cluster + 1) << self.cluster_bits);
@@ -715,7 +729,7 @@ impl<S: Storage> Image<S> {
 
     /// Applies the deferred refcount decrements (write_back stage 5). Clusters reaching 0 go
     /// into quarantine (see `release_quarantine`).
-    pub(super) fn apply_pending_frees(&mut self) -> Result<()> {
+    pub(in crate::engine) fn apply_pending_frees(&mut self) -> Result<()> {
         let frees = std::mem::take(&mut self.pending_frees);
         for (cluster, discard) in frees {
             let start = cluster << self.cluster_bits;

@@ -6,26 +6,60 @@
 //! `write_back` (`writeback.rs`) writes it in the order the format's crash consistency
 //! needs.
 
+//!
+//! The allocation and write-back core, one concept per file:
+//! - `metadata`: cluster lookup, L2 allocation and copy-on-write, the cluster allocator;
+//! - [`cache`]: the write-back cache of L2 tables and refcount blocks;
+//! - `overlap`: where the metadata is, so that no data write, table use or free can hit it;
+//! - `writeback`: the one routine that writes dirty metadata back, in the required order;
+//! - [`request`]: request plans (reads, writes), in-flight allocations and I/O tickets;
+//! - [`dataio`]: the data step of a request, over slices or QEMU I/O vectors;
+//! - `reserve`: the zero reserve: clusters counted and ordered ahead of need, so appends
+//!   need no ordering point before their flush's sync;
+//! - [`txg`]: transaction groups: barriers for free, two syncs per commit, a plain qcow2
+//!   image at every commit;
+//! - [`discard`]: which freed clusters are discarded on the file, and when;
+//! - `resize`: growing the virtual size (and the L1 table);
+//! - `backing_file`: naming another backing file (`qemu-img rebase`, block jobs);
+//! - `zeroes`: write_zeroes and discard (zero flag, unallocation).
+
+mod backing_file;
+pub mod cache;
+pub mod dataio;
+pub mod discard;
+mod metadata;
+mod overlap;
+pub mod request;
+mod reserve;
+mod resize;
+pub mod txg;
+mod writeback;
+mod zeroes;
+
+pub use resize::Growth;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use super::cache::TableCache;
-use super::counters::Counters;
-use super::dataio::{DataContext, SliceSource, SliceTarget};
-use super::debug_event::DebugEvent;
-use super::discard::DiscardState;
-use super::entry::Cluster;
-use super::error::{Error, Result};
-use super::header::{AutoclearFeatures, Header, IncompatibleFeatures, MAX_CLUSTER_BITS};
-use super::layout;
-use super::overlap::MetadataMap;
-use super::refcount::RefcountGeometry;
-use super::request::InflightAlloc;
-use super::reserve::Reserve;
-use super::snapshot::{self, Snapshot};
-use super::storage::{Backing, Storage};
-use super::txg::TxgState;
-use super::writeback::Unordered;
-use super::{Mapping, OpenOptions};
+use crate::engine::counters::Counters;
+use crate::engine::debug_event::DebugEvent;
+use crate::engine::error::{Error, Result};
+use crate::engine::format::entry::Cluster;
+use crate::engine::format::header::{
+    AutoclearFeatures, Header, IncompatibleFeatures, MAX_CLUSTER_BITS,
+};
+use crate::engine::format::layout;
+use crate::engine::format::refcount::RefcountGeometry;
+use crate::engine::format::snapshot::{self, Snapshot};
+use crate::engine::image::cache::TableCache;
+use crate::engine::image::dataio::{DataContext, SliceSource, SliceTarget};
+use crate::engine::image::discard::DiscardState;
+use crate::engine::image::overlap::MetadataMap;
+use crate::engine::image::request::InflightAlloc;
+use crate::engine::image::reserve::Reserve;
+use crate::engine::image::txg::TxgState;
+use crate::engine::image::writeback::Unordered;
+use crate::engine::storage::{Backing, Storage};
+use {crate::engine::Mapping, crate::engine::OpenOptions};
 
 /// QEMU 7.2's default upper bound for the L2 cache on Linux.
 const DEFAULT_L2_CACHE_MAX_BYTES: u64 = 32 << 20;
@@ -419,6 +453,11 @@ impl<S: Storage> Image<S> {
         &self.header
     }
 
+    /// The internal snapshots, in table order.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
     pub fn counters(&self) -> Counters {
         self.counters
     }
@@ -534,7 +573,10 @@ impl<S: Storage> Image<S> {
     /// What a flush does; `top_up_reserve` is false when the reserve was just given back (a
     /// close, a check) and must stay empty.
     pub(super) fn flush_metadata_and_sync(&mut self, top_up_reserve: bool) -> Result<()> {
-        self.durability_point(top_up_reserve, super::txg::CommitReason::Durability)
+        self.durability_point(
+            top_up_reserve,
+            crate::engine::image::txg::CommitReason::Durability,
+        )
     }
 
     /// Everything written so far made durable, for `reason` (counted by the txg mode): an
@@ -543,7 +585,7 @@ impl<S: Storage> Image<S> {
     pub(super) fn durability_point(
         &mut self,
         top_up_reserve: bool,
-        reason: super::txg::CommitReason,
+        reason: crate::engine::image::txg::CommitReason,
     ) -> Result<()> {
         if self.txg.is_some() {
             return self.commit_and_release(reason);

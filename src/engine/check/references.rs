@@ -20,20 +20,18 @@
 
 use std::collections::HashMap;
 
-use super::check::{CheckFix, CheckReport};
-use super::entry::{
+use crate::engine::check::{CheckFix, CheckReport};
+use crate::engine::error::{Error, Result};
+use crate::engine::format::entry::{
     Cluster, L2Entry, L1_RESERVED_MASK, L2_STANDARD_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED,
-    OFLAG_COPIED, OFLAG_ZERO, REFTABLE_RESERVED_MASK,
+    OFLAG_COPIED, OFLAG_ZERO, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK,
 };
-use super::error::{Error, Result};
-use super::header::AutoclearFeatures;
-use super::image::Image;
-use super::refcount::RefcountGeometry;
-use super::snapshot;
-use super::storage::Storage;
+use crate::engine::format::header::AutoclearFeatures;
+use crate::engine::format::refcount::RefcountGeometry;
+use crate::engine::format::snapshot;
+use crate::engine::image::Image;
+use crate::engine::storage::Storage;
 
-/// Bits 9..=63 of a refcount table entry (QEMU's `REFT_OFFSET_MASK`).
-pub(super) const REFTABLE_OFFSET_MASK: u64 = !REFTABLE_RESERVED_MASK;
 /// Reserved bits of a bitmap table entry, and its "all ones" flag.
 const BITMAP_TABLE_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
 const BITMAP_TABLE_ALL_ONES: u64 = 1;
@@ -45,15 +43,15 @@ const SPILLED: u16 = u16::MAX;
 
 /// The expected refcount of each host cluster: two bytes per cluster of the file, with the
 /// rare counts of 65535 and above kept aside.
-pub(super) struct HostRefs {
+pub(in crate::engine) struct HostRefs {
     small: Vec<u16>,
     large: HashMap<u64, u64>,
     /// The largest refcount the image can store; counting stops there (an overflow).
-    pub(super) max: u64,
+    pub(in crate::engine) max: u64,
 }
 
 impl HostRefs {
-    pub(super) fn new(clusters: u64, max: u64) -> HostRefs {
+    pub(in crate::engine) fn new(clusters: u64, max: u64) -> HostRefs {
         HostRefs {
             small: vec![0; clusters as usize],
             large: HashMap::new(),
@@ -62,11 +60,11 @@ impl HostRefs {
     }
 
     /// Clusters covered (the file's, plus any counted past its end).
-    pub(super) fn len(&self) -> u64 {
+    pub(in crate::engine) fn len(&self) -> u64 {
         self.small.len() as u64
     }
 
-    pub(super) fn get(&self, cluster: u64) -> u64 {
+    pub(in crate::engine) fn get(&self, cluster: u64) -> u64 {
         match self.small.get(cluster as usize) {
             None => 0,
             Some(&SPILLED) => self.large.get(&cluster).copied().unwrap_or(0),
@@ -74,7 +72,7 @@ impl HostRefs {
         }
     }
 
-    pub(super) fn set(&mut self, cluster: u64, value: u64) {
+    pub(in crate::engine) fn set(&mut self, cluster: u64, value: u64) {
         let index = cluster as usize;
         if index >= self.small.len() {
             self.small.resize(index + 1, 0);
@@ -91,7 +89,7 @@ impl HostRefs {
     }
 
     /// Whether any cluster in `start..end` has a reference.
-    pub(super) fn any_in(&self, start: u64, end: u64) -> bool {
+    pub(in crate::engine) fn any_in(&self, start: u64, end: u64) -> bool {
         let end = (end as usize).min(self.small.len());
         let start = (start as usize).min(end);
         self.small[start..end].iter().any(|&v| v != 0)
@@ -124,7 +122,7 @@ impl Occupied {
 
 /// Where metadata lies, for the question whether a reference (or a repair write) lands on
 /// it.
-pub(super) struct MetadataSpace {
+pub(in crate::engine) struct MetadataSpace {
     /// The header, L1 tables and snapshot table: a reference into them is dropped.
     tables: Occupied,
     /// The refcount table and blocks: a reference into them calls for a rebuild.
@@ -132,7 +130,7 @@ pub(super) struct MetadataSpace {
 }
 
 impl MetadataSpace {
-    pub(super) fn of<S: Storage>(image: &Image<S>) -> MetadataSpace {
+    pub(in crate::engine) fn of<S: Storage>(image: &Image<S>) -> MetadataSpace {
         let cluster_size = image.cluster_size();
         let tables = Occupied::from_ranges(
             image
@@ -160,14 +158,14 @@ impl MetadataSpace {
     }
 
     /// Whether `start..end` overlaps any of it.
-    pub(super) fn overlaps(&self, start: u64, end: u64) -> bool {
+    pub(in crate::engine) fn overlaps(&self, start: u64, end: u64) -> bool {
         self.tables.overlaps(start, end) || self.refcounts.overlaps(start, end)
     }
 }
 
 /// Reads `entries` big-endian u64 at `offset` (bytes past the end of the file read as
 /// zeros); the caller bounds `entries` by the file length.
-pub(super) fn read_be64_table<S: Storage>(
+pub(in crate::engine) fn read_be64_table<S: Storage>(
     storage: &S,
     offset: u64,
     entries: u64,
@@ -188,21 +186,21 @@ pub(super) fn read_be64_table<S: Storage>(
 }
 
 /// The bookkeeping of one counting pass (and of the comparison that follows it).
-pub(super) struct Walk {
-    pub(super) fix: CheckFix,
-    pub(super) report: CheckReport,
-    pub(super) refs: HostRefs,
+pub(in crate::engine) struct Walk {
+    pub(in crate::engine) fix: CheckFix,
+    pub(in crate::engine) report: CheckReport,
+    pub(in crate::engine) refs: HostRefs,
     /// The refcount structure is broken (a block missing, outside the file, misaligned or
     /// overlapping): fixing needs a rebuild rather than changes in place.
-    pub(super) rebuild: bool,
+    pub(in crate::engine) rebuild: bool,
     /// Clusters counted for the refcount table and blocks: what a rebuild replaces.
-    pub(super) refcount_structure: Vec<u64>,
+    pub(in crate::engine) refcount_structure: Vec<u64>,
     /// Some repair rewrote an entry: order it before lowering any refcount.
-    pub(super) wrote_entries: bool,
+    pub(in crate::engine) wrote_entries: bool,
     /// Messages are not recorded (the verification pass after a rebuild).
-    pub(super) quiet: bool,
+    pub(in crate::engine) quiet: bool,
     /// Check errors counted for refcounts that could not be read (misaligned blocks).
-    pub(super) unreadable_refcounts: u64,
+    pub(in crate::engine) unreadable_refcounts: u64,
     cluster_bits: u32,
     file_len: u64,
     version: u32,
@@ -210,7 +208,11 @@ pub(super) struct Walk {
 }
 
 impl Walk {
-    pub(super) fn new<S: Storage>(image: &Image<S>, fix: CheckFix, file_len: u64) -> Walk {
+    pub(in crate::engine) fn new<S: Storage>(
+        image: &Image<S>,
+        fix: CheckFix,
+        file_len: u64,
+    ) -> Walk {
         let clusters = file_len.div_ceil(image.cluster_size());
         Walk {
             fix,
@@ -239,7 +241,7 @@ impl Walk {
     }
 
     /// An inconsistency left as it is.
-    pub(super) fn corruption(&mut self, msg: String) {
+    pub(in crate::engine) fn corruption(&mut self, msg: String) {
         self.report.corruptions += 1;
         self.note(msg);
     }
@@ -317,7 +319,7 @@ impl Walk {
 
     /// Counts everything: header, L1 and L2 tables with their clusters, snapshots, the
     /// refcount structure and bitmaps. Repairs entries on the way with [`CheckFix::All`].
-    pub(super) fn count_all<S: Storage>(&mut self, image: &mut Image<S>) -> Result<()> {
+    pub(in crate::engine) fn count_all<S: Storage>(&mut self, image: &mut Image<S>) -> Result<()> {
         let cluster_size = self.cluster_size();
         self.count_region(0, cluster_size);
 
@@ -758,7 +760,7 @@ impl Walk {
     /// Compares the stored refcounts with the counted references, repairing in place what
     /// `fix` allows (never a refcount of 0: that block may not exist, so it needs a rebuild).
     /// Returns the highest cluster with a refcount or a reference.
-    pub(super) fn compare<S: Storage>(
+    pub(in crate::engine) fn compare<S: Storage>(
         &mut self,
         image: &mut Image<S>,
         fix: CheckFix,
@@ -853,7 +855,7 @@ impl Walk {
     /// The version 3 requirement that each snapshot entry has at least 16 bytes of extra
     /// data. (QEMU rewrites the table to repair this; this engine does not write snapshot
     /// tables, so it stays a corruption.)
-    pub(super) fn check_snapshot_entries<S: Storage>(&mut self, image: &Image<S>) {
+    pub(in crate::engine) fn check_snapshot_entries<S: Storage>(&mut self, image: &Image<S>) {
         if image.header.version < 3 {
             return;
         }

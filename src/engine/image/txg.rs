@@ -51,11 +51,11 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use super::cache::TableCache;
-use super::discard::FreeKind;
-use super::error::{Error, Result};
-use super::image::Image;
-use super::storage::Storage;
+use crate::engine::error::{Error, Result};
+use crate::engine::image::cache::TableCache;
+use crate::engine::image::discard::FreeKind;
+use crate::engine::image::Image;
+use crate::engine::storage::Storage;
 
 /// When a transaction group commits on its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +75,7 @@ impl Default for TxgOptions {
     }
 }
 
-/// What made a transaction group commit (counted apart in [`super::Counters`]).
+/// What made a transaction group commit (counted apart in [`crate::engine::Counters`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CommitReason {
     /// The group was `max_group_age` old.
@@ -97,7 +97,7 @@ pub struct GroupExposure {
 
 /// The open group.
 #[derive(Debug)]
-pub(super) struct TxgState {
+pub(in crate::engine) struct TxgState {
     pub options: TxgOptions,
     /// Host clusters allocated since the last commit: D does not reference them, so they may
     /// be written in place.
@@ -152,7 +152,7 @@ const ROOT_FIELDS: std::ops::Range<usize> = 24..64;
 impl<S: Storage> Image<S> {
     /// Whether host cluster `host_offset` may be written in place: always outside transaction
     /// groups; inside one, only when the group allocated it.
-    pub(super) fn may_overwrite(&self, host_offset: u64) -> bool {
+    pub(in crate::engine) fn may_overwrite(&self, host_offset: u64) -> bool {
         match &self.txg {
             None => true,
             Some(t) => t.owned.contains(&(host_offset >> self.cluster_bits)),
@@ -163,7 +163,7 @@ impl<S: Storage> Image<S> {
     /// cluster the image owns alone: as [`Image::may_overwrite`] (the test option
     /// `test_txg_overwrite_after_barrier` breaks this inside groups, for the crash check's
     /// negative control).
-    pub(super) fn may_overwrite_data(&self, host_offset: u64) -> bool {
+    pub(in crate::engine) fn may_overwrite_data(&self, host_offset: u64) -> bool {
         self.test_txg_overwrite_after_barrier || self.may_overwrite(host_offset)
     }
 
@@ -185,7 +185,7 @@ impl<S: Storage> Image<S> {
     /// group open, one that follows a change since the last sync ends the interval of one
     /// epoch: a group opens and takes the interval's changed tables over ("One epoch" in the
     /// module comment). A barrier with nothing before it opens nothing.
-    pub(super) fn txg_barrier(&mut self) -> Result<()> {
+    pub(in crate::engine) fn txg_barrier(&mut self) -> Result<()> {
         let Some(parked) = self.txg_parked.as_ref() else {
             return Ok(());
         };
@@ -221,7 +221,7 @@ impl<S: Storage> Image<S> {
             let l1_index = self
                 .l1
                 .iter()
-                .position(|&e| e & super::entry::OFFSET_MASK == old)
+                .position(|&e| e & crate::engine::format::entry::OFFSET_MASK == old)
                 .ok_or_else(|| {
                     Error::Corrupt(format!(
                         "the dirty L2 table at {old:#x} is named by no L1 entry"
@@ -234,7 +234,7 @@ impl<S: Storage> Image<S> {
             // One table out, one in: the cache needs no room made (which could write back).
             self.l2_cache.insert(new, content, true);
             if let Some(e) = self.l1.get_mut(l1_index) {
-                *e = super::entry::L1Entry::new_copied(new).0;
+                *e = crate::engine::format::entry::L1Entry::new_copied(new).0;
             }
             self.l1_dirty.insert(l1_index);
             self.metadata.remove_l2_table(old);
@@ -245,13 +245,13 @@ impl<S: Storage> Image<S> {
         // Nothing written since the last sync is owed an order any more: what the interval
         // wrote before now is named only by the group's tables, which its commit's first
         // sync orders after everything.
-        self.unordered = super::writeback::Unordered::default();
+        self.unordered = crate::engine::image::writeback::Unordered::default();
         self.new_l2_tables_to_order.clear();
         Ok(())
     }
 
     /// Notes a cluster allocated in the open group.
-    pub(super) fn note_owned(&mut self, cluster: u64) {
+    pub(in crate::engine) fn note_owned(&mut self, cluster: u64) {
         if let Some(t) = self.txg.as_mut() {
             t.owned.insert(cluster);
         }
@@ -259,7 +259,7 @@ impl<S: Storage> Image<S> {
 
     /// Notes bytes the group (or the interval before it) writes for the guest, for its size
     /// bound.
-    pub(super) fn note_group_bytes(&mut self, bytes: u64) {
+    pub(in crate::engine) fn note_group_bytes(&mut self, bytes: u64) {
         if let Some(t) = self.txg_state_mut() {
             t.group_bytes += bytes;
             t.group_started.get_or_insert_with(Instant::now);
@@ -351,7 +351,7 @@ impl<S: Storage> Image<S> {
 
     /// The commit, then the end of the I/O epoch: the old tree's clusters become reusable
     /// (once no request in flight may still touch them).
-    pub(super) fn commit_and_release(&mut self, reason: CommitReason) -> Result<()> {
+    pub(in crate::engine) fn commit_and_release(&mut self, reason: CommitReason) -> Result<()> {
         if self.write_plans_in_flight > 0 {
             if let Some(t) = self.txg.as_mut() {
                 t.commit_wanted = false;
@@ -377,7 +377,10 @@ impl<S: Storage> Image<S> {
     /// Runs `f` with no group open: an open group commits first, `f` writes in place with the
     /// ordinary ordering rules, and its result is made durable before a group may open again.
     /// For rare operations that change the image's shape (resize, check with repair).
-    pub(super) fn outside_group<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+    pub(in crate::engine) fn outside_group<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<T> {
         if self.txg_state().is_none() {
             return f(self);
         }
@@ -403,7 +406,11 @@ impl<S: Storage> Image<S> {
     ///
     /// The copy is named by the refcount table before it is counted, so that counting it
     /// (which may fall in the range this very block covers) updates the copy.
-    pub(super) fn cow_refblock(&mut self, rt_index: u64, old_offset: u64) -> Result<u64> {
+    pub(in crate::engine) fn cow_refblock(
+        &mut self,
+        rt_index: u64,
+        old_offset: u64,
+    ) -> Result<u64> {
         self.load_refblock(old_offset)?;
         let content = self
             .refblock_cache
@@ -455,7 +462,7 @@ impl<S: Storage> Image<S> {
     /// for the failed attempt are given back then (quarantined until that commit is
     /// durable, as the header may name them if its write reached the disk after all); from a
     /// failed switch on, nothing the group wrote is overwritten either.
-    pub(super) fn commit_group(&mut self, reason: CommitReason) -> Result<()> {
+    pub(in crate::engine) fn commit_group(&mut self, reason: CommitReason) -> Result<()> {
         self.write_back()?;
         let changed = self.unflushed_writes
             || self
@@ -569,7 +576,7 @@ impl<S: Storage> Image<S> {
 
     /// After a durability point with no group open: the interval, if the guest changed
     /// anything in it, counts as a group committed (in place, with the ordinary flush).
-    pub(super) fn end_interval(&mut self, reason: CommitReason) {
+    pub(in crate::engine) fn end_interval(&mut self, reason: CommitReason) {
         if self
             .txg_parked
             .as_ref()
@@ -674,7 +681,7 @@ impl<S: Storage> Image<S> {
 
     /// Writes the group's dirty L2 tables and refcount blocks, all in owned clusters, in any
     /// order (D names none of them).
-    pub(super) fn write_owned_tables(&mut self) -> Result<()> {
+    pub(in crate::engine) fn write_owned_tables(&mut self) -> Result<()> {
         self.write_owned(false)?;
         self.write_owned(true)
     }
@@ -708,7 +715,7 @@ impl<S: Storage> Image<S> {
     /// The txg write-back: owned tables go out (they may, any time); L1 and refcount table
     /// entries stay in memory for the commit; decrements apply in memory (their clusters are
     /// quarantined until the commit).
-    pub(super) fn write_back_group(&mut self) -> Result<()> {
+    pub(in crate::engine) fn write_back_group(&mut self) -> Result<()> {
         if !self.l1_dirty.is_empty() || !self.reftable_dirty.is_empty() {
             if let Some(t) = self.txg.as_mut() {
                 t.l1_changed |= !self.l1_dirty.is_empty();

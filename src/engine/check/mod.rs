@@ -34,13 +34,17 @@
 //!   at open, and version 3 entries with less than 16 bytes of extra data stay reported as
 //!   corruptions: this engine does not rewrite snapshot tables.
 
-use super::cache::TableCache;
-use super::entry::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
-use super::error::{Error, Result};
-use super::header::IncompatibleFeatures;
-use super::image::Image;
-use super::references::{read_be64_table, MetadataSpace, Walk, REFTABLE_OFFSET_MASK};
-use super::storage::Storage;
+mod rebuild;
+mod references;
+
+use crate::engine::check::references::{read_be64_table, MetadataSpace, Walk};
+use crate::engine::error::{Error, Result};
+use crate::engine::format::entry::REFTABLE_OFFSET_MASK;
+use crate::engine::format::entry::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::engine::format::header::IncompatibleFeatures;
+use crate::engine::image::cache::TableCache;
+use crate::engine::image::Image;
+use crate::engine::storage::Storage;
 
 /// Most messages a report keeps; later ones are only counted.
 pub const MAX_CHECK_MESSAGES: usize = 1000;

@@ -7,8 +7,8 @@ use std::io::Read;
 use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
 use miniz_oxide::inflate::TINFLStatus;
 
-use super::error::{Error, Result};
-use super::header::CompressionType;
+use crate::engine::error::{Error, Result};
+use crate::engine::format::header::CompressionType;
 
 /// Decompresses one cluster from `input` (the bytes the L2 descriptor covers) into `out`,
 /// which has the cluster's size. Anything short of a full cluster is corrupt.

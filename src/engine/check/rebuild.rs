@@ -10,11 +10,11 @@
 //! blocks are not referenced by the new structure: their clusters are free once it is in
 //! force.
 
-use super::error::{Error, Result};
-use super::image::Image;
-use super::layout::MAX_REFTABLE_BYTES;
-use super::references::HostRefs;
-use super::storage::Storage;
+use crate::engine::check::references::HostRefs;
+use crate::engine::error::{Error, Result};
+use crate::engine::format::layout::MAX_REFTABLE_BYTES;
+use crate::engine::image::Image;
+use crate::engine::storage::Storage;
 
 /// Header bytes 48..60: refcount_table_offset (8) and refcount_table_clusters (4).
 const REFTABLE_FIELDS_OFFSET: u64 = 48;
@@ -83,7 +83,7 @@ impl<S: Storage> Image<S> {
     /// `refs`, less the references of the old structure (`old_structure`, one entry per
     /// reference counted for it). On return `refs` also counts the new structure, and the
     /// header, `reftable` and regions describe it.
-    pub(super) fn rebuild_refcount_structure(
+    pub(in crate::engine) fn rebuild_refcount_structure(
         &mut self,
         refs: &mut HostRefs,
         old_structure: &[u64],
@@ -116,7 +116,7 @@ impl<S: Storage> Image<S> {
         let area_end = layout.end();
         let fits = area_end
             .checked_mul(cluster_size)
-            .is_some_and(|o| o & !super::entry::OFFSET_MASK == 0);
+            .is_some_and(|o| o & !crate::engine::format::entry::OFFSET_MASK == 0);
         if !fits {
             return Err(Error::Unsupported(
                 "rebuilt refcount structure beyond 2^56 bytes".into(),

@@ -1,4 +1,4 @@
-//! The data step of a request (see [`super::request`]): moves guest bytes as a plan says,
+//! The data step of a request (see [`crate::engine::image::request`]): moves guest bytes as a plan says,
 //! without touching metadata, so it runs without the metadata lock.
 //!
 //! The request's own buffer is reached through [`ReadTarget`] and [`WriteSource`], so the QEMU
@@ -9,12 +9,14 @@
 
 use std::io;
 
-use super::compress::decompress_cluster;
-use super::debug_event::DebugEvent;
-use super::error::{Error, Result};
-use super::header::CompressionType;
-use super::request::{CowFill, CowSource, ReadPlan, ReadSource, WritePiece, WritePlan};
-use super::storage::{Backing, Storage};
+use crate::engine::debug_event::DebugEvent;
+use crate::engine::error::{Error, Result};
+use crate::engine::format::compress::decompress_cluster;
+use crate::engine::format::header::CompressionType;
+use crate::engine::image::request::{
+    CowFill, CowSource, ReadPlan, ReadSource, WritePiece, WritePlan,
+};
+use crate::engine::storage::{Backing, Storage};
 
 /// The buffer of a guest read: bytes `[at, at + len)` of the request.
 pub trait ReadTarget {

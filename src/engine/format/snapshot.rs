@@ -14,11 +14,10 @@
 //! reading is bounded by the file length, so a hostile table costs at most the file's size in
 //! memory. A malformed table is [`Error::Invalid`] naming the snapshot and the field.
 
-use super::error::{Error, Result};
-use super::header::Header;
-use super::image::Image;
-use super::layout::{Region, MAX_L1_BYTES, MAX_SNAPSHOTS};
-use super::storage::Storage;
+use crate::engine::error::{Error, Result};
+use crate::engine::format::header::Header;
+use crate::engine::format::layout::{Region, MAX_L1_BYTES, MAX_SNAPSHOTS};
+use crate::engine::storage::Storage;
 
 /// QEMU's `QCOW_MAX_SNAPSHOTS_SIZE`: the whole table, at most 64 MiB.
 pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
@@ -326,11 +325,4 @@ fn l1_region(
         start: s.l1_table_offset,
         end: end.next_multiple_of(cluster_size),
     }))
-}
-
-impl<S: Storage> Image<S> {
-    /// The internal snapshots, in table order.
-    pub fn snapshots(&self) -> &[Snapshot] {
-        &self.snapshots
-    }
 }

@@ -5,7 +5,7 @@
 //! feature bits, extension area). Checks of table offsets against the file length and against
 //! each other are in [`crate::engine::layout`], which needs the file length too.
 
-use super::error::{Error, Result};
+use crate::engine::error::{Error, Result};
 
 /// "QFI\xfb".
 pub const QCOW_MAGIC: u32 = 0x5146_49fb;

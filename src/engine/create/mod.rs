@@ -25,16 +25,16 @@
 //! not a qcow2 image at all (the storage is truncated first), never one whose header names
 //! tables that are not written yet.
 
-use super::entry::OFLAG_COPIED;
-use super::error::{Error, Result};
-use super::header::{
+use crate::engine::error::{Error, Result};
+use crate::engine::format::entry::OFLAG_COPIED;
+use crate::engine::format::header::{
     ext, AutoclearFeatures, CompatibleFeatures, CompressionType, FeatureName, Header,
     IncompatibleFeatures, RawExtension, MAX_BACKING_FILE_NAME_BYTES, MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS, V2_HEADER_LEN,
 };
-use super::layout::{bytes_per_l1_entry, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
-use super::refcount::RefcountGeometry;
-use super::storage::Storage;
+use crate::engine::format::layout::{bytes_per_l1_entry, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
+use crate::engine::format::refcount::RefcountGeometry;
+use crate::engine::storage::Storage;
 
 /// QEMU's default cluster size (64 KiB).
 pub const DEFAULT_CLUSTER_SIZE_BYTES: u64 = 64 << 10;

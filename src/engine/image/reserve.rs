@@ -34,10 +34,10 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
-use super::debug_event::DebugEvent;
-use super::error::{Error, Result};
-use super::image::Image;
-use super::storage::Storage;
+use crate::engine::debug_event::DebugEvent;
+use crate::engine::error::{Error, Result};
+use crate::engine::image::Image;
+use crate::engine::storage::Storage;
 
 /// Clusters reserved by the first replenish; each time the reserve runs dry between two
 /// flushes, the next batch doubles, up to [`MAX_BATCH_CLUSTERS`].
@@ -45,7 +45,7 @@ const FIRST_BATCH_CLUSTERS: u64 = 16;
 const MAX_BATCH_CLUSTERS: u64 = 1024;
 
 #[derive(Debug)]
-pub(super) struct Reserve {
+pub(in crate::engine) struct Reserve {
     /// Runs of reserved clusters that may be named now (see the invariants above), handed out
     /// from the front.
     usable: VecDeque<Range<u64>>,
@@ -87,7 +87,7 @@ impl Reserve {
 impl<S: Storage> Image<S> {
     /// Up to `wanted` contiguous reserved host clusters (at least one), replenishing the
     /// reserve with an ordering point if it is empty. Returns (first host offset, count).
-    pub(super) fn take_reserved(&mut self, wanted: u64) -> Result<(u64, u64)> {
+    pub(in crate::engine) fn take_reserved(&mut self, wanted: u64) -> Result<(u64, u64)> {
         self.storage.debug_event(DebugEvent::ClusterAlloc);
         self.reserve.drawn = true;
         if self.reserve.usable.is_empty() {
@@ -123,7 +123,7 @@ impl<S: Storage> Image<S> {
     /// cluster serves as well, and better): false when a freed cluster waits in the middle.
     /// Never on storage that cannot grow: there is no reserve there (nothing lies past the
     /// end of a block device, and its free clusters do not read as zeros).
-    pub(super) fn next_allocation_extends_file(&mut self) -> Result<bool> {
+    pub(in crate::engine) fn next_allocation_extends_file(&mut self) -> Result<bool> {
         // A transaction group needs no reserve either: nothing it writes is named by the
         // image until its commit.
         if self.txg.is_some() || !self.storage.is_growable() {
@@ -143,7 +143,7 @@ impl<S: Storage> Image<S> {
     /// Reserves a batch of clusters past everything in use: counts them, writes the refcount
     /// structures and one zero sector at the end of the batch (so the file covers it). They
     /// are pending until the next ordering point or sync ([`Self::promote_pending_reserve`]).
-    pub(super) fn replenish_reserve(&mut self) -> Result<()> {
+    pub(in crate::engine) fn replenish_reserve(&mut self) -> Result<()> {
         let count = self.reserve.batch.min(self.reserve_cap()).max(1);
         let first = self.alloc_contiguous(count)? >> self.cluster_bits;
         let end = first + count;
@@ -165,7 +165,7 @@ impl<S: Storage> Image<S> {
     }
 
     /// After an ordering point or a sync: the pending reserve becomes usable.
-    pub(super) fn promote_pending_reserve(&mut self) {
+    pub(in crate::engine) fn promote_pending_reserve(&mut self) {
         for run in std::mem::take(&mut self.reserve.pending) {
             match self.reserve.usable.back_mut() {
                 Some(last) if last.end == run.start => last.end = run.end,
@@ -177,7 +177,7 @@ impl<S: Storage> Image<S> {
     /// At a guest flush or barrier, before its sync or ordering point: tops the reserve up if
     /// it was drawn from since the last top-up and is below half a batch, so the next
     /// interval's appends find it usable (that sync or ordering point orders it before them).
-    pub(super) fn top_up_reserve(&mut self) -> Result<()> {
+    pub(in crate::engine) fn top_up_reserve(&mut self) -> Result<()> {
         if self.read_only
             || self.txg.is_some()
             || !self.reserve.drawn
@@ -195,7 +195,7 @@ impl<S: Storage> Image<S> {
 
     /// Gives every reserved cluster back (refcount 0): before a close, a check, or anything
     /// that recounts. Written back with the next write-back.
-    pub(super) fn release_reserve(&mut self) -> Result<()> {
+    pub(in crate::engine) fn release_reserve(&mut self) -> Result<()> {
         let clusters: Vec<u64> = self.reserve.all().collect();
         self.reserve.usable.clear();
         self.reserve.pending.clear();

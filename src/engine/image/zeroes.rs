@@ -7,11 +7,11 @@
 //! (write-back stage 5, rule (d)); with `pass-discard-request` it is discarded on the file
 //! then (`discard.rs`).
 
-use super::discard::FreeKind;
-use super::entry::{Cluster, L2Entry};
-use super::error::{Error, Result};
-use super::image::Image;
-use super::storage::{Backing, Storage};
+use crate::engine::error::{Error, Result};
+use crate::engine::format::entry::{Cluster, L2Entry};
+use crate::engine::image::discard::FreeKind;
+use crate::engine::image::Image;
+use crate::engine::storage::{Backing, Storage};
 
 /// What to do with a whole cluster.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -210,7 +210,7 @@ impl<S: Storage> Image<S> {
     /// An active L2 entry stopped naming `old`: if it was a plain cluster without COPIED in
     /// an image without internal snapshots, the other reference is another active entry,
     /// which `restore_copied_flags` marks COPIED once the refcount is down to one.
-    pub(super) fn note_shared_release(&mut self, old: Cluster) {
+    pub(in crate::engine) fn note_shared_release(&mut self, old: Cluster) {
         if self.header.nb_snapshots != 0 {
             return;
         }
@@ -229,7 +229,7 @@ impl<S: Storage> Image<S> {
         }
     }
 
-    pub(super) fn host_clusters_of(&self, cluster: Cluster) -> Vec<u64> {
+    pub(in crate::engine) fn host_clusters_of(&self, cluster: Cluster) -> Vec<u64> {
         match cluster {
             Cluster::Unallocated | Cluster::Zero { host_offset: 0, .. } => Vec::new(),
             Cluster::Zero { host_offset, .. } | Cluster::Data { host_offset, .. } => {
