@@ -11,6 +11,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use qcow2b::engine::format::header::display_name;
 use qcow2b::engine::{CheckFix, CheckReport, Error, Image, MemStorage, OpenOptions};
 use support::*;
 
@@ -744,7 +745,7 @@ fn dirty_image_left_by_a_killed_qemu_checks_like_qemu_when_opened_read_only() {
 fn dirty_image_left_by_a_killed_qemu_is_repaired_on_read_write_open() {
     let f = killed_lazy_refcounts_image();
     let mut image = open_file(&f.img, &rw());
-    assert_eq!(image.header().incompatible.0 & 1, 0);
+    assert_eq!(image.header().incompatible.bits() & 1, 0);
     // The repaired image takes writes at once.
     image.write(10 << 20, &[0x5a; 70000], None).unwrap();
     image.close().unwrap();
@@ -904,7 +905,11 @@ fn snapshot_table_agrees_with_qemu_img_snapshot_list_and_info() {
         assert_eq!(rows.len(), ours.len(), "{listed}");
         for (row, s) in rows.iter().zip(ours) {
             assert!(
-                row.starts_with(&format!("{:<8}{}", s.id, s.name)),
+                row.starts_with(&format!(
+                    "{:<8}{}",
+                    display_name(&s.id),
+                    display_name(&s.name)
+                )),
                 "{row:?} vs {s:?}"
             );
         }
@@ -912,8 +917,8 @@ fn snapshot_table_agrees_with_qemu_img_snapshot_list_and_info() {
         let theirs = info.get("snapshots").unwrap().array();
         assert_eq!(theirs.len(), ours.len());
         for (q, s) in theirs.iter().zip(ours) {
-            assert_eq!(q.str_of("id"), Some(s.id.as_str()));
-            assert_eq!(q.str_of("name"), Some(s.name.as_str()));
+            assert_eq!(q.str_of("id"), Some(&*display_name(&s.id)));
+            assert_eq!(q.str_of("name"), Some(&*display_name(&s.name)));
             assert_eq!(q.u64_or_0("date-sec"), u64::from(s.date_sec));
             assert_eq!(q.u64_or_0("date-nsec"), u64::from(s.date_nsec));
             assert_eq!(
@@ -923,8 +928,8 @@ fn snapshot_table_agrees_with_qemu_img_snapshot_list_and_info() {
             assert_eq!(q.u64_or_0("vm-state-size"), s.vm_state_size);
             assert_eq!(q.u64_or_0("icount"), s.icount.unwrap_or(0));
         }
-        let names: Vec<&str> = ours.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["first", "name with spaces", "fourth"]);
+        let names: Vec<&[u8]> = ours.iter().map(|s| s.name.as_slice()).collect();
+        assert_eq!(names, [&b"first"[..], b"name with spaces", b"fourth"]);
         assert_eq!(ours[0].disk_size, 64 << 20, "taken before the resize");
         assert_eq!(ours[1].disk_size, size_after);
         assert!(ours
@@ -1050,7 +1055,10 @@ fn well_formed_crafted_snapshot_table_parses() {
     let entry = snapshot_entry(5 * 65536, 1, 24);
     let image = Image::open(MemStorage::new(image_with_snapshot_table(1, &entry)), &ro()).unwrap();
     let s = &image.snapshots()[0];
-    assert_eq!((s.id.as_str(), s.name.as_str()), ("1", "snap"));
+    assert_eq!(
+        (s.id.as_slice(), s.name.as_slice()),
+        (&b"1"[..], &b"snap"[..])
+    );
     assert_eq!((s.l1_table_offset, s.l1_size_entries), (5 * 65536, 1));
     assert_eq!(s.raw.len(), 40 + 24 + 5);
 }
@@ -1123,6 +1131,19 @@ fn hostile_snapshot_tables_are_invalid_naming_the_snapshot_and_field() {
     let mut b = image_with_snapshot_table(1, &good);
     put64(&mut b, 64, 3 * 65536);
     assert_invalid(b, &["snapshot table", "overlaps"]);
+}
+
+/// Snapshot ids and names that are not UTF-8 are kept as the bytes they are, as the backing
+/// file name is (QEMU keeps both as bytes): nothing is replaced by U+FFFD.
+#[test]
+fn snapshot_name_that_is_not_utf8_is_kept_as_bytes() {
+    let mut entry = snapshot_entry(5 * 65536, 1, 24);
+    let name_at = 40 + 24 + 1;
+    entry[name_at..name_at + 4].copy_from_slice(b"s\xffn\xc3");
+    let image = Image::open(MemStorage::new(image_with_snapshot_table(1, &entry)), &ro()).unwrap();
+    let s = &image.snapshots()[0];
+    assert_eq!(s.name, b"s\xffn\xc3");
+    assert_eq!(display_name(&s.name), "s\u{fffd}n\u{fffd}");
 }
 
 #[test]

@@ -175,8 +175,14 @@ fn assert_usable(path: &Path, o: &CreateOptions, backing: Option<&Path>) {
     let mut image = open_file(path, &OpenOptions::default());
     assert_eq!(image.virtual_size(), size);
     assert_eq!(image.cluster_size(), o.cluster_size_bytes);
-    assert_eq!(image.backing_file(), o.backing_file.as_deref());
-    assert_eq!(image.backing_format(), o.backing_format.as_deref());
+    assert_eq!(
+        image.backing_file(),
+        o.backing_file.as_deref().map(str::as_bytes)
+    );
+    assert_eq!(
+        image.backing_format(),
+        o.backing_format.as_deref().map(str::as_bytes)
+    );
     let mut written = Vec::new();
     let probes = probe_offsets(size);
     for (i, &probe) in probes.iter().enumerate() {
@@ -746,8 +752,11 @@ fn unusable_backing_names_and_sizes_are_refused() {
     create_file(&path, &o).unwrap();
     // (The name fills the cluster to the last byte; nothing exists there to open.)
     let image = open_file(&path, &OpenOptions::default());
-    assert_eq!(image.backing_file(), o.backing_file.as_deref());
-    assert_eq!(image.backing_format(), Some("qcow2"));
+    assert_eq!(
+        image.backing_file(),
+        o.backing_file.as_deref().map(str::as_bytes)
+    );
+    assert_eq!(image.backing_format(), Some(&b"qcow2"[..]));
     drop(image);
     assert_info_matches(&path, &o);
     let o = opts(u64::MAX - 100);

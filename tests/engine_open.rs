@@ -193,7 +193,8 @@ fn header_extension_overflowing_is_invalid() {
     put32(&mut b, field::EXTENSIONS, 0x1234_5678);
     put32(&mut b, field::EXTENSIONS + 4, 0xffff_fff0);
     assert_err(open(b, &RO), "Invalid", "header extension");
-    // An area with no end marker at all.
+    // An area filled to its end with extensions of one kind: refused for the repeat (an
+    // area filled to its end is accepted, see below).
     let mut b = build_image(9, 1 << 20, 3);
     for at in (field::EXTENSIONS..512).step_by(8) {
         put32(&mut b, at, 0x1111_1111);
@@ -278,8 +279,12 @@ fn dirty_image_is_repaired_and_marked_clean_on_read_write_open_but_not_read_only
     // before the open returns.
     let image = open(b, &RW).unwrap();
     let header = Header::parse(&image.storage().bytes_copy()[..65536]).unwrap();
-    assert_eq!(header.incompatible.0 & 1, 0, "dirty bit cleared on disk");
-    assert_eq!(image.header().incompatible.0 & 1, 0);
+    assert_eq!(
+        header.incompatible.bits() & 1,
+        0,
+        "dirty bit cleared on disk"
+    );
+    assert_eq!(image.header().incompatible.bits() & 1, 0);
     image.close().unwrap();
 }
 
@@ -301,8 +306,48 @@ fn backing_file_name_and_format_are_read() {
     put64(&mut b, field::BACKING_OFFSET, name_at as u64);
     put32(&mut b, field::BACKING_SIZE, 8);
     let image = open(b, &RO).unwrap();
-    assert_eq!(image.backing_file(), Some("base.img"));
-    assert_eq!(image.backing_format(), Some("qcow2"));
+    assert_eq!(image.backing_file(), Some(&b"base.img"[..]));
+    assert_eq!(image.backing_format(), Some(&b"qcow2"[..]));
+}
+
+/// QEMU's qcow2 opens an image whose header_length is the cluster size (no room for an
+/// extension, nor an end marker); so does qcow2b, and writes to it (a header rewrite omits
+/// the end marker it has no room for).
+#[test]
+fn header_length_of_a_whole_cluster_opens_and_is_written() {
+    let mut b = build_image(9, 1 << 20, 3);
+    put32(&mut b, field::HEADER_LENGTH, 512);
+    let mut image = open(b, &RW).unwrap();
+    assert_eq!(image.header().header_length, 512);
+    image.write(1000, &[0x42; 3000], None).unwrap();
+    let encoded = image.header().encode().unwrap();
+    assert_eq!(Header::parse(&encoded).unwrap(), *image.header());
+    let bytes = image.close().unwrap().into_inner();
+    let mut image = open(bytes, &RO).unwrap();
+    let mut buf = [0u8; 3000];
+    image.read(1000, &mut buf, None).unwrap();
+    assert_eq!(buf, [0x42; 3000]);
+    // Negative control: 8 bytes short of the cluster, the area holds an extension header,
+    // and one whose data would run past the cluster is still refused.
+    let mut b = build_image(9, 1 << 20, 3);
+    put32(&mut b, field::HEADER_LENGTH, 504);
+    put32(&mut b, 504, 0x1234_5678);
+    put32(&mut b, 508, 8);
+    assert_err(open(b, &RO), "Invalid", "header extension");
+}
+
+/// Names have no encoding in qcow2: a backing file name that is not UTF-8 is kept as the
+/// bytes it is (QEMU's rule, and the snapshot names' rule), not refused or replaced.
+#[test]
+fn backing_file_name_that_is_not_utf8_is_kept_as_bytes() {
+    let mut b = valid();
+    let name: &[u8] = b"base\xff\xfe.img";
+    let name_at = field::EXTENSIONS + 8;
+    b[name_at..name_at + name.len()].copy_from_slice(name);
+    put64(&mut b, field::BACKING_OFFSET, name_at as u64);
+    put32(&mut b, field::BACKING_SIZE, name.len() as u32);
+    let image = open(b, &RO).unwrap();
+    assert_eq!(image.backing_file(), Some(name));
 }
 
 #[test]
@@ -328,12 +373,13 @@ fn unknown_extensions_survive_the_autoclear_header_rewrite() {
     image.close().unwrap();
     let header = Header::parse(&bytes[..65536]).unwrap();
     assert_eq!(
-        header.autoclear.0, 0,
+        header.autoclear.bits(),
+        0,
         "autoclear bits are cleared before writing"
     );
     assert_eq!(header.extensions[0].kind, 0x0bad_cafe);
     assert_eq!(header.extensions[0].data, b"keep me!!");
-    assert_eq!(header.backing_format.as_deref(), Some("raw"));
+    assert_eq!(header.backing_format.as_deref(), Some(&b"raw"[..]));
 }
 
 /// Reads the whole storage (a test-only convenience on MemStorage).

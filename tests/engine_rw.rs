@@ -253,7 +253,7 @@ fn header_encode_reproduces_what_qemu_img_wrote() {
     qemu_img_create(&img, 65536, 1 << 20, Some(&base));
     let bytes = std::fs::read(&img).unwrap();
     let header = qcow2b::engine::format::header::Header::parse(&bytes[..65536]).unwrap();
-    assert_eq!(header.backing_format.as_deref(), Some("qcow2"));
+    assert_eq!(header.backing_format.as_deref(), Some(&b"qcow2"[..]));
     assert!(!header.feature_names.is_empty());
     assert!(header.encode().unwrap() == bytes[..65536]);
 }
@@ -691,12 +691,15 @@ fn change_backing_file_rewrites_the_header_as_qemu_reads_it() {
     qemu_io(&img, &["write -P 0x44 64k 64k"]);
 
     let mut image = open_file(&img, &rw(None));
-    assert!(image.change_backing_file(None, Some("qcow2")).is_err());
+    assert!(image.change_backing_file(None, Some(b"qcow2")).is_err());
     image
-        .change_backing_file(Some(new.to_str().unwrap()), Some("qcow2"))
+        .change_backing_file(Some(new.as_os_str().as_encoded_bytes()), Some(b"qcow2"))
         .unwrap();
-    assert_eq!(image.backing_file(), new.to_str());
-    assert_eq!(image.backing_format(), Some("qcow2"));
+    assert_eq!(
+        image.backing_file(),
+        Some(new.as_os_str().as_encoded_bytes())
+    );
+    assert_eq!(image.backing_format(), Some(&b"qcow2"[..]));
     image.close().unwrap();
     qemu_img_check(&img);
     // QEMU reads the new backing file's data through the image, and the image's own.

@@ -1076,9 +1076,12 @@ fn changing_the_backing_file_keeps_the_group_its_flush_commits() {
     image.write(0, &data, None).unwrap();
     image.write(5 * CLUSTER, &data, None).unwrap();
     image
-        .change_backing_file(Some("base.qcow2"), Some("qcow2"))
+        .change_backing_file(Some(b"base.qcow2"), Some(b"qcow2"))
         .unwrap();
-    assert_eq!(image.header().backing_file.as_deref(), Some("base.qcow2"));
+    assert_eq!(
+        image.header().backing_file.as_deref(),
+        Some(&b"base.qcow2"[..])
+    );
 
     // What the file says right away, before any close.
     let durable = guest_bytes(image.storage().snapshot());

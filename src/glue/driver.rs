@@ -24,20 +24,23 @@ use super::opts::Opts;
 use super::request;
 use super::runtime_opts::{self, Settings};
 use super::txg;
-use crate::engine::format::header::CompressionType;
+use crate::engine::format::header::{
+    looks_like_qcow2, CompatibleFeatures, CompressionType, IncompatibleFeatures,
+};
 use crate::engine::{Backing, CheckFix, Error, Growth, Image, Mapping, Preallocation};
 use crate::ordering::primitive::{self, Primitive};
 use crate::ordering::BarrierMode;
 
-/// Copies `value` into a fixed C char array, NUL-terminated; refuses what does not fit.
-fn set_c_string(dst: &mut [c_char], value: &str, what: &str) -> Result<(), Error> {
+/// Copies `value` (a name as the image stores it: bytes) into a fixed C char array,
+/// NUL-terminated; refuses what does not fit.
+fn set_c_string(dst: &mut [c_char], value: &[u8], what: &str) -> Result<(), Error> {
     if value.len() >= dst.len() {
         return Err(Error::Invalid(format!(
             "{what} of {} bytes is too long",
             value.len()
         )));
     }
-    for (d, s) in dst.iter_mut().zip(value.bytes()) {
+    for (d, &s) in dst.iter_mut().zip(value) {
         *d = s as c_char;
     }
     dst[value.len()] = 0;
@@ -78,7 +81,7 @@ unsafe fn publish_image_fields(
         // made of a json: name; set again, the node's file name would turn into json: too.
         // SAFETY: backing_file is a NUL-terminated array.
         let current = unsafe { CStr::from_ptr(bs.backing_file.as_ptr()) };
-        if current.to_bytes() != name.as_bytes() {
+        if current.to_bytes() != name {
             set_c_string(&mut bs.backing_file, name, "backing file name")?;
             set_c_string(&mut bs.auto_backing_file, name, "backing file name")?;
         }
@@ -382,9 +385,7 @@ unsafe extern "C" fn qcow2b_probe(
     }
     // SAFETY: QEMU passes buf_size readable bytes (checked above: at least 8).
     let head = unsafe { std::slice::from_raw_parts(buf, 8) };
-    let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-    let version = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-    if magic == crate::engine::format::header::QCOW_MAGIC && (2..=3).contains(&version) {
+    if looks_like_qcow2(head) {
         101
     } else {
         0
@@ -397,9 +398,10 @@ unsafe extern "C" fn qcow2b_change_backing_file(
     backing_fmt: *const c_char,
 ) -> c_int {
     guard("change_backing_file", || {
+        // Names are bytes, as the image stores them.
         let text = |p: *const c_char| {
             // SAFETY: QEMU passes NULL or a NUL-terminated string.
-            (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_bytes().to_vec())
         };
         let (file, format) = (text(backing_file), text(backing_fmt));
         // SAFETY: called outside any request of the node (qemu-img rebase, the end of a block
@@ -757,9 +759,11 @@ unsafe extern "C" fn qcow2b_get_specific_info(
             i.refcount_bits = 1i64 << header.refcount_order;
             if header.version >= 3 {
                 i.has_lazy_refcounts = true;
-                i.lazy_refcounts = header.compatible.0 & 1 != 0;
+                i.lazy_refcounts = header
+                    .compatible
+                    .contains(CompatibleFeatures::LAZY_REFCOUNTS);
                 i.has_corrupt = true;
-                i.corrupt = header.incompatible.0 & 2 != 0;
+                i.corrupt = header.incompatible.contains(IncompatibleFeatures::CORRUPT);
                 i.has_extended_l2 = true;
             }
             i.compression_type = match header.compression_type {
@@ -919,10 +923,11 @@ unsafe extern "C" fn qcow2b_snapshot_list(
     })
 }
 
-/// Copies `value` into a C char array, cut to fit and NUL-terminated.
-fn copy_truncated(dst: &mut [c_char], value: &str) {
+/// Copies `value` (bytes, as the image stores names) into a C char array, cut to fit and
+/// NUL-terminated.
+fn copy_truncated(dst: &mut [c_char], value: &[u8]) {
     let n = value.len().min(dst.len().saturating_sub(1));
-    for (d, s) in dst.iter_mut().zip(&value.as_bytes()[..n]) {
+    for (d, s) in dst.iter_mut().zip(&value[..n]) {
         *d = *s as c_char;
     }
     if let Some(end) = dst.get_mut(n) {

@@ -34,13 +34,15 @@
 //!   at open, and version 3 entries with less than 16 bytes of extra data stay reported as
 //!   corruptions: this engine does not rewrite snapshot tables.
 
+mod bitmaps;
 mod rebuild;
 mod references;
 
-use crate::engine::check::references::{read_be64_table, MetadataSpace, Walk};
+use crate::engine::check::references::{MetadataSpace, Walk};
 use crate::engine::error::{Error, Result};
+use crate::engine::format::bytes::{self, read_table};
 use crate::engine::format::entry::REFTABLE_OFFSET_MASK;
-use crate::engine::format::entry::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::engine::format::entry::{EntryFlags, OFFSET_MASK};
 use crate::engine::format::header::IncompatibleFeatures;
 use crate::engine::image::cache::TableCache;
 use crate::engine::image::Image;
@@ -167,14 +169,14 @@ impl StoredRefcounts {
             return Ok(None);
         }
         if let Some((_, block)) = self.blocks.iter().find(|(o, _)| *o == offset) {
-            return Ok(Some(image.rc.get(block, index)));
+            return image.rc.get(block, index).map(Some);
         }
         let mut block = vec![0u8; image.cluster_size() as usize];
         image
             .storage
             .read_at(offset, &mut block)
             .map_err(|e| Error::io(format!("reading the refcount block at {offset:#x}"), e))?;
-        let value = image.rc.get(&block, index);
+        let value = image.rc.get(&block, index)?;
         if self.blocks.len() >= Self::CACHED_BLOCKS {
             self.blocks.remove(0);
         }
@@ -323,7 +325,7 @@ impl<S: Storage> Image<S> {
         let mut stored = StoredRefcounts { blocks: Vec::new() };
         let l1_offset = self.header.l1_table_offset;
         let l1_entries = u64::from(self.header.l1_size_entries);
-        let l1 = read_be64_table(&self.storage, l1_offset, l1_entries, "the L1 table")?;
+        let l1 = read_table(&self.storage, l1_offset, l1_entries, "the L1 table")?;
         let metadata = MetadataSpace::of(self);
         for (l1_index, &l1_entry) in l1.iter().enumerate() {
             let l2_offset = l1_entry & OFFSET_MASK;
@@ -333,13 +335,13 @@ impl<S: Storage> Image<S> {
             let Some(refcount) = stored.get(self, l2_offset >> self.cluster_bits)? else {
                 continue;
             };
-            if (refcount == 1) != (l1_entry & OFLAG_COPIED != 0) {
+            if (refcount == 1) != (l1_entry & EntryFlags::COPIED.bits() != 0) {
                 report.note(format!(
                     "{verb} OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={l1_entry:x} \
                      refcount={refcount}"
                 ));
                 if repair {
-                    let fixed = l1_entry ^ OFLAG_COPIED;
+                    let fixed = l1_entry ^ EntryFlags::COPIED.bits();
                     let at = l1_offset + l1_index as u64 * 8;
                     self.write_metadata(at, &fixed.to_be_bytes(), "repairing an L1 entry")?;
                     report.corruptions_fixed += 1;
@@ -351,25 +353,24 @@ impl<S: Storage> Image<S> {
             if !l2_offset.is_multiple_of(cluster_size) || l2_offset >= file_len {
                 continue;
             }
-            let mut table =
-                read_be64_table(&self.storage, l2_offset, cluster_size / 8, "an L2 table")?;
+            let mut table = read_table(&self.storage, l2_offset, cluster_size / 8, "an L2 table")?;
             let mut flipped = 0u64;
             for slot in table.iter_mut() {
                 let entry = *slot;
                 let data_offset = entry & OFFSET_MASK;
-                if entry & OFLAG_COMPRESSED != 0 || data_offset == 0 {
+                if entry & EntryFlags::COMPRESSED.bits() != 0 || data_offset == 0 {
                     continue;
                 }
                 let Some(refcount) = stored.get(self, data_offset >> self.cluster_bits)? else {
                     continue;
                 };
-                if (refcount == 1) != (entry & OFLAG_COPIED != 0) {
+                if (refcount == 1) != (entry & EntryFlags::COPIED.bits() != 0) {
                     report.note(format!(
                         "{verb} OFLAG_COPIED data cluster: l2_entry={entry:x} \
                          refcount={refcount}"
                     ));
                     if repair {
-                        *slot = entry ^ OFLAG_COPIED;
+                        *slot = entry ^ EntryFlags::COPIED.bits();
                         flipped += 1;
                     } else {
                         report.corruptions += 1;
@@ -386,7 +387,7 @@ impl<S: Storage> Image<S> {
                     ));
                     continue;
                 }
-                let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+                let bytes = bytes::encode_table(&table);
                 self.write_metadata(l2_offset, &bytes, "repairing COPIED flags in an L2 table")?;
                 report.corruptions_fixed += flipped;
             }
@@ -398,18 +399,18 @@ impl<S: Storage> Image<S> {
     /// on disk (QEMU's `qcow2_mark_clean` and `qcow2_mark_consistent`).
     fn mark_clean_and_consistent(&mut self) -> Result<()> {
         let bits = IncompatibleFeatures::DIRTY | IncompatibleFeatures::CORRUPT;
-        if self.header.version < 3 || self.header.incompatible.0 & bits == 0 {
+        if self.header.version < 3 || !self.header.incompatible.intersects(bits) {
             return Ok(());
         }
         // Step 6: everything the bits stood for is repaired and on disk before they go.
         self.ordering_point()?;
-        let cleared = self.header.incompatible.0 & !bits;
+        let cleared = self.header.incompatible - bits;
         self.write_metadata(
             INCOMPATIBLE_FIELD_OFFSET,
-            &cleared.to_be_bytes(),
+            &cleared.bits().to_be_bytes(),
             "clearing the dirty and corrupt bits",
         )?;
-        self.header.incompatible = IncompatibleFeatures(cleared);
+        self.header.incompatible = cleared;
         Ok(())
     }
 
@@ -417,7 +418,7 @@ impl<S: Storage> Image<S> {
     /// and refcount tables again.
     fn reload_after_repair(&mut self) -> Result<()> {
         let file_len = self.file_len()?;
-        self.l1 = read_be64_table(
+        self.l1 = read_table(
             &self.storage,
             self.header.l1_table_offset,
             u64::from(self.header.l1_size_entries),
@@ -425,7 +426,7 @@ impl<S: Storage> Image<S> {
         )?;
         let reftable_entries =
             (u64::from(self.header.refcount_table_clusters) << self.cluster_bits) / 8;
-        self.reftable = read_be64_table(
+        self.reftable = read_table(
             &self.storage,
             self.header.refcount_table_offset,
             reftable_entries,

@@ -12,6 +12,7 @@
 
 use crate::engine::check::references::HostRefs;
 use crate::engine::error::{Error, Result};
+use crate::engine::format::bytes;
 use crate::engine::format::layout::MAX_REFTABLE_BYTES;
 use crate::engine::image::Image;
 use crate::engine::storage::Storage;
@@ -135,7 +136,7 @@ impl<S: Storage> Image<S> {
             for index in 0..per_block {
                 let count = refs.get(base + index);
                 if count != 0 {
-                    self.rc.set(&mut block, index, count);
+                    self.rc.set(&mut block, index, count)?;
                 }
             }
             self.write_metadata(block_offset, &block, "writing a rebuilt refcount block")?;
@@ -143,10 +144,7 @@ impl<S: Storage> Image<S> {
                 *e = block_offset;
             }
         }
-        let mut table_raw = Vec::with_capacity(table_bytes as usize);
-        for e in &table {
-            table_raw.extend_from_slice(&e.to_be_bytes());
-        }
+        let table_raw = bytes::encode_table(&table);
         let table_offset = layout.table_start << cluster_bits;
         self.write_metadata(
             table_offset,

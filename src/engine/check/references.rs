@@ -22,21 +22,15 @@ use std::collections::HashMap;
 
 use crate::engine::check::{CheckFix, CheckReport};
 use crate::engine::error::{Error, Result};
+use crate::engine::format::bytes::{self, read_table};
 use crate::engine::format::entry::{
-    Cluster, L2Entry, L1_RESERVED_MASK, L2_STANDARD_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED,
-    OFLAG_COPIED, OFLAG_ZERO, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK,
+    Cluster, EntryFlags, L2Entry, L1_RESERVED_MASK, L2_STANDARD_RESERVED_MASK, OFFSET_MASK,
+    REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK,
 };
-use crate::engine::format::header::AutoclearFeatures;
 use crate::engine::format::refcount::RefcountGeometry;
 use crate::engine::format::snapshot;
 use crate::engine::image::Image;
 use crate::engine::storage::Storage;
-
-/// Reserved bits of a bitmap table entry, and its "all ones" flag.
-const BITMAP_TABLE_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
-const BITMAP_TABLE_ALL_ONES: u64 = 1;
-/// Fixed part of a bitmap directory entry.
-const BITMAP_DIRECTORY_ENTRY_BYTES: usize = 24;
 
 /// A saturated `u16` entry: the real count is in [`HostRefs::large`].
 const SPILLED: u16 = u16::MAX;
@@ -163,28 +157,6 @@ impl MetadataSpace {
     }
 }
 
-/// Reads `entries` big-endian u64 at `offset` (bytes past the end of the file read as
-/// zeros); the caller bounds `entries` by the file length.
-pub(in crate::engine) fn read_be64_table<S: Storage>(
-    storage: &S,
-    offset: u64,
-    entries: u64,
-    what: &str,
-) -> Result<Vec<u64>> {
-    let mut bytes = vec![0u8; (entries * 8) as usize];
-    storage
-        .read_at(offset, &mut bytes)
-        .map_err(|e| Error::io(format!("reading {what} at {offset:#x}"), e))?;
-    Ok(bytes
-        .chunks_exact(8)
-        .map(|c| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(c);
-            u64::from_be_bytes(b)
-        })
-        .collect())
-}
-
 /// The bookkeeping of one counting pass (and of the comparison that follows it).
 pub(in crate::engine) struct Walk {
     pub(in crate::engine) fix: CheckFix,
@@ -202,7 +174,7 @@ pub(in crate::engine) struct Walk {
     /// Check errors counted for refcounts that could not be read (misaligned blocks).
     pub(in crate::engine) unreadable_refcounts: u64,
     cluster_bits: u32,
-    file_len: u64,
+    pub(super) file_len: u64,
     version: u32,
     metadata: MetadataSpace,
 }
@@ -230,7 +202,7 @@ impl Walk {
         }
     }
 
-    fn cluster_size(&self) -> u64 {
+    pub(super) fn cluster_size(&self) -> u64 {
         1u64 << self.cluster_bits
     }
 
@@ -256,7 +228,7 @@ impl Walk {
     /// end of the file did), unallocated on version 2.
     fn dropped_l2_entry(&self) -> u64 {
         if self.version >= 3 {
-            OFLAG_ZERO
+            EntryFlags::ZERO.bits()
         } else {
             0
         }
@@ -265,7 +237,7 @@ impl Walk {
     /// Counts one reference to every cluster `offset..offset + size` touches. A region ending
     /// a cluster or more past the end of the file is a corruption and is not counted (QEMU
     /// allows the last cluster to be partly past the end). Returns whether it was counted.
-    fn count_region(&mut self, offset: u64, size: u64) -> bool {
+    pub(super) fn count_region(&mut self, offset: u64, size: u64) -> bool {
         if size == 0 {
             return true;
         }
@@ -377,7 +349,7 @@ impl Walk {
         let cluster_size = self.cluster_size();
         self.count_region(l1_offset, u64::from(l1_entries) * 8);
         // The table lies inside the file (checked at open), so this allocation is bounded.
-        let table = read_be64_table(
+        let table = read_table(
             &image.storage,
             l1_offset,
             u64::from(l1_entries),
@@ -460,7 +432,7 @@ impl Walk {
         let cluster_size = self.cluster_size();
         let entries = cluster_size / 8;
         // Bytes past the end of the file read as zeros, as QEMU reads them.
-        let mut table = read_be64_table(&image.storage, l2_offset, entries, "an L2 table")?;
+        let mut table = read_table(&image.storage, l2_offset, entries, "an L2 table")?;
         // Repairs are written only to a table that is where a table may be.
         let writable = l2_offset.is_multiple_of(cluster_size)
             && l2_offset < self.file_len
@@ -470,7 +442,7 @@ impl Walk {
         let mut next_contiguous = 0u64;
         for slot in table.iter_mut() {
             let raw = *slot;
-            let entry = if raw & OFLAG_COMPRESSED != 0 {
+            let entry = if raw & EntryFlags::COMPRESSED.bits() != 0 {
                 self.check_compressed(raw, fix_all, active)
             } else {
                 self.check_standard(raw, fix_all, active, &mut next_contiguous)
@@ -481,11 +453,11 @@ impl Walk {
             }
         }
         if dirty {
-            let mut bytes = Vec::with_capacity(cluster_size as usize);
-            for e in &table {
-                bytes.extend_from_slice(&e.to_be_bytes());
-            }
-            image.write_metadata(l2_offset, &bytes, "repairing an L2 table")?;
+            image.write_metadata(
+                l2_offset,
+                &bytes::encode_table(&table),
+                "repairing an L2 table",
+            )?;
             self.wrote_entries = true;
         }
         Ok(())
@@ -494,10 +466,10 @@ impl Walk {
     /// Checks and counts a compressed L2 entry; returns the entry as it should be.
     fn check_compressed(&mut self, raw: u64, fix_all: bool, active: bool) -> u64 {
         let mut entry = raw;
-        if raw & OFLAG_COPIED != 0 {
-            let coffset = raw & !(OFLAG_COPIED | OFLAG_COMPRESSED);
+        if raw & EntryFlags::COPIED.bits() != 0 {
+            let coffset = raw & !(EntryFlags::COPIED.bits() | EntryFlags::COMPRESSED.bits());
             if fix_all {
-                entry &= !OFLAG_COPIED;
+                entry &= !EntryFlags::COPIED.bits();
                 self.repaired(format!(
                     "Repairing: coffset={coffset:#x}: copied flag must never be set for \
                      compressed clusters"
@@ -509,7 +481,8 @@ impl Walk {
                 ));
             }
         }
-        let decoded = L2Entry(entry & !OFLAG_COPIED).decode(self.cluster_bits, self.version, 0);
+        let decoded =
+            L2Entry(entry & !EntryFlags::COPIED.bits()).decode(self.cluster_bits, self.version, 0);
         let Ok(Cluster::Compressed {
             host_offset,
             max_len_bytes,
@@ -568,7 +541,10 @@ impl Walk {
             }
         }
         let offset = entry & OFFSET_MASK;
-        if offset == 0 && entry & OFLAG_COPIED != 0 && entry & OFLAG_ZERO == 0 {
+        if offset == 0
+            && entry & EntryFlags::COPIED.bits() != 0
+            && entry & EntryFlags::ZERO.bits() == 0
+        {
             // A data cluster at host offset 0 is the header (an offset of 0 may only have the
             // flag with an external data file): reads and writes refuse the entry, so check
             // says so, and -r all makes the cluster unallocated (what QEMU reads there).
@@ -577,7 +553,7 @@ impl Walk {
                     "Repairing l2 entry {raw:x}: host offset 0 with the COPIED flag; the \
                      cluster is now unallocated"
                 ));
-                return entry & !OFLAG_COPIED;
+                return entry & !EntryFlags::COPIED.bits();
             }
             self.corruption(format!(
                 "ERROR l2 entry {raw:x}: host offset 0 with the COPIED flag (no external data \
@@ -589,7 +565,7 @@ impl Walk {
             // Unallocated, or a zero cluster without a host cluster.
             return entry;
         }
-        let zero = entry & OFLAG_ZERO != 0;
+        let zero = entry & EntryFlags::ZERO.bits() != 0;
         if !offset.is_multiple_of(cluster_size) {
             let what = if zero {
                 "Preallocated cluster"
@@ -633,89 +609,6 @@ impl Walk {
         }
         self.count_region(offset, cluster_size);
         entry
-    }
-
-    /// The bitmap directory, bitmap tables and bitmap data clusters, counted only while the
-    /// bitmaps autoclear bit is set (otherwise QEMU considers the extension stale and its
-    /// clusters leaked).
-    fn count_bitmaps<S: Storage>(&mut self, image: &Image<S>) -> Result<()> {
-        if image.header.autoclear.0 & AutoclearFeatures::BITMAPS == 0 {
-            return Ok(());
-        }
-        let Some(ext) = image.header.bitmaps else {
-            return Ok(());
-        };
-        if ext.nb_bitmaps == 0 {
-            return Ok(());
-        }
-        let cluster_size = self.cluster_size();
-        if !self.count_region(ext.directory_offset, ext.directory_size_bytes) {
-            return Ok(());
-        }
-        // The directory lies inside the file (checked at open).
-        let mut directory = vec![0u8; ext.directory_size_bytes as usize];
-        image
-            .storage
-            .read_at(ext.directory_offset, &mut directory)
-            .map_err(|e| Error::io("reading the bitmap directory", e))?;
-        let mut at = 0usize;
-        for n in 0..ext.nb_bitmaps {
-            let Some(fixed) = directory.get(at..at + BITMAP_DIRECTORY_ENTRY_BYTES) else {
-                self.corruption(format!(
-                    "ERROR bitmap directory entry {n} is beyond the end of the directory"
-                ));
-                return Ok(());
-            };
-            let be64 = |i: usize| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&fixed[i..i + 8]);
-                u64::from_be_bytes(b)
-            };
-            let be32 =
-                |i: usize| u32::from_be_bytes([fixed[i], fixed[i + 1], fixed[i + 2], fixed[i + 3]]);
-            let table_offset = be64(0);
-            let table_entries = u64::from(be32(8));
-            let name_size = usize::from(u16::from_be_bytes([fixed[18], fixed[19]]));
-            let extra_size = be32(20) as usize;
-            at = (at + BITMAP_DIRECTORY_ENTRY_BYTES)
-                .saturating_add(extra_size)
-                .saturating_add(name_size)
-                .next_multiple_of(8);
-            let table_bytes = table_entries * 8;
-            if !table_offset.is_multiple_of(cluster_size) || table_bytes > self.file_len {
-                self.corruption(format!(
-                    "ERROR bitmap {n}: bitmap table at {table_offset:#x} of {table_entries} \
-                     entries is invalid"
-                ));
-                continue;
-            }
-            if !self.count_region(table_offset, table_bytes) {
-                continue;
-            }
-            let table = read_be64_table(
-                &image.storage,
-                table_offset,
-                table_entries,
-                "a bitmap table",
-            )?;
-            for entry in table {
-                let offset = entry & OFFSET_MASK;
-                let invalid = entry & BITMAP_TABLE_RESERVED_MASK != 0
-                    || (offset != 0
-                        && (entry & BITMAP_TABLE_ALL_ONES != 0
-                            || !offset.is_multiple_of(cluster_size)));
-                if invalid {
-                    self.corruption(format!(
-                        "ERROR bitmap {n}: invalid bitmap table entry {entry:#x}"
-                    ));
-                    continue;
-                }
-                if offset != 0 {
-                    self.count_region(offset, cluster_size);
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Counts each refcount block and checks where it lies (QEMU's `check_refblocks`).
@@ -805,7 +698,7 @@ impl Walk {
             let mut changed = false;
             for cluster in base..end {
                 let index = cluster - base;
-                let stored = rc.get(&block, index);
+                let stored = rc.get(&block, index)?;
                 let expected = self.refs.get(cluster);
                 if stored > 0 || expected > 0 {
                     highest = cluster;
@@ -832,7 +725,7 @@ impl Walk {
                     "{verb} cluster {cluster} refcount={stored} reference={expected}"
                 ));
                 if fixable {
-                    rc.set(&mut block, index, expected);
+                    rc.set(&mut block, index, expected)?;
                     changed = true;
                     if stored > expected {
                         self.report.leaks_fixed += 1;

@@ -26,7 +26,7 @@
 //! tables that are not written yet.
 
 use crate::engine::error::{Error, Result};
-use crate::engine::format::entry::OFLAG_COPIED;
+use crate::engine::format::entry::EntryFlags;
 use crate::engine::format::header::{
     ext, AutoclearFeatures, CompatibleFeatures, CompressionType, FeatureName, Header,
     IncompatibleFeatures, RawExtension, MAX_BACKING_FILE_NAME_BYTES, MAX_CLUSTER_BITS,
@@ -540,7 +540,7 @@ fn encode_feature_names(names: &[FeatureName]) -> Vec<u8> {
 /// backing file name.
 fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> Header {
     let version = opts.compat.version();
-    let mut incompatible = 0;
+    let mut incompatible = IncompatibleFeatures::empty();
     let mut additional_fields = Vec::new();
     if version >= 3 {
         let compression_byte = match opts.compression_type {
@@ -571,7 +571,7 @@ fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> Header {
     let compatible = if opts.lazy_refcounts {
         CompatibleFeatures::LAZY_REFCOUNTS
     } else {
-        0
+        CompatibleFeatures::empty()
     };
     Header {
         version,
@@ -586,9 +586,9 @@ fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> Header {
         refcount_table_clusters: layout.reftable_clusters as u32,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible: IncompatibleFeatures(incompatible),
-        compatible: CompatibleFeatures(compatible),
-        autoclear: AutoclearFeatures(0),
+        incompatible,
+        compatible,
+        autoclear: AutoclearFeatures::empty(),
         refcount_order: layout.rc.refcount_order,
         header_length: if version >= 3 {
             V3_HEADER_LEN
@@ -598,8 +598,8 @@ fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> Header {
         compression_type: opts.compression_type,
         additional_fields,
         extensions,
-        backing_file: opts.backing_file.clone(),
-        backing_format: opts.backing_format.clone(),
+        backing_file: opts.backing_file.clone().map(String::into_bytes),
+        backing_format: opts.backing_format.clone().map(String::into_bytes),
         feature_names,
         bitmaps: None,
     }
@@ -689,13 +689,13 @@ impl<'a, S: Storage> SequentialWriter<'a, S> {
 }
 
 /// A refcount block with every entry 1.
-fn full_refblock(rc: RefcountGeometry) -> Vec<u8> {
+fn full_refblock(rc: RefcountGeometry) -> Result<Vec<u8>> {
     // Eight bytes hold a whole number of entries of any width; repeat that pattern.
     let mut unit = [0u8; 8];
     for index in 0..64 / u64::from(rc.refcount_bits()) {
-        rc.set(&mut unit, index, 1);
+        rc.set(&mut unit, index, 1)?;
     }
-    unit.repeat(1usize << (rc.cluster_bits - 3))
+    Ok(unit.repeat(1usize << (rc.cluster_bits - 3)))
 }
 
 /// Writes the refcount table, the refcount blocks, the L1 table and the L2 tables, in file
@@ -712,7 +712,7 @@ fn write_tables<S: Storage>(storage: &S, layout: &Layout, preallocate: bool) -> 
 
     // Refcount blocks: every cluster in use counts 1; only the last block is partial.
     let rc = layout.rc;
-    let full = full_refblock(rc);
+    let full = full_refblock(rc)?;
     for i in 0..layout.refblock_count {
         let first_cluster = i * rc.entries_per_block();
         let counted = (layout.clusters_in_use - first_cluster).min(rc.entries_per_block());
@@ -724,7 +724,7 @@ fn write_tables<S: Storage>(storage: &S, layout: &Layout, preallocate: bool) -> 
             block[..whole_bytes].copy_from_slice(&full[..whole_bytes]);
             let first_unset = whole_bytes as u64 * 8 / u64::from(rc.refcount_bits());
             for index in first_unset..counted {
-                rc.set(&mut block, index, 1);
+                rc.set(&mut block, index, 1)?;
             }
             w.push(&block)?;
         }
@@ -736,7 +736,7 @@ fn write_tables<S: Storage>(storage: &S, layout: &Layout, preallocate: bool) -> 
     // L1 table: with preallocation, entry j names L2 table j (refcount 1: COPIED).
     for j in 0..layout.l1_entries {
         let entry = if preallocate {
-            (layout.l2_offset + j * cluster_size) | OFLAG_COPIED
+            (layout.l2_offset + j * cluster_size) | EntryFlags::COPIED.bits()
         } else {
             0
         };
@@ -755,7 +755,7 @@ fn write_tables<S: Storage>(storage: &S, layout: &Layout, preallocate: bool) -> 
         for (k, slot) in table.chunks_exact_mut(8).enumerate() {
             let guest_cluster = j * entries_per_l2 + k as u64;
             let entry = if guest_cluster < layout.data_clusters {
-                (layout.data_offset + guest_cluster * cluster_size) | OFLAG_COPIED
+                (layout.data_offset + guest_cluster * cluster_size) | EntryFlags::COPIED.bits()
             } else {
                 0
             };
@@ -981,10 +981,10 @@ mod tests {
     fn full_refblock_counts_one_everywhere() {
         for order in 0..=6 {
             let rc = geometry(9, order);
-            let block = full_refblock(rc);
+            let block = full_refblock(rc).unwrap();
             assert_eq!(block.len(), 512);
             for i in 0..rc.entries_per_block() {
-                assert_eq!(rc.get(&block, i), 1, "order {order} entry {i}");
+                assert_eq!(rc.get(&block, i).unwrap(), 1, "order {order} entry {i}");
             }
         }
     }

@@ -4,15 +4,25 @@
 //! Decoding checks the reserved bits and alignment; whether an offset lies inside the file is
 //! checked by the image, which knows the file length.
 
+use std::fmt;
+
+use bitflags::bitflags;
+
 use crate::engine::error::{Error, Result};
 
-/// Bit 63 of L1 and standard L2 entries: the refcount of what the entry points to is exactly
-/// one, so it may be written in place.
-pub const OFLAG_COPIED: u64 = 1 << 63;
-/// Bit 62 of L2 entries: the cluster is compressed.
-pub const OFLAG_COMPRESSED: u64 = 1 << 62;
-/// Bit 0 of a standard L2 entry (version 3): the cluster reads as zeros.
-pub const OFLAG_ZERO: u64 = 1;
+bitflags! {
+    /// The flag bits of L1 and L2 entries (a raw entry is its host offset with these).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct EntryFlags: u64 {
+        /// Bit 63 of L1 and standard L2 entries: the refcount of what the entry points to is
+        /// exactly one, so it may be written in place.
+        const COPIED = 1 << 63;
+        /// Bit 62 of L2 entries: the cluster is compressed.
+        const COMPRESSED = 1 << 62;
+        /// Bit 0 of a standard L2 entry (version 3): the cluster reads as zeros.
+        const ZERO = 1;
+    }
+}
 
 /// Bits 9..=55: a cluster-aligned host offset.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -26,8 +36,17 @@ pub const REFTABLE_RESERVED_MASK: u64 = 0x1ff;
 pub const REFTABLE_OFFSET_MASK: u64 = !REFTABLE_RESERVED_MASK;
 
 /// An L1 table entry: where the L2 table for one range of guest clusters lives.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct L1Entry(pub u64);
+
+impl fmt::Debug for L1Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("L1Entry")
+            .field("offset", &format_args!("{:#x}", self.0 & OFFSET_MASK))
+            .field("flags", &EntryFlags::from_bits_truncate(self.0))
+            .finish()
+    }
+}
 
 impl L1Entry {
     /// Checks reserved bits and alignment; returns the L2 table's host offset (0 if none).
@@ -47,13 +66,17 @@ impl L1Entry {
         Ok(offset)
     }
 
+    pub fn flags(self) -> EntryFlags {
+        EntryFlags::from_bits_truncate(self.0) & EntryFlags::COPIED
+    }
+
     pub fn copied(self) -> bool {
-        self.0 & OFLAG_COPIED != 0
+        self.flags().contains(EntryFlags::COPIED)
     }
 
     /// An entry for an L2 table at `offset` whose refcount is one.
     pub fn new_copied(offset: u64) -> L1Entry {
-        L1Entry(offset | OFLAG_COPIED)
+        L1Entry(offset | EntryFlags::COPIED.bits())
     }
 }
 
@@ -75,26 +98,45 @@ pub enum Cluster {
 }
 
 /// A standard (64-bit) L2 table entry.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct L2Entry(pub u64);
+
+impl fmt::Debug for L2Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("L2Entry")
+            .field("raw", &format_args!("{:#x}", self.0))
+            .field("flags", &self.flags())
+            .finish()
+    }
+}
 
 impl L2Entry {
     pub const UNALLOCATED: L2Entry = L2Entry(0);
 
+    /// The entry's flags (of a compressed entry: COMPRESSED, and COPIED if wrongly set).
+    pub fn flags(self) -> EntryFlags {
+        let flags = EntryFlags::from_bits_truncate(self.0);
+        if flags.contains(EntryFlags::COMPRESSED) {
+            flags - EntryFlags::ZERO
+        } else {
+            flags
+        }
+    }
+
     /// An entry for data at `host_offset` whose refcount is one.
     pub fn data_copied(host_offset: u64) -> L2Entry {
-        L2Entry(host_offset | OFLAG_COPIED)
+        L2Entry(host_offset | EntryFlags::COPIED.bits())
     }
 
     /// A zero cluster without a preallocated host cluster.
     pub fn zero() -> L2Entry {
-        L2Entry(OFLAG_ZERO)
+        L2Entry(EntryFlags::ZERO.bits())
     }
 
     /// A zero cluster with its host cluster at `host_offset` (refcount one): it reads as
     /// zeros, and a write goes there in place.
     pub fn preallocated_zero(host_offset: u64) -> L2Entry {
-        L2Entry(host_offset | OFLAG_COPIED | OFLAG_ZERO)
+        L2Entry(host_offset | (EntryFlags::COPIED | EntryFlags::ZERO).bits())
     }
 
     /// Decodes the entry. `version` decides whether the zero flag exists; `guest_cluster` is
@@ -102,13 +144,14 @@ impl L2Entry {
     pub fn decode(self, cluster_bits: u32, version: u32, guest_cluster: u64) -> Result<Cluster> {
         let cluster_size = 1u64 << cluster_bits;
         let raw = self.0;
-        if raw & OFLAG_COMPRESSED != 0 {
+        if raw & EntryFlags::COMPRESSED.bits() != 0 {
             // x = 62 - (cluster_bits - 8): the offset is in bits 0..x, the count of additional
             // 512-byte sectors in bits x..62.
             let x = 62 - (cluster_bits - 8);
             let offset = raw & ((1u64 << x) - 1);
-            let sectors = ((raw & !OFLAG_COPIED & !OFLAG_COMPRESSED) >> x) + 1;
-            if raw & OFLAG_COPIED != 0 {
+            let sectors =
+                ((raw & !EntryFlags::COPIED.bits() & !EntryFlags::COMPRESSED.bits()) >> x) + 1;
+            if raw & EntryFlags::COPIED.bits() != 0 {
                 return Err(Error::Corrupt(format!(
                     "L2 entry for guest cluster {guest_cluster} ({raw:#x}): compressed cluster \
                      with the COPIED flag"
@@ -127,14 +170,14 @@ impl L2Entry {
             )));
         }
         let host_offset = raw & OFFSET_MASK;
-        let copied = raw & OFLAG_COPIED != 0;
+        let copied = raw & EntryFlags::COPIED.bits() != 0;
         if !host_offset.is_multiple_of(cluster_size) {
             return Err(Error::Corrupt(format!(
                 "L2 entry for guest cluster {guest_cluster}: host offset {host_offset:#x} not \
                  cluster aligned"
             )));
         }
-        if raw & OFLAG_ZERO != 0 {
+        if raw & EntryFlags::ZERO.bits() != 0 {
             if version < 3 {
                 return Err(Error::Corrupt(format!(
                     "L2 entry for guest cluster {guest_cluster}: zero flag in a version 2 image"
@@ -193,14 +236,14 @@ mod tests {
             }
         );
         assert_eq!(
-            c(0x3_0000 | OFLAG_COPIED | 1).unwrap(),
+            c(0x3_0000 | EntryFlags::COPIED.bits() | 1).unwrap(),
             Cluster::Zero {
                 host_offset: 0x3_0000,
                 copied: true
             }
         );
         assert_eq!(
-            c(0x5_0000 | OFLAG_COPIED).unwrap(),
+            c(0x5_0000 | EntryFlags::COPIED.bits()).unwrap(),
             Cluster::Data {
                 host_offset: 0x5_0000,
                 copied: true
@@ -208,7 +251,10 @@ mod tests {
         );
         assert!(matches!(c(0x5_0200), Err(Error::Corrupt(_))));
         assert!(matches!(c(0x5_0000 | 2), Err(Error::Corrupt(_))));
-        assert!(matches!(c(OFLAG_COPIED), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            c(EntryFlags::COPIED.bits()),
+            Err(Error::Corrupt(_))
+        ));
         assert!(matches!(
             L2Entry(1).decode(16, 2, 0),
             Err(Error::Corrupt(_))
@@ -218,7 +264,7 @@ mod tests {
     #[test]
     fn compressed_descriptor() {
         // 64k clusters: x = 54. Offset 0x1234, 2 additional sectors.
-        let raw = OFLAG_COMPRESSED | (2u64 << 54) | 0x1234;
+        let raw = EntryFlags::COMPRESSED.bits() | (2u64 << 54) | 0x1234;
         assert_eq!(
             L2Entry(raw).decode(16, 3, 0).unwrap(),
             Cluster::Compressed {

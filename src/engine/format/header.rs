@@ -5,7 +5,11 @@
 //! feature bits, extension area). Checks of table offsets against the file length and against
 //! each other are in [`crate::engine::layout`], which needs the file length too.
 
+use bitflags::bitflags;
+
 use crate::engine::error::{Error, Result};
+use crate::engine::format::bytes::{BeBytes, BeWriter};
+use crate::engine::format::layout::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES};
 
 /// "QFI\xfb".
 pub const QCOW_MAGIC: u32 = 0x5146_49fb;
@@ -34,62 +38,53 @@ pub mod ext {
     pub const EXTERNAL_DATA_FILE: u32 = 0x4441_5441;
 }
 
-/// The incompatible_features bitmask (header bytes 72..80). An implementation must refuse an
-/// image with a bit it does not know.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IncompatibleFeatures(pub u64);
+bitflags! {
+    /// The incompatible_features bitmask (header bytes 72..80). An implementation must refuse
+    /// an image with a bit it does not know; unknown bits are kept (`from_bits_retain`) so
+    /// that the refusal can name them.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct IncompatibleFeatures: u64 {
+        /// Refcounts may be inconsistent: they must be rebuilt before use.
+        const DIRTY = 1 << 0;
+        /// Some metadata is known to be corrupt: no writes.
+        const CORRUPT = 1 << 1;
+        /// Guest clusters live in an external data file.
+        const EXTERNAL_DATA_FILE = 1 << 2;
+        /// compression_type is present and not zlib.
+        const COMPRESSION_TYPE = 1 << 3;
+        /// 128-bit L2 entries with subcluster bitmaps.
+        const EXTENDED_L2 = 1 << 4;
+    }
+}
 
 impl IncompatibleFeatures {
-    /// Refcounts may be inconsistent: they must be rebuilt before use.
-    pub const DIRTY: u64 = 1 << 0;
-    /// Some metadata is known to be corrupt: no writes.
-    pub const CORRUPT: u64 = 1 << 1;
-    /// Guest clusters live in an external data file.
-    pub const EXTERNAL_DATA_FILE: u64 = 1 << 2;
-    /// compression_type is present and not zlib.
-    pub const COMPRESSION_TYPE: u64 = 1 << 3;
-    /// 128-bit L2 entries with subcluster bitmaps.
-    pub const EXTENDED_L2: u64 = 1 << 4;
-    /// Every bit this engine knows the meaning of.
-    pub const KNOWN: u64 = Self::DIRTY
-        | Self::CORRUPT
-        | Self::EXTERNAL_DATA_FILE
-        | Self::COMPRESSION_TYPE
-        | Self::EXTENDED_L2;
-
-    pub fn contains(self, bit: u64) -> bool {
-        self.0 & bit != 0
-    }
-
+    /// The bits this engine does not know the meaning of.
     pub fn unknown(self) -> u64 {
-        self.0 & !Self::KNOWN
+        self.bits() & !Self::all().bits()
     }
 }
 
-/// The compatible_features bitmask (header bytes 80..88); unknown bits may be ignored.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CompatibleFeatures(pub u64);
-
-impl CompatibleFeatures {
-    /// Refcount updates may be postponed (with the dirty bit set meanwhile). This engine opens
-    /// such images but always keeps refcounts exact.
-    pub const LAZY_REFCOUNTS: u64 = 1 << 0;
-
-    pub fn contains(self, bit: u64) -> bool {
-        self.0 & bit != 0
+bitflags! {
+    /// The compatible_features bitmask (header bytes 80..88); unknown bits may be ignored,
+    /// and are kept as they are.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct CompatibleFeatures: u64 {
+        /// Refcount updates may be postponed (with the dirty bit set meanwhile). This engine
+        /// opens such images but always keeps refcounts exact.
+        const LAZY_REFCOUNTS = 1 << 0;
     }
 }
 
-/// The autoclear_features bitmask (header bytes 88..96). A writer that does not maintain
-/// what a bit promises must clear it before writing.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AutoclearFeatures(pub u64);
-
-impl AutoclearFeatures {
-    /// The bitmaps extension is consistent.
-    pub const BITMAPS: u64 = 1 << 0;
-    /// The external data file is a consistent raw image.
-    pub const RAW_EXTERNAL_DATA: u64 = 1 << 1;
+bitflags! {
+    /// The autoclear_features bitmask (header bytes 88..96). A writer that does not maintain
+    /// what a bit promises must clear it before writing.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct AutoclearFeatures: u64 {
+        /// The bitmaps extension is consistent.
+        const BITMAPS = 1 << 0;
+        /// The external data file is a consistent raw image.
+        const RAW_EXTERNAL_DATA = 1 << 1;
+    }
 }
 
 /// How compressed clusters are compressed (header byte 104, version 3).
@@ -150,36 +145,30 @@ pub struct Header {
     pub additional_fields: Vec<u8>,
     /// Every extension in on-disk order, including the ones parsed below.
     pub extensions: Vec<RawExtension>,
-    pub backing_file: Option<String>,
-    pub backing_format: Option<String>,
+    /// The backing file name, as stored (see [`display_name`]).
+    pub backing_file: Option<Vec<u8>>,
+    /// The backing format extension, as stored.
+    pub backing_format: Option<Vec<u8>>,
     pub feature_names: Vec<FeatureName>,
     pub bitmaps: Option<BitmapsExtension>,
-}
-
-fn be32(bytes: &[u8], at: usize) -> u32 {
-    let mut b = [0u8; 4];
-    if let Some(s) = bytes.get(at..at + 4) {
-        b.copy_from_slice(s);
-    }
-    u32::from_be_bytes(b)
-}
-
-fn be64(bytes: &[u8], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    if let Some(s) = bytes.get(at..at + 8) {
-        b.copy_from_slice(s);
-    }
-    u64::from_be_bytes(b)
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
     Error::Invalid(msg.into())
 }
 
-/// Decodes a string field; the spec says nothing of encoding, so anything but UTF-8 is
-/// refused rather than guessed at.
-fn string_field(bytes: &[u8], what: &str) -> Result<String> {
-    String::from_utf8(bytes.to_vec()).map_err(|_| invalid(format!("{what} is not valid UTF-8")))
+/// A name stored in the image (backing file, backing format, snapshot id and name), for a
+/// message: the spec gives names no encoding, so they are kept as the bytes they are (as QEMU
+/// keeps them) and shown with anything that is not UTF-8 replaced.
+pub fn display_name(name: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(name)
+}
+
+/// Whether `head` (at least the first 8 bytes of a file) starts like a qcow2 header of a
+/// version this engine reads: the magic, and version 2 or 3 (format probing).
+pub fn looks_like_qcow2(head: &[u8]) -> bool {
+    let h = BeBytes::new("the probed header", head);
+    matches!((h.u32(0), h.u32(4)), (Ok(QCOW_MAGIC), Ok(2..=3)))
 }
 
 impl Header {
@@ -196,19 +185,20 @@ impl Header {
         if first_cluster.len() < V2_HEADER_LEN as usize {
             return Err(invalid("file too short for a qcow2 header"));
         }
-        let magic = be32(first_cluster, 0);
+        let first = BeBytes::new("the header", first_cluster);
+        let magic = first.u32(0)?;
         if magic != QCOW_MAGIC {
             return Err(invalid(format!(
                 "bad magic {magic:#010x}, not a qcow2 image"
             )));
         }
-        let version = be32(first_cluster, 4);
+        let version = first.u32(4)?;
         if version != 2 && version != 3 {
             return Err(Error::Unsupported(format!(
                 "qcow2 version {version} (only 2 and 3)"
             )));
         }
-        let cluster_bits = be32(first_cluster, 20);
+        let cluster_bits = first.u32(20)?;
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(invalid(format!(
                 "cluster_bits {cluster_bits} outside {MIN_CLUSTER_BITS}..={MAX_CLUSTER_BITS}"
@@ -219,16 +209,17 @@ impl Header {
             return Err(invalid("header buffer shorter than one cluster"));
         }
         let header = &first_cluster[..cluster_size];
+        let fields = BeBytes::new("the header", header);
 
         let (incompatible, compatible, autoclear, refcount_order, header_length) = if version == 2 {
             (0, 0, 0, 4, V2_HEADER_LEN)
         } else {
             (
-                be64(header, 72),
-                be64(header, 80),
-                be64(header, 88),
-                be32(header, 96),
-                be32(header, 100),
+                fields.u64(72)?,
+                fields.u64(80)?,
+                fields.u64(88)?,
+                fields.u32(96)?,
+                fields.u32(100)?,
             )
         };
         if refcount_order > MAX_REFCOUNT_ORDER {
@@ -256,7 +247,7 @@ impl Header {
             .unwrap_or(&[])
             .to_vec();
 
-        let incompatible = IncompatibleFeatures(incompatible);
+        let incompatible = IncompatibleFeatures::from_bits_retain(incompatible);
         let compression_byte = additional_fields.first().copied().unwrap_or(0);
         let compression_type = if incompatible.contains(IncompatibleFeatures::COMPRESSION_TYPE) {
             if header_length as usize <= COMPRESSION_TYPE_OFFSET {
@@ -284,20 +275,20 @@ impl Header {
 
         let mut h = Header {
             version,
-            backing_file_offset: be64(header, 8),
-            backing_file_size_bytes: be32(header, 16),
+            backing_file_offset: fields.u64(8)?,
+            backing_file_size_bytes: fields.u32(16)?,
             cluster_bits,
-            virtual_size: be64(header, 24),
-            crypt_method: be32(header, 32),
-            l1_size_entries: be32(header, 36),
-            l1_table_offset: be64(header, 40),
-            refcount_table_offset: be64(header, 48),
-            refcount_table_clusters: be32(header, 56),
-            nb_snapshots: be32(header, 60),
-            snapshots_offset: be64(header, 64),
+            virtual_size: fields.u64(24)?,
+            crypt_method: fields.u32(32)?,
+            l1_size_entries: fields.u32(36)?,
+            l1_table_offset: fields.u64(40)?,
+            refcount_table_offset: fields.u64(48)?,
+            refcount_table_clusters: fields.u32(56)?,
+            nb_snapshots: fields.u32(60)?,
+            snapshots_offset: fields.u64(64)?,
             incompatible,
-            compatible: CompatibleFeatures(compatible),
-            autoclear: AutoclearFeatures(autoclear),
+            compatible: CompatibleFeatures::from_bits_retain(compatible),
+            autoclear: AutoclearFeatures::from_bits_retain(autoclear),
             refcount_order,
             header_length,
             compression_type,
@@ -392,7 +383,7 @@ impl Header {
                 self.backing_file_offset, self.backing_file_size_bytes
             ))
         })?;
-        self.backing_file = Some(string_field(name, "backing file name")?);
+        self.backing_file = Some(name.to_vec());
         Ok(())
     }
 
@@ -407,19 +398,21 @@ impl Header {
         } else {
             header.len()
         };
-        loop {
-            if at == area_end && self.backing_file_offset != 0 {
-                // The name follows directly with no end marker room: QEMU writes one, but
-                // its absence is harmless.
-                break;
-            }
-            let Some(ext_header) = header.get(at..at + 8).filter(|_| at + 8 <= area_end) else {
+        let area = BeBytes::new(
+            "the header extension area",
+            header.get(..area_end).unwrap_or(&[]),
+        );
+        // Extensions fill the area up to its end or to an end marker. An area filled to its
+        // end (header_length as large as the cluster, or extensions right up to the backing
+        // file name) has no room for a marker and needs none, as QEMU reads it.
+        while at < area_end {
+            if area_end - at < 8 {
                 return Err(invalid(format!(
                     "header extension at byte {at} overflows the header area ({area_end} bytes)"
                 )));
-            };
-            let kind = be32(ext_header, 0);
-            let len = be32(ext_header, 4) as usize;
+            }
+            let kind = area.u32(at)?;
+            let len = area.u32(at + 4)? as usize;
             if kind == ext::END {
                 break;
             }
@@ -432,7 +425,7 @@ impl Header {
                      header area ({area_end} bytes)"
                 )));
             };
-            let data = header.get(data_start..data_end).unwrap_or(&[]);
+            let data = area.slice(data_start, data_end - data_start)?;
             if self.extensions.iter().any(|e| e.kind == kind) {
                 return Err(invalid(format!(
                     "header extension {kind:#010x} appears twice"
@@ -453,7 +446,7 @@ impl Header {
     fn parse_known_extension(&mut self, kind: u32, data: &[u8]) -> Result<()> {
         match kind {
             ext::BACKING_FORMAT => {
-                self.backing_format = Some(string_field(data, "backing format extension")?);
+                self.backing_format = Some(data.to_vec());
             }
             ext::FEATURE_NAME_TABLE => {
                 for entry in data.chunks_exact(48) {
@@ -477,11 +470,29 @@ impl Header {
                         data.len()
                     )));
                 }
+                let fields = BeBytes::new("the bitmaps extension", data);
                 let bitmaps = BitmapsExtension {
-                    nb_bitmaps: be32(data, 0),
-                    directory_size_bytes: be64(data, 8),
-                    directory_offset: be64(data, 16),
+                    nb_bitmaps: fields.u32(0)?,
+                    directory_size_bytes: fields.u64(8)?,
+                    directory_offset: fields.u64(16)?,
                 };
+                // As QEMU: the limits hold for bitmaps in use (the autoclear bit set); a stale
+                // extension is never read (`check/bitmaps.rs`).
+                if self.autoclear.contains(AutoclearFeatures::BITMAPS) {
+                    if bitmaps.nb_bitmaps > MAX_BITMAPS {
+                        return Err(invalid(format!(
+                            "{} bitmaps, above QEMU's limit of {MAX_BITMAPS}",
+                            bitmaps.nb_bitmaps
+                        )));
+                    }
+                    if bitmaps.directory_size_bytes > MAX_BITMAP_DIRECTORY_BYTES {
+                        return Err(invalid(format!(
+                            "bitmap directory of {} bytes, above QEMU's limit of \
+                             {MAX_BITMAP_DIRECTORY_BYTES}",
+                            bitmaps.directory_size_bytes
+                        )));
+                    }
+                }
                 if !bitmaps.directory_offset.is_multiple_of(self.cluster_size()) {
                     return Err(invalid(format!(
                         "bitmap_directory_offset {:#x} not cluster aligned",
@@ -499,47 +510,49 @@ impl Header {
     }
 
     /// Encodes the header, its extensions (in their original order, unknown ones verbatim)
-    /// and the backing file name into one cluster. Fails if they no longer fit.
+    /// and the backing file name into one cluster. The extensions end with an end marker
+    /// where there is room for one (an area filled to its end needs none, see `parse`).
+    /// Fails if they no longer fit.
     pub fn encode(&self) -> Result<Vec<u8>> {
         let cluster_size = 1usize << self.cluster_bits;
-        let mut out = Vec::with_capacity(cluster_size);
-        out.extend_from_slice(&QCOW_MAGIC.to_be_bytes());
-        out.extend_from_slice(&self.version.to_be_bytes());
+        let mut out = BeWriter::with_capacity(cluster_size);
         let backing_len = self.backing_file.as_ref().map_or(0, |n| n.len());
-        // The backing file offset is recomputed below, once the extensions are laid out.
-        out.extend_from_slice(&0u64.to_be_bytes());
-        out.extend_from_slice(&(backing_len as u32).to_be_bytes());
-        out.extend_from_slice(&self.cluster_bits.to_be_bytes());
-        out.extend_from_slice(&self.virtual_size.to_be_bytes());
-        out.extend_from_slice(&self.crypt_method.to_be_bytes());
-        out.extend_from_slice(&self.l1_size_entries.to_be_bytes());
-        out.extend_from_slice(&self.l1_table_offset.to_be_bytes());
-        out.extend_from_slice(&self.refcount_table_offset.to_be_bytes());
-        out.extend_from_slice(&self.refcount_table_clusters.to_be_bytes());
-        out.extend_from_slice(&self.nb_snapshots.to_be_bytes());
-        out.extend_from_slice(&self.snapshots_offset.to_be_bytes());
+        out.u32(QCOW_MAGIC).u32(self.version);
+        // The backing file offset is set below, once the extensions are laid out.
+        out.u64(0)
+            .u32(backing_len as u32)
+            .u32(self.cluster_bits)
+            .u64(self.virtual_size)
+            .u32(self.crypt_method)
+            .u32(self.l1_size_entries)
+            .u64(self.l1_table_offset)
+            .u64(self.refcount_table_offset)
+            .u32(self.refcount_table_clusters)
+            .u32(self.nb_snapshots)
+            .u64(self.snapshots_offset);
         if self.version >= 3 {
-            out.extend_from_slice(&self.incompatible.0.to_be_bytes());
-            out.extend_from_slice(&self.compatible.0.to_be_bytes());
-            out.extend_from_slice(&self.autoclear.0.to_be_bytes());
-            out.extend_from_slice(&self.refcount_order.to_be_bytes());
-            out.extend_from_slice(&self.header_length.to_be_bytes());
-            out.extend_from_slice(&self.additional_fields);
+            out.u64(self.incompatible.bits())
+                .u64(self.compatible.bits())
+                .u64(self.autoclear.bits())
+                .u32(self.refcount_order)
+                .u32(self.header_length)
+                .bytes(&self.additional_fields);
         }
         for e in &self.extensions {
-            out.extend_from_slice(&e.kind.to_be_bytes());
-            out.extend_from_slice(&(e.data.len() as u32).to_be_bytes());
-            out.extend_from_slice(&e.data);
-            out.resize(out.len().next_multiple_of(8), 0);
+            out.u32(e.kind)
+                .u32(e.data.len() as u32)
+                .bytes(&e.data)
+                .pad_to(8);
         }
-        out.extend_from_slice(&[0u8; 8]);
+        if out.len() + 8 + backing_len <= cluster_size {
+            out.u64(0);
+        }
         if let Some(name) = &self.backing_file {
             let offset = out.len() as u64;
-            if let Some(field) = out.get_mut(8..16) {
-                field.copy_from_slice(&offset.to_be_bytes());
-            }
-            out.extend_from_slice(name.as_bytes());
+            out.set_u64(8, offset)?;
+            out.bytes(name);
         }
+        let mut out = out.into_bytes();
         if out.len() > cluster_size {
             return Err(Error::Unsupported(format!(
                 "header and extensions ({} bytes) no longer fit in one cluster",

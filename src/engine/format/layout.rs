@@ -12,6 +12,16 @@ pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// QEMU's limit on the number of internal snapshots.
 pub const MAX_SNAPSHOTS: u32 = 65536;
+/// QEMU's limit on the number of persistent bitmaps (`QCOW2_MAX_BITMAPS`).
+pub const MAX_BITMAPS: u32 = 65535;
+/// QEMU's limit on the bitmap directory (`QCOW2_MAX_BITMAP_DIRECTORY_SIZE`: 1 KiB per
+/// bitmap).
+pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
+/// QEMU's limit on the entries of one bitmap table (`BME_MAX_TABLE_SIZE`).
+pub const MAX_BITMAP_TABLE_ENTRIES: u64 = 0x800_0000;
+/// QEMU's limit on the clusters one bitmap's table may name, in bytes (`BME_MAX_PHYS_SIZE`:
+/// entries times the cluster size).
+pub const MAX_BITMAP_BYTES: u64 = 0x2000_0000;
 
 fn invalid(msg: String) -> Error {
     Error::Invalid(msg)

@@ -11,6 +11,7 @@
 //! - [`snapshot`]: the internal snapshot table;
 //! - [`compress`]: compressed cluster decoding (raw deflate, zstd).
 
+pub mod bytes;
 pub mod compress;
 pub mod entry;
 pub mod header;

@@ -2,6 +2,9 @@
 //! cluster-sized block. Sub-byte entries count bit 0 as the least significant bit of a byte;
 //! entries of 8 bits or more are big-endian.
 
+use crate::engine::error::{Error, Result};
+use crate::engine::format::bytes::BeBytes;
+
 /// The geometry of refcounts in one image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RefcountGeometry {
@@ -38,43 +41,47 @@ impl RefcountGeometry {
         (host_cluster >> bits, host_cluster & ((1u64 << bits) - 1))
     }
 
-    /// Reads entry `index` of `block`. An index outside the block reads as 0 (callers only
-    /// pass indices from [`Self::locate`]).
-    pub fn get(self, block: &[u8], index: u64) -> u64 {
-        let bits = self.refcount_bits() as u64;
+    /// Reads entry `index` of `block`; an index outside the block is an error (callers
+    /// pass indices from [`Self::locate`], so it would be a bug, reported with context).
+    pub fn get(self, block: &[u8], index: u64) -> Result<u64> {
+        let bits = u64::from(self.refcount_bits());
+        let (at, width) = self.byte_range(block, index)?;
+        let bytes = BeBytes::new("a refcount block", block).slice(at, width)?;
         if bits < 8 {
-            let bit_pos = index * bits;
-            let byte = block.get((bit_pos / 8) as usize).copied().unwrap_or(0);
-            let shift = bit_pos % 8;
-            (u64::from(byte) >> shift) & ((1u64 << bits) - 1)
+            let shift = (index * bits) % 8;
+            Ok((u64::from(bytes[0]) >> shift) & ((1u64 << bits) - 1))
         } else {
-            let width = (bits / 8) as usize;
-            let start = index as usize * width;
-            let Some(bytes) = block.get(start..start + width) else {
-                return 0;
-            };
-            bytes.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+            Ok(bytes.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
         }
     }
 
     /// Writes entry `index` of `block`; `value` must not exceed [`Self::max_refcount`].
-    pub fn set(self, block: &mut [u8], index: u64, value: u64) {
-        let bits = self.refcount_bits() as u64;
+    pub fn set(self, block: &mut [u8], index: u64, value: u64) -> Result<()> {
+        let bits = u64::from(self.refcount_bits());
+        let (at, width) = self.byte_range(block, index)?;
+        let bytes = &mut block[at..at + width];
         if bits < 8 {
-            let bit_pos = index * bits;
-            let shift = bit_pos % 8;
+            let shift = (index * bits) % 8;
             let mask = (((1u64 << bits) - 1) << shift) as u8;
-            if let Some(byte) = block.get_mut((bit_pos / 8) as usize) {
-                *byte = (*byte & !mask) | (((value << shift) as u8) & mask);
-            }
+            bytes[0] = (bytes[0] & !mask) | (((value << shift) as u8) & mask);
         } else {
-            let width = (bits / 8) as usize;
-            let start = index as usize * width;
-            if let Some(bytes) = block.get_mut(start..start + width) {
-                let be = value.to_be_bytes();
-                bytes.copy_from_slice(&be[8 - width..]);
-            }
+            bytes.copy_from_slice(&value.to_be_bytes()[8 - width..]);
         }
+        Ok(())
+    }
+
+    /// The bytes that hold entry `index` of `block`, checked to lie inside it.
+    fn byte_range(self, block: &[u8], index: u64) -> Result<(usize, usize)> {
+        let bits = u64::from(self.refcount_bits());
+        let width = bits.div_ceil(8) as usize;
+        let at = usize::try_from(index.saturating_mul(bits) / 8).unwrap_or(usize::MAX);
+        if at.checked_add(width).is_none_or(|end| end > block.len()) {
+            return Err(Error::Invalid(format!(
+                "refcount entry {index} lies past the end of its block ({} bytes)",
+                block.len()
+            )));
+        }
+        Ok((at, width))
     }
 }
 
@@ -92,18 +99,23 @@ mod tests {
             let mut block = vec![0u8; 512];
             let n = g.entries_per_block();
             for i in 0..n {
-                g.set(&mut block, i, i % (g.max_refcount().min(1000) + 1));
+                g.set(&mut block, i, i % (g.max_refcount().min(1000) + 1))
+                    .unwrap();
             }
             for i in 0..n {
                 assert_eq!(
-                    g.get(&block, i),
+                    g.get(&block, i).unwrap(),
                     i % (g.max_refcount().min(1000) + 1),
                     "order {order}"
                 );
             }
-            g.set(&mut block, 3, g.max_refcount());
-            assert_eq!(g.get(&block, 3), g.max_refcount());
-            assert_eq!(g.get(&block, 2), 2 % (g.max_refcount().min(1000) + 1));
+            g.set(&mut block, 3, g.max_refcount()).unwrap();
+            assert_eq!(g.get(&block, 3).unwrap(), g.max_refcount());
+            assert!(g.get(&block, n).is_err() && g.set(&mut block, n, 1).is_err());
+            assert_eq!(
+                g.get(&block, 2).unwrap(),
+                2 % (g.max_refcount().min(1000) + 1)
+            );
         }
     }
 
@@ -114,7 +126,7 @@ mod tests {
             cluster_bits: 9,
         };
         let mut block = vec![0u8; 512];
-        g.set(&mut block, 1, 0x0102);
+        g.set(&mut block, 1, 0x0102).unwrap();
         assert_eq!(&block[..4], &[0, 0, 1, 2]);
         assert_eq!(g.locate(256 + 5), (1, 5));
     }

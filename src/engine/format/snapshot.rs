@@ -15,6 +15,7 @@
 //! memory. A malformed table is [`Error::Invalid`] naming the snapshot and the field.
 
 use crate::engine::error::{Error, Result};
+use crate::engine::format::bytes::BeBytes;
 use crate::engine::format::header::Header;
 use crate::engine::format::layout::{Region, MAX_L1_BYTES, MAX_SNAPSHOTS};
 use crate::engine::storage::Storage;
@@ -36,10 +37,13 @@ pub const SNAPSHOT_TABLE_REGION: &str = "snapshot table";
 /// One internal snapshot, as its table entry describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
-    /// The unique id string (QEMU numbers them "1", "2", ...).
-    pub id: String,
-    /// The user-given name (tag).
-    pub name: String,
+    /// The unique id string (QEMU numbers them "1", "2", ...), as stored: names have no
+    /// encoding in qcow2, so they are bytes, as QEMU keeps them (shown with
+    /// [`crate::engine::format::header::display_name`]), the same rule as for the backing
+    /// file name.
+    pub id: Vec<u8>,
+    /// The user-given name (tag), as stored.
+    pub name: Vec<u8>,
     pub date_sec: u32,
     pub date_nsec: u32,
     /// Guest clock at the time of the snapshot, in nanoseconds.
@@ -69,30 +73,6 @@ impl Snapshot {
             .get(start..start + self.extra_data_size as usize)
             .unwrap_or(&[])
     }
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    let mut v = [0u8; 2];
-    if let Some(s) = b.get(at..at + 2) {
-        v.copy_from_slice(s);
-    }
-    u16::from_be_bytes(v)
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    if let Some(s) = b.get(at..at + 4) {
-        v.copy_from_slice(s);
-    }
-    u32::from_be_bytes(v)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    if let Some(s) = b.get(at..at + 8) {
-        v.copy_from_slice(s);
-    }
-    u64::from_be_bytes(v)
 }
 
 fn invalid(index: usize, msg: impl std::fmt::Display) -> Error {
@@ -224,11 +204,13 @@ fn read_entry<S: Storage>(
         return Err(past_eof("entry", fixed_end));
     }
     let fixed = read_bytes(storage, offset, SNAPSHOT_FIXED_BYTES)?;
-    let l1_table_offset = be64(&fixed, 0);
-    let l1_size_entries = be32(&fixed, 8);
-    let id_size = u64::from(be16(&fixed, 12));
-    let name_size = u64::from(be16(&fixed, 14));
-    let extra_data_size = be32(&fixed, 36);
+    let what = format!("snapshot {index}");
+    let f = BeBytes::new(&what, &fixed);
+    let l1_table_offset = f.u64(0)?;
+    let l1_size_entries = f.u32(8)?;
+    let id_size = u64::from(f.u16(12)?);
+    let name_size = u64::from(f.u16(14)?);
+    let extra_data_size = f.u32(36)?;
     if extra_data_size > MAX_SNAPSHOT_EXTRA_DATA_BYTES {
         return Err(invalid(
             index,
@@ -243,25 +225,31 @@ fn read_entry<S: Storage>(
     let mut raw = fixed;
     raw.extend_from_slice(&read_bytes(storage, fixed_end, rest)?);
 
+    let entry = BeBytes::new(&what, &raw);
     let extra_start = SNAPSHOT_FIXED_BYTES as usize;
-    let extra = raw
-        .get(extra_start..extra_start + extra_data_size as usize)
-        .unwrap_or(&[]);
-    let extra_field = |at: usize| (extra.len() >= at + 8).then(|| be64(extra, at));
-    let vm_state_size = extra_field(0).unwrap_or(u64::from(be32(&raw, 32)));
-    let disk_size = extra_field(8).unwrap_or(header.virtual_size);
-    let icount = extra_field(16);
+    let extra = BeBytes::new(&what, entry.slice(extra_start, extra_data_size as usize)?);
+    // An extra data field is there when the extra data is long enough to hold it.
+    let extra_field = |at: usize| {
+        if extra.len() >= at + 8 {
+            extra.u64(at).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    let vm_state_size = match extra_field(0)? {
+        Some(large) => large,
+        None => u64::from(entry.u32(32)?),
+    };
+    let disk_size = extra_field(8)?.unwrap_or(header.virtual_size);
+    let icount = extra_field(16)?;
     let id_start = extra_start + extra_data_size as usize;
     let name_start = id_start + id_size as usize;
-    let text = |start: usize, len: u64| {
-        String::from_utf8_lossy(raw.get(start..start + len as usize).unwrap_or(&[])).into_owned()
-    };
     Ok(Snapshot {
-        id: text(id_start, id_size),
-        name: text(name_start, name_size),
-        date_sec: be32(&raw, 16),
-        date_nsec: be32(&raw, 20),
-        vm_clock_nsec: be64(&raw, 24),
+        id: entry.slice(id_start, id_size as usize)?.to_vec(),
+        name: entry.slice(name_start, name_size as usize)?.to_vec(),
+        date_sec: entry.u32(16)?,
+        date_nsec: entry.u32(20)?,
+        vm_clock_nsec: entry.u64(24)?,
         vm_state_size,
         disk_size,
         icount,

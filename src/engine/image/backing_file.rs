@@ -17,7 +17,11 @@ impl<S: Storage> Image<S> {
     /// copies data into this image before it drops the old backing file: the new name must
     /// not reach the disk before that data); then the header cluster is rewritten in one
     /// write and synced.
-    pub fn change_backing_file(&mut self, file: Option<&str>, format: Option<&str>) -> Result<()> {
+    pub fn change_backing_file(
+        &mut self,
+        file: Option<&[u8]>,
+        format: Option<&[u8]>,
+    ) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -34,8 +38,8 @@ impl<S: Storage> Image<S> {
         }
         let renamed = |current: &Header| {
             let mut header = current.clone();
-            header.backing_file = file.map(str::to_owned);
-            header.backing_format = format.map(str::to_owned);
+            header.backing_file = file.map(<[u8]>::to_vec);
+            header.backing_format = format.map(<[u8]>::to_vec);
             header.extensions.retain(|e| e.kind != ext::BACKING_FORMAT);
             if let Some(format) = format {
                 // First, where QEMU puts it.
@@ -43,7 +47,7 @@ impl<S: Storage> Image<S> {
                     0,
                     RawExtension {
                         kind: ext::BACKING_FORMAT,
-                        data: format.as_bytes().to_vec(),
+                        data: format.to_vec(),
                     },
                 );
             }

@@ -6,21 +6,27 @@
 
 use crate::engine::debug_event::DebugEvent;
 use crate::engine::error::{Error, Result};
+use crate::engine::format::bytes;
 use crate::engine::format::entry::{Cluster, L1Entry, L2Entry, ReftableEntry};
 use crate::engine::image::discard::FreeKind;
 use crate::engine::image::overlap::MetadataMap;
 use crate::engine::image::Image;
 use crate::engine::storage::Storage;
 
-pub(in crate::engine) fn be64_at(table: &[u8], index: usize) -> u64 {
-    let mut b = [0u8; 8];
-    if let Some(s) = table.get(index * 8..index * 8 + 8) {
-        b.copy_from_slice(s);
-    }
-    u64::from_be_bytes(b)
-}
-
 impl<S: Storage> Image<S> {
+    /// The raw entry `l2_index` of the L2 table at `l2_offset`, which the caller loaded into
+    /// the cache.
+    pub(in crate::engine) fn cached_l2_entry(
+        &self,
+        l2_offset: u64,
+        l2_index: usize,
+    ) -> Result<u64> {
+        let table = self.l2_cache.peek(l2_offset).ok_or_else(|| {
+            Error::Corrupt(format!("L2 table {l2_offset:#x} vanished from the cache"))
+        })?;
+        bytes::table_entry(&format!("the L2 table at {l2_offset:#x}"), table, l2_index)
+    }
+
     /// log2 of the entries in one L2 table.
     pub(in crate::engine) fn l2_bits(&self) -> u32 {
         self.cluster_bits - 3
@@ -120,17 +126,11 @@ impl<S: Storage> Image<S> {
         l2_index: usize,
         guest_cluster: u64,
     ) -> Result<Cluster> {
-        let cached = self.l2_cache.get(l2_offset).map(|t| be64_at(t, l2_index));
-        let raw = match cached {
-            Some(raw) => raw,
-            None => {
-                self.load_l2(l2_offset)?;
-                self.l2_cache
-                    .get(l2_offset)
-                    .map(|t| be64_at(t, l2_index))
-                    .unwrap_or(0)
-            }
-        };
+        // A lookup counts as a use of the table for the cache's eviction order.
+        if self.l2_cache.get(l2_offset).is_none() {
+            self.load_l2(l2_offset)?;
+        }
+        let raw = self.cached_l2_entry(l2_offset, l2_index)?;
         let cluster = L2Entry(raw).decode(self.cluster_bits, self.header.version, guest_cluster)?;
         let (host_offset, len, what) = match cluster {
             Cluster::Data { host_offset, .. } => (host_offset, self.cluster_size(), "data cluster"),
@@ -171,10 +171,12 @@ impl<S: Storage> Image<S> {
         let table = self.l2_cache.get_mut(l2_offset).ok_or_else(|| {
             Error::Corrupt(format!("L2 table {l2_offset:#x} vanished from the cache"))
         })?;
-        if let Some(slot) = table.get_mut(l2_index * 8..l2_index * 8 + 8) {
-            slot.copy_from_slice(&entry.0.to_be_bytes());
-        }
-        Ok(())
+        bytes::set_table_entry(
+            &format!("the L2 table at {l2_offset:#x}"),
+            table,
+            l2_index,
+            entry.0,
+        )
     }
 
     /// What backs guest cluster `guest_cluster`.
@@ -386,11 +388,12 @@ impl<S: Storage> Image<S> {
             None | Some(0) => Ok(0),
             Some(offset) => {
                 self.load_refblock(offset)?;
-                Ok(self
-                    .refblock_cache
-                    .get(offset)
-                    .map(|b| self.rc.get(b, index))
-                    .unwrap_or(0))
+                let block = self.refblock_cache.get(offset).ok_or_else(|| {
+                    Error::Corrupt(format!(
+                        "refcount block {offset:#x} vanished from the cache"
+                    ))
+                })?;
+                self.rc.get(block, index)
             }
         }
     }
@@ -431,8 +434,7 @@ impl<S: Storage> Image<S> {
                 "refcount block {offset:#x} vanished from the cache"
             ))
         })?;
-        rc.set(block, index, value);
-        Ok(())
+        rc.set(block, index, value)
     }
 
     /// The first host cluster at or after the hint that is free (refcount 0, not freed since
@@ -453,11 +455,18 @@ impl<S: Storage> Image<S> {
             let per_block = self.rc.entries_per_block();
             let block_start = cluster - first_index;
             let rc = self.rc;
-            let found = self.refblock_cache.get(offset).and_then(|block| {
-                (first_index..per_block).find(|&i| {
-                    rc.get(block, i) == 0 && !self.quarantine.contains_key(&(block_start + i))
-                })
-            });
+            let block = self.refblock_cache.get(offset).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "refcount block {offset:#x} vanished from the cache"
+                ))
+            })?;
+            let mut found = None;
+            for i in first_index..per_block {
+                if rc.get(block, i)? == 0 && !self.quarantine.contains_key(&(block_start + i)) {
+                    found = Some(i);
+                    break;
+                }
+            }
             match found {
                 Some(i) => return Ok(block_start + i),
                 None => cluster = block_start + per_block,
@@ -495,7 +504,7 @@ impl<S: Storage> Image<S> {
                     self.storage.debug_event(DebugEvent::RefblockAlloc);
                     self.make_room_in_refblock_cache()?;
                     let mut block = vec![0u8; cluster_size as usize];
-                    self.rc.set(&mut block, index, 1);
+                    self.rc.set(&mut block, index, 1)?;
                     self.refblock_cache.insert(host_offset, block, true);
                     self.metadata.add_refblock(host_offset);
                     if let Some(e) = usize::try_from(rt_index)

@@ -43,6 +43,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use crate::engine::counters::Counters;
 use crate::engine::debug_event::DebugEvent;
 use crate::engine::error::{Error, Result};
+use crate::engine::format::bytes::{read_table, BeBytes};
 use crate::engine::format::entry::Cluster;
 use crate::engine::format::header::{
     AutoclearFeatures, Header, IncompatibleFeatures, MAX_CLUSTER_BITS,
@@ -153,28 +154,6 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(context, e)
 }
 
-/// Reads an array of big-endian u64 table entries; the caller checked the range against the
-/// file length.
-fn read_table<S: Storage>(
-    storage: &S,
-    offset: u64,
-    entries: usize,
-    what: &str,
-) -> Result<Vec<u64>> {
-    let mut bytes = vec![0u8; entries * 8];
-    storage
-        .read_at(offset, &mut bytes)
-        .map_err(io(format!("reading the {what}")))?;
-    Ok(bytes
-        .chunks_exact(8)
-        .map(|c| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(c);
-            u64::from_be_bytes(b)
-        })
-        .collect())
-}
-
 /// The cache sizes an image gets, in bytes (see [`cache_sizes`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheSizes {
@@ -246,7 +225,7 @@ impl<S: Storage> Image<S> {
         storage
             .read_at(0, &mut first)
             .map_err(io("reading the header"))?;
-        let cluster_bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+        let cluster_bits = BeBytes::new("the header", &first).u32(20)?;
         if cluster_bits <= MAX_CLUSTER_BITS && cluster_bits > 9 {
             first = vec![0u8; 1usize << cluster_bits];
             storage
@@ -261,16 +240,16 @@ impl<S: Storage> Image<S> {
         let l1 = read_table(
             &storage,
             header.l1_table_offset,
-            header.l1_size_entries as usize,
-            "L1 table",
+            u64::from(header.l1_size_entries),
+            "the L1 table",
         )?;
         let reftable_entries = (u64::from(header.refcount_table_clusters) << cluster_bits) / 8;
         storage.debug_event(DebugEvent::ReftableLoad);
         let reftable = read_table(
             &storage,
             header.refcount_table_offset,
-            reftable_entries as usize,
-            "refcount table",
+            reftable_entries,
+            "the refcount table",
         )?;
 
         let (l2_tables, refblocks) = cache_capacities(&header, opts);
@@ -359,7 +338,7 @@ impl<S: Storage> Image<S> {
         if dirty && !self.for_check {
             self.repair_dirty_image()?;
         }
-        if self.header.autoclear.0 != 0 {
+        if !self.header.autoclear.is_empty() {
             self.clear_autoclear_features()?;
         }
         Ok(())
@@ -417,7 +396,7 @@ impl<S: Storage> Image<S> {
     /// This engine maintains none of the autoclear features (bitmaps are not updated on
     /// write), so before the first write it clears them, as the spec requires.
     fn clear_autoclear_features(&mut self) -> Result<()> {
-        self.header.autoclear = AutoclearFeatures(0);
+        self.header.autoclear = AutoclearFeatures::empty();
         let bytes = self.header.encode()?;
         self.write_metadata(0, &bytes, "rewriting the header")?;
         self.storage.flush().map_err(io("flushing the header"))?;
@@ -436,11 +415,14 @@ impl<S: Storage> Image<S> {
         1u64 << self.cluster_bits
     }
 
-    pub fn backing_file(&self) -> Option<&str> {
+    /// The backing file name as stored (names have no encoding in qcow2: bytes, as QEMU
+    /// keeps them).
+    pub fn backing_file(&self) -> Option<&[u8]> {
         self.header.backing_file.as_deref()
     }
 
-    pub fn backing_format(&self) -> Option<&str> {
+    /// The backing format as stored.
+    pub fn backing_format(&self) -> Option<&[u8]> {
         self.header.backing_format.as_deref()
     }
 

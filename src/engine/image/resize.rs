@@ -6,10 +6,10 @@
 use crate::engine::create::{allocate_data_area, Preallocation};
 use crate::engine::debug_event::DebugEvent;
 use crate::engine::error::{Error, Result};
+use crate::engine::format::bytes;
 use crate::engine::format::entry::{L2Entry, OFFSET_MASK};
 use crate::engine::format::layout::{bytes_per_l1_entry, MAX_L1_BYTES};
 use crate::engine::image::discard::FreeKind;
-use crate::engine::image::metadata::be64_at;
 use crate::engine::image::Image;
 use crate::engine::storage::{Backing, Storage};
 
@@ -140,10 +140,7 @@ impl<S: Storage> Image<S> {
         self.write_back()?;
         let mut table = self.l1.clone();
         table.resize(needed_l1 as usize, 0);
-        let mut raw = Vec::with_capacity(table_bytes as usize);
-        for e in &table {
-            raw.extend_from_slice(&e.to_be_bytes());
-        }
+        let mut raw = bytes::encode_table(&table);
         raw.resize(table_bytes as usize, 0);
         self.storage.debug_event(DebugEvent::L1GrowWriteTable);
         self.write_metadata(table_offset, &raw, "writing the new L1 table")?;
@@ -294,10 +291,7 @@ impl<S: Storage> Image<S> {
                 for cluster in guest_cluster..table_end.min(end) {
                     // The raw entry: what lies past the end was never validated.
                     let index = (cluster % per_table) as usize;
-                    let raw = self
-                        .l2_cache
-                        .peek(l2_offset)
-                        .map_or(0, |t| be64_at(t, index));
+                    let raw = self.cached_l2_entry(l2_offset, index)?;
                     if raw != 0 {
                         let (l2_offset, l2_index) = self.l2_table_for_write(cluster)?;
                         self.set_l2_entry(l2_offset, l2_index, L2Entry::UNALLOCATED)?;

@@ -52,6 +52,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use crate::engine::error::{Error, Result};
+use crate::engine::format::bytes;
 use crate::engine::image::cache::TableCache;
 use crate::engine::image::discard::FreeKind;
 use crate::engine::image::Image;
@@ -499,12 +500,12 @@ impl<S: Storage> Image<S> {
         // none of it, so the order among these writes does not matter.
         self.write_owned_tables()?;
         let cluster_bits = self.cluster_bits;
-        let mut l1_raw: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let mut l1_raw = bytes::encode_table(&self.l1);
         l1_raw.resize((roots.l1_clusters << cluster_bits) as usize, 0);
         if roots.l1_clusters > 0 {
             self.write_metadata(roots.l1, &l1_raw, "writing the group's L1 table")?;
         }
-        let mut rt_raw: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let mut rt_raw = bytes::encode_table(&self.reftable);
         rt_raw.resize((roots.rt_clusters << cluster_bits) as usize, 0);
         self.write_metadata(roots.rt, &rt_raw, "writing the group's refcount table")?;
         // INVARIANT (commit order 1): every write of the group is durable before the header

@@ -27,9 +27,9 @@
 
 use crate::engine::debug_event::DebugEvent;
 use crate::engine::error::{Error, Result};
-use crate::engine::format::entry::{Cluster, L1Entry, L2Entry, OFFSET_MASK, OFLAG_COPIED};
+use crate::engine::format::bytes;
+use crate::engine::format::entry::{Cluster, EntryFlags, L1Entry, L2Entry, OFFSET_MASK};
 use crate::engine::image::discard::FreeKind;
-use crate::engine::image::metadata::be64_at;
 use crate::engine::image::Image;
 use crate::engine::storage::Storage;
 
@@ -319,10 +319,7 @@ impl<S: Storage> Image<S> {
             }
             self.load_l2(l2_offset)?;
             for l2_index in 0..entries {
-                let raw = self
-                    .l2_cache
-                    .peek(l2_offset)
-                    .map_or(0, |t| be64_at(t, l2_index as usize));
+                let raw = self.cached_l2_entry(l2_offset, l2_index as usize)?;
                 let guest_cluster = ((l1_index as u64) << self.l2_bits()) + l2_index;
                 let decoded =
                     L2Entry(raw).decode(self.cluster_bits, self.header.version, guest_cluster);
@@ -345,7 +342,11 @@ impl<S: Storage> Image<S> {
         // Through `l2_table_for_write`, which copies a table the image does not own alone.
         for (guest_cluster, raw) in found {
             let (l2_offset, l2_index) = self.l2_table_for_write(guest_cluster)?;
-            self.set_l2_entry(l2_offset, l2_index, L2Entry(raw | OFLAG_COPIED))?;
+            self.set_l2_entry(
+                l2_offset,
+                l2_index,
+                L2Entry(raw | EntryFlags::COPIED.bits()),
+            )?;
         }
         Ok(())
     }
@@ -423,7 +424,7 @@ impl<S: Storage> Image<S> {
             let covered_start = (first_block + j) * per_block;
             for cluster in area_start..area_start + area_clusters {
                 if cluster >= covered_start && cluster < covered_start + per_block {
-                    self.rc.set(&mut block, cluster - covered_start, 1);
+                    self.rc.set(&mut block, cluster - covered_start, 1)?;
                 }
             }
             self.write_metadata(
@@ -432,10 +433,7 @@ impl<S: Storage> Image<S> {
                 "writing a new refcount block",
             )?;
         }
-        let mut table_raw = Vec::with_capacity(table_bytes as usize);
-        for e in &table {
-            table_raw.extend_from_slice(&e.to_be_bytes());
-        }
+        let mut table_raw = bytes::encode_table(&table);
         table_raw.resize(table_bytes as usize, 0);
         self.storage
             .debug_event(DebugEvent::RefblockAllocWriteTable);
