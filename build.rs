@@ -118,6 +118,7 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "qemu_iovec_memset",
     "error_setg_internal",
     "error_report",
+    "error_printf",
     "error_setg_errno_internal",
     "qdict_get_try_str",
     "qdict_del",

@@ -67,10 +67,13 @@ everything runs.
 
 --driver NAME=OPTIONS adds a qcow2b configuration of your own to the run (repeatable), for
 example `--driver ordered16=barrier=ordered,buffer-size=16M`: it runs beside the others and
-is held to the target of the barrier mode its options name.
+is held to the target of the barrier mode its options name. --bin NAME=DIR runs that driver
+with the qemu-img and qemu-io of another build (say, the Rust library built with other
+profile settings), so two builds are compared in one run, each against QEMU's qcow2.
 
 Usage: datapath-bench.py [--reps N] [--scale X] [--media tmpfs,disk] [--cells a,b]
                          [--modes ordered,flush,txg] [--driver NAME=OPTIONS]...
+                         [--bin NAME=DIR]...
                          [--timing process|run] [--json FILE] [--smoke]"""
 
 import argparse
@@ -105,6 +108,8 @@ MODES = ("ordered", "flush", "txg")
 TARGET_RATIO = {"ordered": 1.0, "flush": 0.95, "txg": 1.0}
 
 MEDIA = {"tmpfs": "/dev/shm", "disk": bl.BUILD_ROOT}
+# A driver whose qemu-img and qemu-io come from another build (--bin NAME=DIR).
+BIN_DIRS = {}
 
 SMOKE_SCALE = 1 / 64
 SMOKE_SIZE_DIVISOR = 16
@@ -275,9 +280,12 @@ def qemu_io_script(path, cell, count, interval, size_bytes):
 
 def command(cell, driver, image, count, interval):
     spec = f"{DRIVERS[driver]},file.filename={image}"
+    qemu_img, qemu_io = bl.QEMU_IMG, bl.QEMU_IO
+    if driver in BIN_DIRS:
+        qemu_img, qemu_io = (os.path.join(BIN_DIRS[driver], t) for t in ("qemu-img", "qemu-io"))
     if cell.tool == "qemu-io":
-        return [bl.QEMU_IO, "-t", "writeback", "--image-opts", spec]
-    cmd = [bl.QEMU_IMG, "bench", "-t", "writeback", "-c", str(count), "-d", str(cell.depth),
+        return [qemu_io, "-t", "writeback", "--image-opts", spec]
+    cmd = [qemu_img, "bench", "-t", "writeback", "-c", str(count), "-d", str(cell.depth),
            "-s", str(cell.request_bytes), "-S", str(cell.stride_bytes)]
     if cell.write:
         cmd += ["-w", f"--pattern={WRITE_PATTERN}"]
@@ -442,6 +450,17 @@ def extra_driver(text):
     return name
 
 
+def bin_dir(text):
+    """--bin NAME=DIR: driver NAME runs the qemu-img and qemu-io of DIR."""
+    name, sep, path = text.partition("=")
+    if not sep or name not in DRIVERS or name == "qcow2":
+        raise SystemExit(f"--bin wants NAME=DIR with NAME a qcow2b driver of this run, not {text!r}")
+    for tool in ("qemu-img", "qemu-io"):
+        if not os.access(os.path.join(path, tool), os.X_OK):
+            raise SystemExit(f"--bin {name}: no {tool} in {path}")
+    BIN_DIRS[name] = os.path.abspath(path)
+
+
 def print_summary(rows, modes):
     for mode in modes:
         target = target_ratio(mode)
@@ -481,6 +500,9 @@ def parse_args():
                     help="qcow2b barrier modes to run against qcow2 (default ordered,flush,txg)")
     ap.add_argument("--driver", action="append", default=[], metavar="NAME=OPTIONS",
                     help="another qcow2b configuration to run beside the others (repeatable)")
+    ap.add_argument("--bin", action="append", default=[], metavar="NAME=DIR",
+                    help="driver NAME (a --driver) runs the qemu-img and qemu-io in DIR, another "
+                         "build of the same tree (repeatable)")
     ap.add_argument("--timing", choices=["process", "run"], default="process",
                     help="time a run as the whole process (default) or as qemu-img bench "
                          "reports it")
@@ -496,6 +518,8 @@ def parse_args():
     args.cells = [c for c in CELLS if c.name in wanted]
     args.drivers = ["qcow2"] + [m for m in MODES if m in choose(args.modes, MODES, "modes")]
     args.drivers += [extra_driver(d) for d in args.driver]
+    for b in args.bin:
+        bin_dir(b)
     return args
 
 
@@ -509,6 +533,7 @@ def main():
     started = time.monotonic()
     results = {"reps": args.reps, "scale": scale, "image_size_divisor": size_divisor,
                "timing": args.timing, "drivers": {d: DRIVERS[d] for d in args.drivers},
+               "bin_dirs": BIN_DIRS,
                "rows": []}
     for medium in args.media:
         ws = Workspace(medium, size_divisor)

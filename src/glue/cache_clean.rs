@@ -14,8 +14,10 @@ use std::ffi::c_void;
 use std::time::Duration;
 
 use super::bindings::BlockDriverState;
+use super::ffi::entries;
+use super::file::InFlight;
 use super::node::Node;
-use super::timer::{drained, end_task, start_task, NodeTimer};
+use super::timer::{drained, start_task, NodeTimer};
 use super::txg::RESTART_RETRY;
 
 /// A node's cache cleaner.
@@ -70,36 +72,35 @@ pub unsafe fn stop(node: &Node) {
     unsafe { node.cache_clean.timer.forget() };
 }
 
-unsafe extern "C" fn timer_fired(opaque: *mut c_void) {
+entries! {
+fn timer_fired(opaque: *mut c_void) -> () {
     let bs: *mut BlockDriverState = opaque.cast();
-    let _ = super::ffi::guard("cache clean timer", || {
-        // SAFETY: the timer is deleted before the node closes or changes context, so bs is
-        // an open node in this thread's context.
-        unsafe {
-            let node = Node::of(bs);
-            if drained(bs) {
-                node.cache_clean.timer.arm(bs, RESTART_RETRY);
-            } else {
-                start_task(bs, clean_entry);
-            }
+    // SAFETY: the timer is deleted before the node closes or changes context, so bs is an
+    // open node in this thread's context.
+    unsafe {
+        let node = Node::of(bs);
+        if drained(bs) {
+            node.cache_clean.timer.arm(bs, RESTART_RETRY);
+        } else {
+            start_task(bs, clean_entry);
         }
-        Ok(0)
-    });
+    }
+}
 }
 
-unsafe extern "C" fn clean_entry(opaque: *mut c_void) {
+entries! {
+fn clean_entry(opaque: *mut c_void) -> () {
     let bs: *mut BlockDriverState = opaque.cast();
     // SAFETY: `timer_fired` passed an open node, kept open by the task's in-flight count.
     let node = unsafe { Node::of(bs) };
-    let _ = super::ffi::guard("cache clean", || {
-        // SAFETY: in the coroutine created for it, in the node's AioContext.
-        let mut locked = unsafe { node.lock() }?;
+    // The task ends on every path (a panic included: the entry stops it).
+    let _task = InFlight(bs);
+    // SAFETY: in the coroutine created for it, in the node's AioContext. A poisoned node
+    // refuses the lock: there is nothing to clean then.
+    if let Ok(mut locked) = unsafe { node.lock() } {
         locked.image().drop_idle_cache_tables();
-        Ok(0)
-    });
-    // SAFETY: as above; the next interval starts now.
-    unsafe {
-        start(bs, node);
-        end_task(bs);
     }
+    // SAFETY: as above; the next interval starts now.
+    unsafe { start(bs, node) };
+}
 }

@@ -5,7 +5,7 @@
 use std::ffi::{c_char, c_int};
 
 use super::bindings::{self, BlockDriver, BlockDriverState, QemuOpts};
-use super::ffi::{guard_errp, set_error};
+use super::ffi::{entries, set_error, to_c_errp};
 use super::opts::{
     bool_opt, leak_list, number_opt, size_opt, string_opt, value_text, Opt, OptsListCell,
 };
@@ -78,15 +78,16 @@ unsafe fn create_options(opts: *mut QemuOpts, take: bool) -> Result<CreateOption
     Ok(options)
 }
 
-pub unsafe extern "C" fn qcow2b_co_create_opts(
+entries! {
+pub fn qcow2b_co_create_opts(
     _drv: *mut BlockDriver,
     filename: *const c_char,
     opts: *mut QemuOpts,
     errp: *mut *mut bindings::Error,
-) -> c_int {
+) -> c_int, errp = errp {
     // SAFETY: QEMU passes a valid file name, options and errp; we run in a coroutine.
     unsafe {
-        guard_errp("create", errp, || {
+        to_c_errp("create", errp, || {
             let options = create_options(opts, true)?;
             // Refuse bad options before anything exists on disk.
             options.validate()?;
@@ -103,6 +104,7 @@ pub unsafe extern "C" fn qcow2b_co_create_opts(
             Ok(0)
         })
     }
+}
 }
 
 /// Bytes of `in_bs` that hold data, counted in whole clusters of `cluster_size` as QEMU's
@@ -154,15 +156,16 @@ unsafe fn allocated_bytes(in_bs: *mut BlockDriverState, cluster_size: u64) -> Re
     Ok(required)
 }
 
-pub unsafe extern "C" fn qcow2b_measure(
+entries! {
+pub fn qcow2b_measure(
     opts: *mut QemuOpts,
     in_bs: *mut BlockDriverState,
     errp: *mut *mut bindings::Error,
-) -> *mut bindings::BlockMeasureInfo {
+) -> *mut bindings::BlockMeasureInfo, errp = errp {
     let mut info = std::ptr::null_mut();
     // SAFETY: QEMU passes live options, a NULL or open source node, and errp.
     unsafe {
-        guard_errp("measure", errp, || {
+        to_c_errp("measure", errp, || {
             let mut options = create_options(opts, false)?;
             let allocated = if in_bs.is_null() {
                 None
@@ -191,4 +194,5 @@ pub unsafe extern "C" fn qcow2b_measure(
         }
     }
     info
+}
 }

@@ -1,7 +1,7 @@
 //! The `qcow2b` BlockDriver: QEMU's callbacks, each a thin trampoline into the engine.
 //!
 //! Every callback follows one shape: recover the node (`node.rs`), run the body inside
-//! [`guard`]/[`guard_errp`] (no panic reaches C; errors become `-errno` there), and reach the
+//! the one guard of `ffi::entries!` (no panic reaches C; errors become `-errno` there), and reach the
 //! engine through the node's lock. Guest reads and writes are in `request.rs`.
 //!
 //! Format probing is left to QEMU's qcow2: qcow2b drives the same on-disk format and is used
@@ -17,7 +17,7 @@ use super::bindings::{
 };
 use super::cache_clean;
 use super::create;
-use super::ffi::{guard, guard_errp};
+use super::ffi::{entries, to_c, to_c_errp};
 use super::file::{FileAccess, Unsynced};
 use super::node::Node;
 use super::opts::Opts;
@@ -92,15 +92,16 @@ unsafe fn publish_image_fields(
     Ok(())
 }
 
-unsafe extern "C" fn qcow2b_open(
+entries! {
+fn qcow2b_open(
     bs: *mut BlockDriverState,
     options: *mut QDict,
     flags: c_int,
     errp: *mut *mut bindings::Error,
-) -> c_int {
+) -> c_int, errp = errp {
     // SAFETY: QEMU passes a valid node, options and errp.
     unsafe {
-        guard_errp("open", errp, || {
+        to_c_errp("open", errp, || {
             let ret =
                 bindings::bdrv_open_file_child(ptr::null(), options, c"file".as_ptr(), bs, errp);
             if ret < 0 {
@@ -138,8 +139,10 @@ unsafe extern "C" fn qcow2b_open(
         })
     }
 }
+}
 
-unsafe extern "C" fn qcow2b_close(bs: *mut BlockDriverState) {
+entries! {
+fn qcow2b_close(bs: *mut BlockDriverState) -> () {
     // SAFETY: QEMU closes only nodes it opened, drained; nothing uses the node afterwards.
     let Some(node) = (unsafe { Node::take(bs) }) else {
         return;
@@ -166,21 +169,23 @@ unsafe extern "C" fn qcow2b_close(bs: *mut BlockDriverState) {
         // at what the failed write left dirty, and a transient error there (iotest 026,
         // ENOSPC injected once) would lose it. Without errors the close alone writes back,
         // with one sync.
-        let _first_attempt = guard("close", || {
+        let _first_attempt = to_c("close", || {
             // SAFETY: the node is drained; nothing else runs on it.
             unsafe { node.image_drained() }.flush().map(|_| 0)
         });
     }
-    let ret = guard("close", move || node.into_image().close().map(|_storage| 0));
+    let ret = to_c("close", move || node.into_image().close().map(|_storage| 0));
     if ret < 0 {
-        eprintln!(
+        log::error!(
             "qcow2b: writing metadata back on close failed: {}",
             std::io::Error::from_raw_os_error(-ret)
         );
     }
 }
+}
 
-unsafe extern "C" fn qcow2b_co_preadv_part(
+entries! {
+fn qcow2b_co_preadv_part(
     bs: *mut BlockDriverState,
     offset: i64,
     bytes: i64,
@@ -188,14 +193,16 @@ unsafe extern "C" fn qcow2b_co_preadv_part(
     qiov_offset: usize,
     _flags: bindings::BdrvRequestFlags,
 ) -> c_int {
-    guard("read", || {
+    to_c("read", || {
         // SAFETY: called by the block layer in a coroutine of a node we opened, with a qiov
         // of `bytes` bytes from qiov_offset (offsets and sizes are non-negative there).
         unsafe { request::read(bs, offset as u64, bytes as u64, qiov, qiov_offset) }.map(|_| 0)
     })
 }
+}
 
-unsafe extern "C" fn qcow2b_co_pwritev_part(
+entries! {
+fn qcow2b_co_pwritev_part(
     bs: *mut BlockDriverState,
     offset: i64,
     bytes: i64,
@@ -204,22 +211,25 @@ unsafe extern "C" fn qcow2b_co_pwritev_part(
     flags: bindings::BdrvRequestFlags,
 ) -> c_int {
     let barrier = flags & bindings::BDRV_REQ_BARRIER != 0;
-    guard("write", || {
+    to_c("write", || {
         // SAFETY: as for reads.
         unsafe { request::write(bs, offset as u64, bytes as u64, qiov, qiov_offset, barrier) }
             .map(|_| 0)
     })
 }
+}
 
-unsafe extern "C" fn qcow2b_co_barrier(
+entries! {
+fn qcow2b_co_barrier(
     bs: *mut BlockDriverState,
     flags: bindings::BdrvRequestFlags,
 ) -> c_int {
     let guest_flush = flags & bindings::BDRV_REQ_GUEST_FLUSH != 0;
-    guard("barrier", || {
+    to_c("barrier", || {
         // SAFETY: called by the block layer in a coroutine of a node we opened.
         unsafe { request::barrier(bs, guest_flush) }.map(|_| 0)
     })
+}
 }
 
 /// Runs a metadata-only change of a guest range once no allocation in flight overlaps it.
@@ -257,14 +267,15 @@ fn whole_clusters(image: &Image<FileAccess>, offset: u64, bytes: u64) -> bool {
     offset & mask == 0 && (end & mask == 0 || end == image.virtual_size())
 }
 
-unsafe extern "C" fn qcow2b_co_pwrite_zeroes(
+entries! {
+fn qcow2b_co_pwrite_zeroes(
     bs: *mut BlockDriverState,
     offset: i64,
     bytes: i64,
     flags: bindings::BdrvRequestFlags,
 ) -> c_int {
     let unmap = flags & bindings::BDRV_REQ_MAY_UNMAP != 0;
-    guard("write_zeroes", || {
+    to_c("write_zeroes", || {
         // SAFETY: called by the block layer in a coroutine of a node we opened.
         unsafe {
             change_range(bs, offset as u64, bytes as u64, |image| {
@@ -280,13 +291,15 @@ unsafe extern "C" fn qcow2b_co_pwrite_zeroes(
         .map(|_| 0)
     })
 }
+}
 
-unsafe extern "C" fn qcow2b_co_pdiscard(
+entries! {
+fn qcow2b_co_pdiscard(
     bs: *mut BlockDriverState,
     offset: i64,
     bytes: i64,
 ) -> c_int {
-    guard("discard", || {
+    to_c("discard", || {
         // SAFETY: called by the block layer in a coroutine of a node we opened.
         let has_backing = unsafe { !(*bs).backing.is_null() };
         // SAFETY: as above.
@@ -306,28 +319,32 @@ unsafe extern "C" fn qcow2b_co_pdiscard(
         .map(|_| 0)
     })
 }
+}
 
-unsafe extern "C" fn qcow2b_co_flush_to_os(bs: *mut BlockDriverState) -> c_int {
+entries! {
+fn qcow2b_co_flush_to_os(bs: *mut BlockDriverState) -> c_int {
     // The engine's flush writes metadata back in order and syncs the file once; the block
     // layer's own flush of bs->file afterwards finds nothing new and costs no second sync.
     // In the txg mode the flush commits the group (txg.rs): two syncs, or none.
-    guard("flush", || {
+    to_c("flush", || {
         // SAFETY: called by the block layer in a coroutine of a node we opened.
         unsafe { txg::commit(Node::of(bs), txg::Durability::Flush) }.map(|_| 0)
     })
 }
+}
 
-unsafe extern "C" fn qcow2b_co_truncate(
+entries! {
+fn qcow2b_co_truncate(
     bs: *mut BlockDriverState,
     offset: i64,
     _exact: bool,
     prealloc: bindings::PreallocMode,
     flags: bindings::BdrvRequestFlags,
     errp: *mut *mut bindings::Error,
-) -> c_int {
+) -> c_int, errp = errp {
     // SAFETY: QEMU passes a valid node and errp; we run in a coroutine of the node.
     unsafe {
-        guard_errp("truncate", errp, || {
+        to_c_errp("truncate", errp, || {
             let preallocation = match prealloc {
                 bindings::PREALLOC_MODE_OFF => Preallocation::Off,
                 bindings::PREALLOC_MODE_METADATA => Preallocation::Metadata,
@@ -366,16 +383,18 @@ unsafe extern "C" fn qcow2b_co_truncate(
         })
     }
 }
+}
 
 /// The variable that makes probing pick qcow2b for qcow2 images.
 const PROBE_VARIABLE: &str = "QCOW2B_PROBE";
 
+entries! {
 /// Probing: nothing, unless `QCOW2B_PROBE=1` is set in the environment; then a qcow2 header
 /// (magic, version 2 or 3) scores above QEMU's qcow2 (100), so every image opened without a
 /// format name (`qemu-img info img`, a backing file without backing_fmt) is driven by qcow2b.
 /// QEMU's iotests set it with `./check -qcow2b`, so that a test's commands without `-f`
 /// exercise qcow2b as they exercise qcow2 under `-qcow2`.
-unsafe extern "C" fn qcow2b_probe(
+fn qcow2b_probe(
     buf: *const u8,
     buf_size: c_int,
     _filename: *const c_char,
@@ -391,13 +410,15 @@ unsafe extern "C" fn qcow2b_probe(
         0
     }
 }
+}
 
-unsafe extern "C" fn qcow2b_change_backing_file(
+entries! {
+fn qcow2b_change_backing_file(
     bs: *mut BlockDriverState,
     backing_file: *const c_char,
     backing_fmt: *const c_char,
 ) -> c_int {
-    guard("change_backing_file", || {
+    to_c("change_backing_file", || {
         // Names are bytes, as the image stores them.
         let text = |p: *const c_char| {
             // SAFETY: QEMU passes NULL or a NUL-terminated string.
@@ -412,15 +433,17 @@ unsafe extern "C" fn qcow2b_change_backing_file(
             .map(|()| 0)
     })
 }
+}
 
-unsafe extern "C" fn qcow2b_make_empty(bs: *mut BlockDriverState) -> c_int {
+entries! {
+fn qcow2b_make_empty(bs: *mut BlockDriverState) -> c_int {
     // qemu-img commit (and HMP commit) empty the committed image so that it reads as its
     // backing file again. Called in the main loop, outside any coroutine; the node is
     // drained for it, so that no request sees the table entries change under it. The drained
-    // section ends whatever the engine does (its panics stop inside `guard`).
+    // section ends whatever the engine does (its panics stop in the entry's guard).
     // SAFETY: QEMU passes an open node, in the main loop.
     unsafe { bindings::bdrv_drained_begin(bs) };
-    let ret = guard("make_empty", || {
+    let ret = to_c("make_empty", || {
         // SAFETY: the node is drained until the end of the section below.
         unsafe { Node::of(bs).image_drained() }
             .make_empty()
@@ -430,8 +453,10 @@ unsafe extern "C" fn qcow2b_make_empty(bs: *mut BlockDriverState) -> c_int {
     unsafe { bindings::bdrv_drained_end(bs) };
     ret
 }
+}
 
-unsafe extern "C" fn qcow2b_co_block_status(
+entries! {
+fn qcow2b_co_block_status(
     bs: *mut BlockDriverState,
     _want_zero: bool,
     offset: i64,
@@ -440,7 +465,7 @@ unsafe extern "C" fn qcow2b_co_block_status(
     map: *mut i64,
     file: *mut *mut BlockDriverState,
 ) -> c_int {
-    guard("block_status", || {
+    to_c("block_status", || {
         let (mapping, len) = {
             // SAFETY: called in a coroutine of a node we opened.
             let mut locked = unsafe { Node::of(bs).lock() }?;
@@ -470,11 +495,13 @@ unsafe extern "C" fn qcow2b_co_block_status(
         }
     })
 }
+}
 
-unsafe extern "C" fn qcow2b_refresh_limits(
+entries! {
+fn qcow2b_refresh_limits(
     bs: *mut BlockDriverState,
     _errp: *mut *mut bindings::Error,
-) {
+) -> () {
     // SAFETY: QEMU passes an open node, drained.
     unsafe {
         let cluster_size = Node::of(bs).image_drained().cluster_size() as u32;
@@ -483,10 +510,13 @@ unsafe extern "C" fn qcow2b_refresh_limits(
         (*bs).bl.pdiscard_alignment = cluster_size;
     }
 }
+}
 
-unsafe extern "C" fn qcow2b_has_zero_init(_bs: *mut BlockDriverState) -> c_int {
+entries! {
+fn qcow2b_has_zero_init(_bs: *mut BlockDriverState) -> c_int {
     // A new qcow2 image reads as zeros wherever nothing was written (no external data file).
     1
+}
 }
 
 /// What a reopen's prepare decided, for its commit (`BDRVReopenState.opaque`; freed by
@@ -498,14 +528,15 @@ struct ReopenPlan {
     settings: Settings,
 }
 
-unsafe extern "C" fn qcow2b_reopen_prepare(
+entries! {
+fn qcow2b_reopen_prepare(
     state: *mut BDRVReopenState,
     _queue: *mut BlockReopenQueue,
     errp: *mut *mut bindings::Error,
-) -> c_int {
+) -> c_int, errp = errp {
     // SAFETY: QEMU passes a valid reopen state of a drained qcow2b node, and errp.
     unsafe {
-        guard_errp("reopen", errp, || {
+        to_c_errp("reopen", errp, || {
             let bs = (*state).bs;
             let read_only = (*state).flags & bindings::BDRV_O_RDWR as c_int == 0;
             let node = Node::of(bs);
@@ -550,6 +581,7 @@ unsafe extern "C" fn qcow2b_reopen_prepare(
         })
     }
 }
+}
 
 /// Whether a reopen names another node as the `file` child (blockdev-reopen; without the
 /// key the child stays).
@@ -575,7 +607,7 @@ unsafe fn names_another_file(state: *mut BDRVReopenState) -> bool {
 unsafe fn reopen_new_file(bs: *mut BlockDriverState) {
     // SAFETY: per the caller.
     let node = unsafe { Node::of(bs) };
-    let ret = guard("reopen", || {
+    let ret = to_c("reopen", || {
         let mut options = node.open_options.borrow().clone();
         // SAFETY: per the caller.
         let image = unsafe { node.image_drained() };
@@ -588,7 +620,7 @@ unsafe fn reopen_new_file(bs: *mut BlockDriverState) {
     });
     if ret < 0 {
         node.poison();
-        eprintln!(
+        log::error!(
             "qcow2b: reopen with another file: the image in the new file does not open, so \
              this node refuses every request: {}",
             std::io::Error::from_raw_os_error(-ret)
@@ -596,7 +628,8 @@ unsafe fn reopen_new_file(bs: *mut BlockDriverState) {
     }
 }
 
-unsafe extern "C" fn qcow2b_reopen_commit(state: *mut BDRVReopenState) {
+entries! {
+fn qcow2b_reopen_commit(state: *mut BDRVReopenState) -> () {
     // SAFETY: as in prepare; prepare succeeded, so opaque holds its plan, taken back here
     // once.
     unsafe {
@@ -615,11 +648,11 @@ unsafe extern "C" fn qcow2b_reopen_commit(state: *mut BDRVReopenState) {
         }
         if (*state).flags & bindings::BDRV_O_RDWR as c_int == 0 {
             let bs = (*state).bs;
-            let ret = guard("reopen", || {
+            let ret = to_c("reopen", || {
                 Node::of(bs).image_drained().make_read_only().map(|_| 0)
             });
             if ret < 0 {
-                eprintln!(
+                log::error!(
                     "qcow2b: reopen read-only: {}",
                     std::io::Error::from_raw_os_error(-ret)
                 );
@@ -627,19 +660,21 @@ unsafe extern "C" fn qcow2b_reopen_commit(state: *mut BDRVReopenState) {
         }
     }
 }
+}
 
-unsafe extern "C" fn qcow2b_reopen_commit_post(state: *mut BDRVReopenState) {
+entries! {
+fn qcow2b_reopen_commit_post(state: *mut BDRVReopenState) -> () {
     // Becoming writable writes the header (autoclear bits), which needs the file child's
     // write permission: granted only after commit.
     // SAFETY: as in prepare.
     unsafe {
         if (*state).flags & bindings::BDRV_O_RDWR as c_int != 0 {
             let bs = (*state).bs;
-            let ret = guard("reopen", || {
+            let ret = to_c("reopen", || {
                 Node::of(bs).image_drained().make_writable().map(|_| 0)
             });
             if ret < 0 {
-                eprintln!(
+                log::error!(
                     "qcow2b: reopen read-write failed, the node stays read-only: {}",
                     std::io::Error::from_raw_os_error(-ret)
                 );
@@ -647,8 +682,10 @@ unsafe extern "C" fn qcow2b_reopen_commit_post(state: *mut BDRVReopenState) {
         }
     }
 }
+}
 
-unsafe extern "C" fn qcow2b_reopen_abort(state: *mut BDRVReopenState) {
+entries! {
+fn qcow2b_reopen_abort(state: *mut BDRVReopenState) -> () {
     // SAFETY: QEMU aborts only a reopen whose prepare succeeded, so opaque holds its plan,
     // dropped here once.
     unsafe {
@@ -658,8 +695,10 @@ unsafe extern "C" fn qcow2b_reopen_abort(state: *mut BDRVReopenState) {
         }
     }
 }
+}
 
-unsafe extern "C" fn qcow2b_detach_aio_context(bs: *mut BlockDriverState) {
+entries! {
+fn qcow2b_detach_aio_context(bs: *mut BlockDriverState) -> () {
     // SAFETY: QEMU detaches open, drained nodes.
     unsafe {
         let node = Node::of(bs);
@@ -667,11 +706,13 @@ unsafe extern "C" fn qcow2b_detach_aio_context(bs: *mut BlockDriverState) {
         cache_clean::stop(node);
     }
 }
+}
 
-unsafe extern "C" fn qcow2b_attach_aio_context(
+entries! {
+fn qcow2b_attach_aio_context(
     bs: *mut BlockDriverState,
     ctx: *mut bindings::AioContext,
-) {
+) -> () {
     // SAFETY: QEMU attaches open nodes, now in ctx.
     let node = unsafe { Node::of(bs) };
     if node.open_options.borrow().txg.is_some() {
@@ -681,26 +722,30 @@ unsafe extern "C" fn qcow2b_attach_aio_context(
     // SAFETY: as above.
     unsafe { cache_clean::start(bs, node) };
 }
+}
 
-unsafe extern "C" fn qcow2b_inactivate(bs: *mut BlockDriverState) -> c_int {
+entries! {
+fn qcow2b_inactivate(bs: *mut BlockDriverState) -> c_int {
     // Before another process takes the image over (migration): everything out, durably, and
     // the zero reserve given back, as at a close.
-    guard("inactivate", || {
+    to_c("inactivate", || {
         // SAFETY: QEMU inactivates a drained, open node.
         unsafe { Node::of(bs).image_drained() }
             .hand_over()
             .map(|_| 0)
     })
 }
+}
 
-unsafe extern "C" fn qcow2b_co_invalidate_cache(
+entries! {
+fn qcow2b_co_invalidate_cache(
     bs: *mut BlockDriverState,
     errp: *mut *mut bindings::Error,
-) {
+) -> (), errp = errp {
     // Another process may have changed the image (incoming migration): read it anew.
     // SAFETY: QEMU passes an open node and errp; the node is drained.
     unsafe {
-        guard_errp("invalidate_cache", errp, || {
+        to_c_errp("invalidate_cache", errp, || {
             let node = Node::of(bs);
             let options = node.open_options.borrow().clone();
             let fresh = Image::open(node.file.clone(), &options)?;
@@ -712,12 +757,14 @@ unsafe extern "C" fn qcow2b_co_invalidate_cache(
         })
     };
 }
+}
 
-unsafe extern "C" fn qcow2b_get_info(
+entries! {
+fn qcow2b_get_info(
     bs: *mut BlockDriverState,
     bdi: *mut BlockDriverInfo,
 ) -> c_int {
-    guard("get_info", || {
+    to_c("get_info", || {
         // SAFETY: bs is an open qcow2b node and bdi a valid out-pointer.
         unsafe {
             let image = Node::of(bs).image_drained();
@@ -726,6 +773,7 @@ unsafe extern "C" fn qcow2b_get_info(
         }
         Ok(0)
     })
+}
 }
 
 /// Allocates a zeroed QAPI object with glib, as QEMU frees them (qapi_free_*).
@@ -737,20 +785,21 @@ unsafe fn qapi_new<T>() -> *mut T {
     unsafe { bindings::g_malloc0(std::mem::size_of::<T>() as u64).cast() }
 }
 
+entries! {
 /// The image information of a qcow2b node: that of a qcow2 image, field for field, so that
 /// `qemu-img info`, query-block and query-named-block-nodes show what they show for QEMU's
 /// qcow2 (management tools and tests read it, and compare it before and after an operation).
 /// What is the driver's own (barrier mode, counters) is in its statistics
 /// ([`qcow2b_get_specific_stats`]).
-unsafe extern "C" fn qcow2b_get_specific_info(
+fn qcow2b_get_specific_info(
     bs: *mut BlockDriverState,
     errp: *mut *mut bindings::Error,
-) -> *mut bindings::ImageInfoSpecific {
+) -> *mut bindings::ImageInfoSpecific, errp = errp {
     let mut out = ptr::null_mut();
     // SAFETY: bs is an open qcow2b node; the QAPI objects are allocated with glib, as QEMU
     // frees them with qapi_free_ImageInfoSpecific.
     unsafe {
-        guard_errp("get_specific_info", errp, || {
+        to_c_errp("get_specific_info", errp, || {
             let header = Node::of(bs).image_drained().header().clone();
             let info: *mut bindings::ImageInfoSpecificQCow2 = qapi_new();
             let i = &mut *info;
@@ -779,18 +828,20 @@ unsafe extern "C" fn qcow2b_get_specific_info(
     }
     out
 }
+}
 
+entries! {
 /// The driver's statistics (QMP query-blockstats, `driver-specific`; qemu-io's info): the
 /// barrier mode and the counters of what the node received and issued since it was opened.
-unsafe extern "C" fn qcow2b_get_specific_stats(
+fn qcow2b_get_specific_stats(
     bs: *mut BlockDriverState,
 ) -> *mut bindings::BlockStatsSpecific {
     let mut out = ptr::null_mut();
     // SAFETY: bs is an open qcow2b node; the QAPI objects are allocated with glib, as QEMU
     // frees them with qapi_free_BlockStatsSpecific.
     // Statistics are optional: a failure leaves `out` NULL (none rather than a half-built
-    // object), and guard has reported it.
-    let _ = guard("get_specific_stats", || unsafe {
+    // object), and the error was reported.
+    let _ = to_c("get_specific_stats", || unsafe {
         let node = Node::of(bs);
         let image = node.image_drained();
         let engine = image.counters();
@@ -848,8 +899,10 @@ unsafe extern "C" fn qcow2b_get_specific_stats(
     });
     out
 }
+}
 
-unsafe extern "C" fn qcow2b_co_check(
+entries! {
+fn qcow2b_co_check(
     bs: *mut BlockDriverState,
     result: *mut bindings::BdrvCheckResult,
     fix: bindings::BdrvCheckMode,
@@ -861,16 +914,16 @@ unsafe extern "C" fn qcow2b_co_check(
     } else {
         CheckFix::None
     };
-    guard("check", || {
+    to_c("check", || {
         // SAFETY: called by qemu-img in a coroutine of a node we opened.
         let mut locked = unsafe { Node::of(bs).lock() }?;
         let report = locked.image().check(fix)?;
         // What QEMU's qcow2 prints as it goes ("Leaked cluster ...", "ERROR ..."), on stderr.
         for message in &report.messages {
-            eprintln!("{message}");
+            log::info!("{message}");
         }
         if report.messages_dropped > 0 {
-            eprintln!("({} more messages not shown)", report.messages_dropped);
+            log::info!("({} more messages not shown)", report.messages_dropped);
         }
         let clamp = |n: u64| c_int::try_from(n).unwrap_or(c_int::MAX);
         // SAFETY: result is a valid out-pointer (block-layer contract).
@@ -893,12 +946,14 @@ unsafe extern "C" fn qcow2b_co_check(
         })
     })
 }
+}
 
-unsafe extern "C" fn qcow2b_snapshot_list(
+entries! {
+fn qcow2b_snapshot_list(
     bs: *mut BlockDriverState,
     psn_info: *mut *mut bindings::QEMUSnapshotInfo,
 ) -> c_int {
-    guard("snapshot_list", || {
+    to_c("snapshot_list", || {
         // SAFETY: bs is an open qcow2b node, drained (snapshot commands run outside requests).
         let snapshots = unsafe { Node::of(bs).image_drained() }.snapshots().to_vec();
         let size = std::mem::size_of::<bindings::QEMUSnapshotInfo>() * snapshots.len().max(1);
@@ -922,6 +977,7 @@ unsafe extern "C" fn qcow2b_snapshot_list(
         Ok(snapshots.len() as c_int)
     })
 }
+}
 
 /// Copies `value` (bytes, as the image stores names) into a C char array, cut to fit and
 /// NUL-terminated.
@@ -937,11 +993,13 @@ fn copy_truncated(dst: &mut [c_char], value: &[u8]) {
 
 static FORMAT_NAME: &CStr = c"qcow2b";
 
+entries! {
 /// Registers the `qcow2b` driver. Called once at start-up from QEMU's block/qcow2b.c
 /// (`block_init`), before any image is opened.
 #[no_mangle]
-pub extern "C" fn qcow2b_register() {
-    guard("register", || {
+pub fn qcow2b_register() -> () {
+    super::logger::install();
+    to_c("register", || {
         let drv = BlockDriver {
             format_name: FORMAT_NAME.as_ptr(),
             instance_size: std::mem::size_of::<*mut Node>() as c_int,
@@ -991,4 +1049,5 @@ pub extern "C" fn qcow2b_register() {
     });
     super::recorder::register();
     super::latency::register();
+}
 }

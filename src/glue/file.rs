@@ -25,6 +25,7 @@
 //! - outside a coroutine (open, close, reopen, all of them drained), the buffer is emptied
 //!   synchronously first and the file used directly.
 
+use super::ffi::entries;
 use std::cell::{Cell, RefCell, UnsafeCell};
 use std::ffi::{c_void, CStr};
 use std::io;
@@ -1145,31 +1146,63 @@ fn write_run(child: *mut BdrvChild, run: &[JobWrite]) -> i32 {
     }
 }
 
-unsafe extern "C" fn write_task_entry(opaque: *mut c_void) {
+/// A write task's end, on every path out of it: its error (if any) noted, the writer told.
+struct TaskDone<'a> {
+    join: &'a Join,
+    /// 0 for a write that succeeded; stays EIO if the write never returned (a panic).
+    errno: Cell<i32>,
+}
+
+impl Drop for TaskDone<'_> {
+    fn drop(&mut self) {
+        let errno = self.errno.get();
+        if errno != 0 && self.join.error.get().is_none() {
+            self.join.error.set(Some(errno));
+        }
+        self.join.pending.set(self.join.pending.get() - 1);
+        // SAFETY: the queue is initialised; restarting schedules the writer, it does not run
+        // it.
+        unsafe { bindings::qemu_co_queue_next(self.join.queue.get()) };
+    }
+}
+
+/// A coroutine counted as a request of node `bs` (`bdrv_inc_in_flight`) until this drops.
+pub struct InFlight(pub *mut BlockDriverState);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // SAFETY: paired with the bdrv_inc_in_flight made when the coroutine was started; the
+        // node stays open while the count is held.
+        unsafe { bindings::bdrv_dec_in_flight(self.0) };
+    }
+}
+
+entries! {
+fn write_task_entry(opaque: *mut c_void) -> () {
     // SAFETY: made by `write_back` with Box::into_raw, entered once.
     let task = unsafe { Box::from_raw(opaque as *mut WriteTask) };
     // SAFETY: the writer waits for this task before `join` or the job goes.
     let join = unsafe { &*task.join };
-    let ret = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // SAFETY: as above.
-        write_run(task.child, unsafe { &*task.run })
-    }))
-    .unwrap_or(-libc::EIO);
-    if ret < 0 && join.error.get().is_none() {
-        join.error.set(Some(-ret));
-    }
-    join.pending.set(join.pending.get() - 1);
-    // SAFETY: the queue is initialised; restarting schedules the writer, it does not run it.
-    unsafe { bindings::qemu_co_queue_next(join.queue.get()) };
+    // The task is done whatever happens in the write (a panic unwinds through this), or
+    // the writer would wait for it forever.
+    let done = TaskDone {
+        join,
+        errno: Cell::new(libc::EIO),
+    };
+    // SAFETY: as above.
+    let ret = write_run(task.child, unsafe { &*task.run });
+    done.errno.set(if ret < 0 { -ret } else { 0 });
+}
 }
 
-unsafe extern "C" fn writer_entry(opaque: *mut c_void) {
+entries! {
+fn writer_entry(opaque: *mut c_void) -> () {
     // SAFETY: `kick` passed the OrderedFile, which lives as long as the node, and the node
     // does not close while this writer counts as one of its requests.
     let o = unsafe { &*(opaque as *const OrderedFile) };
-    let bs = o.bs;
-    // A panic must not unwind into the coroutine trampoline.
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| o.run_writer()));
-    // SAFETY: paired with the bdrv_inc_in_flight in `kick`.
-    unsafe { bindings::bdrv_dec_in_flight(bs) };
+    // No longer one of the node's requests once it ends, a panic included (the entry stops
+    // the panic; drain and close must not wait for a writer that is gone).
+    let _in_flight = InFlight(o.bs);
+    o.run_writer();
+}
 }

@@ -29,7 +29,7 @@ use std::ffi::{c_int, CStr};
 use std::ptr;
 
 use super::bindings::{self, BlockDriver, BlockDriverState, QDict, QEMUIOVector};
-use super::ffi::{guard, guard_errp};
+use super::ffi::{entries, to_c, to_c_errp};
 use super::filter;
 use super::opts::{leak_list, number_opt, Opts, OptsListCell};
 use crate::engine::Error;
@@ -86,15 +86,16 @@ unsafe fn charge_sync(bs: *mut BlockDriverState) {
     }
 }
 
-unsafe extern "C" fn synclat_open(
+entries! {
+fn synclat_open(
     bs: *mut BlockDriverState,
     options: *mut QDict,
     _flags: c_int,
     errp: *mut *mut bindings::Error,
-) -> c_int {
+) -> c_int, errp = errp {
     // SAFETY: QEMU passes a valid node, options and errp.
     unsafe {
-        guard_errp("synclat open", errp, || {
+        to_c_errp("synclat open", errp, || {
             let ret =
                 bindings::bdrv_open_file_child(ptr::null(), options, c"file".as_ptr(), bs, errp);
             if ret < 0 {
@@ -118,10 +119,14 @@ unsafe extern "C" fn synclat_open(
         })
     }
 }
+}
 
-unsafe extern "C" fn synclat_close(_bs: *mut BlockDriverState) {}
+entries! {
+fn synclat_close(_bs: *mut BlockDriverState) -> () {}
+}
 
-unsafe extern "C" fn synclat_co_pwritev_part(
+entries! {
+fn synclat_co_pwritev_part(
     bs: *mut BlockDriverState,
     offset: i64,
     bytes: i64,
@@ -134,8 +139,10 @@ unsafe extern "C" fn synclat_co_pwritev_part(
         bindings::bdrv_co_pwritev_part(filter::child(bs), offset, bytes, qiov, qiov_offset, flags)
     }
 }
+}
 
-unsafe extern "C" fn synclat_co_pwrite_zeroes(
+entries! {
+fn synclat_co_pwrite_zeroes(
     bs: *mut BlockDriverState,
     offset: i64,
     bytes: i64,
@@ -144,8 +151,10 @@ unsafe extern "C" fn synclat_co_pwrite_zeroes(
     // SAFETY: as for reads.
     unsafe { bindings::bdrv_co_pwrite_zeroes(filter::child(bs), offset, bytes, flags) }
 }
+}
 
-unsafe extern "C" fn synclat_co_pdiscard(
+entries! {
+fn synclat_co_pdiscard(
     bs: *mut BlockDriverState,
     offset: i64,
     bytes: i64,
@@ -153,16 +162,20 @@ unsafe extern "C" fn synclat_co_pdiscard(
     // SAFETY: as for reads.
     unsafe { bindings::bdrv_co_pdiscard(filter::child(bs), offset, bytes) }
 }
+}
 
-unsafe extern "C" fn synclat_co_flush_to_disk(bs: *mut BlockDriverState) -> c_int {
+entries! {
+fn synclat_co_flush_to_disk(bs: *mut BlockDriverState) -> c_int {
     // Called only when something was written since the last flush; the block layer flushes
     // the file child (fdatasync) right after this returns.
     // SAFETY: in a coroutine of an open node.
     unsafe { charge_sync(bs) };
     0
 }
+}
 
-unsafe extern "C" fn synclat_co_barrier(
+entries! {
+fn synclat_co_barrier(
     bs: *mut BlockDriverState,
     flags: bindings::BdrvRequestFlags,
 ) -> c_int {
@@ -176,12 +189,13 @@ unsafe extern "C" fn synclat_co_barrier(
         bindings::bdrv_co_barrier(filter::child(bs), flags)
     }
 }
+}
 
 static FORMAT_NAME: &CStr = c"qcow2b-synclat";
 
 /// Registers the `qcow2b-synclat` filter (from `qcow2b_register`).
 pub fn register() {
-    guard("register synclat", || {
+    to_c("register synclat", || {
         let drv = BlockDriver {
             format_name: FORMAT_NAME.as_ptr(),
             instance_size: std::mem::size_of::<SyncLatency>() as c_int,

@@ -1,8 +1,11 @@
 //! The QEMU glue: the only part of qcow2b that knows QEMU exists.
 //!
 //! - `bindings`: bindgen output for include/qcow2b-qemu.h, used by nothing outside this module;
-//! - `ffi`: the one place where engine errors become `-errno` plus an `Error **errp` message,
-//!   and where panics are stopped before they reach C;
+//! - `ffi`: the one guard of every function C calls (the `entries!` macro makes each
+//!   trampoline): panics stop there, and engine errors become `-errno` plus an
+//!   `Error **errp` message there;
+//! - `logger`: the `log` facade's records to QEMU's error reporting (the glue never prints
+//!   by hand, the engine never prints);
 //! - `storage`: the engine's [`crate::engine::Storage`] over a `BdrvChild`;
 //! - `file`: the image file, directly or through the ordered mode's epoch buffer and its
 //!   background writer;
@@ -16,7 +19,8 @@
 //! - `recorder`: the `qcow2b-recorder` filter, which logs what reaches its child (for the
 //!   crash-consistency harness, `tests/crash/`);
 //! - `latency`: the `qcow2b-synclat` filter, a fixed extra cost per host fdatasync (the
-//!   paper benchmark's flush-latency model).
+//!   paper benchmark's flush-latency model);
+//! - `filter`: what the two filters do alike (reads, length and reopen passed through).
 
 mod bindings;
 mod cache_clean;
@@ -27,6 +31,7 @@ mod file;
 mod filter;
 mod host_barrier;
 mod latency;
+mod logger;
 mod node;
 mod opts;
 mod recorder;

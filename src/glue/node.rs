@@ -11,6 +11,7 @@
 //! orders them across yields. So `&mut Image` is handed out only through [`Locked`], whose
 //! lifetime is the time the mutex is held.
 
+use super::ffi::entries;
 use std::cell::{Cell, RefCell, UnsafeCell};
 use std::collections::BTreeSet;
 use std::ffi::c_void;
@@ -292,14 +293,18 @@ pub struct Locked<'a> {
     node: &'a Node,
 }
 
-unsafe extern "C" fn co_mutex_lock(object: *mut c_void) {
+entries! {
+fn co_mutex_lock(object: *mut c_void) -> () {
     // SAFETY: `object` is the node's CoMutex (see Locked::wait_for_allocations).
     unsafe { bindings::qemu_co_mutex_lock(object.cast()) }
 }
+}
 
-unsafe extern "C" fn co_mutex_unlock(object: *mut c_void) {
+entries! {
+fn co_mutex_unlock(object: *mut c_void) -> () {
     // SAFETY: as above.
     unsafe { bindings::qemu_co_mutex_unlock(object.cast()) }
+}
 }
 
 impl Locked<'_> {

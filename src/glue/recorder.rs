@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::bindings::{self, BlockDriver, BlockDriverState, QDict, QEMUIOVector};
-use super::ffi::{guard, guard_errp};
+use super::ffi::{entries, to_c, to_c_errp};
 use super::filter;
 use super::opts::{leak_list, string_opt, Opts, OptsListCell};
 use crate::engine::Error;
@@ -185,15 +185,16 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-unsafe extern "C" fn recorder_open(
+entries! {
+fn recorder_open(
     bs: *mut BlockDriverState,
     options: *mut QDict,
     _flags: c_int,
     errp: *mut *mut bindings::Error,
-) -> c_int {
+) -> c_int, errp = errp {
     // SAFETY: QEMU passes a valid node, options and errp.
     unsafe {
-        guard_errp("qcow2b-recorder open", errp, || {
+        to_c_errp("qcow2b-recorder open", errp, || {
             let ret =
                 bindings::bdrv_open_file_child(ptr::null(), options, c"file".as_ptr(), bs, errp);
             if ret < 0 {
@@ -226,8 +227,10 @@ unsafe extern "C" fn recorder_open(
         })
     }
 }
+}
 
-unsafe extern "C" fn recorder_close(bs: *mut BlockDriverState) {
+entries! {
+fn recorder_close(bs: *mut BlockDriverState) -> () {
     // SAFETY: QEMU closes only nodes it opened, drained; nothing uses the node afterwards.
     // The slot holds a Box<Recorder> pointer or NULL.
     let recorder = unsafe {
@@ -238,7 +241,7 @@ unsafe extern "C" fn recorder_close(bs: *mut BlockDriverState) {
     let Some(recorder) = recorder else {
         return;
     };
-    let ret = guard("qcow2b-recorder close", move || {
+    let ret = to_c("qcow2b-recorder close", move || {
         recorder
             .locked()
             .and_then(|mut log| log.flush())
@@ -246,11 +249,13 @@ unsafe extern "C" fn recorder_close(bs: *mut BlockDriverState) {
             .map_err(|e| Error::io("qcow2b-recorder: writing the log", e))
     });
     if ret < 0 {
-        eprintln!("qcow2b-recorder: the log is incomplete");
+        log::error!("qcow2b-recorder: the log is incomplete");
     }
 }
+}
 
-unsafe extern "C" fn recorder_co_pwritev_part(
+entries! {
+fn recorder_co_pwritev_part(
     bs: *mut BlockDriverState,
     offset: i64,
     bytes: i64,
@@ -258,7 +263,7 @@ unsafe extern "C" fn recorder_co_pwritev_part(
     qiov_offset: usize,
     flags: bindings::BdrvRequestFlags,
 ) -> c_int {
-    guard("qcow2b-recorder write", || {
+    to_c("qcow2b-recorder write", || {
         let len = usize::try_from(bytes).map_err(|_| Error::Invalid("negative length".into()))?;
         let mut data = vec![0u8; len];
         if !qiov.is_null() {
@@ -289,14 +294,16 @@ unsafe extern "C" fn recorder_co_pwritev_part(
         )
     })
 }
+}
 
-unsafe extern "C" fn recorder_co_pwrite_zeroes(
+entries! {
+fn recorder_co_pwrite_zeroes(
     bs: *mut BlockDriverState,
     offset: i64,
     bytes: i64,
     flags: bindings::BdrvRequestFlags,
 ) -> c_int {
-    guard("qcow2b-recorder write_zeroes", || {
+    to_c("qcow2b-recorder write_zeroes", || {
         // SAFETY: called by the block layer in a coroutine of an open recorder node.
         let recorder = unsafe { recorder_of(bs) };
         recorder.around(
@@ -310,13 +317,15 @@ unsafe extern "C" fn recorder_co_pwrite_zeroes(
         )
     })
 }
+}
 
-unsafe extern "C" fn recorder_co_pdiscard(
+entries! {
+fn recorder_co_pdiscard(
     bs: *mut BlockDriverState,
     offset: i64,
     bytes: i64,
 ) -> c_int {
-    guard("qcow2b-recorder discard", || {
+    to_c("qcow2b-recorder discard", || {
         // SAFETY: called by the block layer in a coroutine of an open recorder node.
         let recorder = unsafe { recorder_of(bs) };
         recorder.around(
@@ -330,9 +339,11 @@ unsafe extern "C" fn recorder_co_pdiscard(
         )
     })
 }
+}
 
-unsafe extern "C" fn recorder_co_flush(bs: *mut BlockDriverState) -> c_int {
-    guard("qcow2b-recorder flush", || {
+entries! {
+fn recorder_co_flush(bs: *mut BlockDriverState) -> c_int {
+    to_c("qcow2b-recorder flush", || {
         // SAFETY: called by the block layer in a coroutine of an open recorder node.
         let recorder = unsafe { recorder_of(bs) };
         // SAFETY: as above; the child and its node are open.
@@ -347,12 +358,14 @@ unsafe extern "C" fn recorder_co_flush(bs: *mut BlockDriverState) -> c_int {
         recorder.around(Op::Flush, 0, 0, 0, None, flush)
     })
 }
+}
 
-unsafe extern "C" fn recorder_co_barrier(
+entries! {
+fn recorder_co_barrier(
     bs: *mut BlockDriverState,
     flags: bindings::BdrvRequestFlags,
 ) -> c_int {
-    guard("qcow2b-recorder barrier", || {
+    to_c("qcow2b-recorder barrier", || {
         // SAFETY: called by the block layer in a coroutine of an open recorder node.
         let recorder = unsafe { recorder_of(bs) };
         recorder.around(Op::Barrier, 0, 0, 0, None, || {
@@ -362,18 +375,20 @@ unsafe extern "C" fn recorder_co_barrier(
         })
     })
 }
+}
 
-unsafe extern "C" fn recorder_co_truncate(
+entries! {
+fn recorder_co_truncate(
     bs: *mut BlockDriverState,
     offset: i64,
     exact: bool,
     prealloc: bindings::PreallocMode,
     flags: bindings::BdrvRequestFlags,
     errp: *mut *mut bindings::Error,
-) -> c_int {
+) -> c_int, errp = errp {
     // SAFETY: QEMU passes a valid node and errp; we run in a coroutine of the node.
     unsafe {
-        guard_errp("qcow2b-recorder truncate", errp, || {
+        to_c_errp("qcow2b-recorder truncate", errp, || {
             let recorder = recorder_of(bs);
             let seq = recorder
                 .issue(Op::Truncate, prealloc, to_u64(offset), 0, None)
@@ -390,10 +405,11 @@ unsafe extern "C" fn recorder_co_truncate(
         })
     }
 }
+}
 
 /// Registers the `qcow2b-recorder` driver (from `qcow2b_register`).
 pub fn register() {
-    guard("qcow2b-recorder register", || {
+    to_c("qcow2b-recorder register", || {
         let drv = BlockDriver {
             format_name: FORMAT_NAME.as_ptr(),
             instance_size: std::mem::size_of::<*mut Recorder>() as c_int,

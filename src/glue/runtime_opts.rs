@@ -25,6 +25,7 @@ use std::ffi::{c_int, CStr};
 use std::time::Duration;
 
 use super::bindings;
+use super::ffi::entries;
 use super::opts::{bool_opt, leak_list, number_opt, size_opt, string_opt, Opts, OptsListCell};
 use crate::engine::format::header::Header;
 use crate::engine::{cache_sizes, CacheSizes, DiscardPolicy, Error, OpenOptions, TxgOptions};
@@ -346,6 +347,7 @@ impl Settings {
     }
 }
 
+entries! {
 /// `bdrv_join_options`: a reopen that keeps the old options (qemu-io's `reopen -o`) merges
 /// them under the new ones as QEMU's qcow2 does: a new overlap-check template replaces every
 /// old overlap option, a new `cache-size` the old partial sizes, and an old `cache-size`
@@ -353,33 +355,31 @@ impl Settings {
 ///
 /// # Safety
 /// QEMU passes two valid dictionaries.
-pub unsafe extern "C" fn join_options(options: *mut bindings::QDict, old: *mut bindings::QDict) {
-    let _ = super::ffi::guard("join options", || {
-        // SAFETY: per the caller; keys are NUL-terminated.
-        unsafe {
-            let has = |dict, key: &CStr| bindings::qdict_haskey(dict, key.as_ptr()) != 0;
-            let new_template = has(options, OVERLAP) || has(options, OVERLAP_TEMPLATE);
-            let new_total = has(options, CACHE_SIZE);
-            if new_template {
-                for key in [OVERLAP, OVERLAP_TEMPLATE]
-                    .into_iter()
-                    .chain(OVERLAP_STRUCTURES)
-                {
-                    bindings::qdict_del(old, key.as_ptr());
-                }
-            }
-            if new_total {
-                bindings::qdict_del(old, L2_CACHE_SIZE.as_ptr());
-                bindings::qdict_del(old, REFCOUNT_CACHE_SIZE.as_ptr());
-            }
-            bindings::qdict_join(options, old, false);
-            let partial = has(options, L2_CACHE_SIZE) || has(options, REFCOUNT_CACHE_SIZE);
-            if partial && !new_total {
-                bindings::qdict_del(options, CACHE_SIZE.as_ptr());
+pub fn join_options(options: *mut bindings::QDict, old: *mut bindings::QDict) -> () {
+    // SAFETY: per the caller; keys are NUL-terminated.
+    unsafe {
+        let has = |dict, key: &CStr| bindings::qdict_haskey(dict, key.as_ptr()) != 0;
+        let new_template = has(options, OVERLAP) || has(options, OVERLAP_TEMPLATE);
+        let new_total = has(options, CACHE_SIZE);
+        if new_template {
+            for key in [OVERLAP, OVERLAP_TEMPLATE]
+                .into_iter()
+                .chain(OVERLAP_STRUCTURES)
+            {
+                bindings::qdict_del(old, key.as_ptr());
             }
         }
-        Ok(0)
-    });
+        if new_total {
+            bindings::qdict_del(old, L2_CACHE_SIZE.as_ptr());
+            bindings::qdict_del(old, REFCOUNT_CACHE_SIZE.as_ptr());
+        }
+        bindings::qdict_join(options, old, false);
+        let partial = has(options, L2_CACHE_SIZE) || has(options, REFCOUNT_CACHE_SIZE);
+        if partial && !new_total {
+            bindings::qdict_del(options, CACHE_SIZE.as_ptr());
+        }
+    }
+}
 }
 
 /// `BlockDriver.mutable_opts`: the options a reopen may leave out (resetting them to their

@@ -97,11 +97,11 @@ pub unsafe fn drained(bs: *mut BlockDriverState) -> bool {
 }
 
 /// Runs `entry(bs)` in a new coroutine of the node's AioContext, counted as a request of the
-/// node until `entry` calls [`end_task`] (so drain and close wait for it).
+/// node until `entry` calls an `InFlight` guard (`file.rs`) (so drain and close wait for it).
 ///
 /// # Safety
 /// In the node's AioContext thread; `bs` an open qcow2b node; `entry` ends with
-/// [`end_task`].
+/// an `InFlight` guard (`file.rs`).
 pub unsafe fn start_task(bs: *mut BlockDriverState, entry: TimerCallback) {
     // SAFETY: per the caller: the task counts as a request until it ends, so the node
     // outlives it.
@@ -110,13 +110,4 @@ pub unsafe fn start_task(bs: *mut BlockDriverState, entry: TimerCallback) {
         let co = bindings::qemu_coroutine_create(Some(entry), bs.cast());
         bindings::aio_co_enter(bindings::bdrv_get_aio_context(bs), co);
     }
-}
-
-/// Ends a task begun with [`start_task`].
-///
-/// # Safety
-/// Once per [`start_task`], at the end of its coroutine.
-pub unsafe fn end_task(bs: *mut BlockDriverState) {
-    // SAFETY: balances the increment in `start_task`.
-    unsafe { bindings::bdrv_dec_in_flight(bs) };
 }

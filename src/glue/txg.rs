@@ -35,8 +35,10 @@ use std::ffi::c_void;
 use std::time::Duration;
 
 use super::bindings::{AioContext, BlockDriverState};
+use super::ffi::entries;
+use super::file::InFlight;
 use super::node::Node;
-use super::timer::{drained, end_task, start_task};
+use super::timer::{drained, start_task};
 use crate::engine::{Error, Storage};
 
 /// How often the node's timer looks again while a drain is on.
@@ -131,7 +133,7 @@ pub unsafe fn after_write(bs: *mut BlockDriverState, node: &Node, due: bool) {
 /// In the node's AioContext thread; `bs` an open qcow2b node in the txg mode.
 unsafe fn start_committer(bs: *mut BlockDriverState, node: &Node) {
     node.txg.committer_running.set(true);
-    // SAFETY: per the caller; the committer ends with end_task.
+    // SAFETY: per the caller; the committer ends the task (its InFlight guard).
     unsafe { start_task(bs, committer_entry) };
 }
 
@@ -163,61 +165,69 @@ pub unsafe fn close(node: &Node) {
     unsafe { node.txg.timer.forget() };
 }
 
+entries! {
 /// The node's timer fired, in the node's AioContext thread: start the committer once no
 /// drain is on.
-pub unsafe extern "C" fn timer_fired(opaque: *mut c_void) {
+pub fn timer_fired(opaque: *mut c_void) -> () {
     let bs: *mut BlockDriverState = opaque.cast();
     // SAFETY: the timer is deleted before the node closes or changes context, so bs is an
     // open node in this thread's context.
     let node = unsafe { Node::of(bs) };
     node.txg.backing_off.set(false);
-    let _ = super::ffi::guard("txg timer", || {
-        // SAFETY: as above.
-        unsafe {
-            if drained(bs) {
-                node.txg.timer.arm(bs, RESTART_RETRY);
-            } else if !node.txg.committer_running.get() {
-                start_committer(bs, node);
-            }
+    // SAFETY: as above.
+    unsafe {
+        if drained(bs) {
+            node.txg.timer.arm(bs, RESTART_RETRY);
+        } else if !node.txg.committer_running.get() {
+            start_committer(bs, node);
         }
-        Ok(0)
-    });
+    }
+}
 }
 
-unsafe extern "C" fn committer_entry(opaque: *mut c_void) {
+entries! {
+fn committer_entry(opaque: *mut c_void) -> () {
     let bs: *mut BlockDriverState = opaque.cast();
     // SAFETY: `start_committer` passed an open node, kept open by the in-flight count.
     let node = unsafe { Node::of(bs) };
-    let next = std::cell::Cell::new(None);
-    let outcome = super::ffi::guard("txg committer", || {
+    // The task ends on every path (a panic in the commit included: the node is poisoned then,
+    // and no timer is armed again).
+    let _task = InFlight(bs);
+    let outcome = {
+        let _running = Running(&node.txg.committer_running);
         // SAFETY: in the coroutine created for it, in the node's AioContext.
-        next.set(unsafe { run_committer(bs, node) }?);
-        Ok(0)
-    });
-    node.txg.committer_running.set(false);
+        unsafe { run_committer(bs, node) }
+    };
     // SAFETY: as above.
     let drain_on = unsafe { drained(bs) };
-    let delay = if outcome < 0 {
-        eprintln!(
-            "qcow2b: a transaction group commit failed (the next flush retries it): {}",
-            std::io::Error::from_raw_os_error(-outcome)
-        );
-        // Not again at once: the bound is still reached, and a failing disk would be asked
-        // in a loop. The next flush retries meanwhile.
-        node.txg.backing_off.set(true);
-        Some(node.txg.max_age)
-    } else if drain_on {
+    let delay = match outcome {
+        Err(e) => {
+            log::error!(
+                "qcow2b: a transaction group commit failed (the next flush retries it): {e}"
+            );
+            // Not again at once: the bound is still reached, and a failing disk would be
+            // asked in a loop. The next flush retries meanwhile.
+            node.txg.backing_off.set(true);
+            Some(node.txg.max_age)
+        }
         // Ended for a drain, maybe with a group open: looked at again after it.
-        Some(RESTART_RETRY)
-    } else {
-        next.get()
+        Ok(_) if drain_on => Some(RESTART_RETRY),
+        Ok(next) => next,
     };
     if let Some(delay) = delay {
         // SAFETY: as above; in the node's AioContext.
         unsafe { node.txg.timer.arm(bs, delay) };
     }
-    // SAFETY: the end of the task `start_committer` began.
-    unsafe { end_task(bs) };
+}
+}
+
+/// The committer's flag, cleared on every path out of it.
+struct Running<'a>(&'a std::cell::Cell<bool>);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
 }
 
 /// The committer's body: commits while a bound is reached and no drain is on; returns when
