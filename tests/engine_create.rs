@@ -129,8 +129,16 @@ fn assert_info_matches(path: &Path, o: &CreateOptions) {
         );
         assert_eq!(specific("extended-l2").as_deref(), Some("false"));
     }
-    assert_eq!(top("backing-filename"), o.backing_file, "{info}");
-    assert_eq!(top("backing-filename-format"), o.backing_format, "{info}");
+    assert_eq!(
+        top("backing-filename").map(String::into_bytes),
+        o.backing_file,
+        "{info}"
+    );
+    assert_eq!(
+        top("backing-filename-format").map(String::into_bytes),
+        o.backing_format,
+        "{info}"
+    );
     assert_eq!(top("dirty-flag").as_deref(), Some("false"));
 }
 
@@ -175,14 +183,8 @@ fn assert_usable(path: &Path, o: &CreateOptions, backing: Option<&Path>) {
     let mut image = open_file(path, &OpenOptions::default());
     assert_eq!(image.virtual_size(), size);
     assert_eq!(image.cluster_size(), o.cluster_size_bytes);
-    assert_eq!(
-        image.backing_file(),
-        o.backing_file.as_deref().map(str::as_bytes)
-    );
-    assert_eq!(
-        image.backing_format(),
-        o.backing_format.as_deref().map(str::as_bytes)
-    );
+    assert_eq!(image.backing_file(), o.backing_file.as_deref());
+    assert_eq!(image.backing_format(), o.backing_format.as_deref());
     let mut written = Vec::new();
     let probes = probe_offsets(size);
     for (i, &probe) in probes.iter().enumerate() {
@@ -289,8 +291,8 @@ fn backing_file_and_format_are_recorded_and_read_through() {
         let o = with(16 * MIB, |o| {
             o.compat = compat;
             o.cluster_size_bytes = cluster;
-            o.backing_file = Some(base_name.clone());
-            o.backing_format = format.map(str::to_owned);
+            o.backing_file = Some(base_name.clone().into_bytes());
+            o.backing_format = format.map(|f| f.as_bytes().to_vec());
         });
         let path = dir.path().join(name);
         create_file(&path, &o).unwrap();
@@ -564,16 +566,16 @@ fn images_without_preallocation_are_byte_identical_to_qemu_img_create() {
         ),
         (
             with(GIB, |o| {
-                o.backing_file = Some(base_name.clone());
-                o.backing_format = Some("qcow2".into());
+                o.backing_file = Some(base_name.clone().into_bytes());
+                o.backing_format = Some(b"qcow2".to_vec());
             }),
             "",
         ),
         (
             with(GIB, |o| {
                 o.compat = Compat::V2;
-                o.backing_file = Some(base_name.clone());
-                o.backing_format = Some("qcow2".into());
+                o.backing_file = Some(base_name.clone().into_bytes());
+                o.backing_format = Some(b"qcow2".to_vec());
             }),
             "compat=0.10",
         ),
@@ -588,10 +590,10 @@ fn images_without_preallocation_are_byte_identical_to_qemu_img_create() {
             cmd.arg("-o").arg(qemu_opts);
         }
         if let Some(b) = &o.backing_file {
-            cmd.arg("-b").arg(b);
+            cmd.arg("-b").arg(std::str::from_utf8(b).unwrap());
         }
         if let Some(f) = &o.backing_format {
-            cmd.arg("-F").arg(f);
+            cmd.arg("-F").arg(std::str::from_utf8(f).unwrap());
         }
         run_ok(cmd.arg(&theirs).arg(o.size_bytes.to_string()));
         let (a, b) = (
@@ -679,8 +681,8 @@ fn invalid_option_combinations_fail_with_qemu_img_creates_messages() {
         ),
         (
             with(MIB, |o| {
-                o.backing_file = Some(base_name.clone());
-                o.backing_format = Some("qcow2".into());
+                o.backing_file = Some(base_name.clone().into_bytes());
+                o.backing_format = Some(b"qcow2".to_vec());
                 o.preallocation = Preallocation::Metadata;
             }),
             vec![
@@ -732,13 +734,13 @@ fn unusable_backing_names_and_sizes_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("refused.qcow2");
     let long = "b".repeat(1024);
-    let o = with(MIB, |o| o.backing_file = Some(long.clone()));
+    let o = with(MIB, |o| o.backing_file = Some(long.clone().into_bytes()));
     assert!(matches!(create_file(&path, &o), Err(Error::BadOption(m)) if m.contains("1023")));
     // 512-byte clusters: header, backing format extension and end marker leave 376 bytes.
     let o = with(MIB, |o| {
         o.cluster_size_bytes = 512;
-        o.backing_file = Some("b".repeat(500));
-        o.backing_format = Some("qcow2".into());
+        o.backing_file = Some("b".repeat(500).into_bytes());
+        o.backing_format = Some(b"qcow2".to_vec());
     });
     assert!(
         matches!(create_file(&path, &o), Err(Error::BadOption(m)) if m.contains("do not fit")),
@@ -746,16 +748,13 @@ fn unusable_backing_names_and_sizes_are_refused() {
     );
     let o = with(MIB, |o| {
         o.cluster_size_bytes = 512;
-        o.backing_file = Some(format!("/{}", "b".repeat(374)));
-        o.backing_format = Some("qcow2".into());
+        o.backing_file = Some(format!("/{}", "b".repeat(374)).into_bytes());
+        o.backing_format = Some(b"qcow2".to_vec());
     });
     create_file(&path, &o).unwrap();
     // (The name fills the cluster to the last byte; nothing exists there to open.)
     let image = open_file(&path, &OpenOptions::default());
-    assert_eq!(
-        image.backing_file(),
-        o.backing_file.as_deref().map(str::as_bytes)
-    );
+    assert_eq!(image.backing_file(), o.backing_file.as_deref());
     assert_eq!(image.backing_format(), Some(&b"qcow2"[..]));
     drop(image);
     assert_info_matches(&path, &o);
@@ -855,7 +854,11 @@ fn measure_matches_qemu_img_measure_for_sizes_clusters_and_refcount_widths() {
         ("1.1", Preallocation::Falloc),
     ] {
         let o = with(10 * GIB, |o| {
-            o.compat = Compat::parse(compat).unwrap();
+            o.compat = if compat == "0.10" {
+                Compat::V2
+            } else {
+                Compat::V3
+            };
             o.preallocation = prealloc;
         });
         let qemu = qemu_img_measure(&[

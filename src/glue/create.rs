@@ -2,58 +2,69 @@
 //! qcow2b`): QEMU's option lists in, the engine's `create`/`measure` out. The image is
 //! standard qcow2, exactly as `-f qcow2` would make it.
 
-use std::ffi::{c_char, c_int};
+use std::ffi::{c_char, c_int, CStr};
 
 use super::bindings::{self, BlockDriver, BlockDriverState, QemuOpts};
 use super::ffi::{entries, set_error, to_c_errp};
 use super::opts::{
-    bool_opt, leak_list, number_opt, size_opt, string_opt, value_text, Opt, OptsListCell,
+    bool_opt, leak_list, number_opt, size_opt, string_opt, Opt, OptsListCell, OptsView,
 };
 use super::storage::BlkStorage;
+use crate::engine::create::{Compat, Preallocation};
+use crate::engine::format::header::CompressionType;
 use crate::engine::{create, measure, CreateOptions, Error};
+
+const SIZE: &CStr = c"size";
+const COMPAT: &CStr = c"compat";
+const BACKING_FILE: &CStr = c"backing_file";
+const BACKING_FMT: &CStr = c"backing_fmt";
+const CLUSTER_SIZE: &CStr = c"cluster_size";
+const PREALLOCATION: &CStr = c"preallocation";
+const LAZY_REFCOUNTS: &CStr = c"lazy_refcounts";
+const REFCOUNT_BITS: &CStr = c"refcount_bits";
+const COMPRESSION_TYPE: &CStr = c"compression_type";
+const ENCRYPTION: &CStr = c"encryption";
+const ENCRYPT_FORMAT: &CStr = c"encrypt.format";
+const DATA_FILE: &CStr = c"data_file";
+const DATA_FILE_RAW: &CStr = c"data_file_raw";
+const EXTENDED_L2: &CStr = c"extended_l2";
 
 /// The creation options, named as for QEMU's qcow2. Those the engine refuses (encryption,
 /// external data files, extended L2) are listed too, so asking for them gets a message
 /// naming the feature rather than "unknown option".
 const CREATE_OPTS: [Opt; 14] = [
-    size_opt(c"size", c"Virtual disk size"),
-    string_opt(c"compat", c"Compatibility level (v2 [0.10], v3 [1.1])"),
-    string_opt(c"backing_file", c"File name of a base image"),
-    string_opt(c"backing_fmt", c"Image format of the base image"),
-    size_opt(c"cluster_size", c"qcow2 cluster size"),
+    size_opt(SIZE, c"Virtual disk size"),
+    string_opt(COMPAT, c"Compatibility level (v2 [0.10], v3 [1.1])"),
+    string_opt(BACKING_FILE, c"File name of a base image"),
+    string_opt(BACKING_FMT, c"Image format of the base image"),
+    size_opt(CLUSTER_SIZE, c"qcow2 cluster size"),
     string_opt(
-        c"preallocation",
+        PREALLOCATION,
         c"Preallocation mode (allowed values: off, metadata, falloc, full)",
     ),
-    bool_opt(c"lazy_refcounts", c"Postpone refcount updates"),
-    number_opt(
-        c"refcount_bits",
-        c"Width of a reference count entry in bits",
-    ),
+    bool_opt(LAZY_REFCOUNTS, c"Postpone refcount updates"),
+    number_opt(REFCOUNT_BITS, c"Width of a reference count entry in bits"),
     string_opt(
-        c"compression_type",
+        COMPRESSION_TYPE,
         c"Compression method used for image cluster compression (zlib, zstd)",
     ),
     bool_opt(
-        c"encryption",
+        ENCRYPTION,
         c"Encrypt the image with AES (not supported by qcow2b)",
     ),
     string_opt(
-        c"encrypt.format",
+        ENCRYPT_FORMAT,
         c"Encrypt the image, format choices: 'aes', 'luks' (not supported by qcow2b)",
     ),
     string_opt(
-        c"data_file",
+        DATA_FILE,
         c"File name of an external data file (not supported by qcow2b)",
     ),
     bool_opt(
-        c"data_file_raw",
+        DATA_FILE_RAW,
         c"The external data file must stay valid as a raw image (not supported by qcow2b)",
     ),
-    bool_opt(
-        c"extended_l2",
-        c"Extended L2 tables (not supported by qcow2b)",
-    ),
+    bool_opt(EXTENDED_L2, c"Extended L2 tables (not supported by qcow2b)"),
 ];
 
 /// The option list for `BlockDriver.create_opts`, built once.
@@ -62,19 +73,86 @@ pub fn create_opts() -> *mut bindings::QemuOptsList {
     LIST.get_or_init(|| leak_list::<15>(c"qcow2b-create-opts", &CREATE_OPTS))
 }
 
-/// The engine's options from QEMU's; with `take`, they are removed from `opts`, leaving the
-/// protocol layer's (as QEMU's qcow2 does before creating the file).
+/// A string option's value that must be one of `names`: its index there. The message is
+/// QEMU's (`expected` adds what it says after it, as for compression_type).
+fn one_of(key: &CStr, value: &[u8], names: &[&str], expected: &str) -> Result<usize, Error> {
+    names
+        .iter()
+        .position(|n| n.as_bytes() == value)
+        .ok_or_else(|| {
+            Error::BadOption(format!(
+                "Parameter '{}' does not accept value '{}'{expected}",
+                key.to_string_lossy(),
+                String::from_utf8_lossy(value),
+            ))
+        })
+}
+
+/// The engine's typed options from QEMU's (which QEMU has parsed: sizes, numbers and booleans
+/// arrive as values); with `take`, they are removed from `opts`, leaving the protocol layer's
+/// (as QEMU's qcow2 does before creating the file). The values of string options that name a
+/// choice are matched here, with QEMU's spellings.
 ///
 /// # Safety
 /// `opts` is a live `QemuOpts` of (a superset of) the creation option list.
 unsafe fn create_options(opts: *mut QemuOpts, take: bool) -> Result<CreateOptions, Error> {
-    let mut options = CreateOptions::new(0);
-    for opt in &CREATE_OPTS {
-        // SAFETY: per the caller.
-        if let Some(value) = unsafe { value_text(opts, opt, take) } {
-            options.set(&opt.name.to_string_lossy(), &value)?;
-        }
+    // SAFETY: per the caller.
+    let o = unsafe { OptsView::new(opts, take) };
+    let mut options = CreateOptions::new(o.size(SIZE).unwrap_or(0));
+    if let Some(v) = o.string(COMPAT) {
+        options.compat = match v.as_slice() {
+            b"0.10" | b"v2" => Compat::V2,
+            b"1.1" | b"v3" => Compat::V3,
+            _ => {
+                return Err(Error::BadOption(format!(
+                    "Invalid compatibility level: '{}'",
+                    String::from_utf8_lossy(&v)
+                )))
+            }
+        };
     }
+    options.backing_file = o.string(BACKING_FILE);
+    options.backing_format = o.string(BACKING_FMT);
+    if let Some(v) = o.size(CLUSTER_SIZE) {
+        options.cluster_size_bytes = v;
+    }
+    if let Some(v) = o.string(PREALLOCATION) {
+        const MODES: [Preallocation; 4] = [
+            Preallocation::Off,
+            Preallocation::Metadata,
+            Preallocation::Falloc,
+            Preallocation::Full,
+        ];
+        let names = MODES.map(Preallocation::as_str);
+        options.preallocation = MODES[one_of(PREALLOCATION, &v, &names, "")?];
+    }
+    if let Some(v) = o.bool(LAZY_REFCOUNTS) {
+        options.lazy_refcounts = v;
+    }
+    if let Some(v) = o.number(REFCOUNT_BITS) {
+        // A width above u32 is refused by validate as any other bad width.
+        options.refcount_bits = u32::try_from(v).unwrap_or(u32::MAX);
+    }
+    if let Some(v) = o.string(COMPRESSION_TYPE) {
+        const TYPES: [CompressionType; 2] = [CompressionType::Zlib, CompressionType::Zstd];
+        options.compression_type = TYPES[one_of(
+            COMPRESSION_TYPE,
+            &v,
+            &["zlib", "zstd"],
+            " (expected 'zlib' or 'zstd')",
+        )?];
+    }
+    if o.bool(ENCRYPTION) == Some(true) {
+        options.encryption = Some("aes".into());
+    }
+    if let Some(v) = o.string(ENCRYPT_FORMAT) {
+        options.encryption = Some(String::from_utf8_lossy(&v).into_owned());
+    }
+    options.data_file = o
+        .string(DATA_FILE)
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    options.data_file_raw = o.bool(DATA_FILE_RAW).unwrap_or(false);
+    options.extended_l2 = o.bool(EXTENDED_L2).unwrap_or(false);
     Ok(options)
 }
 

@@ -56,7 +56,7 @@ unsafe fn register_primitive(bs: *mut BlockDriverState, mode: BarrierMode) -> Op
     let primitive = match mode {
         BarrierMode::BarrierFs { syscall } => Primitive::FdataBarrier { syscall },
         BarrierMode::Injected => Primitive::Injected,
-        BarrierMode::Flush | BarrierMode::Ordered { .. } | BarrierMode::Txg { .. } => return None,
+        BarrierMode::Flush | BarrierMode::Ordered { .. } | BarrierMode::Txg(_) => return None,
     };
     // SAFETY: per the caller.
     let protocol = unsafe { bindings::bdrv_skip_filters((*(*bs).file).bs) } as usize;

@@ -114,7 +114,7 @@ impl FileAccess {
             // barrier inside a group (outside one, for a resize or a check, a barrier is a
             // sync). What a group writes is written back from memory, without a sync (see
             // `OrderedFile::sync_epochs`).
-            BarrierMode::Txg { .. } => {
+            BarrierMode::Txg(_) => {
                 FileAccess::Ordered(OrderedFile::new(bs, TXG_BUFFER_BYTES, counters, false))
             }
             BarrierMode::BarrierFs { .. } | BarrierMode::Injected => FileAccess::Direct {

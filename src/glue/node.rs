@@ -344,7 +344,7 @@ impl Drop for Locked<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.node.poisoned.set(true);
-        } else if let (BarrierMode::Txg { .. }, FileAccess::Ordered(file)) =
+        } else if let (BarrierMode::Txg(_), FileAccess::Ordered(file)) =
             (self.node.mode, &self.node.file)
         {
             // Whatever the engine call did (a barrier may have opened a group, a commit

@@ -183,53 +183,78 @@ impl Drop for Opts {
     }
 }
 
-/// The value of option `opt` in `opts` as text, if it was given (sizes and numbers in
-/// decimal bytes, booleans as on/off), so it can be handed to a parser of `-o key=value`.
-/// With `take`, the option is removed from `opts` (what is left goes to the protocol layer).
-///
-/// # Safety
-/// `opts` must be a live `QemuOpts` whose list has `opt`.
-pub unsafe fn value_text(opts: *mut bindings::QemuOpts, opt: &Opt, take: bool) -> Option<String> {
-    let name = opt.name.as_ptr();
-    // SAFETY: per the caller; qemu_opt_get returns NULL for an option not given (our lists
-    // have no defaults) or a string owned by `opts`.
-    let raw = unsafe { bindings::qemu_opt_get(opts, name) };
-    if raw.is_null() {
-        return None;
+/// Typed values of a `QemuOpts` QEMU owns (`qemu-img create -o`, `measure -o`): each getter
+/// gives the value of an option that was given, as QEMU parsed it. With `take`, the option is
+/// removed as it is read (what is left goes to the protocol layer).
+pub struct OptsView {
+    opts: *mut bindings::QemuOpts,
+    take: bool,
+}
+
+impl OptsView {
+    /// # Safety
+    /// `opts` must be a live `QemuOpts` that outlives the view, of a list that has every
+    /// option asked for.
+    pub unsafe fn new(opts: *mut bindings::QemuOpts, take: bool) -> OptsView {
+        OptsView { opts, take }
     }
-    // SAFETY: as above: the option is present, so the typed getters parse its value; the
-    // string from qemu_opt_get_del is ours to free.
-    Some(unsafe {
-        match (opt.kind, take) {
-            (bindings::QEMU_OPT_SIZE, false) => {
-                bindings::qemu_opt_get_size(opts, name, 0).to_string()
+
+    fn given(&self, name: &CStr) -> bool {
+        // SAFETY: a live QemuOpts (constructor contract); our lists have no defaults, so NULL
+        // means not given.
+        unsafe { !bindings::qemu_opt_get(self.opts, name.as_ptr()).is_null() }
+    }
+
+    pub fn size(&self, name: &CStr) -> Option<u64> {
+        // SAFETY: as above; the option is given, so the typed getter parses its value.
+        self.given(name).then(|| unsafe {
+            if self.take {
+                bindings::qemu_opt_get_size_del(self.opts, name.as_ptr(), 0)
+            } else {
+                bindings::qemu_opt_get_size(self.opts, name.as_ptr(), 0)
             }
-            (bindings::QEMU_OPT_SIZE, true) => {
-                bindings::qemu_opt_get_size_del(opts, name, 0).to_string()
+        })
+    }
+
+    pub fn number(&self, name: &CStr) -> Option<u64> {
+        // SAFETY: as above.
+        self.given(name).then(|| unsafe {
+            if self.take {
+                bindings::qemu_opt_get_number_del(self.opts, name.as_ptr(), 0)
+            } else {
+                bindings::qemu_opt_get_number(self.opts, name.as_ptr(), 0)
             }
-            (bindings::QEMU_OPT_NUMBER, false) => {
-                bindings::qemu_opt_get_number(opts, name, 0).to_string()
+        })
+    }
+
+    pub fn bool(&self, name: &CStr) -> Option<bool> {
+        // SAFETY: as above.
+        self.given(name).then(|| unsafe {
+            if self.take {
+                bindings::qemu_opt_get_bool_del(self.opts, name.as_ptr(), false)
+            } else {
+                bindings::qemu_opt_get_bool(self.opts, name.as_ptr(), false)
             }
-            (bindings::QEMU_OPT_NUMBER, true) => {
-                bindings::qemu_opt_get_number_del(opts, name, 0).to_string()
-            }
-            (bindings::QEMU_OPT_BOOL, _) => {
-                let on = if take {
-                    bindings::qemu_opt_get_bool_del(opts, name, false)
-                } else {
-                    bindings::qemu_opt_get_bool(opts, name, false)
-                };
-                if on { "on" } else { "off" }.to_owned()
-            }
-            (_, false) => std::ffi::CStr::from_ptr(raw).to_string_lossy().into_owned(),
-            (_, true) => {
-                let owned = bindings::qemu_opt_get_del(opts, name);
-                let text = std::ffi::CStr::from_ptr(owned)
-                    .to_string_lossy()
-                    .into_owned();
+        })
+    }
+
+    /// A string value, as the bytes it is.
+    pub fn string(&self, name: &CStr) -> Option<Vec<u8>> {
+        if !self.given(name) {
+            return None;
+        }
+        // SAFETY: as above: given, so non-NULL; the string from qemu_opt_get_del is ours to
+        // free, the one from qemu_opt_get belongs to the options.
+        unsafe {
+            if self.take {
+                let owned = bindings::qemu_opt_get_del(self.opts, name.as_ptr());
+                let bytes = CStr::from_ptr(owned).to_bytes().to_vec();
                 bindings::g_free(owned.cast());
-                text
+                Some(bytes)
+            } else {
+                let raw = bindings::qemu_opt_get(self.opts, name.as_ptr());
+                Some(CStr::from_ptr(raw).to_bytes().to_vec())
             }
         }
-    })
+    }
 }

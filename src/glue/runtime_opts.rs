@@ -28,7 +28,7 @@ use super::bindings;
 use super::ffi::entries;
 use super::opts::{bool_opt, leak_list, number_opt, size_opt, string_opt, Opts, OptsListCell};
 use crate::engine::format::header::Header;
-use crate::engine::{cache_sizes, CacheSizes, DiscardPolicy, Error, OpenOptions, TxgOptions};
+use crate::engine::{cache_sizes, CacheSizes, DiscardPolicy, Error, OpenOptions};
 use crate::ordering::{BarrierMode, BarrierOptions};
 
 const LAZY_REFCOUNTS: &CStr = c"lazy-refcounts";
@@ -262,7 +262,7 @@ impl Settings {
             match opts.string(TEST_SKIP_ORDERING).as_deref() {
                 None => (false, false),
                 Some("stage3") => (true, false),
-                Some("txg-first-sync") if matches!(mode, BarrierMode::Txg { .. }) => (false, true),
+                Some("txg-first-sync") if matches!(mode, BarrierMode::Txg(_)) => (false, true),
                 Some(other) => {
                     return Err(bad(format!(
                         "x-test-skip-ordering={other}: the (test-only) values are stage3, and \
@@ -279,13 +279,7 @@ impl Settings {
             cache_bytes,
             discard,
             txg: match mode {
-                BarrierMode::Txg {
-                    max_bytes,
-                    max_age_ms,
-                } => Some(TxgOptions {
-                    max_group_bytes: max_bytes,
-                    max_group_age: Duration::from_millis(max_age_ms),
-                }),
+                BarrierMode::Txg(txg) => Some(txg),
                 _ => None,
             },
             test_skip_stage3_ordering,

@@ -14,6 +14,9 @@ pub mod epochs;
 pub mod primitive;
 
 use std::fmt;
+use std::time::Duration;
+
+use crate::engine::TxgOptions;
 
 /// How qcow2b keeps its ordering points and the guest's barriers on the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,14 +33,11 @@ pub enum BarrierMode {
     /// Order-preserving write-back in user space: writes are grouped into epochs separated by
     /// barriers, and an epoch reaches the file only after the one before it is durable.
     Ordered { buffer_bytes: u64 },
-    /// Transaction groups (`engine::image::txg`): barriers cost nothing; a group commits with two
-    /// syncs at a guest flush, after `max_bytes` guest bytes or after `max_age_ms`.
-    Txg { max_bytes: u64, max_age_ms: u64 },
+    /// Transaction groups (`engine::image::txg`): barriers cost nothing; a group commits
+    /// with two syncs at a guest flush, or at its bounds (the engine's own type, with its
+    /// defaults: one type and one set of defaults for the mode and the engine).
+    Txg(TxgOptions),
 }
-
-/// The default bounds of a transaction group.
-pub const DEFAULT_TXG_BYTES: u64 = 64 << 20;
-pub const DEFAULT_TXG_AGE_MS: u64 = 5000;
 
 /// The options of [`BarrierMode::from_options`], as the user gave them.
 #[derive(Clone, Copy, Debug, Default)]
@@ -104,10 +104,14 @@ impl BarrierMode {
                 )
             }
             ("flush", None, false) => BarrierMode::Flush,
-            ("txg", None, false) => BarrierMode::Txg {
-                max_bytes: txg_max_bytes.unwrap_or(DEFAULT_TXG_BYTES),
-                max_age_ms: txg_max_age_ms.unwrap_or(DEFAULT_TXG_AGE_MS),
-            },
+            ("txg", None, false) => {
+                let defaults = TxgOptions::default();
+                BarrierMode::Txg(TxgOptions {
+                    max_group_bytes: txg_max_bytes.unwrap_or(defaults.max_group_bytes),
+                    max_group_age: txg_max_age_ms
+                        .map_or(defaults.max_group_age, Duration::from_millis),
+                })
+            }
             ("ordered" | "flush" | "txg", _, _) => {
                 return bad(
                     "barrierfs-syscall and x-barrierfs-inject apply to barrier=barrierfs only"
@@ -124,15 +128,12 @@ impl BarrierMode {
             return bad("buffer-size applies to barrier=ordered only".into());
         }
         if (txg_max_bytes.is_some() || txg_max_age_ms.is_some())
-            && !matches!(mode, BarrierMode::Txg { .. })
+            && !matches!(mode, BarrierMode::Txg(_))
         {
             return bad("txg-max-bytes and txg-max-age-ms apply to barrier=txg only".into());
         }
-        if let BarrierMode::Txg {
-            max_bytes,
-            max_age_ms,
-        } = mode
-        {
+        if let BarrierMode::Txg(txg) = mode {
+            let (max_bytes, max_age_ms) = (txg.max_group_bytes, txg.max_group_age.as_millis());
             if max_bytes < 1 << 20 {
                 return bad(format!("txg-max-bytes {max_bytes} is below 1 MiB"));
             }
@@ -157,7 +158,7 @@ impl BarrierMode {
             BarrierMode::BarrierFs { .. } => "barrierfs",
             BarrierMode::Injected => "barrierfs (injected primitive)",
             BarrierMode::Ordered { .. } => "ordered",
-            BarrierMode::Txg { .. } => "txg",
+            BarrierMode::Txg(_) => "txg",
         }
     }
 
@@ -172,10 +173,11 @@ impl BarrierMode {
             BarrierMode::Ordered { buffer_bytes } => {
                 format!("barrier=ordered,buffer-size={buffer_bytes}")
             }
-            BarrierMode::Txg {
-                max_bytes,
-                max_age_ms,
-            } => format!("barrier=txg,txg-max-bytes={max_bytes},txg-max-age-ms={max_age_ms}"),
+            BarrierMode::Txg(txg) => format!(
+                "barrier=txg,txg-max-bytes={},txg-max-age-ms={}",
+                txg.max_group_bytes,
+                txg.max_group_age.as_millis()
+            ),
         }
     }
 }
@@ -246,19 +248,13 @@ mod tests {
                 ..Default::default()
             })
         };
-        assert_eq!(
-            txg(None, None),
-            Ok(BarrierMode::Txg {
-                max_bytes: DEFAULT_TXG_BYTES,
-                max_age_ms: DEFAULT_TXG_AGE_MS
-            })
-        );
+        assert_eq!(txg(None, None), Ok(BarrierMode::Txg(TxgOptions::default())));
         assert_eq!(
             txg(Some(8 << 20), Some(100)),
-            Ok(BarrierMode::Txg {
-                max_bytes: 8 << 20,
-                max_age_ms: 100
-            })
+            Ok(BarrierMode::Txg(TxgOptions {
+                max_group_bytes: 8 << 20,
+                max_group_age: Duration::from_millis(100)
+            }))
         );
         assert!(txg(Some(4096), None).is_err());
         assert!(txg(None, Some(0)).is_err());

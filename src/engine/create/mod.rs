@@ -28,7 +28,7 @@
 use crate::engine::error::{Error, Result};
 use crate::engine::format::entry::EntryFlags;
 use crate::engine::format::header::{
-    ext, AutoclearFeatures, CompatibleFeatures, CompressionType, FeatureName, Header,
+    display_name, ext, AutoclearFeatures, CompatibleFeatures, CompressionType, FeatureName, Header,
     IncompatibleFeatures, RawExtension, MAX_BACKING_FILE_NAME_BYTES, MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS, V2_HEADER_LEN,
 };
@@ -61,17 +61,6 @@ pub enum Compat {
 }
 
 impl Compat {
-    /// Parses QEMU's spellings: "0.10" or "v2", "1.1" or "v3".
-    pub fn parse(value: &str) -> Result<Compat> {
-        match value {
-            "0.10" | "v2" => Ok(Compat::V2),
-            "1.1" | "v3" => Ok(Compat::V3),
-            _ => Err(Error::BadOption(format!(
-                "Invalid compatibility level: '{value}'"
-            ))),
-        }
-    }
-
     /// The header version number.
     pub fn version(self) -> u32 {
         match self {
@@ -106,19 +95,6 @@ pub enum Preallocation {
 }
 
 impl Preallocation {
-    /// Parses QEMU's names: off, metadata, falloc, full.
-    pub fn parse(value: &str) -> Result<Preallocation> {
-        match value {
-            "off" => Ok(Preallocation::Off),
-            "metadata" => Ok(Preallocation::Metadata),
-            "falloc" => Ok(Preallocation::Falloc),
-            "full" => Ok(Preallocation::Full),
-            _ => Err(Error::BadOption(format!(
-                "Parameter 'preallocation' does not accept value '{value}'"
-            ))),
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Preallocation::Off => "off",
@@ -131,8 +107,8 @@ impl Preallocation {
 
 /// What to create: `qemu-img create -f qcow2 -o ...`'s options.
 ///
-/// Build it with [`CreateOptions::new`] (QEMU's defaults) and set fields, or apply QEMU's
-/// `-o key=value` pairs with [`CreateOptions::set`].
+/// Build it with [`CreateOptions::new`] (QEMU's defaults) and set fields. QEMU's `-o` syntax
+/// is the glue's to read (`glue/create.rs` fills this from QEMU's typed option values).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CreateOptions {
     /// Virtual disk size. Rounded up to a multiple of 512 bytes, as `qemu-img create` does.
@@ -141,10 +117,11 @@ pub struct CreateOptions {
     pub cluster_size_bytes: u64,
     /// Default [`Compat::V3`].
     pub compat: Compat,
-    /// Stored verbatim in the header; not opened or checked here.
-    pub backing_file: Option<String>,
+    /// Stored verbatim in the header; not opened or checked here. Bytes: qcow2 names have no
+    /// encoding.
+    pub backing_file: Option<Vec<u8>>,
     /// The backing file's format name, in the backing format header extension.
-    pub backing_format: Option<String>,
+    pub backing_format: Option<Vec<u8>>,
     /// Width of a refcount: a power of two from 1 to 64. Default 16, the only width version
     /// 2 has.
     pub refcount_bits: u32,
@@ -183,46 +160,6 @@ impl CreateOptions {
         }
     }
 
-    /// Applies one `qemu-img create -o key=value` option, with QEMU's names and value
-    /// syntax (sizes with an optional k/M/G/T/P/E suffix, booleans on/off). Whether the
-    /// options go together is checked by [`CreateOptions::validate`], not here.
-    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
-        match key {
-            "size" => self.size_bytes = parse_size(key, value)?,
-            "cluster_size" => self.cluster_size_bytes = parse_size(key, value)?,
-            "compat" => self.compat = Compat::parse(value)?,
-            "backing_file" => self.backing_file = Some(value.to_owned()),
-            "backing_fmt" => self.backing_format = Some(value.to_owned()),
-            "refcount_bits" => {
-                self.refcount_bits = value
-                    .parse()
-                    .map_err(|_| bad_value(key, value, "a number"))?
-            }
-            "lazy_refcounts" => self.lazy_refcounts = parse_bool(key, value)?,
-            "compression_type" => {
-                self.compression_type = match value {
-                    "zlib" => CompressionType::Zlib,
-                    "zstd" => CompressionType::Zstd,
-                    _ => return Err(bad_value(key, value, "'zlib' or 'zstd'")),
-                }
-            }
-            "preallocation" => self.preallocation = Preallocation::parse(value)?,
-            "encryption" => {
-                self.encryption = parse_bool(key, value)?.then(|| "aes".to_owned());
-            }
-            "encrypt.format" => self.encryption = Some(value.to_owned()),
-            "data_file" => self.data_file = Some(value.to_owned()),
-            "data_file_raw" => self.data_file_raw = parse_bool(key, value)?,
-            "extended_l2" => self.extended_l2 = parse_bool(key, value)?,
-            _ => {
-                return Err(Error::BadOption(format!(
-                    "Invalid parameter '{key}' for qcow2 image creation"
-                )))
-            }
-        }
-        Ok(())
-    }
-
     /// Checks the options and their combinations, with QEMU's messages (as of 10.0) where it
     /// has one. Options this engine cannot create are refused with [`Error::Unsupported`],
     /// naming them.
@@ -257,10 +194,10 @@ impl CreateOptions {
             ));
         }
         if let Some(name) = &self.backing_file {
-            if name.is_empty() || name.contains('\0') {
+            if name.is_empty() || name.contains(&0) {
                 return Err(Error::BadOption(format!(
                     "Invalid backing file name '{}'",
-                    name.escape_debug()
+                    display_name(name).escape_debug()
                 )));
             }
             if name.len() > MAX_BACKING_FILE_NAME_BYTES as usize {
@@ -272,10 +209,10 @@ impl CreateOptions {
             }
         }
         if let Some(format) = &self.backing_format {
-            if format.is_empty() || format.contains('\0') {
+            if format.is_empty() || format.contains(&0) {
                 return Err(Error::BadOption(format!(
                     "Invalid backing format '{}'",
-                    format.escape_debug()
+                    display_name(format).escape_debug()
                 )));
             }
         }
@@ -346,45 +283,6 @@ impl CreateOptions {
             .filter(|&s| s <= MAX_SIZE_BYTES)
             .ok_or_else(|| Error::BadOption("Image size must be less than 8 EiB!".into()))
     }
-}
-
-fn bad_value(key: &str, value: &str, expected: &str) -> Error {
-    Error::BadOption(format!(
-        "Parameter '{key}' does not accept value '{value}' (expected {expected})"
-    ))
-}
-
-fn parse_bool(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
-        _ => Err(bad_value(key, value, "'on' or 'off'")),
-    }
-}
-
-/// A size as QEMU writes it: a whole number of bytes with an optional binary suffix.
-fn parse_size(key: &str, value: &str) -> Result<u64> {
-    let (digits, shift) = match value.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'B' => 0,
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'P' => 50,
-                'E' => 60,
-                _ => return Err(bad_value(key, value, "a size")),
-            };
-            (&value[..i], shift)
-        }
-        _ => (value, 0),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1u64 << shift))
-        .ok_or_else(|| bad_value(key, value, "a size"))
 }
 
 /// The L1 size (entries) QEMU gives an image of `size` bytes, refused above QEMU's L1 limit.
@@ -557,7 +455,7 @@ fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> Header {
     if let Some(format) = &opts.backing_format {
         extensions.push(RawExtension {
             kind: ext::BACKING_FORMAT,
-            data: format.as_bytes().to_vec(),
+            data: format.clone(),
         });
     }
     let mut feature_names = Vec::new();
@@ -598,8 +496,8 @@ fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> Header {
         compression_type: opts.compression_type,
         additional_fields,
         extensions,
-        backing_file: opts.backing_file.clone().map(String::into_bytes),
-        backing_format: opts.backing_format.clone().map(String::into_bytes),
+        backing_file: opts.backing_file.clone(),
+        backing_format: opts.backing_format.clone(),
         feature_names,
         bitmaps: None,
     }
@@ -1026,30 +924,5 @@ mod tests {
         opts.cluster_size_bytes = 1000;
         assert!(matches!(create(&storage, &opts), Err(Error::BadOption(_))));
         assert_eq!(storage.into_inner(), b"keep me");
-    }
-
-    #[test]
-    fn qemu_option_syntax() {
-        let mut opts = CreateOptions::new(0);
-        for (k, v) in [
-            ("size", "2G"),
-            ("cluster_size", "4k"),
-            ("compat", "0.10"),
-            ("lazy_refcounts", "off"),
-            ("preallocation", "falloc"),
-            ("backing_file", "base.qcow2"),
-            ("backing_fmt", "qcow2"),
-        ] {
-            opts.set(k, v).unwrap();
-        }
-        assert_eq!(opts.size_bytes, 2 << 30);
-        assert_eq!(opts.cluster_size_bytes, 4096);
-        assert_eq!(opts.compat, Compat::V2);
-        assert_eq!(opts.preallocation, Preallocation::Falloc);
-        assert!(opts.set("compat", "2.0").is_err());
-        assert!(opts.set("size", "12Q").is_err());
-        assert!(opts.set("nonsense", "1").is_err());
-        opts.set("encryption", "on").unwrap();
-        assert!(matches!(opts.validate(), Err(Error::Unsupported(_))));
     }
 }

@@ -67,6 +67,8 @@ pub struct TxgOptions {
     pub max_group_age: Duration,
 }
 
+/// The defaults of `barrier=txg` (`txg-max-bytes`, `txg-max-age-ms`): 64 MiB, and ZFS's
+/// `zfs_txg_timeout` of 5 s.
 impl Default for TxgOptions {
     fn default() -> Self {
         TxgOptions {
