@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use super::bindings::BlockDriverState;
 use super::ffi::entries;
-use super::file::InFlight;
+use super::node::InFlight;
 use super::node::Node;
 use super::timer::{drained, start_task, NodeTimer};
 use super::txg::RESTART_RETRY;

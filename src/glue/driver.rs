@@ -17,8 +17,9 @@ use super::bindings::{
 };
 use super::cache_clean;
 use super::create;
+use super::epochs::Unsynced;
 use super::ffi::{entries, to_c, to_c_errp};
-use super::file::{FileAccess, Unsynced};
+use super::file::FileAccess;
 use super::node::Node;
 use super::opts::Opts;
 use super::request;

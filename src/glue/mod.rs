@@ -7,8 +7,9 @@
 //! - `logger`: the `log` facade's records to QEMU's error reporting (the glue never prints
 //!   by hand, the engine never prints);
 //! - `storage`: the engine's [`crate::engine::Storage`] over a `BdrvChild`;
-//! - `file`: the image file, directly or through the ordered mode's epoch buffer and its
-//!   background writer;
+//! - `file`: the image file as the engine and the data step reach it, in every mode;
+//! - `epochs`: the `ordered` mode's epoch buffer and its background writer (the QEMU half
+//!   of `ordering::epochs`; also the `txg` mode's write-back buffer);
 //! - `node`: the per-node state and its metadata lock (`CoMutex`, `CoQueue`);
 //! - `request`: guest reads and writes, with the data step on the request's `QEMUIOVector`;
 //! - `opts`: QEMU option lists declared from Rust tables;
@@ -26,6 +27,7 @@ mod bindings;
 mod cache_clean;
 mod create;
 mod driver;
+mod epochs;
 mod ffi;
 mod file;
 mod filter;

@@ -357,3 +357,14 @@ impl Drop for Locked<'_> {
         unsafe { bindings::qemu_co_mutex_unlock(self.node.lock.get()) };
     }
 }
+
+/// A coroutine counted as a request of node `bs` (`bdrv_inc_in_flight`) until this drops.
+pub struct InFlight(pub *mut BlockDriverState);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // SAFETY: paired with the bdrv_inc_in_flight made when the coroutine was started; the
+        // node stays open while the count is held.
+        unsafe { bindings::bdrv_dec_in_flight(self.0) };
+    }
+}

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use super::bindings::{AioContext, BlockDriverState};
 use super::ffi::entries;
-use super::file::InFlight;
+use super::node::InFlight;
 use super::node::Node;
 use super::timer::{drained, start_task};
 use crate::engine::{Error, Storage};
