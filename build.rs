@@ -202,6 +202,8 @@ fn main() {
     for v in ALLOW_VARS {
         builder = builder.allowlist_var(v);
     }
+    #[cfg(feature = "glue-tests")]
+    compile_test_doubles(&manifest);
     let bindings = builder
         .generate()
         .unwrap_or_else(|e| fail(&format!("bindgen failed: {e}")));
@@ -210,6 +212,17 @@ fn main() {
     bindings
         .write_to_file(&out)
         .unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", out.display())));
+}
+
+/// The test doubles of QEMU's variadic reporting functions, for the glue's tests (Rust
+/// cannot define a variadic function): they format the message and hand it to the Rust test
+/// doubles (`src/glue/qemu_stubs.rs`).
+#[cfg(feature = "glue-tests")]
+fn compile_test_doubles(manifest: &Path) {
+    println!("cargo:rerun-if-changed=src/glue/qemu_stubs.c");
+    cc::Build::new()
+        .file(manifest.join("src/glue/qemu_stubs.c"))
+        .compile("qcow2b_qemu_stubs");
 }
 
 /// The include paths, defines and language flags QEMU compiles block/qcow2.c with.

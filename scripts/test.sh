@@ -22,17 +22,32 @@ cargo clippy --quiet --all-targets -- -D warnings; record "cargo clippy (engine)
 QCOW2B_QEMU_BUILD=$QEMU_BUILD cargo clippy --quiet --lib --features qemu \
   --target-dir "$BUILD_ROOT/clippy-target" -- -D warnings
 record "cargo clippy --features qemu (glue)" $?
+QCOW2B_QEMU_BUILD=$QEMU_BUILD cargo clippy --quiet --lib --tests --features glue-tests \
+  --target-dir "$BUILD_ROOT/glue-test-target" -- -D warnings
+record "cargo clippy --features glue-tests (the glue's tests)" $?
+
+# One cargo test run: its "test result:" lines counted into the totals.
+cargo_tests() { # name, then cargo's arguments
+  local name=$1 log status cargo_passed cargo_failed; shift
+  log=$(mktemp)
+  "$@" 2>&1 | tee "$log"
+  status=${PIPESTATUS[0]}
+  cargo_passed=$(awk '/^test result:/ {s += $4} END {print s + 0}' "$log")
+  cargo_failed=$(awk '/^test result:/ {s += $6} END {print s + 0}' "$log")
+  rm -f "$log"
+  if [ "$status" != 0 ] && [ "$cargo_failed" = 0 ]; then cargo_failed=1; failures+=("$name (build)"); fi
+  passed=$((passed + cargo_passed)) failed=$((failed + cargo_failed))
+  [ "$cargo_failed" = 0 ] || failures+=("$name")
+}
 
 say "cargo test"
-log=$(mktemp)
-cargo test --quiet 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
-cargo_passed=$(awk '/^test result:/ {s += $4} END {print s + 0}' "$log")
-cargo_failed=$(awk '/^test result:/ {s += $6} END {print s + 0}' "$log")
-rm -f "$log"
-if [ "$status" != 0 ] && [ "$cargo_failed" = 0 ]; then cargo_failed=1; failures+=("cargo test (build)"); fi
-passed=$((passed + cargo_passed)) failed=$((failed + cargo_failed))
-[ "$cargo_failed" = 0 ] || failures+=("cargo test")
+cargo_tests "cargo test" cargo test --quiet
+
+# The glue's Rust tests: the driver table called from Rust, QEMU's side played by test
+# doubles (feature glue-tests); the bindings need the configured QEMU tree built above.
+say "glue tests (cargo test --features glue-tests --lib glue::)"
+cargo_tests "glue tests" env QCOW2B_QEMU_BUILD="$QEMU_BUILD" cargo test --quiet \
+  --features glue-tests --lib --target-dir "$BUILD_ROOT/glue-test-target" glue::
 
 say "fuzz targets (fuzz/run.sh, 30 s each)"
 bash fuzz/run.sh 30; record "fuzz targets" $?

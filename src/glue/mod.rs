@@ -42,3 +42,8 @@ mod runtime_opts;
 mod storage;
 mod timer;
 mod txg;
+
+#[cfg(all(test, feature = "glue-tests"))]
+mod qemu_stubs;
+#[cfg(all(test, feature = "glue-tests"))]
+mod tests;
