@@ -7,7 +7,7 @@
 n=0
 for f in "$QCOW2B_ROOT"/fuzz/regressions/tables/* "$QCOW2B_ROOT"/fuzz/regressions/header/* \
          "$QCOW2B_ROOT"/fuzz/corpus/tables/* "$QCOW2B_ROOT"/fuzz/regressions/whole/*; do
-  [ -f "$f" ] && [ "$(basename "$f")" != .keep ] || continue
+  [ -f "$f" ] || continue
   case "$f" in
     */regressions/whole/*)
       python3 -c 'import struct, sys
