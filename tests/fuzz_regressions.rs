@@ -53,7 +53,10 @@ fn every_regression_input_replays_through_its_target() {
         "whole/reference-past-eof-after-script",
         "whole/growth-exposes-entries-past-the-end",
     ] {
-        assert!(replayed.iter().any(|r| r == finding), "{finding} is gone: {replayed:?}");
+        assert!(
+            replayed.iter().any(|r| r == finding),
+            "{finding} is gone: {replayed:?}"
+        );
     }
 }
 
