@@ -11,6 +11,7 @@ system's qemu-io. For each:
 
 import os
 import shutil
+import struct
 
 from qemu_tools import (QEMU_IMG, QEMU_IO, SYS_QEMU_IMG, SYS_QEMU_IO, Failure, Scratch,
                         check_clean, main, qemu_io, run, to_raw)
@@ -40,6 +41,9 @@ CASES = [
     ("preallocation=metadata", {"opts": "preallocation=metadata"}),
     ("preallocation=full", {"opts": "preallocation=full"}),
     ("compat=0.10 cluster_size=512 snapshots", {"opts": "compat=0.10,cluster_size=512", "snapshots": True}),
+    # header_length = the cluster size: the header's own fields fill the cluster, no room for
+    # an extension or an end marker (QEMU's qcow2 opens it; so must qcow2b).
+    ("header_length = cluster size", {"header_length_cluster": True}),
 ]
 
 
@@ -62,6 +66,12 @@ def make_image(scratch, name, case):
         args += ["-b", base, "-F", "qcow2"]
     run(*args, img, str(SIZE))
     qemu_io(SYS_QEMU_IO, "qcow2", img, FILL)
+    if case.get("header_length_cluster"):
+        with open(img, "r+b") as f:
+            f.seek(20)
+            cluster_size = 1 << struct.unpack(">I", f.read(4))[0]
+            f.seek(100)
+            f.write(struct.pack(">I", cluster_size))
     snapshots = []
     if case.get("snapshots"):
         # Two snapshots with different content, then more writes on top.

@@ -55,6 +55,20 @@ class Image:
     def save(self, path, truncate=None):
         with open(path, "wb") as f:
             f.write(self.bytes if truncate is None else self.bytes[:truncate])
+        if getattr(self, "extend_to", 0) > len(self.bytes):
+            os.truncate(path, self.extend_to)  # sparse: a file as large as it claims
+
+    def extension(self, kind):
+        """The offset of the data of header extension `kind` (the area starts at
+        header_length)."""
+        at = self.u32(100)
+        while True:
+            k, length = self.u32(at), self.u32(at + 4)
+            if k == 0:
+                raise Failure(f"no header extension {kind:#x}")
+            if k == kind:
+                return at + 8
+            at += 8 + (length + 7) // 8 * 8
 
 
 def base_image(scratch):
@@ -62,6 +76,39 @@ def base_image(scratch):
     run(SYS_QEMU_IMG, "create", "-q", "-f", "qcow2", path, "8M")
     qemu_io(SYS_QEMU_IO, "qcow2", path, ["write -P 0x5a 0 256k", "write -P 0x6b 4M 64k"])
     return path
+
+
+def bitmap_image(scratch):
+    """An image with a persistent bitmap (the bitmaps extension, its autoclear bit set)."""
+    path = scratch.path("bitmap.qcow2")
+    run(SYS_QEMU_IMG, "create", "-q", "-f", "qcow2", path, "8M")
+    run(SYS_QEMU_IMG, "bitmap", "--add", path, "b0")
+    return path
+
+
+BITMAPS_EXTENSION = 0x23852875
+MIB = 1 << 20
+# Images whose damage claims a size to allocate: qemu-img check's peak RSS must stay under
+# this (before the bounds, each made it allocate and read the claimed size: 64 and 128 MiB).
+BOUNDED_RSS_MIB = 48
+
+
+def big_bitmap_directory(img):
+    """The bitmap directory claims one byte over QEMU's limit (1024 x 65535), in a sparse
+    file long enough to hold it."""
+    ext = img.extension(BITMAPS_EXTENSION)
+    size = 1024 * 65535 + 8
+    img.put64(ext + 8, size)
+    img.extend_to = img.u64(ext + 16) + size + CLUSTER
+
+
+def big_bitmap_table(img):
+    """The bitmap's table claims 2^24 entries (128 MiB; QEMU's limit is 512 MiB of bitmap,
+    8192 entries at 64 KiB clusters), in a sparse file long enough to hold it."""
+    ext = img.extension(BITMAPS_EXTENSION)
+    directory = img.u64(ext + 16)
+    img.put32(directory + 8, 1 << 24)
+    img.extend_to = img.u64(directory) + (8 << 24) + CLUSTER
 
 
 def compressed_image(scratch):
@@ -170,6 +217,21 @@ def cases():
                                                  (img.u64(img.l2_offset()) & ((1 << 54) - 1)) + 64), b"\xff" * 64), "read"
     yield "compressed descriptor pointing at the L1 table", compressed_image, \
         lambda img: img.put64(img.l2_offset(), (1 << 62) | img.l1_offset), "access"
+    yield "bitmap directory above QEMU's limit", bitmap_image, big_bitmap_directory, "open"
+    # Check reports the table as a corruption without reading it; reads and writes need
+    # no bitmap.
+    yield "bitmap table above QEMU's limits", bitmap_image, big_bitmap_table, "tolerated"
+
+
+BOUNDED = {"bitmap directory above QEMU's limit", "bitmap table above QEMU's limits"}
+
+
+def peak_rss_mib(cmd):
+    """Runs cmd; its peak RSS in MiB."""
+    with open(os.devnull, "wb") as null:
+        proc = subprocess.Popen(cmd, stdout=null, stderr=null)
+        _, _, rusage = os.wait4(proc.pid, 0)
+    return rusage.ru_maxrss / 1024
 
 
 def tool_runs(img):
@@ -204,12 +266,21 @@ def body():
             truncate = damage(img)
             target = scratch.path(f"hostile{n}.qcow2")
             img.save(target, truncate if isinstance(truncate, int) else None)
+            # The damaged image: its bytes, and its length (a sparse tail past them, where the
+            # damage claims a large structure, is not read into this process: its memory would
+            # count in the children's peak RSS, which a fork inherits).
+            length = os.path.getsize(target)
             with open(target, "rb") as f:
-                damaged = f.read()
-            for what, cmd in tool_runs(target):
-                # Every tool starts from the same damaged image.
+                damaged = f.read(len(img.bytes))
+
+            def restore():
                 with open(target, "wb") as f:
                     f.write(damaged)
+                os.truncate(target, length)
+
+            for what, cmd in tool_runs(target):
+                # Every tool starts from the same damaged image.
+                restore()
                 try:
                     status, out = run(*cmd, check=False, timeout=60)
                 except subprocess.TimeoutExpired:
@@ -222,7 +293,7 @@ def body():
                     if "qcow2" not in out:
                         raise Failure(f"{name}: {what}: the message does not say what is wrong:\n{out}")
                     with open(target, "rb") as f:
-                        if f.read() != damaged:
+                        if f.read(len(damaged)) != damaged or os.path.getsize(target) != length:
                             raise Failure(f"{name}: {what} modified an image it refused")
                 must_fail = {"access": ("read", "write"), "read": ("read",), "write": ("write",)}
                 if what in must_fail.get(when, ()):
@@ -232,8 +303,12 @@ def body():
                         raise Failure(f"{name}: {what}: no qcow2b message says why it failed:\n{out}")
                 if what == "check" and status not in (0, 1, 2, 3, 63):
                     raise Failure(f"{name}: check exited {status}:\n{out}")
-            with open(target, "wb") as f:
-                f.write(damaged)
+            restore()
+            if name in BOUNDED:
+                rss = peak_rss_mib([QEMU_IMG, "check", "-f", "qcow2b", target])
+                if rss > BOUNDED_RSS_MIB:
+                    raise Failure(f"{name}: qemu-img check peaked at {rss:.0f} MiB of RSS "
+                                  f"(bound {BOUNDED_RSS_MIB} MiB)")
             qemu_died += [f"{name} ({d})" for d in system_qemu_dies(target)]
             print(f"ok  {name}")
     print(f"{n} hostile images: qcow2b gave an error every time, never a signal")
