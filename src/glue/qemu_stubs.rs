@@ -12,9 +12,13 @@
 //! - option lists and QDicts are Rust values behind the pointers QEMU would pass;
 //! - the variadic reporting functions are in `qemu_stubs.c` and land in [`messages`].
 //!
+//! - timers are armed and deleted, and never fire (no event loop runs; the tests exercise
+//!   no timer's work);
+//! - a discard on the file is counted and changes nothing (it is advisory).
+//!
 //! What the glue calls but these tests do not exercise (image creation through a
-//! BlockBackend, block status, timers of the txg mode, drained sections) aborts with "not
-//! modelled", so a test that reaches it fails loudly instead of passing on a stand-in.
+//! BlockBackend, block status, drained sections) aborts with "not modelled", so a test that
+//! reaches it fails loudly instead of passing on a stand-in.
 //!
 //! Each double has the signature of its binding, checked at compile time.
 
@@ -57,6 +61,7 @@ thread_local! {
     static LOCKED: RefCell<HashSet<usize>> = RefCell::new(HashSet::new());
     static IN_FLIGHT: Cell<i64> = const { Cell::new(0) };
     static MESSAGES: RefCell<Vec<(c_int, String)>> = const { RefCell::new(Vec::new()) };
+    static ARMED: RefCell<HashSet<usize>> = RefCell::new(HashSet::new());
 }
 
 /// Drivers registered with `bdrv_register`, by name (process-wide, as QEMU's list is).
@@ -349,6 +354,10 @@ doubles! {
         0
     }
 
+    fn bdrv_pdiscard(_child: *mut BdrvChild, _offset: i64, _bytes: i64) -> c_int {
+        0
+    }
+
     fn bdrv_flush(bs: *mut BlockDriverState) -> c_int {
         FLUSHES.with(|f| *f.borrow_mut().entry(bs as usize).or_default() += 1);
         0
@@ -556,7 +565,8 @@ doubles! {
     fn qemu_co_sleep_ns_wakeable(_w: *mut QemuCoSleep, _type_: QEMUClockType, _ns: i64) {}
 
     fn qemu_clock_get_ns(_type_: QEMUClockType) -> i64 {
-        unmodelled("qemu_clock_get_ns")
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        START.get_or_init(std::time::Instant::now).elapsed().as_nanos() as i64
     }
 
     fn timer_init_full(
@@ -568,23 +578,22 @@ doubles! {
         _cb: QEMUTimerCB,
         _opaque: *mut c_void,
     ) {
-        unmodelled("timer_init_full")
     }
 
-    fn timer_mod(_ts: *mut QEMUTimer, _expire_timer: i64) {
-        unmodelled("timer_mod")
+    fn timer_mod(ts: *mut QEMUTimer, _expire_timer: i64) {
+        ARMED.with(|a| a.borrow_mut().insert(ts as usize));
     }
 
-    fn timer_del(_ts: *mut QEMUTimer) {
-        unmodelled("timer_del")
+    fn timer_del(ts: *mut QEMUTimer) {
+        ARMED.with(|a| a.borrow_mut().remove(&(ts as usize)));
     }
 
-    fn timer_deinit(_ts: *mut QEMUTimer) {
-        unmodelled("timer_deinit")
+    fn timer_deinit(ts: *mut QEMUTimer) {
+        ARMED.with(|a| a.borrow_mut().remove(&(ts as usize)));
     }
 
-    fn timer_pending(_ts: *mut QEMUTimer) -> bool {
-        unmodelled("timer_pending")
+    fn timer_pending(ts: *mut QEMUTimer) -> bool {
+        ARMED.with(|a| a.borrow().contains(&(ts as usize)))
     }
 
     fn qemu_iovec_init(qiov: *mut QEMUIOVector, _alloc_hint: c_int) {
@@ -746,6 +755,27 @@ doubles! {
         let key = unsafe { CStr::from_ptr(key) };
         let found = dict.0.iter().find(|(k, _)| k.as_c_str() == key);
         found.map_or(ptr::null(), |(_, v)| v.as_ptr())
+    }
+
+    fn qdict_haskey(qdict: *const QDict, key: *const c_char) -> c_int {
+        c_int::from(!unsafe { qdict_get_try_str(qdict, key) }.is_null())
+    }
+
+    fn qdict_del(qdict: *mut QDict, key: *const c_char) {
+        let dict = unsafe { &mut *(qdict as *mut FakeDict) };
+        let key = unsafe { CStr::from_ptr(key) };
+        dict.0.retain(|(k, _)| k.as_c_str() != key);
+    }
+
+    fn qdict_join(dest: *mut QDict, src: *mut QDict, overwrite: bool) {
+        let (dest, src) = unsafe { (&mut *(dest as *mut FakeDict), &mut *(src as *mut FakeDict)) };
+        for (k, v) in std::mem::take(&mut src.0) {
+            match dest.0.iter_mut().find(|(dk, _)| *dk == k) {
+                Some(entry) if overwrite => entry.1 = v,
+                Some(_) => src.0.push((k, v)),
+                None => dest.0.push((k, v)),
+            }
+        }
     }
 
     fn g_malloc0(n_bytes: gsize) -> gpointer {
