@@ -525,6 +525,27 @@ fn damage_error(e: &Error) -> bool {
     ) && e.to_string().len() > 20
 }
 
+/// Opens a damaged image: `None` (counted as refused) when open says it is damaged; the
+/// image (counted as served) otherwise.
+fn open_or_refused(
+    bytes: Vec<u8>,
+    opts: &OpenOptions,
+    round: u32,
+    (refused, served): (&mut u32, &mut u32),
+) -> Option<Image<MemStorage>> {
+    match open(bytes, opts) {
+        Ok(image) => {
+            *served += 1;
+            Some(image)
+        }
+        Err(e) => {
+            assert!(damage_error(&e), "round {round}: open: {e}");
+            *refused += 1;
+            None
+        }
+    }
+}
+
 /// What a write followed by a read of the same range gave: written bytes read back.
 fn write_then_read(image: &mut Image<MemStorage>, off: u64, len: usize, fill: u8) {
     let data = vec![fill; len];
@@ -561,15 +582,9 @@ fn random_header_and_table_corruption_is_refused_or_served_consistently() {
             b[at] = rng.next_u64() as u8;
         }
         let opts = if round % 3 == 0 { RO } else { RW };
-        let mut image = match open(b, &opts) {
-            Ok(image) => image,
-            Err(e) => {
-                assert!(damage_error(&e), "round {round}: open: {e}");
-                refused += 1;
-                continue;
-            }
+        let Some(mut image) = open_or_refused(b, &opts, round, (&mut refused, &mut served)) else {
+            continue;
         };
-        served += 1;
         let size = image.virtual_size();
         let off = rng.below(size.max(1));
         let len = (size - off).min(4096) as usize;
@@ -624,15 +639,9 @@ fn random_metadata_corruption_gives_errors_or_consistent_answers() {
             l2_cache_bytes: Some(1024),
             ..Default::default()
         };
-        let mut image = match open(b, &opts) {
-            Ok(image) => image,
-            Err(e) => {
-                assert!(damage_error(&e), "round {round}: open: {e}");
-                refused += 1;
-                continue;
-            }
+        let Some(mut image) = open_or_refused(b, &opts, round, (&mut refused, &mut served)) else {
+            continue;
         };
-        served += 1;
         let size = image.virtual_size();
         if size == 0 {
             continue;

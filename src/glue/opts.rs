@@ -205,37 +205,34 @@ impl OptsView {
         unsafe { !bindings::qemu_opt_get(self.opts, name.as_ptr()).is_null() }
     }
 
-    pub fn size(&self, name: &CStr) -> Option<u64> {
+    /// The value of `name` through QEMU's typed getter: `del` when the view takes options,
+    /// `get` otherwise.
+    fn typed<T>(
+        &self,
+        name: &CStr,
+        default: T,
+        get: unsafe extern "C" fn(*mut bindings::QemuOpts, *const std::ffi::c_char, T) -> T,
+        del: unsafe extern "C" fn(*mut bindings::QemuOpts, *const std::ffi::c_char, T) -> T,
+    ) -> Option<T> {
+        let getter = if self.take { del } else { get };
         // SAFETY: as above; the option is given, so the typed getter parses its value.
-        self.given(name).then(|| unsafe {
-            if self.take {
-                bindings::qemu_opt_get_size_del(self.opts, name.as_ptr(), 0)
-            } else {
-                bindings::qemu_opt_get_size(self.opts, name.as_ptr(), 0)
-            }
-        })
+        self.given(name)
+            .then(|| unsafe { getter(self.opts, name.as_ptr(), default) })
+    }
+
+    pub fn size(&self, name: &CStr) -> Option<u64> {
+        use bindings::{qemu_opt_get_size, qemu_opt_get_size_del};
+        self.typed(name, 0, qemu_opt_get_size, qemu_opt_get_size_del)
     }
 
     pub fn number(&self, name: &CStr) -> Option<u64> {
-        // SAFETY: as above.
-        self.given(name).then(|| unsafe {
-            if self.take {
-                bindings::qemu_opt_get_number_del(self.opts, name.as_ptr(), 0)
-            } else {
-                bindings::qemu_opt_get_number(self.opts, name.as_ptr(), 0)
-            }
-        })
+        use bindings::{qemu_opt_get_number, qemu_opt_get_number_del};
+        self.typed(name, 0, qemu_opt_get_number, qemu_opt_get_number_del)
     }
 
     pub fn bool(&self, name: &CStr) -> Option<bool> {
-        // SAFETY: as above.
-        self.given(name).then(|| unsafe {
-            if self.take {
-                bindings::qemu_opt_get_bool_del(self.opts, name.as_ptr(), false)
-            } else {
-                bindings::qemu_opt_get_bool(self.opts, name.as_ptr(), false)
-            }
-        })
+        use bindings::{qemu_opt_get_bool, qemu_opt_get_bool_del};
+        self.typed(name, false, qemu_opt_get_bool, qemu_opt_get_bool_del)
     }
 
     /// A string value, as the bytes it is.

@@ -91,27 +91,32 @@ impl TestNode {
     }
 
     fn write(&mut self, offset: i64, data: &mut [u8]) -> c_int {
-        let mut iov = bindings::iovec {
-            iov_base: data.as_mut_ptr().cast(),
-            iov_len: data.len(),
-        };
-        let mut qiov = QEMUIOVector {
-            iov: &mut iov,
-            niov: 1,
-            ..Default::default()
-        };
-        qemu_stubs::set_in_coroutine(true);
         let write = self.table().bdrv_co_pwritev_part.unwrap();
-        // SAFETY: an open node; the qiov holds the request's bytes; in "coroutine context".
-        let ret = unsafe { write(self.bs(), offset, data.len() as i64, &mut qiov, 0, 0) };
-        qemu_stubs::set_in_coroutine(false);
-        ret
+        self.request(write, offset, data)
     }
 
     fn read(&mut self, offset: i64, out: &mut [u8]) -> c_int {
+        let read = self.table().bdrv_co_preadv_part.unwrap();
+        self.request(read, offset, out)
+    }
+
+    /// A read or write callback of the table over `buf`, in "coroutine context".
+    fn request(
+        &mut self,
+        callback: unsafe extern "C" fn(
+            *mut BlockDriverState,
+            i64,
+            i64,
+            *mut QEMUIOVector,
+            usize,
+            bindings::BdrvRequestFlags,
+        ) -> c_int,
+        offset: i64,
+        buf: &mut [u8],
+    ) -> c_int {
         let mut iov = bindings::iovec {
-            iov_base: out.as_mut_ptr().cast(),
-            iov_len: out.len(),
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
         };
         let mut qiov = QEMUIOVector {
             iov: &mut iov,
@@ -119,9 +124,8 @@ impl TestNode {
             ..Default::default()
         };
         qemu_stubs::set_in_coroutine(true);
-        let read = self.table().bdrv_co_preadv_part.unwrap();
-        // SAFETY: as for writes.
-        let ret = unsafe { read(self.bs(), offset, out.len() as i64, &mut qiov, 0, 0) };
+        // SAFETY: an open node; the qiov holds the request's bytes; in "coroutine context".
+        let ret = unsafe { callback(self.bs(), offset, buf.len() as i64, &mut qiov, 0, 0) };
         qemu_stubs::set_in_coroutine(false);
         ret
     }

@@ -107,17 +107,7 @@ impl BeWriter {
     /// Overwrites the 8 bytes at `at`, written before (a field whose value is known only
     /// once what follows it is laid out).
     pub fn set_u64(&mut self, at: usize, v: u64) -> Result<()> {
-        let len = self.bytes.len();
-        let field = at
-            .checked_add(8)
-            .and_then(|end| self.bytes.get_mut(at..end))
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "a field at byte {at} of a structure of {len} bytes being written"
-                ))
-            })?;
-        field.copy_from_slice(&v.to_be_bytes());
-        Ok(())
+        put_u64("a structure being written", &mut self.bytes, at, v)
     }
 
     pub fn len(&self) -> usize {
@@ -157,16 +147,21 @@ pub fn table_entry(what: &str, table: &[u8], index: usize) -> Result<u64> {
 
 /// Sets entry `index` of the table `what` held as bytes.
 pub fn set_table_entry(what: &str, table: &mut [u8], index: usize, value: u64) -> Result<()> {
-    let len = table.len();
-    let slot = index
-        .checked_mul(8)
-        .and_then(|at| table.get_mut(at..at + 8))
+    put_u64(what, table, index.saturating_mul(8), value)
+}
+
+/// Writes `v` into the 8 bytes at `at` of the structure `what`, which must hold them.
+fn put_u64(what: &str, bytes: &mut [u8], at: usize, v: u64) -> Result<()> {
+    let len = bytes.len();
+    let field = at
+        .checked_add(8)
+        .and_then(|end| bytes.get_mut(at..end))
         .ok_or_else(|| {
             Error::Invalid(format!(
-                "{what}: entry {index} lies past its end ({len} bytes)"
+                "{what}: 8 bytes at byte {at} lie past its end ({len} bytes)"
             ))
         })?;
-    slot.copy_from_slice(&value.to_be_bytes());
+    field.copy_from_slice(&v.to_be_bytes());
     Ok(())
 }
 

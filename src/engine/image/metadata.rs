@@ -13,6 +13,11 @@ use crate::engine::image::overlap::MetadataMap;
 use crate::engine::image::Image;
 use crate::engine::storage::Storage;
 
+/// A table the caller just loaded is not in its cache: a bug, reported as damage.
+pub(in crate::engine) fn not_cached(what: &str, offset: u64) -> Error {
+    Error::Corrupt(format!("{what} {offset:#x} vanished from the cache"))
+}
+
 impl<S: Storage> Image<S> {
     /// The raw entry `l2_index` of the L2 table at `l2_offset`, which the caller loaded into
     /// the cache.
@@ -21,9 +26,10 @@ impl<S: Storage> Image<S> {
         l2_offset: u64,
         l2_index: usize,
     ) -> Result<u64> {
-        let table = self.l2_cache.peek(l2_offset).ok_or_else(|| {
-            Error::Corrupt(format!("L2 table {l2_offset:#x} vanished from the cache"))
-        })?;
+        let table = self
+            .l2_cache
+            .peek(l2_offset)
+            .ok_or_else(|| not_cached("L2 table", l2_offset))?;
         bytes::table_entry(&format!("the L2 table at {l2_offset:#x}"), table, l2_index)
     }
 
@@ -168,9 +174,10 @@ impl<S: Storage> Image<S> {
         entry: L2Entry,
     ) -> Result<()> {
         self.load_l2(l2_offset)?;
-        let table = self.l2_cache.get_mut(l2_offset).ok_or_else(|| {
-            Error::Corrupt(format!("L2 table {l2_offset:#x} vanished from the cache"))
-        })?;
+        let table = self
+            .l2_cache
+            .get_mut(l2_offset)
+            .ok_or_else(|| not_cached("L2 table", l2_offset))?;
         bytes::set_table_entry(
             &format!("the L2 table at {l2_offset:#x}"),
             table,
@@ -253,9 +260,7 @@ impl<S: Storage> Image<S> {
             self.l2_cache
                 .get(old_offset)
                 .map(|t| t.to_vec())
-                .ok_or_else(|| {
-                    Error::Corrupt(format!("L2 table {old_offset:#x} vanished from the cache"))
-                })?
+                .ok_or_else(|| not_cached("L2 table", old_offset))?
         };
         // A table for a range that had none reads as "all unallocated" while it is zeros, so a
         // reserved cluster needs no ordering before the L1 entry naming it (rule (c) of
@@ -388,11 +393,10 @@ impl<S: Storage> Image<S> {
             None | Some(0) => Ok(0),
             Some(offset) => {
                 self.load_refblock(offset)?;
-                let block = self.refblock_cache.get(offset).ok_or_else(|| {
-                    Error::Corrupt(format!(
-                        "refcount block {offset:#x} vanished from the cache"
-                    ))
-                })?;
+                let block = self
+                    .refblock_cache
+                    .get(offset)
+                    .ok_or_else(|| not_cached("refcount block", offset))?;
                 self.rc.get(block, index)
             }
         }
@@ -429,11 +433,10 @@ impl<S: Storage> Image<S> {
         };
         self.load_refblock(offset)?;
         let rc = self.rc;
-        let block = self.refblock_cache.get_mut(offset).ok_or_else(|| {
-            Error::Corrupt(format!(
-                "refcount block {offset:#x} vanished from the cache"
-            ))
-        })?;
+        let block = self
+            .refblock_cache
+            .get_mut(offset)
+            .ok_or_else(|| not_cached("refcount block", offset))?;
         rc.set(block, index, value)
     }
 
@@ -455,11 +458,10 @@ impl<S: Storage> Image<S> {
             let per_block = self.rc.entries_per_block();
             let block_start = cluster - first_index;
             let rc = self.rc;
-            let block = self.refblock_cache.get(offset).ok_or_else(|| {
-                Error::Corrupt(format!(
-                    "refcount block {offset:#x} vanished from the cache"
-                ))
-            })?;
+            let block = self
+                .refblock_cache
+                .get(offset)
+                .ok_or_else(|| not_cached("refcount block", offset))?;
             let mut found = None;
             for i in first_index..per_block {
                 if rc.get(block, i)? == 0 && !self.quarantine.contains_key(&(block_start + i)) {

@@ -55,6 +55,7 @@ use crate::engine::error::{Error, Result};
 use crate::engine::format::bytes;
 use crate::engine::image::cache::TableCache;
 use crate::engine::image::discard::FreeKind;
+use crate::engine::image::metadata::not_cached;
 use crate::engine::image::Image;
 use crate::engine::storage::Storage;
 
@@ -231,9 +232,10 @@ impl<S: Storage> Image<S> {
                     ))
                 })?;
             let new = self.alloc_cluster()?;
-            let content = self.l2_cache.take(old).ok_or_else(|| {
-                Error::Corrupt(format!("L2 table {old:#x} vanished from the cache"))
-            })?;
+            let content = self
+                .l2_cache
+                .take(old)
+                .ok_or_else(|| not_cached("L2 table", old))?;
             // One table out, one in: the cache needs no room made (which could write back).
             self.l2_cache.insert(new, content, true);
             if let Some(e) = self.l1.get_mut(l1_index) {
@@ -419,11 +421,7 @@ impl<S: Storage> Image<S> {
             .refblock_cache
             .get(old_offset)
             .map(|b| b.to_vec())
-            .ok_or_else(|| {
-                Error::Corrupt(format!(
-                    "refcount block {old_offset:#x} vanished from the cache"
-                ))
-            })?;
+            .ok_or_else(|| not_cached("refcount block", old_offset))?;
         let free = self.find_free_cluster()?;
         let covered = matches!(self.refblock_offset(self.rc.locate(free).0)?, Some(o) if o != 0);
         // A free cluster no block counts yet: the allocator makes that block (owned by the
