@@ -3,7 +3,7 @@
 //!
 //! Validation here covers what the header says about itself (magic, version, cluster size,
 //! feature bits, extension area). Checks of table offsets against the file length and against
-//! each other are in [`crate::engine::layout`], which needs the file length too.
+//! each other are in [`crate::engine::format::layout`], which needs the file length too.
 
 use bitflags::bitflags;
 
