@@ -118,10 +118,14 @@ fn qcow2b_open(
             let image = Image::open(file.clone(), &settings.open)?;
             settings.check_image(image.header())?;
             publish_image_fields(bs, &image)?;
-            (*bs).supported_zero_flags =
-                bindings::BDRV_REQ_MAY_UNMAP | bindings::BDRV_REQ_NO_FALLBACK;
+            // FUA is ours too (a whole flush after the request, `durable_now`): the block
+            // layer's emulation flushes before the write counts as done, which the two
+            // halves of a flush cannot tell from a flush with nothing new.
+            (*bs).supported_zero_flags = bindings::BDRV_REQ_MAY_UNMAP
+                | bindings::BDRV_REQ_NO_FALLBACK
+                | bindings::BDRV_REQ_FUA;
             // Barrier writes are ours: the block layer hands them over instead of emulating.
-            (*bs).supported_write_flags = bindings::BDRV_REQ_BARRIER;
+            (*bs).supported_write_flags = bindings::BDRV_REQ_BARRIER | bindings::BDRV_REQ_FUA;
             // A growth over a longer backing file reads as zeros (Image::grow).
             (*bs).supported_truncate_flags = bindings::BDRV_REQ_ZERO_WRITE;
             let primitive_node = register_primitive(bs, mode);
@@ -214,8 +218,13 @@ fn qcow2b_co_pwritev_part(
     let barrier = flags & bindings::BDRV_REQ_BARRIER != 0;
     to_c("write", || {
         // SAFETY: as for reads.
-        unsafe { request::write(bs, offset as u64, bytes as u64, qiov, qiov_offset, barrier) }
-            .map(|_| 0)
+        unsafe {
+            request::write(bs, offset as u64, bytes as u64, qiov, qiov_offset, barrier)?;
+            if flags & bindings::BDRV_REQ_FUA != 0 {
+                durable_now(bs)?;
+            }
+        }
+        Ok(0)
     })
 }
 }
@@ -287,9 +296,12 @@ fn qcow2b_co_pwrite_zeroes(
                     return Err(Error::Unsupported("zero flag for this range".into()));
                 }
                 image.write_zeroes(offset as u64, bytes as u64, unmap, None)
-            })
+            })?;
+            if flags & bindings::BDRV_REQ_FUA != 0 {
+                durable_now(bs)?;
+            }
         }
-        .map(|_| 0)
+        Ok(0)
     })
 }
 }
@@ -322,11 +334,42 @@ fn qcow2b_co_pdiscard(
 }
 }
 
+/// Both halves of a guest flush at once: for a FUA request, and for a node that may not
+/// flush (whose flush_to_disk the block layer never calls).
+///
+/// # Safety
+/// In a coroutine of the node's AioContext; `bs` an open qcow2b node.
+unsafe fn durable_now(bs: *mut BlockDriverState) -> Result<(), Error> {
+    // SAFETY: per the caller.
+    let node = unsafe { Node::of(bs) };
+    // SAFETY: as above.
+    unsafe { node.lock() }?.image().flush_to_os()?;
+    // SAFETY: as above.
+    unsafe { txg::commit(node, txg::Durability::Flush) }
+}
+
 entries! {
 fn qcow2b_co_flush_to_os(bs: *mut BlockDriverState) -> c_int {
-    // The engine's flush writes metadata back in order and syncs the file once; the block
-    // layer's own flush of bs->file afterwards finds nothing new and costs no second sync.
-    // In the txg mode the flush commits the group (txg.rs): two syncs, or none.
+    // A guest flush in QEMU's two halves. This one writes the metadata back in order (in the
+    // ordered mode into its epochs, which the writer takes on), and flush_to_disk below
+    // makes it durable with one sync (txg: commits the group, two syncs or none). Between
+    // them the block layer announces flush_to_disk (a blkdebug event), so an error injected
+    // there meets the sync that follows, as with QEMU's qcow2; and the block layer's own
+    // flush of bs->file afterwards finds nothing new and costs no second sync. A node that
+    // may not flush (cache.no-flush=on) gets no second half: both run here then.
+    to_c("flush", || {
+        // SAFETY: called by the block layer in a coroutine of a node we opened.
+        unsafe {
+            if (*bs).open_flags & bindings::BDRV_O_NO_FLUSH as c_int != 0 {
+                return durable_now(bs).map(|()| 0);
+            }
+            Node::of(bs).lock()?.image().flush_to_os()?;
+        }
+        Ok(0)
+    })
+}
+
+fn qcow2b_co_flush_to_disk(bs: *mut BlockDriverState) -> c_int {
     to_c("flush", || {
         // SAFETY: called by the block layer in a coroutine of a node we opened.
         unsafe { txg::commit(Node::of(bs), txg::Durability::Flush) }.map(|_| 0)
@@ -1024,6 +1067,7 @@ pub fn qcow2b_register() -> () {
             bdrv_co_pwrite_zeroes: Some(qcow2b_co_pwrite_zeroes),
             bdrv_co_pdiscard: Some(qcow2b_co_pdiscard),
             bdrv_co_flush_to_os: Some(qcow2b_co_flush_to_os),
+            bdrv_co_flush_to_disk: Some(qcow2b_co_flush_to_disk),
             bdrv_co_truncate: Some(qcow2b_co_truncate),
             bdrv_change_backing_file: Some(qcow2b_change_backing_file),
             bdrv_make_empty: Some(qcow2b_make_empty),

@@ -130,11 +130,17 @@ impl TestNode {
         ret
     }
 
+    /// A flush as QEMU's block layer runs it: flush_to_os, then flush_to_disk.
     fn flush(&mut self) -> c_int {
         qemu_stubs::set_in_coroutine(true);
-        let flush = self.table().bdrv_co_flush_to_os.unwrap();
+        let to_os = self.table().bdrv_co_flush_to_os.unwrap();
+        let to_disk = self.table().bdrv_co_flush_to_disk.unwrap();
         // SAFETY: an open node, in "coroutine context".
-        let ret = unsafe { flush(self.bs()) };
+        let mut ret = unsafe { to_os(self.bs()) };
+        if ret == 0 {
+            // SAFETY: as above.
+            ret = unsafe { to_disk(self.bs()) };
+        }
         qemu_stubs::set_in_coroutine(false);
         ret
     }

@@ -47,7 +47,8 @@ pub const RESTART_RETRY: Duration = Duration::from_millis(10);
 /// What the commit is for.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// A guest flush: counted as one, and a sync even outside groups.
+    /// The durable half of a guest flush (`flush_to_disk`; the first half counted it): a
+    /// sync even outside groups.
     Flush,
     /// A bound of the group was reached.
     Bound,
@@ -62,7 +63,7 @@ pub unsafe fn commit(node: &Node, why: Durability) -> Result<(), Error> {
     let mut locked = unsafe { node.lock() }?;
     if !locked.image().in_transaction_groups() {
         return match why {
-            Durability::Flush => locked.image().flush(),
+            Durability::Flush => locked.image().flush_to_disk(),
             Durability::Bound => Ok(()),
         };
     }
@@ -94,7 +95,7 @@ pub unsafe fn commit(node: &Node, why: Durability) -> Result<(), Error> {
         locked.wait_for_allocations();
     }
     let result = match why {
-        Durability::Flush => locked.image().flush(),
+        Durability::Flush => locked.image().flush_to_disk(),
         Durability::Bound => locked.image().commit(),
     };
     // Plans that waited for the commit go on.

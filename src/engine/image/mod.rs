@@ -552,6 +552,26 @@ impl<S: Storage> Image<S> {
         self.flush_metadata_and_sync(true)
     }
 
+    /// The first half of a guest flush, as QEMU's block layer splits one (`flush_to_os`):
+    /// dirty metadata written back in order, nothing made durable. An open transaction group
+    /// is left whole for the second half, which commits it. Counts the guest flush.
+    pub fn flush_to_os(&mut self) -> Result<()> {
+        self.counters.guest_flushes += 1;
+        if self.read_only || self.txg.is_some() {
+            return Ok(());
+        }
+        self.write_back()
+    }
+
+    /// The second half of a guest flush (`flush_to_disk`): what [`Image::flush`] does, without
+    /// counting the guest flush again. The block layer skips it when the guest wrote nothing
+    /// since its last flush, so the first half must leave nothing that only this half would
+    /// make durable but that the guest was promised: it writes back only what the guest's own
+    /// requests dirtied, which the last flush made durable unless the guest wrote since.
+    pub fn flush_to_disk(&mut self) -> Result<()> {
+        self.flush_metadata_and_sync(true)
+    }
+
     /// What a flush does; `top_up_reserve` is false when the reserve was just given back (a
     /// close, a check) and must stay empty.
     pub(super) fn flush_metadata_and_sync(&mut self, top_up_reserve: bool) -> Result<()> {
