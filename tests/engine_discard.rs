@@ -1,6 +1,8 @@
 //! Freed clusters passed down to the file as discards (`pass-discard-request`, `-snapshot`,
-//! `-other`, src/engine/discard.rs): which frees reach the file, and that none reaches it
-//! before the sync that made the free durable.
+//! `-other`, src/engine/image/discard.rs): which frees reach the file; that none reaches it
+//! before the sync that made the free durable; that it rides on the next flush's sync (so the
+//! block layer's flush of the file after it costs no second one); and that nothing reuses a
+//! cluster before its discard.
 
 #[path = "engine_support.rs"]
 mod support;
@@ -69,19 +71,27 @@ fn a_guest_discard_reaches_the_file_after_the_sync_that_made_the_free_durable() 
     assert_eq!(third, second + CLUSTER, "the writes got adjacent clusters");
 
     image.discard(CLUSTER, 2 * CLUSTER).unwrap();
+    image.flush().unwrap();
+    // This flush made the free durable: the discard waits for the next one.
     assert!(
         image.storage().discards.borrow().is_empty(),
-        "nothing is discarded before the guest's flush"
+        "nothing is discarded before the flush that made the free durable has synced"
     );
-    let syncs_before = image.storage().flushes.get();
+    let syncs_durable = image.storage().flushes.get();
+    image.write(8 * CLUSTER, &[1; 512], None).unwrap();
     image.flush().unwrap();
     let discards = image.storage().discards.borrow().clone();
     assert_eq!(discards.len(), 1, "one discard for the run of two clusters");
     let (offset, len, syncs_then) = discards[0];
     assert_eq!((offset, len), (second, 2 * CLUSTER));
-    assert!(
-        syncs_then > syncs_before,
-        "the discard follows the flush's sync ({syncs_then} syncs then, {syncs_before} before)"
+    assert_eq!(
+        syncs_then, syncs_durable,
+        "the discard follows the sync that made the free durable and precedes the next"
+    );
+    assert_eq!(
+        image.storage().flushes.get(),
+        syncs_durable + 1,
+        "one sync covers it"
     );
     assert_eq!(image.counters().discarded_clusters, 2);
     let file = image.storage().snapshot();
@@ -96,10 +106,26 @@ fn a_guest_discard_reaches_the_file_after_the_sync_that_made_the_free_durable() 
     image.read(0, &mut buf[..CLUSTER as usize], None).unwrap();
     assert!(buf[..CLUSTER as usize].iter().all(|&b| b == 0x5a));
     image
-        .write(8 * CLUSTER, &vec![7; CLUSTER as usize], None)
+        .write(9 * CLUSTER, &vec![7; CLUSTER as usize], None)
         .unwrap();
-    assert_eq!(host_offset(&mut image, 8 * CLUSTER), second);
+    assert_eq!(host_offset(&mut image, 9 * CLUSTER), second);
     close_and_check(image);
+}
+
+#[test]
+fn a_discard_made_due_by_the_close_is_issued_by_the_close() {
+    let mut image = fresh(REQUEST);
+    image.write(0, &vec![0x5a; CLUSTER as usize], None).unwrap();
+    image.flush().unwrap();
+    let host = host_offset(&mut image, 0);
+    image.discard(0, CLUSTER).unwrap();
+    let storage = image.close().unwrap();
+    let discards = storage.discards.borrow().clone();
+    assert_eq!(
+        discards.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(),
+        [(host, CLUSTER)]
+    );
+    assert!(discards[0].2 >= 1, "after the close's sync");
 }
 
 #[test]
@@ -129,6 +155,7 @@ fn zeroing_with_unmap_is_a_request_and_is_discarded_too() {
     image.flush().unwrap();
     let host = host_offset(&mut image, 0);
     image.write_zeroes(0, CLUSTER, true, None).unwrap();
+    image.flush().unwrap();
     image.flush().unwrap();
     let discards = image.storage().discards.borrow().clone();
     assert_eq!(
@@ -205,6 +232,7 @@ fn emptying_the_image_passes_its_clusters_as_snapshot_frees() {
         image.flush().unwrap();
         image.make_empty().unwrap();
         image.flush().unwrap();
+        image.flush().unwrap();
         assert_eq!(
             image.counters().discarded_clusters,
             expected,
@@ -234,6 +262,7 @@ fn an_old_l1_table_is_discarded_only_with_pass_discard_other() {
         // Past what one L1 cluster maps (8192 entries of 512 MiB each): a new table.
         image.truncate(8 << 40).unwrap();
         image.flush().unwrap();
+        image.flush().unwrap();
         assert_eq!(
             image.counters().discarded_clusters,
             expected,
@@ -244,9 +273,9 @@ fn an_old_l1_table_is_discarded_only_with_pass_discard_other() {
 }
 
 #[test]
-fn a_discarded_cluster_reused_before_release_is_not_possible() {
-    // The free stays quarantined until the flush that discards it: a write between the
-    // guest's discard and its flush never gets the cluster (so the discard cannot destroy
+fn nothing_reuses_a_cluster_before_its_discard() {
+    // The free stays quarantined until the flush that discards it: writes between the
+    // guest's discard and that flush never get the cluster (so the discard cannot destroy
     // a new owner's data).
     let mut image = fresh(REQUEST);
     image.write(0, &vec![0x5a; CLUSTER as usize], None).unwrap();
@@ -257,11 +286,23 @@ fn a_discarded_cluster_reused_before_release_is_not_possible() {
         .write(CLUSTER, &vec![0x6b; CLUSTER as usize], None)
         .unwrap();
     image.flush().unwrap();
+    image
+        .write(2 * CLUSTER, &vec![0x7c; CLUSTER as usize], None)
+        .unwrap();
     assert_ne!(host_offset(&mut image, CLUSTER), host);
+    assert_ne!(host_offset(&mut image, 2 * CLUSTER), host);
+    image.flush().unwrap();
     assert_eq!(image.counters().discarded_clusters, 1);
-    let mut buf = vec![0u8; CLUSTER as usize];
-    image.read(CLUSTER, &mut buf, None).unwrap();
-    assert!(buf.iter().all(|&b| b == 0x6b));
+    for (offset, byte) in [(CLUSTER, 0x6b), (2 * CLUSTER, 0x7c)] {
+        let mut buf = vec![0u8; CLUSTER as usize];
+        image.read(offset, &mut buf, None).unwrap();
+        assert!(buf.iter().all(|&b| b == byte));
+    }
+    // Released now: the next allocation may take it.
+    image
+        .write(3 * CLUSTER, &vec![0x11; CLUSTER as usize], None)
+        .unwrap();
+    assert_eq!(host_offset(&mut image, 3 * CLUSTER), host);
     close_and_check(image);
 }
 
@@ -289,11 +330,22 @@ fn in_a_transaction_group_the_discard_follows_the_commit() {
     assert!(image.storage().discards.borrow().is_empty());
     let syncs_before = image.storage().flushes.get();
     image.flush().unwrap();
+    assert!(
+        image.storage().discards.borrow().is_empty(),
+        "not before the next commit"
+    );
+    let syncs_after_commit = image.storage().flushes.get();
+    assert!(syncs_after_commit > syncs_before);
+    image.write(8 * CLUSTER, &[1; 512], None).unwrap();
+    image.flush().unwrap();
     let discards = image.storage().discards.borrow().clone();
     assert_eq!(
         discards.iter().map(|d| (d.0, d.1)).collect::<Vec<_>>(),
         [(host, CLUSTER)]
     );
-    assert!(discards[0].2 > syncs_before, "after the commit's syncs");
+    assert_eq!(
+        discards[0].2, syncs_after_commit,
+        "after the commit that made it durable"
+    );
     close_and_check(image);
 }

@@ -18,6 +18,7 @@ const RW: OpenOptions = OpenOptions {
     test_skip_stage3_ordering: false,
     test_skip_txg_first_sync: false,
     test_txg_overwrite_after_barrier: false,
+    test_discard_early: false,
     discard: DiscardPolicy::DEFAULT,
 };
 const RO: OpenOptions = OpenOptions {
@@ -30,6 +31,7 @@ const RO: OpenOptions = OpenOptions {
     test_skip_stage3_ordering: false,
     test_skip_txg_first_sync: false,
     test_txg_overwrite_after_barrier: false,
+    test_discard_early: false,
     discard: DiscardPolicy::DEFAULT,
 };
 

@@ -88,6 +88,11 @@ pub struct OpenOptions {
     /// data clusters in place after a guest barrier too (breaking "One epoch" in `txg.rs`),
     /// so that the engine's crash check can show it catches that.
     pub test_txg_overwrite_after_barrier: bool,
+    /// Test only, never for real data: a freed cluster the discard policy passes is
+    /// discarded at once, when its refcount drops (breaking the ordering invariant of
+    /// `image/discard.rs`), so that the crash-consistency harness can show it catches that.
+    /// Driver option `x-test-skip-ordering=discard-early`.
+    pub test_discard_early: bool,
 }
 
 /// What backs a range of guest bytes (the answer of [`Image::map`]).

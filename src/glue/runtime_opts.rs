@@ -154,7 +154,7 @@ pub fn list() -> *mut bindings::QemuOptsList {
             ),
             string_opt(
                 TEST_SKIP_ORDERING,
-                c"Test only, breaks crash consistency: stage3 leaves out the ordering point before L2 tables are written; txg-first-sync the first sync of every transaction group commit",
+                c"Test only, breaks crash consistency: stage3 leaves out the ordering point before L2 tables are written; txg-first-sync the first sync of every transaction group commit; discard-early discards freed clusters before their free is durable",
             ),
         ];
         for name in OVERLAP_STRUCTURES {
@@ -258,18 +258,21 @@ impl Settings {
                 .unwrap_or(DiscardPolicy::DEFAULT.other),
         };
 
-        let (test_skip_stage3_ordering, test_skip_txg_first_sync) =
-            match opts.string(TEST_SKIP_ORDERING).as_deref() {
-                None => (false, false),
-                Some("stage3") => (true, false),
-                Some("txg-first-sync") if matches!(mode, BarrierMode::Txg(_)) => (false, true),
-                Some(other) => {
-                    return Err(bad(format!(
-                        "x-test-skip-ordering={other}: the (test-only) values are stage3, and \
-                         txg-first-sync with barrier=txg"
-                    )))
-                }
-            };
+        let (test_skip_stage3_ordering, test_skip_txg_first_sync, test_discard_early) = match opts
+            .string(TEST_SKIP_ORDERING)
+            .as_deref()
+        {
+            None => (false, false, false),
+            Some("stage3") => (true, false, false),
+            Some("txg-first-sync") if matches!(mode, BarrierMode::Txg(_)) => (false, true, false),
+            Some("discard-early") => (false, false, true),
+            Some(other) => {
+                return Err(bad(format!(
+                    "x-test-skip-ordering={other}: the (test-only) values are stage3, \
+                         discard-early, and txg-first-sync with barrier=txg"
+                )))
+            }
+        };
 
         let open = OpenOptions {
             read_only: flags & bindings::BDRV_O_RDWR as c_int == 0,
@@ -285,6 +288,7 @@ impl Settings {
             test_skip_stage3_ordering,
             test_skip_txg_first_sync,
             test_txg_overwrite_after_barrier: false,
+            test_discard_early,
         };
         Ok(Settings {
             mode,

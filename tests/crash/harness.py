@@ -60,6 +60,13 @@ MUTATION["txg"] = MUTATION["txg-gfb"] = "x-test-skip-ordering=txg-first-sync"
 # The mutation test: workloads whose allocations need the stage-3 ordering point (data
 # copied from a backing file, a snapshot's shared cluster or a compressed cluster).
 MUTATION_WORKLOADS = ("backing-partial", "snapshot-cow", "compressed")
+# A second mutation: freed clusters discarded on the file as soon as their refcount drops,
+# before the free is durable (image/discard.rs's invariant broken). It must be caught where
+# an ordering point is not a sync (ordered, txg and their guest-flush=barrier modes); in
+# flush and barrierfs every ordering point before the drop orders the discard too.
+DISCARD_MUTATION = "x-test-skip-ordering=discard-early"
+DISCARD_MUTATION_WORKLOAD = "discard-passthrough"
+DISCARD_MUTATION_MODES = ("ordered", "txg", "ordered-gfb", "txg-gfb")
 
 # States in all (spread over the workloads and modes: see allocate), and per mutation run.
 QUICK_STATES = 3000
@@ -164,11 +171,12 @@ def image_failures(r):
 
 
 # --- recording a run -------------------------------------------------------------------------
-def format_options(mode, mutation):
+def format_options(mode, mutation, workload=None):
     fmt, opts = MODES[mode]
     opts = [o for o in opts.split(",") if o]
     if mutation:
-        opts.append(MUTATION[mode])
+        opts.append(DISCARD_MUTATION if workload == DISCARD_MUTATION_WORKLOAD
+                    else MUTATION[mode])
     return fmt, opts
 
 
@@ -183,7 +191,7 @@ def record(workload, mode, workdir, mutation=False):
     wl.run(SYS_QEMU_IMG, "convert", "-f", "qcow2", "-O", "raw", setup.image,
            os.path.join(workdir, "initial.raw"))
     shutil.copyfile(setup.image, os.path.join(workdir, "start.img"))
-    fmt, opts = format_options(mode, mutation)
+    fmt, opts = format_options(mode, mutation, workload)
     spec = ",".join(
         [f"driver=qcow2b-recorder,log={workdir}/guest.log,file.driver={fmt}"]
         + [f"file.{o}" for o in opts + script.driver_options]
@@ -617,15 +625,16 @@ def main():
         if args.mutation != "skip":
             self_test = checker_self_test(workroot, args.jobs, args.seed)
             mb = args.budget or MUTATION_BUDGET[level]
-            for w in MUTATION_WORKLOADS:
-                for m in QCOW2B_MODES:
-                    if args.mode and m not in args.mode:
-                        continue
-                    run = Run(w, m, True, workroot)
-                    mutation_rows.append(run_combination(run, mb, args.seed, args.results,
-                                                         args.jobs, args.strict))
-                    progress(mutation_rows[-1])
-                    shutil.rmtree(run.workdir, ignore_errors=True)
+            plan = [(w, m) for w in MUTATION_WORKLOADS for m in QCOW2B_MODES]
+            plan += [(DISCARD_MUTATION_WORKLOAD, m) for m in DISCARD_MUTATION_MODES]
+            for w, m in plan:
+                if args.mode and m not in args.mode:
+                    continue
+                run = Run(w, m, True, workroot)
+                mutation_rows.append(run_combination(run, mb, args.seed, args.results,
+                                                     args.jobs, args.strict))
+                progress(mutation_rows[-1])
+                shutil.rmtree(run.workdir, ignore_errors=True)
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
     print()
@@ -660,14 +669,21 @@ def main():
     if mutation_rows:
         print()
         print("mutation test (x-test-skip-ordering: stage3, write_back's stage-3 ordering point "
-              "removed; txg-first-sync, the commit's first sync removed):")
+              "removed; txg-first-sync, the commit's first sync removed; discard-early, freed "
+              "clusters discarded before their free is durable):")
         print_table(mutation_rows)
-        caught = {r["mode"] for r in mutation_rows if r["failed_states"] > 0}
-        wanted = {r["mode"] for r in mutation_rows}
-        print(f"mutation test: failures reported in modes {sorted(caught)} of {sorted(wanted)}")
-        if caught != wanted:
-            print("FAIL: the harness did not catch the missing ordering point in every mode")
-            ok = False
+        for what, rows_of in (
+                ("missing ordering point",
+                 [r for r in mutation_rows if r["workload"] != DISCARD_MUTATION_WORKLOAD]),
+                ("early discard",
+                 [r for r in mutation_rows if r["workload"] == DISCARD_MUTATION_WORKLOAD])):
+            caught = {r["mode"] for r in rows_of if r["failed_states"] > 0}
+            wanted = {r["mode"] for r in rows_of}
+            print(f"mutation test, {what}: failures reported in modes {sorted(caught)} of "
+                  f"{sorted(wanted)}")
+            if caught != wanted:
+                print(f"FAIL: the harness did not catch the {what} in every mode")
+                ok = False
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "mutation_rows": mutation_rows, "seed": args.seed,

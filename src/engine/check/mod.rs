@@ -441,6 +441,7 @@ impl<S: Storage> Image<S> {
         self.copied_candidates.clear();
         self.quarantine.clear();
         self.discard.on_release.clear();
+        self.discard.due.clear();
         self.free_cluster_hint = 0;
         self.host_end = self.host_end.max(file_len);
         Ok(())

@@ -4,17 +4,24 @@
 //!
 //! Every free goes through [`Image::free_later`] with the kind of operation that dropped the
 //! reference (the classes QEMU's qcow2 uses, so that the options mean the same). A cluster
-//! whose refcount reaches zero enters quarantine (`metadata.rs`), and a cluster of a kind the
-//! policy passes is discarded on the file when it leaves quarantine.
+//! whose refcount reaches zero enters quarantine (`metadata.rs`). One of a kind the policy
+//! passes does not leave it at the durability point that ends its quarantine: it is due for
+//! a discard then, which the next durability point issues before its sync (or the close,
+//! after its own), and leaves quarantine after that point.
 //!
-//! Ordering invariant (kept by `release_quarantine`, which calls [`Image::discard_released`]):
-//! a cluster is discarded only after a durability point (a flush's sync, a transaction
-//! group's commit) that follows the write of every table entry that stopped naming it and of
-//! its refcount decrement, and before any allocation can reuse it. So a crash never leaves an
+//! Ordering invariant (kept by `release_quarantine` and [`Image::issue_due_discards`]): a
+//! cluster is discarded only after a durability point (a flush's sync, a transaction group's
+//! commit) that follows the write of every table entry that stopped naming it and of its
+//! refcount decrement, and before any allocation can reuse it. So a crash never leaves an
 //! entry naming a discarded cluster (its data read back as zeros, or a compressed cluster
 //! made undecodable), and the discard never destroys a new owner's data. QEMU's qcow2 passes
 //! only the safe classes because it discards right after the refcount update; here any
 //! class would be safe, and the options only choose which ones the user wants passed.
+//!
+//! Why one durability point later: a discard changes the file, so one issued after a flush's
+//! sync would cost the block layer's flush of the file right after it a second sync. Issued
+//! before the next flush's sync, it rides on that sync; the clusters stay unusable for one
+//! flush more.
 
 use std::collections::BTreeSet;
 
@@ -75,13 +82,16 @@ impl DiscardPolicy {
     }
 }
 
-/// The clusters to discard once they leave quarantine.
+/// The clusters to discard, and when.
 #[derive(Debug, Default)]
 pub(in crate::engine) struct DiscardState {
     pub(in crate::engine) policy: DiscardPolicy,
-    /// Host clusters (in cluster units) whose last reference a passed kind dropped; the
-    /// pending frees' kinds are kept beside them until write-back applies them.
+    /// Host clusters (in cluster units) whose last reference a passed kind dropped, in
+    /// quarantine until a durability point makes them due.
     pub(in crate::engine) on_release: BTreeSet<u64>,
+    /// Host clusters whose free is durable, still in quarantine: discarded by the next
+    /// durability point, before its sync.
+    pub(in crate::engine) due: BTreeSet<u64>,
 }
 
 impl<S: Storage> Image<S> {
@@ -104,21 +114,33 @@ impl<S: Storage> Image<S> {
         self.discard.policy = policy;
     }
 
-    /// Discards released clusters that were freed by a passed kind, in runs of adjacent
-    /// clusters. Called when clusters leave quarantine (see the module comment for why that
-    /// is the safe moment). A discard is advisory: a file that cannot discard, or fails to,
-    /// changes nothing (its count is kept).
-    pub(in crate::engine) fn discard_released(&mut self, released: &[u64]) {
+    /// Whether a cluster whose quarantine ends now stays in it (`release_quarantine`): one
+    /// freed by a passed kind becomes due for a discard, and stays until it was issued.
+    pub(in crate::engine) fn held_for_discard(&mut self, cluster: u64) -> bool {
+        if self.discard.on_release.remove(&cluster) {
+            self.discard.due.insert(cluster);
+        }
+        self.discard.due.contains(&cluster)
+    }
+
+    /// Discards the clusters due, in runs of adjacent clusters, before the sync of a
+    /// durability point (or at the close, after its own). A discard is advisory: a file that
+    /// cannot discard, or fails to, changes nothing (its count is kept). The clusters leave
+    /// quarantine at the durability point's end.
+    pub(in crate::engine) fn issue_due_discards(&mut self) {
+        if self.discard.due.is_empty() {
+            return;
+        }
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for &cluster in released {
-            if !self.discard.on_release.remove(&cluster) {
-                continue;
-            }
+        for cluster in std::mem::take(&mut self.discard.due) {
             match runs.last_mut() {
                 Some((start, count)) if *start + *count == cluster => *count += 1,
                 _ => runs.push((cluster, 1)),
             }
         }
+        // The sync that follows covers them, so the block layer's own flush of the file
+        // finds nothing new.
+        self.unflushed_writes = true;
         for (start, count) in runs {
             let outcome = self
                 .storage

@@ -570,24 +570,20 @@ impl<S: Storage> Image<S> {
     /// (d) Makes freed host clusters reusable once a guest flush has ended the I/O epoch they
     /// were freed in, and no request planned in that epoch or earlier is still in flight (its
     /// data step may still touch them). Called only after a durability point; those that
-    /// the discard policy passes are discarded on the file first (`discard.rs`).
+    /// the discard policy passes stay until their discard was issued (`discard.rs`).
     pub(in crate::engine) fn release_quarantine(&mut self) {
         let limit = self.oldest_inflight_epoch().min(self.io_epoch);
-        let mut released = Vec::new();
-        self.quarantine.retain(|&cluster, &mut freed_in| {
-            let keep = freed_in >= limit;
+        let mut quarantine = std::mem::take(&mut self.quarantine);
+        let mut lowest = u64::MAX;
+        quarantine.retain(|&cluster, &mut freed_in| {
+            let keep = freed_in >= limit || self.held_for_discard(cluster);
             if !keep {
-                released.push(cluster);
+                lowest = lowest.min(cluster);
             }
             keep
         });
-        // The map iterates in order: the first released cluster is the lowest.
-        if let Some(&lowest) = released.first() {
-            self.free_cluster_hint = self.free_cluster_hint.min(lowest);
-        }
-        if !self.discard.on_release.is_empty() {
-            self.discard_released(&released);
-        }
+        self.quarantine = quarantine;
+        self.free_cluster_hint = self.free_cluster_hint.min(lowest);
     }
 
     /// Allocates `count` contiguous host clusters past everything in use (for tables that
@@ -766,7 +762,10 @@ impl<S: Storage> Image<S> {
             self.set_refcount(cluster, current - 1)?;
             if current == 1 {
                 self.quarantine.insert(cluster, self.io_epoch);
-                if discard {
+                if discard && self.test_discard_early {
+                    // The mutation (test only): no wait for a durability point.
+                    let _ = self.storage.discard(start, self.cluster_size());
+                } else if discard {
                     self.discard.on_release.insert(cluster);
                 }
             }

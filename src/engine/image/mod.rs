@@ -147,6 +147,8 @@ pub struct Image<S: Storage> {
     pub(super) test_skip_txg_first_sync: bool,
     /// Test only: see [`OpenOptions::test_txg_overwrite_after_barrier`].
     pub(super) test_txg_overwrite_after_barrier: bool,
+    /// Test only: see [`OpenOptions::test_discard_early`].
+    pub(super) test_discard_early: bool,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -297,6 +299,7 @@ impl<S: Storage> Image<S> {
             test_skip_stage3_ordering: opts.test_skip_stage3_ordering,
             test_skip_txg_first_sync: opts.test_skip_txg_first_sync,
             test_txg_overwrite_after_barrier: opts.test_txg_overwrite_after_barrier,
+            test_discard_early: opts.test_discard_early,
         };
         image.metadata.reload_tables(&image.l1, &image.reftable);
         if !opts.read_only {
@@ -589,6 +592,9 @@ impl<S: Storage> Image<S> {
         top_up_reserve: bool,
         reason: crate::engine::image::txg::CommitReason,
     ) -> Result<()> {
+        // Clusters whose free an earlier durability point made durable: discarded now, so
+        // that this point's sync covers them (`discard.rs`).
+        self.issue_due_discards();
         if self.txg.is_some() {
             return self.commit_and_release(reason);
         }
@@ -640,6 +646,9 @@ impl<S: Storage> Image<S> {
     /// clear.) Returns the storage.
     pub fn close(mut self) -> Result<S> {
         self.hand_over()?;
+        // What the close's own durability point made due (nothing can reuse it any more).
+        // Not in hand_over: after it the image may be another process's.
+        self.issue_due_discards();
         Ok(self.storage)
     }
 
