@@ -21,6 +21,7 @@ const ALLOW_TYPES: &[&str] = &[
     "BDRVReopenState",
     "BdrvRequestFlags",
     "BdrvChildRole",
+    "BdrvChildRoleBits",
     "CoMutex",
     "CoQueue",
     "QemuLockable",
@@ -50,6 +51,8 @@ const ALLOW_TYPES: &[&str] = &[
 const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_register",
     "bdrv_open_file_child",
+    "bdrv_open_child",
+    "bdrv_child_refresh_perms",
     "bdrv_open_backing_file",
     "bdrv_default_perms",
     "bdrv_co_preadv",
@@ -141,7 +144,13 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "timer_pending",
     "qemu_clock_get_ns",
 ];
-const ALLOW_VARS: &[&str] = &["BDRV_.*", "BDRV_O_.*", "BDRV_REQ_.*", "BDRV_BLOCK_.*"];
+const ALLOW_VARS: &[&str] = &[
+    "BDRV_.*",
+    "BDRV_O_.*",
+    "BDRV_REQ_.*",
+    "BDRV_BLOCK_.*",
+    "child_of_bds",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

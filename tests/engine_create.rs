@@ -774,11 +774,6 @@ fn unsupported_options_are_refused_by_name() {
             with(MIB, |o| o.encryption = Some("luks".into())),
             "encryption",
         ),
-        (
-            with(MIB, |o| o.data_file = Some("data.raw".into())),
-            "data_file=data.raw",
-        ),
-        (with(MIB, |o| o.data_file_raw = true), "data_file_raw"),
         (with(MIB, |o| o.extended_l2 = true), "extended_l2"),
     ] {
         match create_file(&path, &o) {
@@ -788,19 +783,55 @@ fn unsupported_options_are_refused_by_name() {
     }
     let all = with(MIB, |o| {
         o.encryption = Some("aes".into());
-        o.data_file = Some("d".into());
         o.extended_l2 = true;
     });
     let Err(Error::Unsupported(msg)) = create_file(&path, &all) else {
         panic!("expected Unsupported");
     };
-    for name in ["encryption", "data_file", "extended_l2"] {
+    for name in ["encryption", "extended_l2"] {
         assert!(msg.contains(name), "{msg} does not name {name}");
     }
     assert!(matches!(
         measure(&with(MIB, |o| o.encryption = Some("luks".into())), None),
         Err(Error::Unsupported(_))
     ));
+}
+
+#[test]
+fn data_file_options_are_checked_as_qemu_checks_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refused.qcow2");
+    for (o, message) in [
+        (
+            with(MIB, |o| o.data_file_raw = true),
+            "data-file-raw requires data-file",
+        ),
+        (
+            with(MIB, |o| {
+                o.data_file = Some("d".into());
+                o.data_file_raw = true;
+                o.backing_file = Some(b"base".to_vec());
+            }),
+            "Backing file and data-file-raw cannot be used at the same time",
+        ),
+        (
+            with(MIB, |o| {
+                o.data_file = Some("d".into());
+                o.compat = qcow2b::engine::create::Compat::V2;
+            }),
+            "External data files are only supported with compatibility level 1.1",
+        ),
+    ] {
+        match create_file(&path, &o) {
+            Err(Error::BadOption(msg)) => assert!(msg.contains(message), "{msg}"),
+            other => panic!("{message}: got {other:?}"),
+        }
+    }
+    // Without the data file's storage the engine says how to create one.
+    match create_file(&path, &with(MIB, |o| o.data_file = Some("d".into()))) {
+        Err(Error::Invalid(msg)) => assert!(msg.contains("create_with_data_file"), "{msg}"),
+        other => panic!("got {other:?}"),
+    }
 }
 
 /// `qemu-img measure --output=json` for the given options, or None if it refuses.

@@ -38,7 +38,7 @@ pub mod storage;
 
 pub use check::{CheckFix, CheckReport, FragmentationInfo};
 pub use counters::Counters;
-pub use create::{create, measure, CreateOptions, Measure, Preallocation};
+pub use create::{create, create_with_data_file, measure, CreateOptions, Measure, Preallocation};
 pub use debug_event::DebugEvent;
 pub use error::{Error, Result};
 pub use format::snapshot::Snapshot;

@@ -12,7 +12,7 @@ use super::opts::{
 use super::storage::BlkStorage;
 use crate::engine::create::{Compat, Preallocation};
 use crate::engine::format::header::CompressionType;
-use crate::engine::{create, measure, CreateOptions, Error};
+use crate::engine::{create, create_with_data_file, measure, CreateOptions, Error};
 
 const SIZE: &CStr = c"size";
 const COMPAT: &CStr = c"compat";
@@ -56,13 +56,10 @@ const CREATE_OPTS: [Opt; 14] = [
         ENCRYPT_FORMAT,
         c"Encrypt the image, format choices: 'aes', 'luks' (not supported by qcow2b)",
     ),
-    string_opt(
-        DATA_FILE,
-        c"File name of an external data file (not supported by qcow2b)",
-    ),
+    string_opt(DATA_FILE, c"File name of an external data file"),
     bool_opt(
         DATA_FILE_RAW,
-        c"The external data file must stay valid as a raw image (not supported by qcow2b)",
+        c"The external data file must stay valid as a raw image",
     ),
     bool_opt(EXTENDED_L2, c"Extended L2 tables (not supported by qcow2b)"),
 ];
@@ -178,7 +175,23 @@ pub fn qcow2b_co_create_opts(
             let Some(storage) = BlkStorage::open(filename, errp) else {
                 return Ok(-libc::EIO);
             };
-            create(&storage, &options)?;
+            let Some(data_name) = &options.data_file else {
+                create(&storage, &options)?;
+                return Ok(0);
+            };
+            // The external data file is a file of the protocol layer too (made with the
+            // same options), ready before the image's header names it.
+            let data_name = std::ffi::CString::new(data_name.as_bytes()).map_err(|_| {
+                Error::BadOption("the data file name holds a NUL byte".into())
+            })?;
+            let ret = bindings::bdrv_create_file(data_name.as_ptr(), opts, errp);
+            if ret < 0 {
+                return Ok(ret);
+            }
+            let Some(data) = BlkStorage::open(data_name.as_ptr(), errp) else {
+                return Ok(-libc::EIO);
+            };
+            create_with_data_file(&storage, &data, &options)?;
             Ok(0)
         })
     }

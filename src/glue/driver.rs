@@ -93,6 +93,83 @@ unsafe fn publish_image_fields(
     Ok(())
 }
 
+/// What [`open_data_file`] did.
+enum DataFileChild {
+    Opened(*mut bindings::BdrvChild),
+    /// The image has no external data file, and none was named.
+    None,
+    /// Opening it failed; errp says why.
+    Failed(c_int),
+}
+
+/// The external data file child, as QEMU's qcow2 opens it: the `data-file` option (a node or
+/// its options), else the name the image's header records; refused for an image without one.
+/// The image file then holds no guest data (its role loses `BDRV_CHILD_DATA`).
+///
+/// # Safety
+/// `bs` is a qcow2b node whose `file` child is open; `options` and `errp` valid.
+unsafe fn open_data_file(
+    bs: *mut BlockDriverState,
+    options: *mut QDict,
+    file: &FileAccess,
+    errp: *mut *mut bindings::Error,
+) -> Result<DataFileChild, Error> {
+    let header = Image::read_header(file)?;
+    let open = |filename: *const c_char, allow_none: bool| {
+        // SAFETY: per the caller; child_of_bds is QEMU's class for a node's children.
+        unsafe {
+            bindings::bdrv_open_child(
+                filename,
+                options,
+                c"data-file".as_ptr(),
+                bs,
+                &bindings::child_of_bds,
+                bindings::BDRV_CHILD_DATA,
+                allow_none,
+                errp,
+            )
+        }
+    };
+    let mut child = open(ptr::null(), true);
+    // SAFETY: errp is valid; a set error means the open failed.
+    if child.is_null() && unsafe { !(*errp).is_null() } {
+        return Ok(DataFileChild::Failed(-libc::EINVAL));
+    }
+    if !header.has_data_file() {
+        if !child.is_null() {
+            return Err(Error::BadOption(
+                "'data-file' can only be set for images with an external data file".into(),
+            ));
+        }
+        return Ok(DataFileChild::None);
+    }
+    if child.is_null() {
+        if let Some(name) = header.data_file_name() {
+            let name = CString::new(name).map_err(|_| {
+                Error::Invalid("the external data file name holds a NUL byte".into())
+            })?;
+            child = open(name.as_ptr(), false);
+            if child.is_null() {
+                return Ok(DataFileChild::Failed(-libc::EINVAL));
+            }
+        }
+    }
+    if child.is_null() {
+        return Err(Error::BadOption(
+            "'data-file' is required for this image".into(),
+        ));
+    }
+    // SAFETY: the file child is open; no guest data in it from now on.
+    unsafe {
+        (*(*bs).file).role &= !bindings::BDRV_CHILD_DATA;
+        let ret = bindings::bdrv_child_refresh_perms(bs, (*bs).file, errp);
+        if ret < 0 {
+            return Ok(DataFileChild::Failed(ret));
+        }
+    }
+    Ok(DataFileChild::Opened(child))
+}
+
 entries! {
 fn qcow2b_open(
     bs: *mut BlockDriverState,
@@ -115,7 +192,15 @@ fn qcow2b_open(
             let settings = Settings::read(&opts, flags)?;
             let mode = settings.mode;
             let file = FileAccess::new(bs, mode);
-            let image = Image::open(file.clone(), &settings.open)?;
+            let data_file = match open_data_file(bs, options, &file, errp)? {
+                DataFileChild::Opened(child) => Some(FileAccess::data_file(bs, child, &file)),
+                DataFileChild::None => None,
+                DataFileChild::Failed(ret) => return Ok(ret),
+            };
+            let image = match &data_file {
+                Some(data) => Image::open_with_data_file(file.clone(), data.clone(), &settings.open),
+                None => Image::open(file.clone(), &settings.open),
+            }?;
             settings.check_image(image.header())?;
             publish_image_fields(bs, &image)?;
             // FUA is ours too (a whole flush after the request, `durable_now`): the block
@@ -132,6 +217,7 @@ fn qcow2b_open(
             let node = Node::new(
                 image,
                 file,
+                data_file,
                 mode,
                 primitive_node,
                 settings.open,
@@ -510,13 +596,17 @@ fn qcow2b_co_block_status(
     file: *mut *mut BlockDriverState,
 ) -> c_int {
     to_c("block_status", || {
+        // SAFETY: called in a coroutine of a node we opened.
+        let node = unsafe { Node::of(bs) };
         let (mapping, len) = {
-            // SAFETY: called in a coroutine of a node we opened.
-            let mut locked = unsafe { Node::of(bs).lock() }?;
+            // SAFETY: as above.
+            let mut locked = unsafe { node.lock() }?;
             locked.image().map(offset as u64, bytes as u64)?
         };
-        // SAFETY: the out-pointers are valid (block-layer contract); bs->file is open.
+        // SAFETY: the out-pointers are valid (block-layer contract); the children are open.
         unsafe {
+            // Where host offsets point: the external data file, or the image file.
+            let data_bs = (*node.data_storage().child()).bs;
             *pnum = len as i64;
             Ok(match mapping {
                 Mapping::Unallocated => 0,
@@ -526,13 +616,13 @@ fn qcow2b_co_block_status(
                 } => {
                     // A preallocated zero cluster: where it is, as QEMU's qcow2 says.
                     *map = host_offset as i64;
-                    *file = (*(*bs).file).bs;
+                    *file = data_bs;
                     (bindings::BDRV_BLOCK_ZERO | bindings::BDRV_BLOCK_OFFSET_VALID) as c_int
                 }
                 Mapping::Compressed => bindings::BDRV_BLOCK_DATA as c_int,
                 Mapping::Data { host_offset } => {
                     *map = host_offset as i64;
-                    *file = (*(*bs).file).bs;
+                    *file = data_bs;
                     (bindings::BDRV_BLOCK_DATA | bindings::BDRV_BLOCK_OFFSET_VALID) as c_int
                 }
             })
@@ -656,7 +746,7 @@ unsafe fn reopen_new_file(bs: *mut BlockDriverState) {
         // SAFETY: per the caller.
         let image = unsafe { node.image_drained() };
         options.read_only = image.is_read_only();
-        let fresh = Image::open(node.file.clone(), &options)?;
+        let fresh = node.open_image(&options)?;
         // SAFETY: per the caller.
         unsafe { publish_image_fields(bs, &fresh) }?;
         let _old = std::mem::replace(image, fresh);
@@ -792,7 +882,7 @@ fn qcow2b_co_invalidate_cache(
         to_c_errp("invalidate_cache", errp, || {
             let node = Node::of(bs);
             let options = node.open_options.borrow().clone();
-            let fresh = Image::open(node.file.clone(), &options)?;
+            let fresh = node.open_image(&options)?;
             publish_image_fields(bs, &fresh)?;
             // The old state is dropped unflushed: its metadata is what the other side wrote
             // over, and this side wrote nothing since it was inactivated.
@@ -858,6 +948,14 @@ fn qcow2b_get_specific_info(
                 i.has_corrupt = true;
                 i.corrupt = header.incompatible.contains(IncompatibleFeatures::CORRUPT);
                 i.has_extended_l2 = true;
+                // As QEMU's qcow2: whether the data file is raw, for images that have one.
+                i.has_data_file_raw = header.has_data_file();
+                i.data_file_raw = header.data_file_raw();
+            }
+            if let Some(name) = header.data_file_name() {
+                let name = CString::new(name).unwrap_or_default();
+                i.has_data_file = true;
+                i.data_file = bindings::g_strdup(name.as_ptr());
             }
             i.compression_type = match header.compression_type {
                 CompressionType::Zlib => bindings::QCOW2_COMPRESSION_TYPE_ZLIB,

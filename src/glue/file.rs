@@ -70,13 +70,15 @@ pub enum DirectBarrier {
     BlockLayer,
 }
 
-/// The image file of one qcow2b node.
+/// The image file of one qcow2b node (or its external data file).
 #[derive(Clone)]
 pub enum FileAccess {
     Direct {
         /// The qcow2b node: its `file` child is looked up at each use (a reopen may replace
         /// it).
         bs: *mut BlockDriverState,
+        /// Another child than `file`: the external data file (not replaced by a reopen).
+        other_child: Option<*mut BdrvChild>,
         barrier: DirectBarrier,
         counters: Rc<HostCounters>,
     },
@@ -93,6 +95,7 @@ impl FileAccess {
         match mode {
             BarrierMode::Flush => FileAccess::Direct {
                 bs,
+                other_child: None,
                 barrier: DirectBarrier::Flush,
                 counters,
             },
@@ -105,12 +108,35 @@ impl FileAccess {
             }
             BarrierMode::BarrierFs { .. } | BarrierMode::Injected => FileAccess::Direct {
                 bs,
+                other_child: None,
                 barrier: DirectBarrier::BlockLayer,
                 counters,
             },
             BarrierMode::Ordered { buffer_bytes } => {
                 FileAccess::Ordered(OrderedFile::new(bs, buffer_bytes, counters, true))
             }
+        }
+    }
+
+    /// The external data file `child` of `bs`, written directly in every barrier mode (the
+    /// engine syncs it where its data must be durable: `engine::image::data_file`); its
+    /// host requests count in `file`'s counters.
+    ///
+    /// # Safety
+    /// `child` is an open child of `bs`; both outlive the returned value.
+    pub unsafe fn data_file(
+        bs: *mut BlockDriverState,
+        child: *mut BdrvChild,
+        file: &FileAccess,
+    ) -> FileAccess {
+        FileAccess::Direct {
+            bs,
+            other_child: Some(child),
+            barrier: DirectBarrier::Flush,
+            counters: match file {
+                FileAccess::Direct { counters, .. } => counters.clone(),
+                FileAccess::Ordered(o) => o.counters.clone(),
+            },
         }
     }
 
@@ -148,8 +174,12 @@ impl FileAccess {
         }
     }
 
-    fn child(&self) -> *mut BdrvChild {
+    pub fn child(&self) -> *mut BdrvChild {
         match self {
+            FileAccess::Direct {
+                other_child: Some(child),
+                ..
+            } => *child,
             // SAFETY: the node is open while its FileAccess is (constructor contract).
             FileAccess::Direct { bs, .. } => unsafe { (**bs).file },
             FileAccess::Ordered(o) => o.file(),
@@ -293,7 +323,14 @@ fn blkdebug_event(event: DebugEvent) -> bindings::BlkdebugEvent {
     }
 }
 
-/// `head`, `len` bytes of `qiov` and `tail` as one vectored write at `host_offset`.
+/// The most one write to a child carries: a guest request may be as large as the block
+/// layer's limit (`BDRV_REQUEST_MAX_BYTES`, just under 2 GiB), and the copy-on-write fills
+/// around it would take it past that (iotest 270).
+const MAX_CHILD_WRITE_BYTES: usize = 1 << 30;
+
+/// `head`, `len` bytes of `qiov` and `tail` as one vectored write at `host_offset` (as
+/// several if together they exceed [`MAX_CHILD_WRITE_BYTES`]: head, the qiov's bytes in
+/// pieces, tail).
 ///
 /// # Safety
 /// In a coroutine; `child` open; `qiov` holds `len` bytes from `qiov_offset`.
@@ -306,6 +343,18 @@ pub(super) unsafe fn write_vectored(
     qiov_offset: usize,
     tail: &[u8],
 ) -> io::Result<()> {
+    if head.len() + len + tail.len() > MAX_CHILD_WRITE_BYTES {
+        child_pwrite(child, host_offset, head)?;
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(MAX_CHILD_WRITE_BYTES);
+            let at = host_offset + (head.len() + done) as u64;
+            // SAFETY: per the caller; the piece lies inside the caller's range of the qiov.
+            unsafe { write_vectored(child, at, &[], n, qiov, qiov_offset + done, &[]) }?;
+            done += n;
+        }
+        return child_pwrite(child, host_offset + (head.len() + len) as u64, tail);
+    }
     let offset = to_i64(host_offset)?;
     if head.is_empty() && tail.is_empty() {
         // SAFETY: per the caller.

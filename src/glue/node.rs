@@ -27,6 +27,9 @@ pub struct Node {
     image: UnsafeCell<Image<FileAccess>>,
     /// The image file as the data step reaches it (the engine holds a clone).
     pub file: FileAccess,
+    /// The external data file, if the image has one: where the data step moves guest bytes
+    /// (the engine holds a clone).
+    pub data_file: Option<FileAccess>,
     pub mode: BarrierMode,
     /// The protocol node whose barrier primitive this node registered (barrierfs modes).
     pub primitive_node: Option<usize>,
@@ -78,6 +81,7 @@ impl Node {
     pub fn new(
         image: Image<FileAccess>,
         file: FileAccess,
+        data_file: Option<FileAccess>,
         mode: BarrierMode,
         primitive_node: Option<usize>,
         open_options: OpenOptions,
@@ -86,6 +90,7 @@ impl Node {
         let node = Box::new(Node {
             image: UnsafeCell::new(image),
             file,
+            data_file,
             mode,
             primitive_node,
             barrier_writes: Cell::new(0),
@@ -117,6 +122,20 @@ impl Node {
             bindings::qemu_co_queue_init(node.barrier_placed.get());
         }
         node
+    }
+
+    /// Opens the node's image anew from its file (and data file) with `options`: after a
+    /// reopen with another file, or an incoming migration.
+    pub fn open_image(&self, options: &OpenOptions) -> Result<Image<FileAccess>, Error> {
+        match &self.data_file {
+            Some(data) => Image::open_with_data_file(self.file.clone(), data.clone(), options),
+            None => Image::open(self.file.clone(), options),
+        }
+    }
+
+    /// The storage the data step moves guest bytes through: the data file, or the file.
+    pub fn data_storage(&self) -> &FileAccess {
+        self.data_file.as_ref().unwrap_or(&self.file)
     }
 
     /// The node of `bs`.

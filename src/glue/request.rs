@@ -113,7 +113,7 @@ impl QiovIo {
         qiov_offset: usize,
     ) -> Self {
         QiovIo {
-            file: node.file.clone(),
+            file: node.data_storage().clone(),
             // SAFETY: per the caller.
             backing: unsafe { (*bs).backing },
             qiov,
@@ -169,8 +169,13 @@ pub unsafe fn read(
     // SAFETY: as above.
     let mut io = unsafe { QiovIo::new(node, bs, qiov, qiov_offset) };
     let backing = backing_of(bs);
-    let result =
-        context(&node.file, backing.as_ref(), compression, cluster_size).read(&plan, &mut io);
+    let result = context(
+        node.data_storage(),
+        backing.as_ref(),
+        compression,
+        cluster_size,
+    )
+    .read(&plan, &mut io);
     if plan.holds_ticket() {
         // SAFETY: as above.
         let mut locked = unsafe { node.lock() }?;
@@ -272,8 +277,13 @@ unsafe fn write_data(
     // SAFETY: as above.
     let mut io = unsafe { QiovIo::new(node, bs, qiov, qiov_offset) };
     let backing = backing_of(bs);
-    let data =
-        context(&node.file, backing.as_ref(), compression, cluster_size).write(&plan, &mut io);
+    let data = context(
+        node.data_storage(),
+        backing.as_ref(),
+        compression,
+        cluster_size,
+    )
+    .write(&plan, &mut io);
     let allocates = plan
         .pieces
         .iter()

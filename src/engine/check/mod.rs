@@ -350,7 +350,11 @@ impl<S: Storage> Image<S> {
                 }
             }
             // Tables QEMU could only read garbage or zeros from were reported by the walk.
-            if !l2_offset.is_multiple_of(cluster_size) || l2_offset >= file_len {
+            // Data clusters of an external data file have no refcount to agree with.
+            if !l2_offset.is_multiple_of(cluster_size)
+                || l2_offset >= file_len
+                || self.header.has_data_file()
+            {
                 continue;
             }
             let mut table = read_table(&self.storage, l2_offset, cluster_size / 8, "an L2 table")?;

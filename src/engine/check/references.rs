@@ -177,6 +177,8 @@ pub(in crate::engine) struct Walk {
     pub(super) file_len: u64,
     version: u32,
     metadata: MetadataSpace,
+    /// Guest clusters live in an external data file: not refcounted, not in this file.
+    data_file: bool,
 }
 
 impl Walk {
@@ -198,6 +200,7 @@ impl Walk {
             cluster_bits: image.cluster_bits,
             file_len,
             version: image.header.version,
+            data_file: image.header.has_data_file(),
             metadata: MetadataSpace::of(image),
         }
     }
@@ -466,6 +469,13 @@ impl Walk {
     /// Checks and counts a compressed L2 entry; returns the entry as it should be.
     fn check_compressed(&mut self, raw: u64, fix_all: bool, active: bool) -> u64 {
         let mut entry = raw;
+        if self.data_file {
+            // There are none with a data file (the spec); reads refuse the entry too.
+            self.corruption(format!(
+                "ERROR compressed cluster entry {raw:#x} in an image with an external data file"
+            ));
+            return entry;
+        }
         if raw & EntryFlags::COPIED.bits() != 0 {
             let coffset = raw & !(EntryFlags::COPIED.bits() | EntryFlags::COMPRESSED.bits());
             if fix_all {
@@ -541,6 +551,15 @@ impl Walk {
             }
         }
         let offset = entry & OFFSET_MASK;
+        if self.data_file {
+            // A cluster of the external data file (offset 0 with COPIED is guest cluster 0
+            // there): nothing of this file to count or to check against it.
+            let allocated = offset != 0 || entry & EntryFlags::COPIED.bits() != 0;
+            if active && allocated && entry & EntryFlags::ZERO.bits() == 0 {
+                self.report.fragmentation.allocated_clusters += 1;
+            }
+            return entry;
+        }
         if offset == 0
             && entry & EntryFlags::COPIED.bits() != 0
             && entry & EntryFlags::ZERO.bits() == 0

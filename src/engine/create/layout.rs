@@ -53,6 +53,9 @@ pub(super) struct Layout {
     pub(super) l2_count: u64,
     pub(super) data_offset: u64,
     pub(super) data_clusters: u64,
+    /// Guest clusters the preallocated L2 tables name (0 without preallocation): in the
+    /// data area, or in the external data file.
+    pub(super) named_clusters: u64,
     /// Every cluster below this one is in use (refcount 1).
     pub(super) clusters_in_use: u64,
     /// Length of the finished file: the end of the L1 entries without preallocation (as
@@ -65,15 +68,22 @@ impl Layout {
         1u64 << self.rc.cluster_bits
     }
 
-    pub(super) fn new(size: u64, rc: RefcountGeometry, preallocate: bool) -> Result<Layout> {
+    /// `data_file`: guest clusters live in an external data file (at their guest offsets),
+    /// so preallocation makes the L2 tables only.
+    pub(super) fn new(
+        size: u64,
+        rc: RefcountGeometry,
+        preallocate: bool,
+        data_file: bool,
+    ) -> Result<Layout> {
         let cluster_bits = rc.cluster_bits;
         let cluster_size = 1u64 << cluster_bits;
         let l1_entries = l1_entries_for(size, cluster_bits)?;
         let l1_clusters = (l1_entries * 8).div_ceil(cluster_size);
-        let (l2_count, data_clusters) = if preallocate {
-            (l1_entries, size.div_ceil(cluster_size))
-        } else {
-            (0, 0)
+        let (l2_count, data_clusters) = match (preallocate, data_file) {
+            (true, false) => (l1_entries, size.div_ceil(cluster_size)),
+            (true, true) => (l1_entries, 0),
+            (false, _) => (0, 0),
         };
         let other_clusters = 1 + l1_clusters + l2_count + data_clusters;
         let (refblock_count, reftable_clusters) = refcount_structure_clusters(other_clusters, rc);
@@ -95,7 +105,13 @@ impl Layout {
         let refblocks_offset = reftable_offset + (reftable_clusters << cluster_bits);
         let l1_offset = refblocks_offset + (refblock_count << cluster_bits);
         let l2_offset = l1_offset + (l1_clusters << cluster_bits);
-        let data_offset = l2_offset + (l2_count << cluster_bits);
+        // With a data file the L2 entries name guest offsets there (guest cluster n at n
+        // clusters), which the data area's start of 0 gives.
+        let data_offset = if data_file {
+            0
+        } else {
+            l2_offset + (l2_count << cluster_bits)
+        };
         let file_len = if preallocate || l1_entries == 0 {
             clusters_in_use << cluster_bits
         } else {
@@ -115,6 +131,11 @@ impl Layout {
             l2_count,
             data_offset,
             data_clusters,
+            named_clusters: if preallocate {
+                size.div_ceil(cluster_size)
+            } else {
+                0
+            },
             clusters_in_use,
             file_len,
         })

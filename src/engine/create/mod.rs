@@ -144,9 +144,11 @@ pub struct CreateOptions {
     pub preallocation: Preallocation,
     /// Refused: an encryption format ("aes", "luks") if one was asked for.
     pub encryption: Option<String>,
-    /// Refused: an external data file.
+    /// The external data file's name, as the header records it (guest clusters live there;
+    /// create it with [`create_with_data_file`]).
     pub data_file: Option<String>,
-    /// Refused: the external data file is a raw image.
+    /// The external data file is kept a consistent raw image (autoclear bit 1); the image
+    /// is then preallocated (`metadata` at least) so that every guest cluster has its entry.
     pub data_file_raw: bool,
     /// Refused: 128-bit L2 entries with subclusters.
     pub extended_l2: bool,
@@ -198,6 +200,21 @@ impl CreateOptions {
             ));
         }
         self.refcount_order()?;
+        if self.data_file_raw && self.data_file.is_none() {
+            return Err(Error::BadOption("data-file-raw requires data-file".into()));
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return Err(Error::BadOption(
+                "Backing file and data-file-raw cannot be used at the same time".into(),
+            ));
+        }
+        if self.data_file.is_some() && self.compat == Compat::V2 {
+            return Err(Error::BadOption(
+                "External data files are only supported with compatibility level 1.1 and \
+                 above (use version=v3 or greater)"
+                    .into(),
+            ));
+        }
         if self.compat == Compat::V2 && self.compression_type != CompressionType::Zlib {
             return Err(Error::BadOption(
                 "Non-zlib compression type is only supported with compatibility level 1.1 \
@@ -238,12 +255,6 @@ impl CreateOptions {
         let mut refused = Vec::new();
         if let Some(format) = &self.encryption {
             refused.push(format!("encryption (encrypt.format={format})"));
-        }
-        if let Some(path) = &self.data_file {
-            refused.push(format!("an external data file (data_file={path})"));
-        }
-        if self.data_file_raw {
-            refused.push("a raw external data file (data_file_raw=on)".to_owned());
         }
         if self.extended_l2 {
             refused.push("extended L2 entries (extended_l2=on)".to_owned());
@@ -287,6 +298,17 @@ impl CreateOptions {
         Ok(bits.trailing_zeros())
     }
 
+    /// The preallocation done: as asked, but `metadata` at least for a raw data file (every
+    /// guest cluster's entry names its place there, so the raw image is the disk, as QEMU's
+    /// qcow2 does).
+    pub fn effective_preallocation(&self) -> Preallocation {
+        if self.data_file_raw && self.preallocation == Preallocation::Off {
+            Preallocation::Metadata
+        } else {
+            self.preallocation
+        }
+    }
+
     /// The virtual size the header gets: rounded up to 512 bytes (`qemu-img create` rounds
     /// silently; QEMU's blockdev-create refuses such sizes instead).
     pub fn rounded_size(&self) -> Result<u64> {
@@ -310,7 +332,12 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
         refcount_order: opts.refcount_order()?,
         cluster_bits: opts.cluster_bits()?,
     };
-    let layout = Layout::new(size, rc, opts.preallocation != Preallocation::Off)?;
+    let layout = Layout::new(
+        size,
+        rc,
+        opts.effective_preallocation() != Preallocation::Off,
+        opts.data_file.is_some(),
+    )?;
     let header = new_header(opts, size, &layout);
     let header_cluster = header.encode().map_err(|e| match e {
         Error::Unsupported(msg) => Error::BadOption(format!(
@@ -334,11 +361,51 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
 ///
 /// Everything is checked before the first write: invalid options leave the storage as it was.
 pub fn create<S: Storage>(storage: &S, opts: &CreateOptions) -> Result<()> {
+    opts.validate()?;
+    if opts.data_file.is_some() {
+        return Err(Error::Invalid(
+            "an image with an external data file is created with create_with_data_file".into(),
+        ));
+    }
+    create_inner(storage, None, opts)
+}
+
+/// Creates an image whose guest clusters live in the external data file `data` (already
+/// created, empty or not): the image file as [`create`] writes it, with the data file's name
+/// in the header, and the data file as long as the disk, preallocated as asked. The data
+/// file is ready before the image's header names it.
+pub fn create_with_data_file<S: Storage>(
+    storage: &S,
+    data: &S,
+    opts: &CreateOptions,
+) -> Result<()> {
+    if opts.data_file.is_none() {
+        return Err(Error::Invalid(
+            "create_with_data_file needs the data file's name in the options".into(),
+        ));
+    }
+    create_inner(storage, Some(data), opts)
+}
+
+fn create_inner<S: Storage>(storage: &S, data: Option<&S>, opts: &CreateOptions) -> Result<()> {
     let Plan {
         layout,
         header_cluster,
     } = plan(opts)?;
-    let preallocate = opts.preallocation != Preallocation::Off;
+    let preallocation = opts.effective_preallocation();
+    let preallocate = preallocation != Preallocation::Off;
+    if let Some(data) = data {
+        let size = opts.rounded_size()?;
+        let what = |e| Error::io("sizing the new image's external data file", e);
+        data.set_len(0).map_err(what)?;
+        // Allocated from an empty file (falloc extends it so), then as long as the disk.
+        allocate_data_area(data, 0, size, preallocation)?;
+        if data.len().map_err(what)? < size {
+            data.set_len(size).map_err(what)?;
+        }
+        data.flush()
+            .map_err(|e| Error::io("flushing the new image's external data file", e))?;
+    }
 
     if !storage
         .is_empty()
@@ -349,7 +416,7 @@ pub fn create<S: Storage>(storage: &S, opts: &CreateOptions) -> Result<()> {
             .map_err(|e| Error::io("truncating the storage", e))?;
     }
     write_tables(storage, &layout, preallocate)?;
-    allocate_new_data_area(storage, &layout, opts.preallocation)?;
+    allocate_new_data_area(storage, &layout, preallocation)?;
     // Ordering point: the tables the header names are on disk before the header is.
     storage
         .flush()
@@ -409,7 +476,7 @@ mod tests {
     #[test]
     fn default_layout_is_qemus_header_reftable_refblock_l1() {
         let rc = geometry(16, 4);
-        let layout = Layout::new(1 << 30, rc, false).unwrap();
+        let layout = Layout::new(1 << 30, rc, false, false).unwrap();
         assert_eq!(layout.reftable_offset, 0x1_0000);
         assert_eq!(layout.refblocks_offset, 0x2_0000);
         assert_eq!(layout.l1_offset, 0x3_0000);

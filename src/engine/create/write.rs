@@ -72,6 +72,14 @@ pub(super) fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> He
             data: format.clone(),
         });
     }
+    // QEMU's order: backing format, external data file, feature names.
+    if let Some(name) = &opts.data_file {
+        incompatible |= IncompatibleFeatures::EXTERNAL_DATA_FILE;
+        extensions.push(RawExtension {
+            kind: ext::EXTERNAL_DATA_FILE,
+            data: name.as_bytes().to_vec(),
+        });
+    }
     let mut feature_names = Vec::new();
     if version >= 3 && layout.cluster_size() > 4096 {
         feature_names = qemu_feature_names();
@@ -80,6 +88,11 @@ pub(super) fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> He
             data: encode_feature_names(&feature_names),
         });
     }
+    let autoclear = if opts.data_file_raw {
+        AutoclearFeatures::RAW_EXTERNAL_DATA
+    } else {
+        AutoclearFeatures::empty()
+    };
     let compatible = if opts.lazy_refcounts {
         CompatibleFeatures::LAZY_REFCOUNTS
     } else {
@@ -100,7 +113,7 @@ pub(super) fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> He
         snapshots_offset: 0,
         incompatible,
         compatible,
-        autoclear: AutoclearFeatures::empty(),
+        autoclear,
         refcount_order: layout.rc.refcount_order,
         header_length: if version >= 3 {
             V3_HEADER_LEN
@@ -264,13 +277,14 @@ pub(super) fn write_tables<S: Storage>(
     }
     w.pad_to(layout.l2_offset)?;
 
-    // L2 tables: guest cluster g maps to data cluster g (refcount 1: COPIED).
+    // L2 tables: guest cluster g maps to data cluster g (refcount 1: COPIED), in the data
+    // area or at its guest offset in an external data file (`data_offset` 0 then).
     let entries_per_l2 = cluster_size / 8;
     let mut table = vec![0u8; cluster_size as usize];
     for j in 0..layout.l2_count {
         for (k, slot) in table.chunks_exact_mut(8).enumerate() {
             let guest_cluster = j * entries_per_l2 + k as u64;
-            let entry = if guest_cluster < layout.data_clusters {
+            let entry = if guest_cluster < layout.named_clusters {
                 (layout.data_offset + guest_cluster * cluster_size) | EntryFlags::COPIED.bits()
             } else {
                 0
@@ -280,7 +294,7 @@ pub(super) fn write_tables<S: Storage>(
         w.push(&table)?;
     }
     let end = w.finish()?;
-    debug_assert_eq!(end, layout.data_offset);
+    debug_assert!(layout.data_clusters == 0 || end == layout.data_offset);
     Ok(())
 }
 

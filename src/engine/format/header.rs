@@ -177,6 +177,28 @@ impl Header {
         1u64 << self.cluster_bits
     }
 
+    /// Whether guest clusters live in an external data file (incompatible bit 2): at the
+    /// guest's own offset there, not refcounted, never compressed.
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible
+            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
+    }
+
+    /// Whether the external data file is kept a consistent raw image (autoclear bit 1).
+    pub fn data_file_raw(&self) -> bool {
+        self.autoclear
+            .contains(AutoclearFeatures::RAW_EXTERNAL_DATA)
+    }
+
+    /// The external data file's name as the header records it (the extension is optional:
+    /// the user may name the file at open instead).
+    pub fn data_file_name(&self) -> Option<&[u8]> {
+        self.extensions
+            .iter()
+            .find(|e| e.kind == ext::EXTERNAL_DATA_FILE)
+            .map(|e| e.data.as_slice())
+    }
+
     /// Parses and validates the header from the start of the image. `first_cluster` holds at
     /// least the first cluster of the file (or the whole file if it is shorter; missing bytes
     /// are zeros). Feature bits are checked here; whether the image may be opened read-write
@@ -319,12 +341,12 @@ impl Header {
                 self.crypt_method
             )));
         }
-        if self
-            .incompatible
-            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
-        {
-            return Err(Error::Unsupported(
-                "external data file (incompatible bit 2)".into(),
+        if self.data_file_raw() && !self.has_data_file() {
+            // QEMU's qcow2 refuses it the same way (the raw bit needs the data file bit).
+            return Err(Error::Invalid(
+                "data-file-raw requires a data file (autoclear bit 1 without incompatible \
+                 bit 2)"
+                    .into(),
             ));
         }
         if self

@@ -166,8 +166,11 @@ impl<S: Storage> DataContext<'_, S> {
     /// cluster), one read of the whole span serves both and the request's part of it is
     /// dropped: a 4 KiB write into the middle of a cluster over a backing file costs one
     /// read of the cluster instead of two (each a round trip to the file's thread pool).
+    /// Only within one cluster: the fills of a run of clusters lie a whole request apart
+    /// (up to 2 GiB, past what one read may carry: iotest 270).
     fn cow_pair(&self, head: CowFill, len: usize, tail: CowFill) -> Result<(Vec<u8>, Vec<u8>)> {
         let gap = (head.len + len) as u64;
+        let one_cluster = (gap + tail.len as u64) <= self.cluster_size;
         let joined = match (head.source, tail.source) {
             (CowSource::Backing { guest_offset: h }, CowSource::Backing { guest_offset: t }) => {
                 h.checked_add(gap) == Some(t)
@@ -177,7 +180,7 @@ impl<S: Storage> DataContext<'_, S> {
             }
             _ => false,
         };
-        if !joined || head.len == 0 || tail.len == 0 {
+        if !joined || !one_cluster || head.len == 0 || tail.len == 0 {
             return Ok((self.cow_bytes(head)?, self.cow_bytes(tail)?));
         }
         let span = CowFill {

@@ -137,6 +137,10 @@ impl<S: Storage> Image<S> {
             self.load_l2(l2_offset)?;
         }
         let raw = self.cached_l2_entry(l2_offset, l2_index)?;
+        if self.data_file.is_some() {
+            // Offsets name the data file: nothing here to check against the image file.
+            return self.decode_data_file_entry(raw, guest_cluster);
+        }
         let cluster = L2Entry(raw).decode(self.cluster_bits, self.header.version, guest_cluster)?;
         let (host_offset, len, what) = match cluster {
             Cluster::Data { host_offset, .. } => (host_offset, self.cluster_size(), "data cluster"),

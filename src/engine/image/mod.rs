@@ -21,10 +21,12 @@
 //! - [`discard`]: which freed clusters are discarded on the file, and when;
 //! - `resize`: growing the virtual size (and the L1 table);
 //! - `backing_file`: naming another backing file (`qemu-img rebase`, block jobs);
+//! - `data_file`: an external data file: guest clusters at their guest offsets there;
 //! - `zeroes`: write_zeroes and discard (zero flag, unallocation).
 
 mod backing_file;
 pub mod cache;
+mod data_file;
 pub mod dataio;
 pub mod discard;
 mod metadata;
@@ -74,6 +76,11 @@ const MIN_REFCOUNT_CACHE_CLUSTERS: u64 = 4;
 /// metadata still in its caches.
 pub struct Image<S: Storage> {
     pub(super) storage: S,
+    /// The external data file, when the header has one: guest clusters live there at their
+    /// own guest offsets (`data_file.rs`).
+    pub(super) data_file: Option<S>,
+    /// Guest data was written to the data file since its last sync.
+    pub(super) data_unsynced: bool,
     pub(super) header: Header,
     pub(super) read_only: bool,
     pub(super) cluster_bits: u32,
@@ -215,8 +222,21 @@ fn cache_capacities(header: &Header, opts: &OpenOptions) -> (usize, usize) {
 
 impl<S: Storage> Image<S> {
     /// Opens and validates an image. Refuses what this engine cannot handle safely, with an
-    /// error naming the field or feature.
+    /// error naming the field or feature. An image with an external data file needs
+    /// [`Image::open_with_data_file`].
     pub fn open(storage: S, opts: &OpenOptions) -> Result<Self> {
+        Self::open_inner(storage, None, opts)
+    }
+
+    /// Opens an image whose guest clusters live in the external data file `data`
+    /// (`data_file.rs`); refuses an image without one.
+    pub fn open_with_data_file(storage: S, data: S, opts: &OpenOptions) -> Result<Self> {
+        Self::open_inner(storage, Some(data), opts)
+    }
+
+    /// The header of the image in `storage`, parsed and validated, without opening it: what
+    /// a caller needs to know first (whether it names an external data file, and which).
+    pub fn read_header(storage: &S) -> Result<Header> {
         let file_len = storage.len().map_err(io("getting the image file length"))?;
         if file_len < 72 {
             return Err(Error::Invalid(format!(
@@ -234,7 +254,38 @@ impl<S: Storage> Image<S> {
                 .read_at(0, &mut first)
                 .map_err(io("reading the header"))?;
         }
-        let header = Header::parse(&first)?;
+        Header::parse(&first)
+    }
+
+    fn open_inner(storage: S, data_file: Option<S>, opts: &OpenOptions) -> Result<Self> {
+        let header = Self::read_header(&storage)?;
+        match (header.has_data_file(), data_file.is_some()) {
+            (true, false) => {
+                return Err(Error::Unsupported(
+                    "the image keeps its data in an external data file, which was not given".into(),
+                ))
+            }
+            (false, true) => {
+                return Err(Error::BadOption(
+                    "'data-file' can only be set for images with an external data file".into(),
+                ))
+            }
+            _ => {}
+        }
+        if header.has_data_file() && opts.txg.is_some() {
+            return Err(Error::BadOption(
+                "barrier=txg is not available for an image with an external data file: its \
+                 data clusters have fixed places, so a transaction group could not keep the \
+                 data the durable image names"
+                    .into(),
+            ));
+        }
+        let file_len = storage.len().map_err(io("getting the image file length"))?;
+        if file_len < 72 {
+            return Err(Error::Invalid(format!(
+                "file of {file_len} bytes is too short for a qcow2 header"
+            )));
+        }
         let mut regions = layout::validate(&header, file_len)?;
         let snapshots = snapshot::read_table(&storage, &header, file_len, &mut regions)?;
 
@@ -262,6 +313,8 @@ impl<S: Storage> Image<S> {
                 cluster_bits,
             },
             storage,
+            data_file,
+            data_unsynced: false,
             // Read-only until `make_writable` says otherwise, below.
             read_only: true,
             cluster_bits,
@@ -399,7 +452,13 @@ impl<S: Storage> Image<S> {
     /// This engine maintains none of the autoclear features (bitmaps are not updated on
     /// write), so before the first write it clears them, as the spec requires.
     fn clear_autoclear_features(&mut self) -> Result<()> {
-        self.header.autoclear = AutoclearFeatures::empty();
+        // The raw data file bit is kept: writes keep the data file a raw image
+        // (`data_file.rs`).
+        let kept = self.header.autoclear & AutoclearFeatures::RAW_EXTERNAL_DATA;
+        if self.header.autoclear == kept {
+            return Ok(());
+        }
+        self.header.autoclear = kept;
         let bytes = self.header.encode()?;
         self.write_metadata(0, &bytes, "rewriting the header")?;
         self.storage.flush().map_err(io("flushing the header"))?;
@@ -470,7 +529,7 @@ impl<S: Storage> Image<S> {
     /// What the data step needs besides the request's buffer.
     pub fn data_context<'a>(&'a self, backing: Option<&'a dyn Backing>) -> DataContext<'a, S> {
         DataContext {
-            storage: &self.storage,
+            storage: self.data_file.as_ref().unwrap_or(&self.storage),
             backing,
             compression: self.header.compression_type,
             cluster_size: self.cluster_size(),
@@ -489,7 +548,7 @@ impl<S: Storage> Image<S> {
         let plan = self.plan_read(guest_offset, buf.len() as u64)?;
         let mut target = SliceTarget {
             buf,
-            storage: &self.storage,
+            storage: self.data_file.as_ref().unwrap_or(&self.storage),
             backing,
         };
         let result = self.data_context(backing).read(&plan, &mut target);
@@ -511,7 +570,7 @@ impl<S: Storage> Image<S> {
         };
         let mut source = SliceSource {
             buf,
-            storage: &self.storage,
+            storage: self.data_file.as_ref().unwrap_or(&self.storage),
         };
         match self.data_context(backing).write(&plan, &mut source) {
             Ok(()) => self.finish_write(plan),

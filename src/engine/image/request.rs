@@ -105,7 +105,7 @@ pub struct CowFill {
 }
 
 impl CowFill {
-    const NONE: CowFill = CowFill {
+    pub(in crate::engine) const NONE: CowFill = CowFill {
         len: 0,
         source: CowSource::Zeros,
         over_hole: false,
@@ -157,8 +157,8 @@ pub struct WritePlan {
 /// Guest clusters `[start, end)` whose allocation is in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(in crate::engine) struct InflightAlloc {
-    start: u64,
-    end: u64,
+    pub(in crate::engine) start: u64,
+    pub(in crate::engine) end: u64,
 }
 
 impl<S: Storage> Image<S> {
@@ -317,7 +317,9 @@ impl<S: Storage> Image<S> {
                     copied: true,
                 } if self.may_overwrite_data(host_offset) => {
                     // In place, over as many following clusters as are contiguous in the file.
-                    self.check_data_target(host_offset)?;
+                    if self.data_file.is_none() {
+                        self.check_data_target(host_offset)?;
+                    }
                     let mut stop = cluster_end.min(end);
                     let mut next_host = host_offset + cluster_size;
                     while stop < end {
@@ -331,7 +333,9 @@ impl<S: Storage> Image<S> {
                         {
                             break;
                         }
-                        self.check_data_target(next_host)?;
+                        if self.data_file.is_none() {
+                            self.check_data_target(next_host)?;
+                        }
                         stop = (stop + cluster_size).min(end);
                         next_host += cluster_size;
                     }
@@ -345,7 +349,10 @@ impl<S: Storage> Image<S> {
                 Cluster::Zero {
                     host_offset,
                     copied: true,
-                } if host_offset != 0 && self.may_overwrite(host_offset) => {
+                } if host_offset != 0
+                    && self.data_file.is_none()
+                    && self.may_overwrite(host_offset) =>
+                {
                     // A preallocated zero cluster that is ours alone: written whole, in place.
                     self.check_data_target(host_offset)?;
                     let stop = cluster_end.min(end);
@@ -373,6 +380,12 @@ impl<S: Storage> Image<S> {
                         // The preallocated cluster holds stale bytes behind its zero flag.
                         needs_order: true,
                     });
+                    at = stop;
+                }
+                first_state if self.data_file.is_some() => {
+                    let (piece, stop) =
+                        self.plan_data_file_run(guest_cluster, first_state, at, end, req_at)?;
+                    pieces.push(piece);
                     at = stop;
                 }
                 first_state => {
@@ -453,7 +466,13 @@ impl<S: Storage> Image<S> {
 
     /// The old content of bytes `[from, from + len)` of guest cluster `guest_cluster`, whose
     /// current state is `state`.
-    fn cow_fill(&self, state: Cluster, guest_cluster: u64, from: u64, len: u64) -> Result<CowFill> {
+    pub(in crate::engine) fn cow_fill(
+        &self,
+        state: Cluster,
+        guest_cluster: u64,
+        from: u64,
+        len: u64,
+    ) -> Result<CowFill> {
         if len == 0 {
             return Ok(CowFill::NONE);
         }
@@ -490,6 +509,9 @@ impl<S: Storage> Image<S> {
             self.counters.data_writes += 1;
             self.unflushed_writes = true;
             self.unbarriered_writes = true;
+            if self.data_file.is_some() {
+                self.data_unsynced = true;
+            }
             let len = match *piece {
                 WritePiece::InPlace { len, .. } | WritePiece::Allocate { len, .. } => len,
             };

@@ -94,7 +94,26 @@ impl<S: Storage> Image<S> {
             self.write_back()?;
             self.ordering_point()?;
         }
+        // A raw data file keeps every guest cluster named (as at its creation).
+        let growth = if self.header.data_file_raw() && growth.preallocation == Preallocation::Off {
+            Growth {
+                preallocation: Preallocation::Metadata,
+                ..growth
+            }
+        } else {
+            growth
+        };
         let fill = growth.preallocation != Preallocation::Off || growth.zero;
+        if let Some(data) = &self.data_file {
+            // The data file as long as the disk, as QEMU's qcow2 keeps it (a raw one must be).
+            let len = data
+                .len()
+                .map_err(|e| Error::io("getting the external data file's length", e))?;
+            if len < new_size {
+                data.set_len(new_size)
+                    .map_err(|e| Error::io("growing the external data file", e))?;
+            }
+        }
         if needed_l1 > self.l1.len() as u64 {
             self.grow_l1_table(needed_l1, (!fill).then_some(new_size))?;
         } else if !fill {
@@ -221,10 +240,28 @@ impl<S: Storage> Image<S> {
             // Only zeroing asked: the zero flag (zero bytes on a version 2 image).
             return self.write_zeroes(start, new_size - start, true, backing);
         }
-        let zero_flag = growth.preallocation == Preallocation::Metadata && self.header.version >= 3;
+        let zero_flag = growth.preallocation == Preallocation::Metadata
+            && self.header.version >= 3
+            && self.data_file.is_none();
         let per_table = 1u64 << self.l2_bits();
         let end = new_size.div_ceil(cluster_size);
         let mut first = start / cluster_size;
+        if let Some(data) = &self.data_file {
+            // Each cluster's place is its guest offset in the data file: preallocated there,
+            // named by its entry (nothing is allocated in the image file but L2 tables).
+            allocate_data_area(
+                data,
+                start,
+                end * cluster_size - start,
+                growth.preallocation,
+            )?;
+            self.data_unsynced = true;
+            for cluster in first..end {
+                let entry = L2Entry::data_copied(cluster << self.cluster_bits);
+                self.link_entry(cluster, entry, true)?;
+            }
+            return Ok(());
+        }
         while first < end {
             let count = (first / per_table + 1) * per_table - first;
             let count = count.min(end - first);

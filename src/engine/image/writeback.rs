@@ -61,6 +61,9 @@ impl<S: Storage> Image<S> {
     /// Everything written before this call is ordered before anything written after it; no
     /// durability. The one place ordering points go through.
     pub(in crate::engine) fn ordering_point(&mut self) -> Result<()> {
+        // Guest data in an external data file first: no barrier of the image file orders
+        // it (`data_file.rs`).
+        self.sync_data_file()?;
         self.counters.ordering_points += 1;
         self.storage.debug_event(DebugEvent::Barrier);
         self.storage
@@ -76,6 +79,7 @@ impl<S: Storage> Image<S> {
 
     /// One `Storage::flush` (durability), counted.
     pub(in crate::engine) fn storage_flush(&mut self) -> Result<()> {
+        self.sync_data_file()?;
         self.storage
             .flush()
             .map_err(|e| Error::io("flushing the image file", e))?;

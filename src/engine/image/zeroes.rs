@@ -46,6 +46,7 @@ impl<S: Storage> Image<S> {
             return self.write_zero_bytes(guest_offset, len, backing);
         }
         self.write_zero_bytes(guest_offset, head_end - guest_offset, backing)?;
+        self.zero_raw_data_file(head_end, tail_start - head_end)?;
         self.for_each_whole_cluster(head_end, tail_start, ClusterOp::Zero { unmap })?;
         self.write_zero_bytes(tail_start, guest_offset + len - tail_start, backing)
     }
@@ -69,6 +70,8 @@ impl<S: Storage> Image<S> {
         self.check_request(guest_offset, len)?;
         let (head_end, tail_start) = self.whole_cluster_span(guest_offset, len);
         if head_end < tail_start {
+            // A discarded cluster reads as zeros (the zero flag): so does the raw data file.
+            self.zero_raw_data_file(head_end, tail_start - head_end)?;
             self.for_each_whole_cluster(head_end, tail_start, ClusterOp::Discard)?;
         }
         Ok(())
@@ -230,6 +233,10 @@ impl<S: Storage> Image<S> {
     }
 
     pub(in crate::engine) fn host_clusters_of(&self, cluster: Cluster) -> Vec<u64> {
+        if self.data_file.is_some() {
+            // Clusters of the data file: not refcounted (`data_file.rs`).
+            return Vec::new();
+        }
         match cluster {
             Cluster::Unallocated | Cluster::Zero { host_offset: 0, .. } => Vec::new(),
             Cluster::Zero { host_offset, .. } | Cluster::Data { host_offset, .. } => {
