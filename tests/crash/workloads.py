@@ -257,9 +257,12 @@ def discard_passthrough(setup, s):
     # discard=unmap (so pass-discard-request is on, as a platform's thin disk has it): the
     # clusters a guest discard frees are discarded on the file once the free is durable,
     # before anything reuses them. Discards, then writes that reuse the freed clusters right
-    # after the flush that released them, between barriers.
-    s.driver_options.append("discard=unmap")
-    setup.create(4 * M)
+    # after the flush that released them, between barriers. pass-discard-other=on discards
+    # the old L1 table a resize replaces too (4 KiB clusters: an L1 entry maps 2 MiB, so
+    # growing to 8 MiB needs a larger table): discarded before the header switch is durable,
+    # it would leave the header naming zeros, which every mode must show.
+    s.driver_options += ["discard=unmap", "pass-discard-other=on"]
+    setup.create(4 * M, cluster=4 * K)
     setup.writes(setup.image, [(0, 2 * M)])
     s.discard(256 * K, 512 * K)
     s.write(1 * M, 64 * K, barrier=True)
@@ -274,6 +277,11 @@ def discard_passthrough(setup, s):
     s.write(256 * K + 4 * K, 8 * K, barrier=True)
     s.flush()
     s.write(64 * K, 64 * K)
+    s.truncate(8 * M)
+    s.write(6 * M, 64 * K, barrier=True)
+    s.write(1 * M + 4 * K, 8 * K)
+    s.flush()
+    s.write(6 * M + 128 * K, 16 * K)
 
 
 def resize(setup, s):
