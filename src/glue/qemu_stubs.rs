@@ -64,6 +64,10 @@ thread_local! {
     static ARMED: RefCell<HashSet<usize>> = RefCell::new(HashSet::new());
 }
 
+/// QEMU's class of a node's ordinary children, which `bdrv_open_child` is given.
+#[no_mangle]
+pub static child_of_bds: bindings::BdrvChildClass = unsafe { std::mem::zeroed() };
+
 /// Drivers registered with `bdrv_register`, by name (process-wide, as QEMU's list is).
 static DRIVERS: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
 
@@ -273,6 +277,28 @@ doubles! {
         FILES.with(|f| f.borrow_mut().insert(file_bs as *mut _ as usize, bytes));
         unsafe { (*parent).file = child };
         0
+    }
+
+    // No image in these tests has an external data file: no `data-file` child.
+    fn bdrv_open_child(
+        _filename: *const c_char,
+        _options: *mut QDict,
+        _bdref_key: *const c_char,
+        _parent: *mut BlockDriverState,
+        _child_class: *const bindings::BdrvChildClass,
+        _child_role: BdrvChildRole,
+        _allow_none: bool,
+        _errp: *mut *mut bindings::Error,
+    ) -> *mut BdrvChild {
+        ptr::null_mut()
+    }
+
+    fn bdrv_child_refresh_perms(
+        _bs: *mut BlockDriverState,
+        _c: *mut BdrvChild,
+        _errp: *mut *mut bindings::Error,
+    ) -> c_int {
+        unmodelled("bdrv_child_refresh_perms (an external data file)")
     }
 
     fn bdrv_getlength(bs: *mut BlockDriverState) -> i64 {
