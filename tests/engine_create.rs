@@ -127,7 +127,11 @@ fn assert_info_matches(path: &Path, o: &CreateOptions) {
             Some(o.lazy_refcounts.to_string()),
             "{info}"
         );
-        assert_eq!(specific("extended-l2").as_deref(), Some("false"));
+        assert_eq!(
+            specific("extended-l2"),
+            Some(o.extended_l2.to_string()),
+            "{info}"
+        );
     }
     assert_eq!(
         top("backing-filename").map(String::into_bytes),
@@ -774,7 +778,13 @@ fn unsupported_options_are_refused_by_name() {
             with(MIB, |o| o.encryption = Some("luks".into())),
             "encryption",
         ),
-        (with(MIB, |o| o.extended_l2 = true), "extended_l2"),
+        (
+            with(MIB, |o| {
+                o.extended_l2 = true;
+                o.data_file = Some("data.raw".into());
+            }),
+            "extended L2 entries with an external data file",
+        ),
     ] {
         match create_file(&path, &o) {
             Err(Error::Unsupported(msg)) => assert!(msg.contains(name), "{msg}"),
@@ -784,11 +794,15 @@ fn unsupported_options_are_refused_by_name() {
     let all = with(MIB, |o| {
         o.encryption = Some("aes".into());
         o.extended_l2 = true;
+        o.data_file = Some("d".into());
     });
     let Err(Error::Unsupported(msg)) = create_file(&path, &all) else {
         panic!("expected Unsupported");
     };
-    for name in ["encryption", "extended_l2"] {
+    for name in [
+        "encryption",
+        "extended L2 entries with an external data file",
+    ] {
         assert!(msg.contains(name), "{msg} does not name {name}");
     }
     assert!(matches!(

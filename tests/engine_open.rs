@@ -231,13 +231,25 @@ fn unknown_incompatible_bit_is_unsupported_and_named() {
 }
 
 #[test]
-fn external_data_file_and_extended_l2_are_unsupported_and_named() {
+fn external_data_file_is_unsupported_and_named() {
     let mut b = valid();
     put64(&mut b, field::INCOMPATIBLE, 1 << 2);
     assert_err(open(b, &RO), "Unsupported", "external data file");
-    let mut b = valid();
+}
+
+#[test]
+fn extended_l2_needs_subclusters_of_512_bytes_at_least() {
+    // 16 KiB clusters: 32 subclusters of 512 bytes (an empty 1 MiB image: one L1 entry for
+    // either entry width).
+    let mut b = build_image(14, 1 << 20, 3);
     put64(&mut b, field::INCOMPATIBLE, 1 << 4);
-    assert_err(open(b, &RO), "Unsupported", "extended L2");
+    let image = open(b, &RO).unwrap();
+    assert_eq!(image.subcluster_size(), 512);
+    assert!(image.has_subclusters());
+    // 8 KiB clusters would have subclusters of 256 bytes.
+    let mut b = build_image(13, 1 << 20, 3);
+    put64(&mut b, field::INCOMPATIBLE, 1 << 4);
+    assert_err(open(b, &RO), "Invalid", "subclusters of 256 bytes");
 }
 
 #[test]

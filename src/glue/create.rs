@@ -30,7 +30,7 @@ const DATA_FILE_RAW: &CStr = c"data_file_raw";
 const EXTENDED_L2: &CStr = c"extended_l2";
 
 /// The creation options, named as for QEMU's qcow2. Those the engine refuses (encryption,
-/// external data files, extended L2) are listed too, so asking for them gets a message
+/// external data files) are listed too, so asking for them gets a message
 /// naming the feature rather than "unknown option".
 const CREATE_OPTS: [Opt; 14] = [
     size_opt(SIZE, c"Virtual disk size"),
@@ -61,7 +61,7 @@ const CREATE_OPTS: [Opt; 14] = [
         DATA_FILE_RAW,
         c"The external data file must stay valid as a raw image",
     ),
-    bool_opt(EXTENDED_L2, c"Extended L2 tables (not supported by qcow2b)"),
+    bool_opt(EXTENDED_L2, c"Extended L2 tables"),
 ];
 
 /// The option list for `BlockDriver.create_opts`, built once.

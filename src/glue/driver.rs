@@ -25,6 +25,7 @@ use super::opts::Opts;
 use super::request;
 use super::runtime_opts::{self, Settings};
 use super::txg;
+use crate::engine::format::entry::L2Width;
 use crate::engine::format::header::{
     looks_like_qcow2, CompatibleFeatures, CompressionType, IncompatibleFeatures,
 };
@@ -375,13 +376,9 @@ fn qcow2b_co_pwrite_zeroes(
         // SAFETY: called by the block layer in a coroutine of a node we opened.
         unsafe {
             change_range(bs, offset as u64, bytes as u64, |image| {
-                // The zero flag needs version 3 and whole clusters; for anything else the
-                // block layer writes zeros through the ordinary write path.
-                if image.header().version < 3 || !whole_clusters(image, offset as u64, bytes as u64)
-                {
-                    return Err(Error::Unsupported("zero flag for this range".into()));
-                }
-                image.write_zeroes(offset as u64, bytes as u64, unmap, None)
+                // Zeros by table entries alone where QEMU's qcow2 uses them; for anything else
+                // (Unsupported) the block layer writes zeros through the ordinary write path.
+                image.zero_by_metadata(offset as u64, bytes as u64, unmap)
             })?;
             if flags & bindings::BDRV_REQ_FUA != 0 {
                 durable_now(bs)?;
@@ -638,10 +635,11 @@ fn qcow2b_refresh_limits(
 ) -> () {
     // SAFETY: QEMU passes an open node, drained.
     unsafe {
-        let cluster_size = Node::of(bs).image_drained().cluster_size() as u32;
-        // The zero flag and discards work on whole clusters.
-        (*bs).bl.pwrite_zeroes_alignment = cluster_size;
-        (*bs).bl.pdiscard_alignment = cluster_size;
+        // Zeroes work on whole subclusters (whole clusters with standard L2 entries), as
+        // QEMU's qcow2 sets it; discards on whole clusters.
+        let image = Node::of(bs).image_drained();
+        (*bs).bl.pwrite_zeroes_alignment = image.subcluster_size() as u32;
+        (*bs).bl.pdiscard_alignment = image.cluster_size() as u32;
     }
 }
 }
@@ -948,6 +946,7 @@ fn qcow2b_get_specific_info(
                 i.has_corrupt = true;
                 i.corrupt = header.incompatible.contains(IncompatibleFeatures::CORRUPT);
                 i.has_extended_l2 = true;
+                i.extended_l2 = header.l2_width() == L2Width::Extended;
                 // As QEMU's qcow2: whether the data file is raw, for images that have one.
                 i.has_data_file_raw = header.has_data_file();
                 i.data_file_raw = header.data_file_raw();

@@ -359,7 +359,8 @@ impl<S: Storage> Image<S> {
             }
             let mut table = read_table(&self.storage, l2_offset, cluster_size / 8, "an L2 table")?;
             let mut flipped = 0u64;
-            for slot in table.iter_mut() {
+            // The descriptor of each entry (an extended entry's bitmap follows it).
+            for slot in table.iter_mut().step_by(self.l2_width.words()) {
                 let entry = *slot;
                 let data_offset = entry & OFFSET_MASK;
                 if entry & EntryFlags::COMPRESSED.bits() != 0 || data_offset == 0 {

@@ -24,8 +24,8 @@ use crate::engine::check::{CheckFix, CheckReport};
 use crate::engine::error::{Error, Result};
 use crate::engine::format::bytes::{self, read_table};
 use crate::engine::format::entry::{
-    Cluster, EntryFlags, L2Entry, L1_RESERVED_MASK, L2_STANDARD_RESERVED_MASK, OFFSET_MASK,
-    REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK,
+    Cluster, EntryFlags, L2Entry, L2Width, SubclusterBitmap, L1_RESERVED_MASK,
+    L2_STANDARD_RESERVED_MASK, OFFSET_MASK, REFTABLE_OFFSET_MASK, REFTABLE_RESERVED_MASK,
 };
 use crate::engine::format::refcount::RefcountGeometry;
 use crate::engine::format::snapshot;
@@ -176,6 +176,7 @@ pub(in crate::engine) struct Walk {
     cluster_bits: u32,
     pub(super) file_len: u64,
     version: u32,
+    width: L2Width,
     metadata: MetadataSpace,
     /// Guest clusters live in an external data file: not refcounted, not in this file.
     data_file: bool,
@@ -201,6 +202,7 @@ impl Walk {
             file_len,
             version: image.header.version,
             data_file: image.header.has_data_file(),
+            width: image.l2_width,
             metadata: MetadataSpace::of(image),
         }
     }
@@ -227,13 +229,17 @@ impl Walk {
         self.note(msg);
     }
 
-    /// What a dropped L2 entry becomes: reads as zeros on version 3 (as the bytes past the
-    /// end of the file did), unallocated on version 2.
-    fn dropped_l2_entry(&self) -> u64 {
-        if self.version >= 3 {
-            EntryFlags::ZERO.bits()
-        } else {
-            0
+    /// What a dropped L2 entry (with extended L2 entries: and its `bitmap`) becomes: reads
+    /// as zeros on version 3 (as the bytes past the end of the file did), unallocated on
+    /// version 2; an extended entry's allocated subclusters read as zeros, its others stay
+    /// as they were (QEMU's repair of such an entry).
+    fn dropped_l2_entry(&self, bitmap: SubclusterBitmap) -> (u64, SubclusterBitmap) {
+        match self.width {
+            L2Width::Extended => (0, bitmap.allocated_to_zeroes()),
+            L2Width::Standard if self.version >= 3 => {
+                (EntryFlags::ZERO.bits(), SubclusterBitmap::EMPTY)
+            }
+            L2Width::Standard => (0, SubclusterBitmap::EMPTY),
         }
     }
 
@@ -433,9 +439,9 @@ impl Walk {
         active: bool,
     ) -> Result<()> {
         let cluster_size = self.cluster_size();
-        let entries = cluster_size / 8;
+        let words = cluster_size / 8;
         // Bytes past the end of the file read as zeros, as QEMU reads them.
-        let mut table = read_table(&image.storage, l2_offset, entries, "an L2 table")?;
+        let mut table = read_table(&image.storage, l2_offset, words, "an L2 table")?;
         // Repairs are written only to a table that is where a table may be.
         let writable = l2_offset.is_multiple_of(cluster_size)
             && l2_offset < self.file_len
@@ -443,15 +449,19 @@ impl Walk {
         let fix_all = self.fix == CheckFix::All && writable;
         let mut dirty = false;
         let mut next_contiguous = 0u64;
-        for slot in table.iter_mut() {
-            let raw = *slot;
-            let entry = if raw & EntryFlags::COMPRESSED.bits() != 0 {
-                self.check_compressed(raw, fix_all, active)
+        for (index, slot) in table.chunks_exact_mut(self.width.words()).enumerate() {
+            let raw = slot[0];
+            let bitmap = SubclusterBitmap(slot.get(1).copied().unwrap_or(0));
+            let (entry, new_bitmap) = if raw & EntryFlags::COMPRESSED.bits() != 0 {
+                self.check_compressed(raw, bitmap, index, fix_all, active)
             } else {
-                self.check_standard(raw, fix_all, active, &mut next_contiguous)
+                self.check_standard(raw, bitmap, fix_all, active, &mut next_contiguous)
             };
-            if entry != raw {
-                *slot = entry;
+            if entry != raw || new_bitmap != bitmap {
+                slot[0] = entry;
+                if let Some(b) = slot.get_mut(1) {
+                    *b = new_bitmap.0;
+                }
                 dirty = true;
             }
         }
@@ -466,15 +476,41 @@ impl Walk {
         Ok(())
     }
 
-    /// Checks and counts a compressed L2 entry; returns the entry as it should be.
-    fn check_compressed(&mut self, raw: u64, fix_all: bool, active: bool) -> u64 {
+    /// Checks and counts a compressed L2 entry (entry `index` of its table; `bitmap` with
+    /// extended L2 entries, where it is unused and must be 0); returns the entry (and
+    /// bitmap) as it should be.
+    fn check_compressed(
+        &mut self,
+        raw: u64,
+        bitmap: SubclusterBitmap,
+        index: usize,
+        fix_all: bool,
+        active: bool,
+    ) -> (u64, SubclusterBitmap) {
         let mut entry = raw;
         if self.data_file {
             // There are none with a data file (the spec); reads refuse the entry too.
             self.corruption(format!(
                 "ERROR compressed cluster entry {raw:#x} in an image with an external data file"
             ));
-            return entry;
+            return (entry, bitmap);
+        }
+        let mut bitmap = bitmap;
+        if bitmap != SubclusterBitmap::EMPTY {
+            // The data is still counted (QEMU leaves it uncounted, so that its refcount
+            // would look leaked and `-r leaks` free it under the entry).
+            if fix_all {
+                bitmap = SubclusterBitmap::EMPTY;
+                self.repaired(format!(
+                    "Repairing compressed cluster {index} with non-zero subcluster allocation \
+                     bitmap, entry=0x{raw:x}"
+                ));
+            } else {
+                self.corruption(format!(
+                    "ERROR compressed cluster {index} with non-zero subcluster allocation \
+                     bitmap, entry=0x{raw:x}"
+                ));
+            }
         }
         if raw & EntryFlags::COPIED.bits() != 0 {
             let coffset = raw & !(EntryFlags::COPIED.bits() | EntryFlags::COMPRESSED.bits());
@@ -498,7 +534,7 @@ impl Walk {
             max_len_bytes,
         }) = decoded
         else {
-            return entry;
+            return (entry, bitmap);
         };
         let end = host_offset.saturating_add(max_len_bytes);
         if fix_all {
@@ -512,7 +548,7 @@ impl Walk {
                 self.reference_lands_on_metadata("compressed cluster", host_offset, end)
             };
             if dropped {
-                return self.dropped_l2_entry();
+                return self.dropped_l2_entry(SubclusterBitmap::EMPTY);
             }
         } else if end.saturating_sub(self.file_len) < self.cluster_size() {
             self.reference_lands_on_metadata("compressed cluster", host_offset, end);
@@ -525,18 +561,23 @@ impl Walk {
             // Compressed clusters are fragmented by nature (QEMU counts them so).
             frag.fragmented_clusters += 1;
         }
-        entry
+        (entry, bitmap)
     }
 
-    /// Checks and counts a standard L2 entry; returns the entry as it should be.
+    /// Checks and counts a standard L2 entry (with extended L2 entries: a descriptor and its
+    /// subcluster `bitmap`); returns the entry (and bitmap) as it should be.
     fn check_standard(
         &mut self,
         raw: u64,
+        bitmap: SubclusterBitmap,
         fix_all: bool,
         active: bool,
         next_contiguous: &mut u64,
-    ) -> u64 {
+    ) -> (u64, SubclusterBitmap) {
         let cluster_size = self.cluster_size();
+        let extended = self.width == L2Width::Extended;
+        // Bit 0 is the zero flag of a standard entry; unused (ignored) in an extended one.
+        let zero_flag = if extended { 0 } else { EntryFlags::ZERO.bits() };
         let mut entry = raw;
         if raw & L2_STANDARD_RESERVED_MASK != 0 {
             if fix_all {
@@ -558,12 +599,9 @@ impl Walk {
             if active && allocated && entry & EntryFlags::ZERO.bits() == 0 {
                 self.report.fragmentation.allocated_clusters += 1;
             }
-            return entry;
+            return (entry, bitmap);
         }
-        if offset == 0
-            && entry & EntryFlags::COPIED.bits() != 0
-            && entry & EntryFlags::ZERO.bits() == 0
-        {
+        if offset == 0 && entry & EntryFlags::COPIED.bits() != 0 && entry & zero_flag == 0 {
             // A data cluster at host offset 0 is the header (an offset of 0 may only have the
             // flag with an external data file): reads and writes refuse the entry, so check
             // says so, and -r all makes the cluster unallocated (what QEMU reads there).
@@ -572,19 +610,36 @@ impl Walk {
                     "Repairing l2 entry {raw:x}: host offset 0 with the COPIED flag; the \
                      cluster is now unallocated"
                 ));
-                return entry & !EntryFlags::COPIED.bits();
+                return (entry & !EntryFlags::COPIED.bits(), bitmap);
             }
             self.corruption(format!(
                 "ERROR l2 entry {raw:x}: host offset 0 with the COPIED flag (no external data \
                  file)"
             ));
-            return entry;
+            return (entry, bitmap);
         }
         if offset == 0 {
-            // Unallocated, or a zero cluster without a host cluster.
-            return entry;
+            // Unallocated, or a zero cluster without a host cluster: nothing to count. An
+            // extended entry has no allocated subcluster then.
+            if bitmap.allocated() != 0 {
+                self.corruption(
+                    "ERROR: Unallocated cluster has non-zero subcluster allocation map".into(),
+                );
+            }
+            return (entry, bitmap);
         }
-        let zero = entry & EntryFlags::ZERO.bits() != 0;
+        if bitmap.allocated() & bitmap.zeroes() != 0 {
+            self.corruption(format!(
+                "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation \
+                 bitmap"
+            ));
+        }
+        // No data in it: a preallocated cluster (zero flag; no allocated subcluster).
+        let zero = if extended {
+            bitmap.allocated() == 0
+        } else {
+            entry & EntryFlags::ZERO.bits() != 0
+        };
         if !offset.is_multiple_of(cluster_size) {
             let what = if zero {
                 "Preallocated cluster"
@@ -596,7 +651,7 @@ impl Walk {
                     "Repairing offset={offset:x}: {what} is not properly aligned; L2 entry \
                      corrupted."
                 ));
-                return self.dropped_l2_entry();
+                return self.dropped_l2_entry(bitmap);
             }
             self.corruption(format!(
                 "ERROR offset={offset:x}: {what} is not properly aligned; L2 entry corrupted."
@@ -613,7 +668,7 @@ impl Walk {
                 self.reference_lands_on_metadata("data cluster", offset, offset + cluster_size)
             };
             if dropped {
-                return self.dropped_l2_entry();
+                return self.dropped_l2_entry(bitmap);
             }
         } else if offset.is_multiple_of(cluster_size) && offset < self.file_len {
             self.reference_lands_on_metadata("data cluster", offset, offset + cluster_size);
@@ -627,7 +682,7 @@ impl Walk {
             *next_contiguous = offset + cluster_size;
         }
         self.count_region(offset, cluster_size);
-        entry
+        (entry, bitmap)
     }
 
     /// Counts each refcount block and checks where it lies (QEMU's `check_refblocks`).

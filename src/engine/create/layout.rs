@@ -2,14 +2,15 @@
 //! (the module docs of `create` have the picture).
 
 use crate::engine::error::{Error, Result};
+use crate::engine::format::entry::L2Width;
 use crate::engine::format::layout::{bytes_per_l1_entry, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
 use crate::engine::format::refcount::RefcountGeometry;
 
 use super::MAX_HOST_OFFSET_BYTES;
 
 /// The L1 size (entries) QEMU gives an image of `size` bytes, refused above QEMU's L1 limit.
-pub(super) fn l1_entries_for(size: u64, cluster_bits: u32) -> Result<u64> {
-    let entries = size.div_ceil(bytes_per_l1_entry(cluster_bits));
+pub(super) fn l1_entries_for(size: u64, cluster_bits: u32, width: L2Width) -> Result<u64> {
+    let entries = size.div_ceil(bytes_per_l1_entry(cluster_bits, width));
     if entries * 8 > MAX_L1_BYTES {
         return Err(Error::BadOption(
             "The image size is too large for file format 'qcow2' (try using a larger cluster \
@@ -42,6 +43,8 @@ pub(super) fn refcount_structure_clusters(other_clusters: u64, rc: RefcountGeome
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Layout {
     pub(super) rc: RefcountGeometry,
+    /// The L2 tables' entry width.
+    pub(super) width: L2Width,
     pub(super) reftable_offset: u64,
     pub(super) reftable_clusters: u64,
     pub(super) refblocks_offset: u64,
@@ -73,12 +76,13 @@ impl Layout {
     pub(super) fn new(
         size: u64,
         rc: RefcountGeometry,
+        width: L2Width,
         preallocate: bool,
         data_file: bool,
     ) -> Result<Layout> {
         let cluster_bits = rc.cluster_bits;
         let cluster_size = 1u64 << cluster_bits;
-        let l1_entries = l1_entries_for(size, cluster_bits)?;
+        let l1_entries = l1_entries_for(size, cluster_bits, width)?;
         let l1_clusters = (l1_entries * 8).div_ceil(cluster_size);
         let (l2_count, data_clusters) = match (preallocate, data_file) {
             (true, false) => (l1_entries, size.div_ceil(cluster_size)),
@@ -119,6 +123,7 @@ impl Layout {
         };
         Ok(Layout {
             rc,
+            width,
             reftable_offset,
             reftable_clusters,
             refblocks_offset,

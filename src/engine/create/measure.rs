@@ -44,7 +44,9 @@ pub fn measure(opts: &CreateOptions, allocated_guest_bytes: Option<u64>) -> Resu
         .checked_next_multiple_of(cluster_size)
         .filter(|&s| s <= MAX_SIZE_BYTES)
         .ok_or_else(|| Error::BadOption("Image size must be less than 8 EiB!".into()))?;
-    let l2_tables = (virtual_size >> cluster_bits).div_ceil(cluster_size / 8);
+    // L2 tables of 8- or 16-byte entries; each named by an 8-byte L1 entry.
+    let entry_bytes = opts.l2_width().entry_bytes();
+    let l2_tables = (virtual_size >> cluster_bits).div_ceil(cluster_size / entry_bytes);
     if l2_tables * 8 > MAX_L1_BYTES {
         return Err(Error::BadOption(
             "The image size is too large (try using a larger cluster size)".into(),

@@ -32,6 +32,7 @@
 //! tables that are not written yet.
 
 use crate::engine::error::{Error, Result};
+use crate::engine::format::entry::{L2Width, MIN_EXTENDED_L2_CLUSTER_BITS};
 use crate::engine::format::header::{
     display_name, CompressionType, Header, MAX_BACKING_FILE_NAME_BYTES, MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS,
@@ -150,7 +151,8 @@ pub struct CreateOptions {
     /// The external data file is kept a consistent raw image (autoclear bit 1); the image
     /// is then preallocated (`metadata` at least) so that every guest cluster has its entry.
     pub data_file_raw: bool,
-    /// Refused: 128-bit L2 entries with subclusters.
+    /// 128-bit L2 entries: each cluster in 32 subclusters allocated one by one (version 3,
+    /// clusters of 16 KiB at least).
     pub extended_l2: bool,
 }
 
@@ -179,8 +181,18 @@ impl CreateOptions {
     /// naming them.
     pub fn validate(&self) -> Result<()> {
         self.check_supported()?;
+        if self.extended_l2 && self.compat == Compat::V2 {
+            return Err(Error::BadOption(
+                "Extended L2 entries are only supported with compatibility level 1.1 and \
+                 above (use version=v3 or greater)"
+                    .into(),
+            ));
+        }
         let cluster_bits = self.cluster_bits()?;
-        if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
             return Err(Error::BadOption(
                 "Backing file and preallocation can only be used at the same time if \
                  extended_l2 is on"
@@ -246,7 +258,7 @@ impl CreateOptions {
             }
         }
         let size = self.rounded_size()?;
-        l1_entries_for(size, cluster_bits)?;
+        l1_entries_for(size, cluster_bits, self.l2_width())?;
         Ok(())
     }
 
@@ -256,8 +268,8 @@ impl CreateOptions {
         if let Some(format) = &self.encryption {
             refused.push(format!("encryption (encrypt.format={format})"));
         }
-        if self.extended_l2 {
-            refused.push("extended L2 entries (extended_l2=on)".to_owned());
+        if self.extended_l2 && self.data_file.is_some() {
+            refused.push("extended L2 entries with an external data file".to_owned());
         }
         if refused.is_empty() {
             return Ok(());
@@ -268,6 +280,8 @@ impl CreateOptions {
         )))
     }
 
+    /// log2 of the cluster size, checked as QEMU checks it (a power of two in its range;
+    /// with extended L2 entries, room for 32 subclusters of 512 bytes).
     fn cluster_bits(&self) -> Result<u32> {
         let size = self.cluster_size_bytes;
         let bits = size.trailing_zeros();
@@ -278,7 +292,22 @@ impl CreateOptions {
                 1u32 << (MAX_CLUSTER_BITS - 10)
             )));
         }
+        if self.extended_l2 && bits < MIN_EXTENDED_L2_CLUSTER_BITS {
+            return Err(Error::BadOption(format!(
+                "Extended L2 entries are only supported with cluster sizes of at least {} bytes",
+                1u32 << MIN_EXTENDED_L2_CLUSTER_BITS
+            )));
+        }
         Ok(bits)
+    }
+
+    /// The L2 entry width the options ask for.
+    pub fn l2_width(&self) -> L2Width {
+        if self.extended_l2 {
+            L2Width::Extended
+        } else {
+            L2Width::Standard
+        }
     }
 
     fn refcount_order(&self) -> Result<u32> {
@@ -335,6 +364,7 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
     let layout = Layout::new(
         size,
         rc,
+        opts.l2_width(),
         opts.effective_preallocation() != Preallocation::Off,
         opts.data_file.is_some(),
     )?;
@@ -476,7 +506,7 @@ mod tests {
     #[test]
     fn default_layout_is_qemus_header_reftable_refblock_l1() {
         let rc = geometry(16, 4);
-        let layout = Layout::new(1 << 30, rc, false, false).unwrap();
+        let layout = Layout::new(1 << 30, rc, L2Width::Standard, false, false).unwrap();
         assert_eq!(layout.reftable_offset, 0x1_0000);
         assert_eq!(layout.refblocks_offset, 0x2_0000);
         assert_eq!(layout.l1_offset, 0x3_0000);

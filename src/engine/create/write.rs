@@ -2,7 +2,7 @@
 //! sequential writes, and the data area as preallocation asks.
 
 use crate::engine::error::{Error, Result};
-use crate::engine::format::entry::EntryFlags;
+use crate::engine::format::entry::{EntryFlags, L2Width};
 use crate::engine::format::header::{
     ext, AutoclearFeatures, CompatibleFeatures, CompressionType, FeatureName, Header,
     IncompatibleFeatures, RawExtension, V2_HEADER_LEN,
@@ -53,6 +53,9 @@ pub(super) fn encode_feature_names(names: &[FeatureName]) -> Vec<u8> {
 pub(super) fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> Header {
     let version = opts.compat.version();
     let mut incompatible = IncompatibleFeatures::empty();
+    if layout.width == L2Width::Extended {
+        incompatible |= IncompatibleFeatures::EXTENDED_L2;
+    }
     let mut additional_fields = Vec::new();
     if version >= 3 {
         let compression_byte = match opts.compression_type {
@@ -278,18 +281,21 @@ pub(super) fn write_tables<S: Storage>(
     w.pad_to(layout.l2_offset)?;
 
     // L2 tables: guest cluster g maps to data cluster g (refcount 1: COPIED), in the data
-    // area or at its guest offset in an external data file (`data_offset` 0 then).
-    let entries_per_l2 = cluster_size / 8;
+    // area or at its guest offset in an external data file (`data_offset` 0 then). An
+    // extended entry's bitmap stays 0: every subcluster unallocated, reading as zeros or
+    // from the backing file until written (QEMU's preallocation of images with subclusters).
+    let entry_bytes = layout.width.entry_bytes() as usize;
+    let entries_per_l2 = cluster_size / entry_bytes as u64;
     let mut table = vec![0u8; cluster_size as usize];
     for j in 0..layout.l2_count {
-        for (k, slot) in table.chunks_exact_mut(8).enumerate() {
+        for (k, slot) in table.chunks_exact_mut(entry_bytes).enumerate() {
             let guest_cluster = j * entries_per_l2 + k as u64;
             let entry = if guest_cluster < layout.named_clusters {
                 (layout.data_offset + guest_cluster * cluster_size) | EntryFlags::COPIED.bits()
             } else {
                 0
             };
-            slot.copy_from_slice(&entry.to_be_bytes());
+            slot[..8].copy_from_slice(&entry.to_be_bytes());
         }
         w.push(&table)?;
     }

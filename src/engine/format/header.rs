@@ -9,6 +9,7 @@ use bitflags::bitflags;
 
 use crate::engine::error::{Error, Result};
 use crate::engine::format::bytes::{BeBytes, BeWriter};
+use crate::engine::format::entry::{L2Width, MIN_EXTENDED_L2_CLUSTER_BITS};
 use crate::engine::format::layout::{MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES};
 
 /// "QFI\xfb".
@@ -349,15 +350,36 @@ impl Header {
                     .into(),
             ));
         }
+        if self.l2_width() == L2Width::Extended && self.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS
+        {
+            // 32 subclusters of at least 512 bytes each (QEMU: "Unsupported subcluster size").
+            return Err(invalid(format!(
+                "extended L2 entries (incompatible bit 4) with {}-byte clusters: subclusters \
+                 of {} bytes, below 512",
+                1u64 << self.cluster_bits,
+                1u64 << L2Width::Extended.subcluster_bits(self.cluster_bits)
+            )));
+        }
+        if self.l2_width() == L2Width::Extended && self.has_data_file() {
+            return Err(Error::Unsupported(
+                "extended L2 entries (incompatible bit 4) with an external data file \
+                 (incompatible bit 2)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How wide the L2 entries are (incompatible feature bit 4).
+    pub fn l2_width(&self) -> L2Width {
         if self
             .incompatible
             .contains(IncompatibleFeatures::EXTENDED_L2)
         {
-            return Err(Error::Unsupported(
-                "extended L2 entries (incompatible bit 4)".into(),
-            ));
+            L2Width::Extended
+        } else {
+            L2Width::Standard
         }
-        Ok(())
     }
 
     /// Names an incompatible feature bit, from the image's feature name table if it has one.

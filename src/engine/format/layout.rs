@@ -4,6 +4,7 @@
 //! and refcount tables allocates at most the file's length.
 
 use crate::engine::error::{Error, Result};
+use crate::engine::format::entry::L2Width;
 use crate::engine::format::header::Header;
 
 /// QEMU's limit on the L1 table (32 MiB).
@@ -41,9 +42,10 @@ impl Region {
     }
 }
 
-/// Guest bytes one L1 entry covers: a cluster-sized L2 table of 8-byte entries.
-pub fn bytes_per_l1_entry(cluster_bits: u32) -> u64 {
-    1u64 << (2 * cluster_bits - 3)
+/// Guest bytes one L1 entry covers: a cluster-sized L2 table of 8-byte (standard) or
+/// 16-byte (extended) entries.
+pub fn bytes_per_l1_entry(cluster_bits: u32, width: L2Width) -> u64 {
+    1u64 << (2 * cluster_bits - width.entry_bits())
 }
 
 /// Checks a table given as (offset, length in bytes) and returns its region.
@@ -100,7 +102,9 @@ pub fn validate(h: &Header, file_len: u64) -> Result<Vec<Region>> {
     }];
 
     // L1 table: large enough for the virtual size, within QEMU's limit, inside the file.
-    let needed_l1 = h.virtual_size.div_ceil(bytes_per_l1_entry(h.cluster_bits));
+    let needed_l1 = h
+        .virtual_size
+        .div_ceil(bytes_per_l1_entry(h.cluster_bits, h.l2_width()));
     let l1_bytes = u64::from(h.l1_size_entries) * 8;
     if l1_bytes > MAX_L1_BYTES {
         return Err(invalid(format!(

@@ -125,6 +125,7 @@ impl<S: Storage> Image<S> {
             host_offset: guest_cluster << self.cluster_bits,
             guest_cluster,
             clusters,
+            head_start: 0,
             req_at,
             len: (stop - at) as usize,
             head,

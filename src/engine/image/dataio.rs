@@ -12,6 +12,7 @@ use std::io;
 use crate::engine::debug_event::DebugEvent;
 use crate::engine::error::{Error, Result};
 use crate::engine::format::compress::decompress_cluster;
+use crate::engine::format::entry::{SubclusterBitmap, SubclusterState, SUBCLUSTER_SHIFT};
 use crate::engine::format::header::CompressionType;
 use crate::engine::image::request::{
     CowFill, CowSource, ReadPlan, ReadSource, WritePiece, WritePlan,
@@ -116,7 +117,9 @@ impl<S: Storage> DataContext<'_, S> {
         match fill.source {
             CowSource::Zeros => true,
             CowSource::Backing { .. } => self.backing.is_none(),
-            CowSource::Data { .. } | CowSource::Compressed { .. } => false,
+            CowSource::Data { .. }
+            | CowSource::Compressed { .. }
+            | CowSource::Subclusters { .. } => false,
         }
     }
 
@@ -157,8 +160,60 @@ impl<S: Storage> DataContext<'_, S> {
                 })?;
                 bytes.copy_from_slice(part);
             }
+            CowSource::Subclusters {
+                guest_offset,
+                host_offset,
+                bitmap,
+            } => self.subclusters_into(guest_offset, host_offset, bitmap, &mut bytes)?,
         }
         Ok(bytes)
+    }
+
+    /// The old content of `bytes.len()` bytes from `guest_offset` of a cluster with extended
+    /// L2 entries, subcluster by subcluster as `bitmap` says (`host_offset`: where the first
+    /// byte lies in its host cluster).
+    fn subclusters_into(
+        &self,
+        guest_offset: u64,
+        host_offset: u64,
+        bitmap: SubclusterBitmap,
+        bytes: &mut [u8],
+    ) -> Result<()> {
+        let subcluster_bits = self.cluster_size.trailing_zeros() - SUBCLUSTER_SHIFT;
+        let mut done = 0usize;
+        while done < bytes.len() {
+            let in_cluster = (guest_offset + done as u64) & (self.cluster_size - 1);
+            let first = (in_cluster >> subcluster_bits) as u32;
+            let (state, count) = bitmap.run(first);
+            let run_end = u64::from(first + count) << subcluster_bits;
+            let n = ((run_end - in_cluster) as usize).min(bytes.len() - done);
+            let part = &mut bytes[done..done + n];
+            let at = done as u64;
+            match state {
+                SubclusterState::Zero => {}
+                SubclusterState::Allocated => {
+                    self.storage.debug_event(DebugEvent::CowRead);
+                    self.storage
+                        .read_at(host_offset + at, part)
+                        .map_err(io_error(|| {
+                            format!("reading cluster data at {:#x} to copy it", host_offset + at)
+                        }))?
+                }
+                SubclusterState::Unallocated => {
+                    if let Some(b) = self.backing {
+                        self.storage.debug_event(DebugEvent::CowRead);
+                        b.read_at(guest_offset + at, part).map_err(io_error(|| {
+                            format!(
+                                "reading the backing file at {:#x} to copy it",
+                                guest_offset + at
+                            )
+                        }))?;
+                    }
+                }
+            }
+            done += n;
+        }
+        Ok(())
     }
 
     /// The old content of both fills of a new cluster, around `len` bytes of the request.
@@ -205,6 +260,7 @@ impl<S: Storage> DataContext<'_, S> {
                 } => (host_offset, Vec::new(), req_at, len, Vec::new()),
                 WritePiece::Allocate {
                     host_offset,
+                    head_start,
                     req_at,
                     len,
                     head,
@@ -214,10 +270,11 @@ impl<S: Storage> DataContext<'_, S> {
                     // A fill of zeros over a hole is left out: the write starts after the
                     // head, or ends before the tail.
                     let written = |fill: CowFill| !(fill.over_hole && self.reads_zeros(fill));
+                    let head_at = host_offset + head_start as u64;
                     let start = if written(head) {
-                        host_offset
+                        head_at
                     } else {
-                        host_offset + head.len as u64
+                        head_at + head.len as u64
                     };
                     let (head, tail) = match (written(head), written(tail)) {
                         (true, true) => self.cow_pair(head, len, tail)?,

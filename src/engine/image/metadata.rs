@@ -7,7 +7,9 @@
 use crate::engine::debug_event::DebugEvent;
 use crate::engine::error::{Error, Result};
 use crate::engine::format::bytes;
-use crate::engine::format::entry::{Cluster, L1Entry, L2Entry, ReftableEntry};
+use crate::engine::format::entry::{
+    Cluster, L1Entry, L2Entry, L2Width, ReftableEntry, Subcluster, SubclusterBitmap,
+};
 use crate::engine::image::discard::FreeKind;
 use crate::engine::image::overlap::MetadataMap;
 use crate::engine::image::Image;
@@ -19,23 +21,55 @@ pub(in crate::engine) fn not_cached(what: &str, offset: u64) -> Error {
 }
 
 impl<S: Storage> Image<S> {
-    /// The raw entry `l2_index` of the L2 table at `l2_offset`, which the caller loaded into
-    /// the cache.
-    pub(in crate::engine) fn cached_l2_entry(
+    /// Entry `l2_index` of the L2 table at `l2_offset` (which the caller loaded into the
+    /// cache) as stored: the raw entry (descriptor) and, with extended L2 entries,
+    /// its subcluster bitmap ([`SubclusterBitmap::EMPTY`] with standard ones).
+    pub(in crate::engine) fn cached_l2_slot(
         &self,
         l2_offset: u64,
         l2_index: usize,
-    ) -> Result<u64> {
+    ) -> Result<(u64, SubclusterBitmap)> {
+        let raw = self.cached_l2_word(l2_offset, l2_index, 0)?;
+        let bitmap = match self.l2_width {
+            L2Width::Standard => SubclusterBitmap::EMPTY,
+            L2Width::Extended => SubclusterBitmap(self.cached_l2_word(l2_offset, l2_index, 1)?),
+        };
+        Ok((raw, bitmap))
+    }
+
+    /// 64-bit word `word` of entry `l2_index` (0: the descriptor, 1: an extended entry's
+    /// bitmap).
+    fn cached_l2_word(&self, l2_offset: u64, l2_index: usize, word: usize) -> Result<u64> {
         let table = self
             .l2_cache
             .peek(l2_offset)
             .ok_or_else(|| not_cached("L2 table", l2_offset))?;
-        bytes::table_entry(&format!("the L2 table at {l2_offset:#x}"), table, l2_index)
+        let at = l2_index
+            .saturating_mul(self.l2_width.words())
+            .saturating_add(word);
+        bytes::table_entry(&format!("the L2 table at {l2_offset:#x}"), table, at)
     }
 
-    /// log2 of the entries in one L2 table.
+    /// log2 of the entries in one L2 table (a cluster of 8- or 16-byte entries).
     pub(in crate::engine) fn l2_bits(&self) -> u32 {
-        self.cluster_bits - 3
+        self.cluster_bits - self.l2_width.entry_bits()
+    }
+
+    /// Decodes a raw entry (and, with extended L2 entries, its bitmap) of `guest_cluster`.
+    pub(in crate::engine) fn decode_l2(
+        &self,
+        raw: u64,
+        bitmap: SubclusterBitmap,
+        guest_cluster: u64,
+    ) -> Result<Cluster> {
+        match self.l2_width {
+            L2Width::Standard => {
+                L2Entry(raw).decode(self.cluster_bits, self.header.version, guest_cluster)
+            }
+            L2Width::Extended => {
+                L2Entry(raw).decode_extended(bitmap, self.cluster_bits, guest_cluster)
+            }
+        }
     }
 
     /// Refuses a host cluster offset (from an L1, L2 or refcount table entry) that points into
@@ -136,16 +170,19 @@ impl<S: Storage> Image<S> {
         if self.l2_cache.get(l2_offset).is_none() {
             self.load_l2(l2_offset)?;
         }
-        let raw = self.cached_l2_entry(l2_offset, l2_index)?;
+        let (raw, bitmap) = self.cached_l2_slot(l2_offset, l2_index)?;
         if self.data_file.is_some() {
             // Offsets name the data file: nothing here to check against the image file.
             return self.decode_data_file_entry(raw, guest_cluster);
         }
-        let cluster = L2Entry(raw).decode(self.cluster_bits, self.header.version, guest_cluster)?;
+        let cluster = self.decode_l2(raw, bitmap, guest_cluster)?;
         let (host_offset, len, what) = match cluster {
             Cluster::Data { host_offset, .. } => (host_offset, self.cluster_size(), "data cluster"),
             Cluster::Zero { host_offset, .. } if host_offset != 0 => {
                 (host_offset, self.cluster_size(), "preallocated cluster")
+            }
+            Cluster::Subclusters { host_offset, .. } if host_offset != 0 => {
+                (host_offset, self.cluster_size(), "data cluster")
             }
             Cluster::Compressed {
                 host_offset,
@@ -171,23 +208,43 @@ impl<S: Storage> Image<S> {
         Ok(cluster)
     }
 
+    /// Sets entry `l2_index` (of an extended entry: its descriptor) of the L2 table at
+    /// `l2_offset`.
     pub(in crate::engine) fn set_l2_entry(
         &mut self,
         l2_offset: u64,
         l2_index: usize,
         entry: L2Entry,
     ) -> Result<()> {
+        self.set_l2_word(l2_offset, l2_index, 0, entry.0)
+    }
+
+    /// Sets the subcluster bitmap of entry `l2_index` (an image with extended L2 entries;
+    /// refused otherwise).
+    pub(in crate::engine) fn set_l2_bitmap(
+        &mut self,
+        l2_offset: u64,
+        l2_index: usize,
+        bitmap: SubclusterBitmap,
+    ) -> Result<()> {
+        if self.l2_width != L2Width::Extended {
+            return Err(Error::Invalid(
+                "a subcluster bitmap in an image with standard L2 entries".into(),
+            ));
+        }
+        self.set_l2_word(l2_offset, l2_index, 1, bitmap.0)
+    }
+
+    fn set_l2_word(&mut self, l2_offset: u64, l2_index: usize, word: usize, v: u64) -> Result<()> {
         self.load_l2(l2_offset)?;
+        let at = l2_index
+            .saturating_mul(self.l2_width.words())
+            .saturating_add(word);
         let table = self
             .l2_cache
             .get_mut(l2_offset)
             .ok_or_else(|| not_cached("L2 table", l2_offset))?;
-        bytes::set_table_entry(
-            &format!("the L2 table at {l2_offset:#x}"),
-            table,
-            l2_index,
-            entry.0,
-        )
+        bytes::set_table_entry(&format!("the L2 table at {l2_offset:#x}"), table, at, v)
     }
 
     /// What backs guest cluster `guest_cluster`.
@@ -200,41 +257,41 @@ impl<S: Storage> Image<S> {
         self.l2_entry(l2_offset, l2_index, guest_cluster)
     }
 
-    /// The state of the cluster holding `guest_offset`, and how many bytes from there (at
-    /// most `len`) share it: same kind, and for data, contiguous host clusters. A compressed
-    /// run never extends past its cluster.
+    /// What the bytes at `guest_offset` read from (the subcluster holding it, with extended
+    /// L2 entries; the cluster otherwise), and how many bytes from there (at most `len`)
+    /// share it: same kind, and for data, contiguous host clusters. A compressed run never
+    /// extends past its cluster.
     pub(in crate::engine) fn lookup_run(
         &mut self,
         guest_offset: u64,
         len: u64,
-    ) -> Result<(Cluster, u64)> {
+    ) -> Result<(Subcluster, u64)> {
         let cluster_size = self.cluster_size();
         let first = guest_offset >> self.cluster_bits;
-        let state = self.cluster_at(first)?;
-        let mut run = cluster_size - (guest_offset & (cluster_size - 1));
-        if !matches!(state, Cluster::Compressed { .. }) {
+        let in_cluster = guest_offset & (cluster_size - 1);
+        let (state, mut run) = self.cluster_at(first)?.at(in_cluster, self.cluster_bits);
+        if !matches!(state, Subcluster::Compressed { .. }) {
             let mut next = first + 1;
-            while run < len {
-                let same = match (state, self.cluster_at(next)?) {
-                    (Cluster::Unallocated, Cluster::Unallocated) => true,
-                    (
-                        Cluster::Zero { host_offset: 0, .. },
-                        Cluster::Zero { host_offset: 0, .. },
-                    ) => true,
-                    (
-                        Cluster::Zero { host_offset: a, .. },
-                        Cluster::Zero { host_offset: b, .. },
-                    ) => a != 0 && b == a + (next - first) * cluster_size,
-                    (
-                        Cluster::Data { host_offset: a, .. },
-                        Cluster::Data { host_offset: b, .. },
-                    ) => b == a + (next - first) * cluster_size,
+            // A run continues into the next cluster only from the end of this one.
+            while run < len && (guest_offset + run).is_multiple_of(cluster_size) {
+                let (next_state, next_run) = self.cluster_at(next)?.at(0, self.cluster_bits);
+                let same = match (state, next_state) {
+                    (Subcluster::Unallocated, Subcluster::Unallocated) => true,
+                    (Subcluster::Zero { host_offset: 0 }, Subcluster::Zero { host_offset: 0 }) => {
+                        true
+                    }
+                    (Subcluster::Zero { host_offset: a }, Subcluster::Zero { host_offset: b }) => {
+                        a != 0 && b == a + (next - first) * cluster_size
+                    }
+                    (Subcluster::Data { host_offset: a }, Subcluster::Data { host_offset: b }) => {
+                        b == a + (next - first) * cluster_size
+                    }
                     _ => false,
                 };
                 if !same {
                     break;
                 }
-                run += cluster_size;
+                run += next_run;
                 next += 1;
             }
         }

@@ -46,7 +46,7 @@ use crate::engine::counters::Counters;
 use crate::engine::debug_event::DebugEvent;
 use crate::engine::error::{Error, Result};
 use crate::engine::format::bytes::{read_table, BeBytes};
-use crate::engine::format::entry::Cluster;
+use crate::engine::format::entry::{L2Width, Subcluster};
 use crate::engine::format::header::{
     AutoclearFeatures, Header, IncompatibleFeatures, MAX_CLUSTER_BITS,
 };
@@ -84,6 +84,9 @@ pub struct Image<S: Storage> {
     pub(super) header: Header,
     pub(super) read_only: bool,
     pub(super) cluster_bits: u32,
+    /// Standard or extended L2 entries (the header's feature bit, kept at hand: every lookup
+    /// needs it).
+    pub(super) l2_width: L2Width,
     pub(super) rc: RefcountGeometry,
     /// Where the metadata is: never a target of data writes or frees (`overlap.rs`).
     pub(super) metadata: MetadataMap,
@@ -181,7 +184,10 @@ pub fn cache_sizes(header: &Header, opts: &OpenOptions) -> CacheSizes {
     let cluster_size = header.cluster_size();
     let disk_l2_bytes = header
         .virtual_size
-        .div_ceil(layout::bytes_per_l1_entry(header.cluster_bits))
+        .div_ceil(layout::bytes_per_l1_entry(
+            header.cluster_bits,
+            header.l2_width(),
+        ))
         .saturating_mul(cluster_size);
     let min_refcount_bytes = MIN_REFCOUNT_CACHE_CLUSTERS * cluster_size;
     let l2 = disk_l2_bytes.min(opts.l2_cache_bytes.unwrap_or(DEFAULT_L2_CACHE_MAX_BYTES));
@@ -318,6 +324,7 @@ impl<S: Storage> Image<S> {
             // Read-only until `make_writable` says otherwise, below.
             read_only: true,
             cluster_bits,
+            l2_width: header.l2_width(),
             metadata: MetadataMap::new(regions, header.cluster_size()),
             l1,
             l1_dirty: BTreeSet::new(),
@@ -475,6 +482,21 @@ impl<S: Storage> Image<S> {
 
     pub fn cluster_size(&self) -> u64 {
         1u64 << self.cluster_bits
+    }
+
+    /// The unit guest data is allocated, copied and zeroed in: a subcluster (a 32nd of a
+    /// cluster) with extended L2 entries, the cluster otherwise.
+    pub fn subcluster_size(&self) -> u64 {
+        1u64 << self.subcluster_bits()
+    }
+
+    pub(super) fn subcluster_bits(&self) -> u32 {
+        self.l2_width.subcluster_bits(self.cluster_bits)
+    }
+
+    /// Whether the image has extended L2 entries (subclusters).
+    pub fn has_subclusters(&self) -> bool {
+        self.l2_width == L2Width::Extended
     }
 
     /// The backing file name as stored (names have no encoding in qcow2: bytes, as QEMU
@@ -776,15 +798,15 @@ impl<S: Storage> Image<S> {
         let (cluster, run_bytes) = self.lookup_run(guest_offset, len)?;
         let in_cluster = guest_offset & (self.cluster_size() - 1);
         let mapping = match cluster {
-            Cluster::Unallocated => Mapping::Unallocated,
-            Cluster::Zero { host_offset: 0, .. } => Mapping::Zero { host_offset: None },
-            Cluster::Zero { host_offset, .. } => Mapping::Zero {
+            Subcluster::Unallocated => Mapping::Unallocated,
+            Subcluster::Zero { host_offset: 0 } => Mapping::Zero { host_offset: None },
+            Subcluster::Zero { host_offset } => Mapping::Zero {
                 host_offset: Some(host_offset + in_cluster),
             },
-            Cluster::Data { host_offset, .. } => Mapping::Data {
+            Subcluster::Data { host_offset } => Mapping::Data {
                 host_offset: host_offset + in_cluster,
             },
-            Cluster::Compressed { .. } => Mapping::Compressed,
+            Subcluster::Compressed { .. } => Mapping::Compressed,
         };
         Ok((mapping, run_bytes))
     }

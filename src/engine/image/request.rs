@@ -18,7 +18,9 @@
 //!   discard could return the data of the guest cluster that the freed cluster went to next.
 
 use crate::engine::error::{Error, Result};
-use crate::engine::format::entry::{Cluster, L2Entry};
+use crate::engine::format::entry::{
+    Cluster, L2Entry, Subcluster, SubclusterBitmap, SubclusterState,
+};
 use crate::engine::image::discard::FreeKind;
 use crate::engine::image::Image;
 use crate::engine::storage::Storage;
@@ -90,6 +92,15 @@ pub enum CowSource {
         read_len: u64,
         offset_in_cluster: u64,
     },
+    /// The old content of a cluster with extended L2 entries whose subclusters differ over
+    /// the fill: allocated ones from its host cluster (`host_offset` of the fill's first
+    /// byte), zero ones as zeros, unallocated ones from the backing file (`guest_offset` of
+    /// the fill's first byte), as `bitmap` says.
+    Subclusters {
+        guest_offset: u64,
+        host_offset: u64,
+        bitmap: SubclusterBitmap,
+    },
 }
 
 /// `len` bytes of old content around the request's bytes in a new cluster.
@@ -128,11 +139,16 @@ pub enum WritePiece {
     },
     /// `clusters` whole host clusters at `host_offset`, for guest clusters from
     /// `guest_cluster` on: `head`, then request bytes `[req_at, req_at + len)`, then `tail`,
-    /// written contiguously. Linked into the L2 tables by `finish_write`.
+    /// written contiguously from `head_start` bytes into the first one. Linked into the L2
+    /// tables by `finish_write`.
     Allocate {
         host_offset: u64,
         guest_cluster: u64,
         clusters: u64,
+        /// Where the head starts in the first host cluster: 0 with standard L2 entries (a new
+        /// cluster is written whole); with extended ones the subclusters before it are not
+        /// written and keep their state (unallocated, or zeros).
+        head_start: usize,
         req_at: usize,
         len: usize,
         head: CowFill,
@@ -215,14 +231,14 @@ impl<S: Storage> Image<S> {
             let in_cluster = offset & (self.cluster_size() - 1);
             let (cluster, run) = self.lookup_run(offset, len - done)?;
             let source = match cluster {
-                Cluster::Unallocated => ReadSource::Backing {
+                Subcluster::Unallocated => ReadSource::Backing {
                     guest_offset: offset,
                 },
-                Cluster::Zero { .. } => ReadSource::Zeros,
-                Cluster::Data { host_offset, .. } => ReadSource::Data {
+                Subcluster::Zero { .. } => ReadSource::Zeros,
+                Subcluster::Data { host_offset } => ReadSource::Data {
                     host_offset: host_offset + in_cluster,
                 },
-                Cluster::Compressed {
+                Subcluster::Compressed {
                     host_offset,
                     max_len_bytes,
                 } => ReadSource::Compressed {
@@ -311,41 +327,37 @@ impl<S: Storage> Image<S> {
             let in_cluster = at & (cluster_size - 1);
             let cluster_end = (guest_cluster + 1) << self.cluster_bits;
             let req_at = (at - guest_offset) as usize;
-            match self.cluster_at(guest_cluster)? {
-                Cluster::Data {
-                    host_offset,
-                    copied: true,
-                } if self.may_overwrite_data(host_offset) => {
-                    // In place, over as many following clusters as are contiguous in the file.
-                    if self.data_file.is_none() {
-                        self.check_data_target(host_offset)?;
-                    }
-                    let mut stop = cluster_end.min(end);
-                    let mut next_host = host_offset + cluster_size;
-                    while stop < end {
-                        let next = self.cluster_at(stop >> self.cluster_bits)?;
-                        if next
-                            != (Cluster::Data {
-                                host_offset: next_host,
-                                copied: true,
-                            })
-                            || !self.may_overwrite_data(next_host)
-                        {
-                            break;
-                        }
-                        if self.data_file.is_none() {
-                            self.check_data_target(next_host)?;
-                        }
-                        stop = (stop + cluster_size).min(end);
-                        next_host += cluster_size;
-                    }
-                    pieces.push(WritePiece::InPlace {
-                        host_offset: host_offset + in_cluster,
-                        req_at,
-                        len: (stop - at) as usize,
-                    });
-                    at = stop;
+            let state = self.cluster_at(guest_cluster)?;
+            let stop = cluster_end.min(end);
+            if let Some(host_offset) = self.in_place_target(state, in_cluster, stop - at) {
+                // In place, over as many following clusters as are contiguous in the file
+                // (the image file's, or the data file's, which holds no metadata).
+                if self.data_file.is_none() {
+                    self.check_data_target(host_offset)?;
                 }
+                let mut stop = stop;
+                let mut next_host = host_offset + cluster_size;
+                while stop < end {
+                    let next = self.cluster_at(stop >> self.cluster_bits)?;
+                    let next_len = (end - stop).min(cluster_size);
+                    if self.in_place_target(next, 0, next_len) != Some(next_host) {
+                        break;
+                    }
+                    if self.data_file.is_none() {
+                        self.check_data_target(next_host)?;
+                    }
+                    stop += next_len;
+                    next_host += cluster_size;
+                }
+                pieces.push(WritePiece::InPlace {
+                    host_offset: host_offset + in_cluster,
+                    req_at,
+                    len: (stop - at) as usize,
+                });
+                at = stop;
+                continue;
+            }
+            match state {
                 Cluster::Zero {
                     host_offset,
                     copied: true,
@@ -355,7 +367,6 @@ impl<S: Storage> Image<S> {
                 {
                     // A preallocated zero cluster that is ours alone: written whole, in place.
                     self.check_data_target(host_offset)?;
-                    let stop = cluster_end.min(end);
                     self.inflight_allocs.push(InflightAlloc {
                         start: guest_cluster,
                         end: guest_cluster + 1,
@@ -364,6 +375,7 @@ impl<S: Storage> Image<S> {
                         host_offset,
                         guest_cluster,
                         clusters: 1,
+                        head_start: 0,
                         req_at,
                         len: (stop - at) as usize,
                         head: CowFill {
@@ -378,6 +390,52 @@ impl<S: Storage> Image<S> {
                         },
                         reused: true,
                         // The preallocated cluster holds stale bytes behind its zero flag.
+                        needs_order: true,
+                    });
+                    at = stop;
+                }
+                Cluster::Subclusters {
+                    host_offset,
+                    copied: true,
+                    bitmap,
+                } if host_offset != 0 && self.may_overwrite_data(host_offset) => {
+                    // Ours alone, but some subclusters written are not allocated yet: written
+                    // in place, each such subcluster at the ends filled whole from what it
+                    // read as (zeros, or the backing file), as QEMU's qcow2 does; the bitmap
+                    // changes, so the data is ordered before the entry (its host cluster
+                    // holds stale bytes there).
+                    self.check_data_target(host_offset)?;
+                    let sc_bits = self.subcluster_bits();
+                    let stop_in = stop - (guest_cluster << self.cluster_bits);
+                    let (first_sc, end_sc) = self.subcluster_span(in_cluster, stop - at);
+                    let allocated = |sc: u32| bitmap.state(sc) == SubclusterState::Allocated;
+                    let head_start = if allocated(first_sc) {
+                        in_cluster
+                    } else {
+                        u64::from(first_sc) << sc_bits
+                    };
+                    let tail_end = if allocated(end_sc - 1) {
+                        stop_in
+                    } else {
+                        (u64::from(end_sc) << sc_bits).min(cluster_size)
+                    };
+                    let head =
+                        self.cow_fill(state, guest_cluster, head_start, in_cluster - head_start)?;
+                    let tail = self.cow_fill(state, guest_cluster, stop_in, tail_end - stop_in)?;
+                    self.inflight_allocs.push(InflightAlloc {
+                        start: guest_cluster,
+                        end: guest_cluster + 1,
+                    });
+                    pieces.push(WritePiece::Allocate {
+                        host_offset,
+                        guest_cluster,
+                        clusters: 1,
+                        head_start: head_start as usize,
+                        req_at,
+                        len: (stop - at) as usize,
+                        head,
+                        tail,
+                        reused: true,
                         needs_order: true,
                     });
                     at = stop;
@@ -429,27 +487,35 @@ impl<S: Storage> Image<S> {
                     });
                     let run_end = (guest_cluster + clusters) << self.cluster_bits;
                     let stop = run_end.min(end);
+                    // What the new cluster takes of the old content around the request: the
+                    // whole cluster with standard L2 entries; with extended ones the partial
+                    // subclusters at the ends, and whatever the old host cluster holds.
+                    let head_start = self.cow_start(first_state, in_cluster);
                     let head = self
-                        .cow_fill(first_state, guest_cluster, 0, in_cluster)?
+                        .cow_fill(
+                            first_state,
+                            guest_cluster,
+                            head_start,
+                            in_cluster - head_start,
+                        )?
                         .over_hole(is_hole(host_offset));
-                    let tail_len = run_end - stop;
-                    let tail = if tail_len == 0 {
-                        CowFill::NONE
+                    let last = guest_cluster + clusters - 1;
+                    let last_state = if clusters == 1 {
+                        first_state
                     } else {
-                        let last = guest_cluster + clusters - 1;
-                        let last_state = if clusters == 1 {
-                            first_state
-                        } else {
-                            self.cluster_at(last)?
-                        };
-                        let last_host = host_offset + ((clusters - 1) << self.cluster_bits);
-                        self.cow_fill(last_state, last, cluster_size - tail_len, tail_len)?
-                            .over_hole(is_hole(last_host))
+                        self.cluster_at(last)?
                     };
+                    let stop_in_last = stop - (last << self.cluster_bits);
+                    let tail_end = self.cow_end(last_state, stop_in_last);
+                    let last_host = host_offset + ((clusters - 1) << self.cluster_bits);
+                    let tail = self
+                        .cow_fill(last_state, last, stop_in_last, tail_end - stop_in_last)?
+                        .over_hole(is_hole(last_host));
                     pieces.push(WritePiece::Allocate {
                         host_offset,
                         guest_cluster,
                         clusters,
+                        head_start: head_start as usize,
                         req_at,
                         len: (stop - at) as usize,
                         head,
@@ -464,6 +530,76 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
+    /// Where a write of `len` bytes at `in_cluster` of a cluster in `state` can go in place,
+    /// changing no metadata: its host cluster, if the cluster is this image's alone and
+    /// (with extended L2 entries) every subcluster written is allocated already.
+    fn in_place_target(&self, state: Cluster, in_cluster: u64, len: u64) -> Option<u64> {
+        match state {
+            Cluster::Data {
+                host_offset,
+                copied: true,
+            } if self.may_overwrite_data(host_offset) => Some(host_offset),
+            Cluster::Subclusters {
+                host_offset,
+                copied: true,
+                bitmap,
+            } if host_offset != 0 && self.may_overwrite_data(host_offset) => {
+                let (first, end) = self.subcluster_span(in_cluster, len);
+                bitmap.all_allocated(first, end).then_some(host_offset)
+            }
+            _ => None,
+        }
+    }
+
+    /// The subclusters `len` bytes (at least 1) at `in_cluster` touch: (first, one past the
+    /// last).
+    fn subcluster_span(&self, in_cluster: u64, len: u64) -> (u32, u32) {
+        let sc_bits = self.subcluster_bits();
+        let first = (in_cluster >> sc_bits) as u32;
+        let last = ((in_cluster + len - 1) >> sc_bits) as u32;
+        (first, last + 1)
+    }
+
+    /// Where a new cluster's copy of the old content starts, for a write starting at
+    /// `in_cluster` of a cluster in `state`: the cluster's start with standard L2 entries
+    /// (and for a compressed cluster); with extended ones the start of the subcluster
+    /// written, or of the first allocated one of an old host cluster if that is earlier (the
+    /// new cluster takes over all of the old one's data), as QEMU's qcow2 copies.
+    fn cow_start(&self, state: Cluster, in_cluster: u64) -> u64 {
+        let sc_bits = self.subcluster_bits();
+        let sc = in_cluster >> sc_bits;
+        match state {
+            Cluster::Subclusters {
+                host_offset,
+                bitmap,
+                ..
+            } if host_offset != 0 => sc.min(u64::from(bitmap.first_allocated())) << sc_bits,
+            Cluster::Subclusters { .. } | Cluster::Unallocated if self.has_subclusters() => {
+                sc << sc_bits
+            }
+            _ => 0,
+        }
+    }
+
+    /// Where a new cluster's copy of the old content ends, for a write ending at
+    /// `end_in_cluster` (> 0) of a cluster in `state`: as [`Self::cow_start`], at the other
+    /// end.
+    fn cow_end(&self, state: Cluster, end_in_cluster: u64) -> u64 {
+        let sc_bits = self.subcluster_bits();
+        let sc_end = ((end_in_cluster - 1) >> sc_bits) + 1;
+        match state {
+            Cluster::Subclusters {
+                host_offset,
+                bitmap,
+                ..
+            } if host_offset != 0 => sc_end.max(u64::from(bitmap.allocated_end())) << sc_bits,
+            Cluster::Subclusters { .. } | Cluster::Unallocated if self.has_subclusters() => {
+                sc_end << sc_bits
+            }
+            _ => self.cluster_size(),
+        }
+    }
+
     /// The old content of bytes `[from, from + len)` of guest cluster `guest_cluster`, whose
     /// current state is `state`.
     pub(in crate::engine) fn cow_fill(
@@ -476,10 +612,9 @@ impl<S: Storage> Image<S> {
         if len == 0 {
             return Ok(CowFill::NONE);
         }
+        let guest_offset = (guest_cluster << self.cluster_bits) + from;
         let source = match state {
-            Cluster::Unallocated => CowSource::Backing {
-                guest_offset: (guest_cluster << self.cluster_bits) + from,
-            },
+            Cluster::Unallocated => CowSource::Backing { guest_offset },
             Cluster::Zero { .. } => CowSource::Zeros,
             Cluster::Data { host_offset, .. } => CowSource::Data {
                 host_offset: host_offset + from,
@@ -492,6 +627,25 @@ impl<S: Storage> Image<S> {
                 read_len: self.compressed_read_len(host_offset, max_len_bytes),
                 offset_in_cluster: from,
             },
+            Cluster::Subclusters {
+                host_offset,
+                bitmap,
+                ..
+            } => {
+                let (first, end) = self.subcluster_span(from, len);
+                match bitmap.run(first) {
+                    (_, count) if first + count < end => CowSource::Subclusters {
+                        guest_offset,
+                        host_offset: host_offset + from,
+                        bitmap,
+                    },
+                    (SubclusterState::Allocated, _) => CowSource::Data {
+                        host_offset: host_offset + from,
+                    },
+                    (SubclusterState::Zero, _) => CowSource::Zeros,
+                    (SubclusterState::Unallocated, _) => CowSource::Backing { guest_offset },
+                }
+            }
         };
         Ok(CowFill {
             len: len as usize,
@@ -520,6 +674,9 @@ impl<S: Storage> Image<S> {
                 host_offset,
                 guest_cluster,
                 clusters,
+                head_start,
+                head,
+                tail,
                 reused,
                 needs_order,
                 ..
@@ -531,8 +688,10 @@ impl<S: Storage> Image<S> {
                 if needs_order {
                     self.unordered.data = true;
                 }
+                // The bytes the data step wrote, from the first cluster's start.
+                let written = head_start as u64..(head_start + head.len + len + tail.len) as u64;
                 let (linked, outcome) = if result.is_ok() {
-                    self.link_clusters(guest_cluster, clusters, host_offset, reused)
+                    self.link_clusters(guest_cluster, clusters, host_offset, reused, written)
                 } else {
                     (0, Ok(()))
                 };
@@ -552,39 +711,75 @@ impl<S: Storage> Image<S> {
     }
 
     /// Points guest clusters `[guest_cluster, +clusters)` at the host clusters from
-    /// `host_offset` on. Returns how many were linked, and the error that stopped it.
+    /// `host_offset` on; `written` is the byte range the data step wrote, counted from the
+    /// first cluster's start (with extended L2 entries, its subclusters become allocated).
+    /// Returns how many were linked, and the error that stopped it.
     fn link_clusters(
         &mut self,
         guest_cluster: u64,
         clusters: u64,
         host_offset: u64,
         reused: bool,
+        written: std::ops::Range<u64>,
     ) -> (u64, Result<()>) {
         for i in 0..clusters {
-            let host = host_offset + (i << self.cluster_bits);
-            if let Err(e) = self.link_cluster(guest_cluster + i, host, reused) {
+            let start = i << self.cluster_bits;
+            let end = start + self.cluster_size();
+            let in_cluster = written.start.max(start) - start..written.end.min(end) - start;
+            let host = host_offset + start;
+            if let Err(e) = self.link_cluster(guest_cluster + i, host, reused, in_cluster) {
                 return (i, Err(e));
             }
         }
         (clusters, Ok(()))
     }
 
-    fn link_cluster(&mut self, guest_cluster: u64, host_offset: u64, reused: bool) -> Result<()> {
-        self.link_entry(guest_cluster, L2Entry::data_copied(host_offset), reused)
+    /// Links one guest cluster to `host_offset`, of which the data step wrote bytes
+    /// `written` (with extended L2 entries: those subclusters become allocated, the others
+    /// keep their state).
+    fn link_cluster(
+        &mut self,
+        guest_cluster: u64,
+        host_offset: u64,
+        reused: bool,
+        written: std::ops::Range<u64>,
+    ) -> Result<()> {
+        let bitmap = if self.has_subclusters() && !written.is_empty() {
+            // A compressed cluster's bitmap is unused: it starts from nothing.
+            let old = match self.cluster_at(guest_cluster)? {
+                Cluster::Subclusters { bitmap, .. } => bitmap,
+                _ => SubclusterBitmap::EMPTY,
+            };
+            let (first, end) = self.subcluster_span(written.start, written.end - written.start);
+            old.with_allocated(first, end)
+        } else {
+            SubclusterBitmap::EMPTY
+        };
+        self.link_entry(
+            guest_cluster,
+            L2Entry::data_copied(host_offset),
+            bitmap,
+            reused,
+        )
     }
 
-    /// Sets the L2 entry of `guest_cluster` to `entry`, which names a host cluster allocated
-    /// for it; unless that cluster was `reused` from the old entry, what the old entry named
-    /// loses a reference (freed after the new entry is written, rule (d)).
+    /// Sets the L2 entry of `guest_cluster` to `entry` (and, with extended L2 entries, its
+    /// bitmap to `bitmap`), which names a host cluster allocated for it; unless that cluster
+    /// was `reused` from the old entry, what the old entry named loses a reference (freed
+    /// after the new entry is written, rule (d)).
     pub(in crate::engine) fn link_entry(
         &mut self,
         guest_cluster: u64,
         entry: L2Entry,
+        bitmap: SubclusterBitmap,
         reused: bool,
     ) -> Result<()> {
         let (l2_offset, l2_index) = self.l2_table_for_write(guest_cluster)?;
         let old = self.l2_entry(l2_offset, l2_index, guest_cluster)?;
         self.set_l2_entry(l2_offset, l2_index, entry)?;
+        if self.has_subclusters() {
+            self.set_l2_bitmap(l2_offset, l2_index, bitmap)?;
+        }
         if !reused {
             self.note_shared_release(old);
             let freed = self.host_clusters_of(old);
@@ -647,6 +842,11 @@ impl<S: Storage> Image<S> {
                 host_offset,
                 copied: true,
             } => !self.may_overwrite_data(host_offset),
+            Cluster::Subclusters {
+                host_offset,
+                copied: true,
+                ..
+            } if host_offset != 0 => !self.may_overwrite_data(host_offset),
             Cluster::Zero {
                 host_offset,
                 copied: true,
@@ -661,7 +861,14 @@ impl<S: Storage> Image<S> {
         match state {
             Cluster::Unallocated => self.header.backing_file.is_none(),
             Cluster::Zero { .. } => true,
-            Cluster::Data { .. } | Cluster::Compressed { .. } => false,
+            Cluster::Subclusters {
+                host_offset: 0,
+                bitmap,
+                ..
+            } => self.header.backing_file.is_none() || bitmap.zeroes() == u32::MAX,
+            Cluster::Data { .. } | Cluster::Compressed { .. } | Cluster::Subclusters { .. } => {
+                false
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::engine::create::{allocate_data_area, Preallocation};
 use crate::engine::debug_event::DebugEvent;
 use crate::engine::error::{Error, Result};
 use crate::engine::format::bytes;
-use crate::engine::format::entry::{L2Entry, OFFSET_MASK};
+use crate::engine::format::entry::{L2Entry, SubclusterBitmap, OFFSET_MASK};
 use crate::engine::format::layout::{bytes_per_l1_entry, MAX_L1_BYTES};
 use crate::engine::image::discard::FreeKind;
 use crate::engine::image::Image;
@@ -83,7 +83,7 @@ impl<S: Storage> Image<S> {
                 "resizing a version 2 image that has internal snapshots".into(),
             ));
         }
-        let needed_l1 = new_size.div_ceil(bytes_per_l1_entry(self.cluster_bits));
+        let needed_l1 = new_size.div_ceil(bytes_per_l1_entry(self.cluster_bits, self.l2_width));
         if needed_l1.saturating_mul(8) > MAX_L1_BYTES {
             return Err(Error::Unsupported(format!(
                 "a virtual size of {new_size} bytes needs an L1 table above {MAX_L1_BYTES} bytes"
@@ -206,6 +206,12 @@ impl<S: Storage> Image<S> {
     /// `metadata` their entries also carry the zero flag on a version 3 image (a
     /// preallocated zero cluster, as QEMU's qcow2 makes them: what is there was never
     /// written); `falloc` and `full` make plain data clusters.
+    ///
+    /// With extended L2 entries, as QEMU's qcow2: zeros are written only up to the end of
+    /// the subcluster holding the old end, the rest of that cluster gets zero bits; a
+    /// preallocated cluster's subclusters stay unallocated (reading as zeros, the backing
+    /// file ending before them), or, when the backing file reaches into the new area, read as
+    /// zeros (`metadata`) or are allocated (`falloc`, `full`: the file holds zeros there).
     fn fill_new_area(
         &mut self,
         old_size: u64,
@@ -220,9 +226,15 @@ impl<S: Storage> Image<S> {
         }
         // Last, so that what its allocation may add to the zero reserve ends the file (and
         // goes at the close) rather than lie between the new area's clusters.
-        if head_end > old_size {
-            let zeros = vec![0u8; (head_end - old_size) as usize];
+        let written_end = old_size
+            .next_multiple_of(self.subcluster_size())
+            .min(head_end);
+        if written_end > old_size {
+            let zeros = vec![0u8; (written_end - old_size) as usize];
             self.write(old_size, &zeros, backing)?;
+        }
+        if head_end > written_end {
+            self.zero_by_metadata(written_end, head_end - written_end, false)?;
         }
         Ok(())
     }
@@ -243,6 +255,11 @@ impl<S: Storage> Image<S> {
         let zero_flag = growth.preallocation == Preallocation::Metadata
             && self.header.version >= 3
             && self.data_file.is_none();
+        let bitmap = match (growth.zero, growth.preallocation) {
+            (false, _) => SubclusterBitmap::EMPTY,
+            (true, Preallocation::Metadata) => SubclusterBitmap::ALL_ZEROES,
+            (true, _) => SubclusterBitmap::ALL_ALLOCATED,
+        };
         let per_table = 1u64 << self.l2_bits();
         let end = new_size.div_ceil(cluster_size);
         let mut first = start / cluster_size;
@@ -258,7 +275,8 @@ impl<S: Storage> Image<S> {
             self.data_unsynced = true;
             for cluster in first..end {
                 let entry = L2Entry::data_copied(cluster << self.cluster_bits);
-                self.link_entry(cluster, entry, true)?;
+                // (No extended L2 entries with a data file: refused at open.)
+                self.link_entry(cluster, entry, SubclusterBitmap::EMPTY, true)?;
             }
             return Ok(());
         }
@@ -286,12 +304,12 @@ impl<S: Storage> Image<S> {
             }
             for i in 0..count {
                 let host = run + i * cluster_size;
-                let entry = if zero_flag {
+                let entry = if zero_flag && !self.has_subclusters() {
                     L2Entry::preallocated_zero(host)
                 } else {
                     L2Entry::data_copied(host)
                 };
-                self.link_entry(first + i, entry, false)?;
+                self.link_entry(first + i, entry, bitmap, false)?;
             }
             first += count;
         }
@@ -328,10 +346,13 @@ impl<S: Storage> Image<S> {
                 for cluster in guest_cluster..table_end.min(end) {
                     // The raw entry: what lies past the end was never validated.
                     let index = (cluster % per_table) as usize;
-                    let raw = self.cached_l2_entry(l2_offset, index)?;
-                    if raw != 0 {
+                    let (raw, bitmap) = self.cached_l2_slot(l2_offset, index)?;
+                    if raw != 0 || bitmap != SubclusterBitmap::EMPTY {
                         let (l2_offset, l2_index) = self.l2_table_for_write(cluster)?;
                         self.set_l2_entry(l2_offset, l2_index, L2Entry::UNALLOCATED)?;
+                        if self.has_subclusters() {
+                            self.set_l2_bitmap(l2_offset, l2_index, SubclusterBitmap::EMPTY)?;
+                        }
                         changed = true;
                     }
                 }

@@ -323,10 +323,9 @@ impl<S: Storage> Image<S> {
             }
             self.load_l2(l2_offset)?;
             for l2_index in 0..entries {
-                let raw = self.cached_l2_entry(l2_offset, l2_index as usize)?;
+                let (raw, bitmap) = self.cached_l2_slot(l2_offset, l2_index as usize)?;
                 let guest_cluster = ((l1_index as u64) << self.l2_bits()) + l2_index;
-                let decoded =
-                    L2Entry(raw).decode(self.cluster_bits, self.header.version, guest_cluster);
+                let decoded = self.decode_l2(raw, bitmap, guest_cluster);
                 let (Ok(Cluster::Data {
                     host_offset,
                     copied: false,
@@ -334,6 +333,11 @@ impl<S: Storage> Image<S> {
                 | Ok(Cluster::Zero {
                     host_offset,
                     copied: false,
+                })
+                | Ok(Cluster::Subclusters {
+                    host_offset,
+                    copied: false,
+                    ..
                 })) = decoded
                 else {
                     continue;
