@@ -122,8 +122,10 @@ class Setup:
         self.base = os.path.join(directory, "base.qcow2")
         self.setup_id = 1_000_000
 
-    def create(self, size, cluster=64 * K, refcount_bits=16, backing=False):
+    def create(self, size, cluster=64 * K, refcount_bits=16, backing=False, extended_l2=False):
         opts = f"cluster_size={cluster},refcount_bits={refcount_bits},compat=1.1"
+        if extended_l2:
+            opts += ",extended_l2=on"
         args = [SYS_QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", opts]
         if backing:
             # Relative: crash images are built next to it, and a kept run moves as a whole.
@@ -373,6 +375,35 @@ def concurrent_requests(setup, s):
     s.aio_flush()
 
 
+def subclusters(setup, s):
+    # Extended L2 entries (64 KiB clusters: 32 subclusters of 2 KiB) over a backing file. A
+    # partial write into a new cluster copies only its partial subclusters; later writes
+    # into the cluster's other subclusters allocate them in place (their data ordered before
+    # the bitmap that names them, over stale bytes); zeroes and discards change bitmaps.
+    setup.create_base(4 * M)
+    setup.writes(setup.base, [(0, 4 * M - 64 * K)])
+    setup.create(4 * M, backing=True, extended_l2=True)
+    setup.writes(setup.image, [(0, 128 * K), (1 * M + 6 * K, 2 * K)])
+    s.write(256 * K + 3 * K, 1 * K)
+    s.write(256 * K + 8 * K, 4 * K, barrier=True)
+    s.write(1 * M + 10 * K, 2 * K)
+    s.barrier()
+    s.zeroes(16 * K, 4 * K)
+    s.write(1 * M + 30 * K + 512, 1 * K, barrier=True)
+    s.flush()
+    s.zeroes(2 * M + 2 * K, 2 * K)
+    s.write(2 * M, 2 * K, barrier=True)
+    s.zeroes(64 * K, 64 * K, unmap=True)
+    s.discard(256 * K, 64 * K)
+    s.write(3 * M + 1 * K, 62 * K, barrier=True)
+    s.write(20 * K, 2 * K)
+    s.flush()
+    s.write(256 * K + 40 * K, 2 * K, barrier=True)
+    s.write(1 * M + 12 * K, 6 * K)
+    s.write(3 * M + 64 * K + 512, 512, barrier=True)
+    s.zeroes(1 * M + 7 * K, 1 * K)
+
+
 WORKLOADS = {
     "alloc": allocating_writes,
     "overwrite": overwrites,
@@ -387,4 +418,5 @@ WORKLOADS = {
     "compressed": compressed_overwrite,
     "small-epochs": small_epochs,
     "concurrent": concurrent_requests,
+    "subclusters": subclusters,
 }

@@ -19,6 +19,19 @@
 //! - (e) a COPIED flag given back to an entry (stage 6: its cluster was named twice by the
 //!   active table) is written only after the decrement that brought its refcount to one.
 //!
+//! Extended L2 entries (subclusters) change nothing in this order, only what counts as an L2
+//! entry change. A write into subclusters of a host cluster the entry already names (not
+//! allocated yet, or zero) sets their bits in the bitmap: an L2 entry change whose data may
+//! not be lost first, since the host cluster holds stale bytes there, so rule (a) holds for
+//! it as for a new cluster (`request.rs` marks such a write `needs_order`), and no refcount
+//! changes. A new host cluster for a partial write leaves the subclusters it did not write
+//! unallocated or zero in the same entry, written under rule (a) with the reserve exception
+//! only where every subcluster it did write read as zeros before. Zeroing subclusters
+//! changes their bits alone, like the zero flag: nothing to order it after; a cluster
+//! unmapped whole is freed as any other (rule (d)). The bitmap is written with its entry
+//! in stage 3 (one 16-byte slot, aligned, so inside one sector: a torn table write never
+//! separates a descriptor from its bitmap).
+//!
 //! An ordering point is the single method [`Image::ordering_point`]: a storage barrier
 //! (`Storage::barrier`: BarrierFS's fdatabarrier, an epoch boundary of the ordered mode, or an
 //! fdatasync in flush mode). Each stage takes one only when a write it depends on was issued
