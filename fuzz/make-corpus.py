@@ -2,11 +2,13 @@
 """Makes the seed corpus in fuzz/corpus/ from small real images made by the system's qemu-img
 with the options of the engine's compatibility matrix (compat 0.10 and 1.1, small and large
 clusters, refcount widths 1 and 64, zlib and zstd compressed clusters, a backing file,
-internal snapshots, lazy refcounts, metadata preallocation). The corpus is committed; run this
-again to regenerate it."""
+internal snapshots, lazy refcounts, metadata preallocation, extended L2 entries). The corpus is
+committed; run this again to regenerate it, or with seed names to add or remake only those
+(`make-corpus.py v3-extl2 ...`: the rest of the corpus stays as it is)."""
 
 import os
 import shutil
+import sys
 import struct
 import subprocess
 import tempfile
@@ -28,6 +30,15 @@ IMAGES = [
     ("v3-backing", "cluster_size=512", "128K", ["write -P 9 1k 1k"], "backing"),
     ("v3-zlib", "cluster_size=4096", "128K", ["write -P 10 0 16k"], "compress-zlib"),
     ("v3-zstd", "cluster_size=4096", "128K", ["write -P 11 0 16k"], "compress-zstd"),
+    # Extended L2 entries (16 KiB clusters: subclusters of 512 bytes): partial subclusters,
+    # zero subclusters, a discard, preallocated clusters, a backing file, compressed clusters.
+    ("v3-extl2", "cluster_size=16k,extended_l2=on", "512K",
+     ["write -P 13 1k 3k", "write -z 20k 4k", "write -P 14 100k 40k", "write -z -u 128k 16k",
+      "discard 160k 32k"], None),
+    ("v3-extl2-prealloc", "cluster_size=16k,extended_l2=on,preallocation=metadata", "256K",
+     ["write -P 15 2k 1k"], None),
+    ("v3-extl2-backing", "cluster_size=16k,extended_l2=on", "256K", ["write -P 16 1k 1k"], "backing"),
+    ("v3-extl2-zlib", "cluster_size=16k,extended_l2=on", "256K", ["write -P 17 0 64k"], "compress-zlib"),
 ]
 
 
@@ -74,14 +85,19 @@ def compressed_seed(image):
     return bytes([1 if zstd else 0, cluster_bits - 9]) + struct.pack("<II", raw & 0xFFFFFFFF, raw >> 32) + payload
 
 
-def main():
-    if os.path.isdir(CORPUS):
+def main(only):
+    unknown = set(only) - {name for name, *_ in IMAGES}
+    if unknown:
+        sys.exit(f"no such seed: {', '.join(sorted(unknown))}")
+    if not only and os.path.isdir(CORPUS):
         shutil.rmtree(CORPUS)
     for target in ("header", "tables", "snapshots", "compressed", "whole"):
-        os.makedirs(os.path.join(CORPUS, target))
+        os.makedirs(os.path.join(CORPUS, target), exist_ok=True)
     work = tempfile.mkdtemp()
     try:
         for name, opts, size, cmds, extra in IMAGES:
+            if only and name not in only:
+                continue
             image = make(work, name, opts, size, cmds, extra)
             cluster = 1 << struct.unpack_from(">I", image, 20)[0]
             def put(target, data, suffix=""):
@@ -110,4 +126,4 @@ def main():
     print(f"{total} seed files in {CORPUS}")
 
 
-main()
+main(sys.argv[1:])

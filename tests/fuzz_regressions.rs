@@ -69,3 +69,50 @@ fn the_seed_corpus_runs_clean_through_every_target() {
         assert!(!seeds.is_empty(), "no seeds for {target}");
     }
 }
+
+/// The seed corpus holds images with extended L2 entries (incompatible feature bit 4), and
+/// the targets take them in: each opens (before subclusters, every such image was refused at
+/// open, and the targets stopped there) and answers with subclusters.
+#[test]
+fn the_targets_open_the_extended_l2_seeds() {
+    use qcow2b::engine::{Image, MemStorage, OpenOptions};
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let extended = |image: &[u8]| image.get(79).is_some_and(|b| b & 1 << 4 != 0);
+    let mut opened = Vec::new();
+    for (target, header_at) in [("tables", 0), ("whole", 4)] {
+        for entry in std::fs::read_dir(corpus.join(target)).unwrap() {
+            let path = entry.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            let image = &data[header_at..];
+            if !extended(image) {
+                continue;
+            }
+            let opts = OpenOptions {
+                read_only: true,
+                ..OpenOptions::default()
+            };
+            let len = if header_at == 0 {
+                image.len()
+            } else {
+                u32::from_le_bytes(data[..4].try_into().unwrap()) as usize
+            };
+            let opened_image = Image::open(MemStorage::new(image[..len].to_vec()), &opts)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(opened_image.has_subclusters(), "{}", path.display());
+            opened.push(format!(
+                "{target}/{}",
+                path.file_name().unwrap().to_string_lossy()
+            ));
+        }
+    }
+    for seed in [
+        "tables/v3-extl2",
+        "tables/v3-extl2-zlib",
+        "whole/v3-extl2-prealloc",
+    ] {
+        assert!(
+            opened.iter().any(|o| o == seed),
+            "{seed} missing: {opened:?}"
+        );
+    }
+}

@@ -16,8 +16,9 @@ expect_status 1 "read from random bytes" "$QEMU_IO" -f qcow2b -c 'read 0 4k' "$S
 expect_status 1 "create with encryption" "$QEMU_IMG" create -f qcow2b -o encryption=on "$SCRATCH/new.qcow2" 1M
 expect_output "not supported by qcow2b: .*encrypt"
 [ ! -e "$SCRATCH/new.qcow2" ] || fail "a refused create left a file behind"
-expect_status 1 "create with extended L2" "$QEMU_IMG" create -f qcow2b -o extended_l2=on "$SCRATCH/new.qcow2" 1M
-expect_output "extended_l2"
+expect_status 1 "create with extended L2 and small clusters" "$QEMU_IMG" create -f qcow2b \
+  -o extended_l2=on,cluster_size=8k "$SCRATCH/new.qcow2" 1M
+expect_output "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
 expect_status 1 "create with a bad cluster size" "$QEMU_IMG" create -f qcow2b -o cluster_size=3k "$SCRATCH/new.qcow2" 1M
 expect_output "Cluster size must be a power of two between 512 and 2048k"
 expect_status 1 "create with an unknown option" "$QEMU_IMG" create -f qcow2b -o bogus=1 "$SCRATCH/new.qcow2" 1M

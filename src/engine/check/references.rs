@@ -5,15 +5,19 @@
 //! every snapshot's L1 table; each L2 table once per L1 entry naming it (a table shared by a
 //! snapshot and the active L1 counts twice, and so do the clusters it names, since QEMU
 //! raised their refcounts when it took the snapshot); each data cluster (standard and
-//! preallocated zero clusters); each host cluster a compressed cluster's sectors touch; the
+//! preallocated zero clusters, and with extended L2 entries every host cluster an entry names,
+//! whatever its bitmap says); each host cluster a compressed cluster's sectors touch; the
 //! snapshot table; the refcount table and every refcount block; and the bitmap directory,
 //! tables and data clusters, but only while the bitmaps autoclear bit says they are valid.
 //!
 //! With [`CheckFix::All`] the walk also repairs the entries it cannot count: reserved bits
 //! are cleared, a compressed entry loses a COPIED flag, and a reference that is misaligned,
 //! past the end of the file or on top of the header or an L1 or snapshot table is dropped (an
-//! L2 entry becomes a zero cluster on version 3, unallocated on version 2; an L1 entry
-//! becomes 0). A reference on top of the refcount table or a refcount block is kept: the
+//! L2 entry becomes a zero cluster on version 3, unallocated on version 2, and an extended
+//! one loses its host cluster, its allocated subclusters reading as zeros; an L1 entry
+//! becomes 0). An extended entry's invalid bitmap (a subcluster allocated and zero,
+//! allocated subclusters without a host cluster) is reported as QEMU's check reports it and
+//! left alone; a compressed cluster's non-zero bitmap is cleared. A reference on top of the refcount table or a refcount block is kept: the
 //! refcount structure gives way instead (a rebuild moves it). Each repaired table is written
 //! back at once; the caller puts an ordering point after the walk, before any refcount is
 //! lowered.

@@ -22,7 +22,11 @@
 //! - `resize`: growing the virtual size (and the L1 table);
 //! - `backing_file`: naming another backing file (`qemu-img rebase`, block jobs);
 //! - `data_file`: an external data file: guest clusters at their guest offsets there;
-//! - `zeroes`: write_zeroes and discard (zero flag, unallocation).
+//! - `zeroes`: write_zeroes and discard (zero flag, unallocation; zero subclusters).
+//!
+//! Images with extended L2 entries (subclusters) go through the same steps: a lookup
+//! resolves an entry at a subcluster (`format/entry.rs`), a write plan allocates and copies
+//! whole subclusters (`request.rs`), and its finish sets the bitmap of what it wrote.
 
 mod backing_file;
 pub mod cache;
