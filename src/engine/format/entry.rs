@@ -647,37 +647,20 @@ mod tests {
             bitmap: SubclusterBitmap(0b0110 | 1 << 32),
         };
         // 64 KiB clusters: 2 KiB subclusters.
-        assert_eq!(
-            cluster.at(0, 16),
-            (
-                Subcluster::Zero {
-                    host_offset: 0x5_0000
-                },
-                2048
-            )
-        );
-        assert_eq!(
-            cluster.at(100, 16),
-            (
-                Subcluster::Zero {
-                    host_offset: 0x5_0000
-                },
-                1948
-            )
-        );
-        assert_eq!(
-            cluster.at(2048, 16),
-            (
-                Subcluster::Data {
-                    host_offset: 0x5_0000
-                },
-                4096
-            )
-        );
-        assert_eq!(
-            cluster.at(6144, 16),
-            (Subcluster::Unallocated, 65536 - 6144)
-        );
+        let zero = Subcluster::Zero {
+            host_offset: 0x5_0000,
+        };
+        let data = Subcluster::Data {
+            host_offset: 0x5_0000,
+        };
+        for (in_cluster, want) in [
+            (0, (zero, 2048)),
+            (100, (zero, 1948)),
+            (2048, (data, 4096)),
+            (6144, (Subcluster::Unallocated, 65536 - 6144)),
+        ] {
+            assert_eq!(cluster.at(in_cluster, 16), want, "at {in_cluster}");
+        }
         let standard = Cluster::Data {
             host_offset: 0x5_0000,
             copied: true,

@@ -170,6 +170,17 @@ pub struct WritePlan {
     ticket: Ticket,
 }
 
+/// A host cluster its guest cluster names already, written again around a request: a
+/// preallocated zero cluster, or (extended L2 entries) one whose written subclusters are not
+/// all allocated yet. `head` starts `head_start` bytes into it.
+struct ReusedCluster {
+    host_offset: u64,
+    guest_cluster: u64,
+    head_start: u64,
+    head: CowFill,
+    tail: CowFill,
+}
+
 /// Guest clusters `[start, end)` whose allocation is in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(in crate::engine) struct InflightAlloc {
@@ -365,33 +376,22 @@ impl<S: Storage> Image<S> {
                     && self.data_file.is_none()
                     && self.may_overwrite(host_offset) =>
                 {
-                    // A preallocated zero cluster that is ours alone: written whole, in place.
+                    // A preallocated zero cluster that is ours alone: written whole, in place
+                    // (it holds stale bytes behind its zero flag).
                     self.check_data_target(host_offset)?;
-                    self.inflight_allocs.push(InflightAlloc {
-                        start: guest_cluster,
-                        end: guest_cluster + 1,
-                    });
-                    pieces.push(WritePiece::Allocate {
+                    let zeros = |len: u64| CowFill {
+                        len: len as usize,
+                        source: CowSource::Zeros,
+                        over_hole: false,
+                    };
+                    let reused = ReusedCluster {
                         host_offset,
                         guest_cluster,
-                        clusters: 1,
                         head_start: 0,
-                        req_at,
-                        len: (stop - at) as usize,
-                        head: CowFill {
-                            len: in_cluster as usize,
-                            source: CowSource::Zeros,
-                            over_hole: false,
-                        },
-                        tail: CowFill {
-                            len: (cluster_end - stop) as usize,
-                            source: CowSource::Zeros,
-                            over_hole: false,
-                        },
-                        reused: true,
-                        // The preallocated cluster holds stale bytes behind its zero flag.
-                        needs_order: true,
-                    });
+                        head: zeros(in_cluster),
+                        tail: zeros(cluster_end - stop),
+                    };
+                    pieces.push(self.reused_in_place(reused, req_at, (stop - at) as usize));
                     at = stop;
                 }
                 Cluster::Subclusters {
@@ -422,22 +422,14 @@ impl<S: Storage> Image<S> {
                     let head =
                         self.cow_fill(state, guest_cluster, head_start, in_cluster - head_start)?;
                     let tail = self.cow_fill(state, guest_cluster, stop_in, tail_end - stop_in)?;
-                    self.inflight_allocs.push(InflightAlloc {
-                        start: guest_cluster,
-                        end: guest_cluster + 1,
-                    });
-                    pieces.push(WritePiece::Allocate {
+                    let reused = ReusedCluster {
                         host_offset,
                         guest_cluster,
-                        clusters: 1,
-                        head_start: head_start as usize,
-                        req_at,
-                        len: (stop - at) as usize,
+                        head_start,
                         head,
                         tail,
-                        reused: true,
-                        needs_order: true,
-                    });
+                    };
+                    pieces.push(self.reused_in_place(reused, req_at, (stop - at) as usize));
                     at = stop;
                 }
                 first_state if self.data_file.is_some() => {
@@ -528,6 +520,37 @@ impl<S: Storage> Image<S> {
             }
         }
         Ok(())
+    }
+
+    /// A piece that writes request bytes `[req_at, req_at + len)` into the host cluster its
+    /// guest cluster names already, with the fills of `reused` around them: the entry changes
+    /// once the data is written (ordered after it, rule (a) of `writeback.rs`: the cluster
+    /// holds stale bytes where the fills go), nothing is allocated or freed. The guest cluster
+    /// counts as in flight until then.
+    fn reused_in_place(&mut self, reused: ReusedCluster, req_at: usize, len: usize) -> WritePiece {
+        let ReusedCluster {
+            host_offset,
+            guest_cluster,
+            head_start,
+            head,
+            tail,
+        } = reused;
+        self.inflight_allocs.push(InflightAlloc {
+            start: guest_cluster,
+            end: guest_cluster + 1,
+        });
+        WritePiece::Allocate {
+            host_offset,
+            guest_cluster,
+            clusters: 1,
+            head_start: head_start as usize,
+            req_at,
+            len,
+            head,
+            tail,
+            reused: true,
+            needs_order: true,
+        }
     }
 
     /// Where a write of `len` bytes at `in_cluster` of a cluster in `state` can go in place,
