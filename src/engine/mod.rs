@@ -38,11 +38,16 @@ pub mod storage;
 
 pub use check::{CheckFix, CheckReport, FragmentationInfo};
 pub use counters::Counters;
-pub use create::{create, create_with_data_file, measure, CreateOptions, Measure, Preallocation};
+pub use create::{
+    begin_create, create, create_with_data_file, measure, CreateEncryption, CreateOptions, Measure,
+    NewImage, Preallocation,
+};
 pub use debug_event::DebugEvent;
 pub use error::{Error, Result};
+pub use format::header::CryptMethod;
 pub use format::snapshot::Snapshot;
 pub use image::discard::DiscardPolicy;
+pub use image::encryption::{DataCipher, Encryption, ENCRYPTION_SECTOR_BYTES};
 pub use image::request::{ReadPlan, ReadSource, WritePiece, WritePlan};
 pub use image::txg::{CommitReason, GroupExposure, TxgOptions};
 pub use image::Growth;

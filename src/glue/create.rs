@@ -139,11 +139,8 @@ unsafe fn create_options(opts: *mut QemuOpts, take: bool) -> Result<CreateOption
             " (expected 'zlib' or 'zstd')",
         )?];
     }
-    if o.bool(ENCRYPTION) == Some(true) {
-        options.encryption = Some("aes".into());
-    }
-    if let Some(v) = o.string(ENCRYPT_FORMAT) {
-        options.encryption = Some(String::from_utf8_lossy(&v).into_owned());
+    if o.bool(ENCRYPTION) == Some(true) || o.string(ENCRYPT_FORMAT).is_some() {
+        return Err(Error::Unsupported("creating an encrypted image".into()));
     }
     options.data_file = o
         .string(DATA_FILE)

@@ -11,7 +11,7 @@ use super::storage::ChildStorage;
 use super::txg;
 use crate::engine::format::header::CompressionType;
 use crate::engine::image::dataio::{DataContext, ReadTarget, WriteSource};
-use crate::engine::{Backing, Error, WritePiece};
+use crate::engine::{Backing, Encryption, Error, Image, WritePiece};
 
 fn check(ret: i32) -> io::Result<()> {
     if ret < 0 {
@@ -101,6 +101,24 @@ impl WriteSource for QiovIo {
             )
         }
     }
+
+    fn copy_request(&mut self, at: usize, dst: &mut [u8]) -> io::Result<()> {
+        // SAFETY: the qiov holds the request's bytes (as for reads); dst is valid for its
+        // length.
+        let copied = unsafe {
+            bindings::qemu_iovec_to_buf(
+                self.qiov,
+                self.qiov_offset + at,
+                dst.as_mut_ptr().cast(),
+                dst.len(),
+            )
+        };
+        if copied == dst.len() {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        }
+    }
 }
 
 impl QiovIo {
@@ -131,17 +149,35 @@ pub fn backing_of(bs: *mut BlockDriverState) -> Option<ChildStorage> {
     (!backing.is_null()).then(|| unsafe { ChildStorage::new(backing) })
 }
 
-fn context<'a>(
-    file: &'a FileAccess,
-    backing: Option<&'a ChildStorage>,
+/// What the data step needs of the image, copied out under the lock (the data step runs
+/// without it).
+struct DataFormat {
     compression: CompressionType,
     cluster_size: u64,
-) -> DataContext<'a, FileAccess> {
-    DataContext {
-        storage: file,
-        backing: backing.map(|b| b as &dyn Backing),
-        compression,
-        cluster_size,
+    encryption: Option<Encryption>,
+}
+
+impl DataFormat {
+    fn of(image: &Image<FileAccess>) -> DataFormat {
+        DataFormat {
+            compression: image.header().compression_type,
+            cluster_size: image.cluster_size(),
+            encryption: image.encryption().cloned(),
+        }
+    }
+
+    fn context<'a>(
+        &'a self,
+        file: &'a FileAccess,
+        backing: Option<&'a ChildStorage>,
+    ) -> DataContext<'a, FileAccess> {
+        DataContext {
+            storage: file,
+            backing: backing.map(|b| b as &dyn Backing),
+            compression: self.compression,
+            cluster_size: self.cluster_size,
+            encryption: self.encryption.as_ref(),
+        }
     }
 }
 
@@ -159,23 +195,19 @@ pub unsafe fn read(
 ) -> Result<(), Error> {
     // SAFETY: the caller's contract (also for the unsafe blocks below).
     let node = unsafe { Node::of(bs) };
-    let (plan, compression, cluster_size) = {
+    let (plan, format) = {
         // SAFETY: as above.
         let mut locked = unsafe { node.lock() }?;
         let image = locked.image();
         let plan = image.plan_read(offset, bytes)?;
-        (plan, image.header().compression_type, image.cluster_size())
+        (plan, DataFormat::of(image))
     };
     // SAFETY: as above.
     let mut io = unsafe { QiovIo::new(node, bs, qiov, qiov_offset) };
     let backing = backing_of(bs);
-    let result = context(
-        node.data_storage(),
-        backing.as_ref(),
-        compression,
-        cluster_size,
-    )
-    .read(&plan, &mut io);
+    let result = format
+        .context(node.data_storage(), backing.as_ref())
+        .read(&plan, &mut io);
     if plan.holds_ticket() {
         // SAFETY: as above.
         let mut locked = unsafe { node.lock() }?;
@@ -262,7 +294,7 @@ unsafe fn write_data(
     qiov: *mut QEMUIOVector,
     qiov_offset: usize,
 ) -> Result<Option<bool>, Error> {
-    let (plan, compression, cluster_size) = {
+    let (plan, format) = {
         // SAFETY: the caller's contract.
         let mut locked = unsafe { node.lock() }?;
         let plan = loop {
@@ -271,19 +303,14 @@ unsafe fn write_data(
                 None => locked.wait_for_allocations(),
             }
         };
-        let image = locked.image();
-        (plan, image.header().compression_type, image.cluster_size())
+        (plan, DataFormat::of(locked.image()))
     };
     // SAFETY: as above.
     let mut io = unsafe { QiovIo::new(node, bs, qiov, qiov_offset) };
     let backing = backing_of(bs);
-    let data = context(
-        node.data_storage(),
-        backing.as_ref(),
-        compression,
-        cluster_size,
-    )
-    .write(&plan, &mut io);
+    let data = format
+        .context(node.data_storage(), backing.as_ref())
+        .write(&plan, &mut io);
     let allocates = plan
         .pieces
         .iter()

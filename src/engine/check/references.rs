@@ -7,8 +7,9 @@
 //! raised their refcounts when it took the snapshot); each data cluster (standard and
 //! preallocated zero clusters, and with extended L2 entries every host cluster an entry names,
 //! whatever its bitmap says); each host cluster a compressed cluster's sectors touch; the
-//! snapshot table; the refcount table and every refcount block; and the bitmap directory,
-//! tables and data clusters, but only while the bitmaps autoclear bit says they are valid.
+//! snapshot table; the refcount table and every refcount block; the LUKS header's clusters
+//! (encrypted images); and the bitmap directory, tables and data clusters, but only while
+//! the bitmaps autoclear bit says they are valid.
 //!
 //! With [`CheckFix::All`] the walk also repairs the entries it cannot count: reserved bits
 //! are cleared, a compressed entry loses a COPIED flag, and a reference that is misaligned,
@@ -328,6 +329,13 @@ impl Walk {
             ..(reftable_offset + reftable_bytes).div_ceil(cluster_size);
         if reftable_counted {
             self.refcount_structure.extend(reftable_clusters.clone());
+        }
+
+        // The LUKS header's clusters, as QEMU counts them.
+        if let Some(extent) = image.header.encryption_header {
+            if extent.length_bytes > 0 {
+                self.count_region(extent.offset, extent.length_bytes);
+            }
         }
 
         self.count_bitmaps(image)?;

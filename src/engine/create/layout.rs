@@ -52,6 +52,9 @@ pub(super) struct Layout {
     pub(super) l1_offset: u64,
     pub(super) l1_entries: u64,
     pub(super) l1_clusters: u64,
+    /// The LUKS header's clusters (encrypt.format=luks only; else 0 of them at l2_offset).
+    pub(super) encryption_header_offset: u64,
+    pub(super) encryption_header_clusters: u64,
     pub(super) l2_offset: u64,
     pub(super) l2_count: u64,
     pub(super) data_offset: u64,
@@ -62,7 +65,7 @@ pub(super) struct Layout {
     /// Every cluster below this one is in use (refcount 1).
     pub(super) clusters_in_use: u64,
     /// Length of the finished file: the end of the L1 entries without preallocation (as
-    /// QEMU leaves it), the end of the data area with.
+    /// QEMU leaves it) or of the LUKS header's clusters, the end of the data area with.
     pub(super) file_len: u64,
 }
 
@@ -71,25 +74,31 @@ impl Layout {
         1u64 << self.rc.cluster_bits
     }
 
-    /// `data_file`: guest clusters live in an external data file (at their guest offsets),
-    /// so preallocation makes the L2 tables only.
+    /// The layout of an image of `size` bytes. `data_file`: guest clusters live in an
+    /// external data file (at their guest offsets), so preallocation makes the L2 tables
+    /// only. `encryption_header_bytes` of LUKS header get whole clusters of their own after
+    /// the L1 table (where QEMU's qcow2 puts them in an image without preallocation),
+    /// counted like the tables.
     pub(super) fn new(
         size: u64,
         rc: RefcountGeometry,
         width: L2Width,
         preallocate: bool,
         data_file: bool,
+        encryption_header_bytes: u64,
     ) -> Result<Layout> {
         let cluster_bits = rc.cluster_bits;
         let cluster_size = 1u64 << cluster_bits;
         let l1_entries = l1_entries_for(size, cluster_bits, width)?;
         let l1_clusters = (l1_entries * 8).div_ceil(cluster_size);
+        let encryption_header_clusters = encryption_header_bytes.div_ceil(cluster_size);
         let (l2_count, data_clusters) = match (preallocate, data_file) {
             (true, false) => (l1_entries, size.div_ceil(cluster_size)),
             (true, true) => (l1_entries, 0),
             (false, _) => (0, 0),
         };
-        let other_clusters = 1 + l1_clusters + l2_count + data_clusters;
+        let other_clusters =
+            1 + l1_clusters + encryption_header_clusters + l2_count + data_clusters;
         let (refblock_count, reftable_clusters) = refcount_structure_clusters(other_clusters, rc);
         if reftable_clusters << cluster_bits > MAX_REFTABLE_BYTES {
             return Err(Error::BadOption(format!(
@@ -108,7 +117,8 @@ impl Layout {
         let reftable_offset = cluster_size;
         let refblocks_offset = reftable_offset + (reftable_clusters << cluster_bits);
         let l1_offset = refblocks_offset + (refblock_count << cluster_bits);
-        let l2_offset = l1_offset + (l1_clusters << cluster_bits);
+        let encryption_header_offset = l1_offset + (l1_clusters << cluster_bits);
+        let l2_offset = encryption_header_offset + (encryption_header_clusters << cluster_bits);
         // With a data file the L2 entries name guest offsets there (guest cluster n at n
         // clusters), which the data area's start of 0 gives.
         let data_offset = if data_file {
@@ -116,7 +126,7 @@ impl Layout {
         } else {
             l2_offset + (l2_count << cluster_bits)
         };
-        let file_len = if preallocate || l1_entries == 0 {
+        let file_len = if preallocate || l1_entries == 0 || encryption_header_clusters > 0 {
             clusters_in_use << cluster_bits
         } else {
             l1_offset + l1_entries * 8
@@ -132,6 +142,8 @@ impl Layout {
             l1_offset: if l1_entries == 0 { 0 } else { l1_offset },
             l1_entries,
             l1_clusters,
+            encryption_header_offset,
+            encryption_header_clusters,
             l2_offset,
             l2_count,
             data_offset,

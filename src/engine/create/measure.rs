@@ -24,15 +24,10 @@ pub struct Measure {
 /// the new image gets a backing file).
 ///
 /// Only the options `qemu-img measure` looks at matter: the cluster size, the compatibility
-/// level and refcount width, and full or falloc preallocation (which require the whole
-/// virtual size). Like QEMU, the virtual size is rounded up to whole clusters. Encryption is
-/// refused, as by [`super::create()`].
+/// level and refcount width, full or falloc preallocation (which require the whole virtual
+/// size), and a LUKS header (its whole clusters, in both sizes). Like QEMU, the virtual size
+/// is rounded up to whole clusters.
 pub fn measure(opts: &CreateOptions, allocated_guest_bytes: Option<u64>) -> Result<Measure> {
-    if let Some(format) = &opts.encryption {
-        return Err(Error::Unsupported(format!(
-            "measuring an encrypted image (encrypt.format={format})"
-        )));
-    }
     let cluster_bits = opts.cluster_bits()?;
     let rc = RefcountGeometry {
         refcount_order: opts.refcount_order()?,
@@ -69,8 +64,12 @@ pub fn measure(opts: &CreateOptions, allocated_guest_bytes: Option<u64>) -> Resu
             .saturating_mul(cluster_size)
             .min(virtual_size),
     };
+    // As QEMU: the LUKS header's clusters on top, not counted by the refcount estimate.
+    let luks_bytes = opts
+        .encryption
+        .map_or(0, |e| e.header_bytes().next_multiple_of(cluster_size));
     Ok(Measure {
-        required: fully_allocated - virtual_size + data_bytes,
-        fully_allocated,
+        required: fully_allocated - virtual_size + data_bytes + luks_bytes,
+        fully_allocated: fully_allocated + luks_bytes,
     })
 }

@@ -16,6 +16,7 @@
 //! reftable         refcount table (enough clusters to name every refcount block)
 //! refblocks        refcount blocks covering every cluster below, all counts 1
 //! L1 table         l1_size entries, rounded up to whole clusters
+//! LUKS header      encrypt.format=luks only: the clusters the LUKS header takes
 //! L2 tables        preallocation only: one per L1 entry, every entry COPIED data
 //! data area        preallocation only: guest cluster n at data_offset + n * cluster_size
 //! ```
@@ -30,12 +31,20 @@
 //! header, then a flush for durability. A crash before the header write leaves a file that is
 //! not a qcow2 image at all (the storage is truncated first), never one whose header names
 //! tables that are not written yet.
+//!
+//! An encrypted image is made in two steps ([`begin_create`], then [`NewImage::finish`]),
+//! because its LUKS header comes from the caller's crypto layer once the layout is known:
+//! the LUKS header's clusters are counted in the refcount blocks and zero-filled with the
+//! tables; the caller writes the LUKS header into them
+//! ([`NewImage::write_encryption_header`]); the ordering point of `finish` puts both before
+//! the header that names them (crypt_method 2 and the full disk encryption header
+//! extension), so no crash leaves a header naming a LUKS header that is not on disk.
 
 use crate::engine::error::{Error, Result};
 use crate::engine::format::entry::{L2Width, MIN_EXTENDED_L2_CLUSTER_BITS};
 use crate::engine::format::header::{
-    display_name, CompressionType, Header, MAX_BACKING_FILE_NAME_BYTES, MAX_CLUSTER_BITS,
-    MIN_CLUSTER_BITS,
+    display_name, CompressionType, CryptMethod, EncryptionHeaderExtent, Header,
+    MAX_BACKING_FILE_NAME_BYTES, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
 };
 use crate::engine::format::refcount::RefcountGeometry;
 use crate::engine::storage::Storage;
@@ -118,6 +127,34 @@ impl Preallocation {
     }
 }
 
+/// How a new image's guest data is encrypted (`encrypt.format=`, or `encryption=on` for
+/// `aes`). The key and the cipher are the caller's: the engine lays out and writes the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateEncryption {
+    /// `aes` (crypt_method 1): the header says so, nothing else is stored.
+    Aes,
+    /// `luks` (crypt_method 2): `header_bytes` of LUKS header, in whole clusters of their
+    /// own that the caller fills ([`NewImage::write_encryption_header`]).
+    Luks { header_bytes: u64 },
+}
+
+impl CreateEncryption {
+    pub fn method(self) -> CryptMethod {
+        match self {
+            CreateEncryption::Aes => CryptMethod::Aes,
+            CreateEncryption::Luks { .. } => CryptMethod::Luks,
+        }
+    }
+
+    /// Bytes of LUKS header the image holds (0 for `aes`).
+    pub(super) fn header_bytes(self) -> u64 {
+        match self {
+            CreateEncryption::Aes => 0,
+            CreateEncryption::Luks { header_bytes } => header_bytes,
+        }
+    }
+}
+
 /// What to create: `qemu-img create -f qcow2 -o ...`'s options.
 ///
 /// Build it with [`CreateOptions::new`] (QEMU's defaults) and set fields. QEMU's `-o` syntax
@@ -143,8 +180,8 @@ pub struct CreateOptions {
     /// zstd needs version 3 and sets incompatible feature bit 3.
     pub compression_type: CompressionType,
     pub preallocation: Preallocation,
-    /// Refused: an encryption format ("aes", "luks") if one was asked for.
-    pub encryption: Option<String>,
+    /// Encryption of guest data, if any.
+    pub encryption: Option<CreateEncryption>,
     /// The external data file's name, as the header records it (guest clusters live there;
     /// create it with [`create_with_data_file`]).
     pub data_file: Option<String>,
@@ -265,11 +302,11 @@ impl CreateOptions {
     /// Refuses what this engine does not create, naming every such option asked for.
     fn check_supported(&self) -> Result<()> {
         let mut refused = Vec::new();
-        if let Some(format) = &self.encryption {
-            refused.push(format!("encryption (encrypt.format={format})"));
-        }
         if self.extended_l2 && self.data_file.is_some() {
             refused.push("extended L2 entries with an external data file".to_owned());
+        }
+        if self.extended_l2 && self.encryption.is_some() {
+            refused.push("extended L2 entries with encryption".to_owned());
         }
         if refused.is_empty() {
             return Ok(());
@@ -361,12 +398,21 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
         refcount_order: opts.refcount_order()?,
         cluster_bits: opts.cluster_bits()?,
     };
+    let encryption_header_bytes = opts.encryption.map_or(0, CreateEncryption::header_bytes);
+    if opts
+        .encryption
+        .is_some_and(|e| e.method() == CryptMethod::Luks)
+        && encryption_header_bytes == 0
+    {
+        return Err(Error::BadOption("a LUKS header of 0 bytes".into()));
+    }
     let layout = Layout::new(
         size,
         rc,
         opts.l2_width(),
         opts.effective_preallocation() != Preallocation::Off,
         opts.data_file.is_some(),
+        encryption_header_bytes,
     )?;
     let header = new_header(opts, size, &layout);
     let header_cluster = header.encode().map_err(|e| match e {
@@ -387,7 +433,8 @@ fn plan(opts: &CreateOptions) -> Result<Plan> {
 
 /// Creates a qcow2 image in `storage`, replacing whatever it held: `qemu-img create -f qcow2`
 /// with `opts`. Every cluster in use is counted exactly once; with preallocation every guest
-/// cluster is mapped to a host cluster of its own.
+/// cluster is mapped to a host cluster of its own. (With LUKS encryption the LUKS header's
+/// clusters stay zeros: use [`begin_create`] to write it before the header names it.)
 ///
 /// Everything is checked before the first write: invalid options leave the storage as it was.
 pub fn create<S: Storage>(storage: &S, opts: &CreateOptions) -> Result<()> {
@@ -397,7 +444,7 @@ pub fn create<S: Storage>(storage: &S, opts: &CreateOptions) -> Result<()> {
             "an image with an external data file is created with create_with_data_file".into(),
         ));
     }
-    create_inner(storage, None, opts)
+    begin_create(storage, None, opts)?.finish(storage)
 }
 
 /// Creates an image whose guest clusters live in the external data file `data` (already
@@ -414,10 +461,29 @@ pub fn create_with_data_file<S: Storage>(
             "create_with_data_file needs the data file's name in the options".into(),
         ));
     }
-    create_inner(storage, Some(data), opts)
+    begin_create(storage, Some(data), opts)?.finish(storage)
 }
 
-fn create_inner<S: Storage>(storage: &S, data: Option<&S>, opts: &CreateOptions) -> Result<()> {
+/// A new image whose tables are written and whose header is not yet.
+#[derive(Debug)]
+pub struct NewImage {
+    header_cluster: Vec<u8>,
+    encryption_header: Option<EncryptionHeaderExtent>,
+}
+
+/// Writes everything of a new image but its header (see [`create`]): the external data
+/// file (`data`, when the options name one), the tables, the data area, and the LUKS
+/// header's clusters as zeros, each counted. [`NewImage::finish`] writes the header.
+pub fn begin_create<S: Storage>(
+    storage: &S,
+    data: Option<&S>,
+    opts: &CreateOptions,
+) -> Result<NewImage> {
+    if opts.data_file.is_some() != data.is_some() {
+        return Err(Error::Invalid(
+            "an external data file needs both its name in the options and its storage".into(),
+        ));
+    }
     let Plan {
         layout,
         header_cluster,
@@ -447,16 +513,64 @@ fn create_inner<S: Storage>(storage: &S, data: Option<&S>, opts: &CreateOptions)
     }
     write_tables(storage, &layout, preallocate)?;
     allocate_new_data_area(storage, &layout, preallocation)?;
-    // Ordering point: the tables the header names are on disk before the header is.
-    storage
-        .flush()
-        .map_err(|e| Error::io("flushing the new image's tables", e))?;
-    storage
-        .write_at(0, &header_cluster)
-        .map_err(|e| Error::io("writing the new image's header", e))?;
-    storage
-        .flush()
-        .map_err(|e| Error::io("flushing the new image's header", e))
+    let encryption_header = match opts.encryption {
+        Some(CreateEncryption::Luks { header_bytes }) => Some(EncryptionHeaderExtent {
+            offset: layout.encryption_header_offset,
+            length_bytes: header_bytes,
+        }),
+        Some(CreateEncryption::Aes) | None => None,
+    };
+    Ok(NewImage {
+        header_cluster,
+        encryption_header,
+    })
+}
+
+impl NewImage {
+    /// Where the LUKS header goes (`encrypt.format=luks` only).
+    pub fn encryption_header(&self) -> Option<EncryptionHeaderExtent> {
+        self.encryption_header
+    }
+
+    /// Writes `bytes` at `offset` of the LUKS header, inside its clusters.
+    pub fn write_encryption_header<S: Storage>(
+        &self,
+        storage: &S,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let Some(extent) = self.encryption_header else {
+            return Err(Error::BadOption(
+                "a LUKS header for an image without LUKS encryption".into(),
+            ));
+        };
+        let end = offset.checked_add(bytes.len() as u64);
+        if end.is_none_or(|end| end > extent.length_bytes) {
+            return Err(Error::BadOption(format!(
+                "{} bytes at {offset} of the LUKS header, which is {} bytes",
+                bytes.len(),
+                extent.length_bytes
+            )));
+        }
+        storage
+            .write_at(extent.offset + offset, bytes)
+            .map_err(|e| Error::io("writing the LUKS header", e))
+    }
+
+    /// Writes the header, once the tables and the LUKS header are there.
+    pub fn finish<S: Storage>(self, storage: &S) -> Result<()> {
+        // Ordering point: the tables, the refcounts and the LUKS header the header names are
+        // on disk before the header is.
+        storage
+            .flush()
+            .map_err(|e| Error::io("flushing the new image's tables", e))?;
+        storage
+            .write_at(0, &self.header_cluster)
+            .map_err(|e| Error::io("writing the new image's header", e))?;
+        storage
+            .flush()
+            .map_err(|e| Error::io("flushing the new image's header", e))
+    }
 }
 
 #[cfg(test)]
@@ -506,7 +620,7 @@ mod tests {
     #[test]
     fn default_layout_is_qemus_header_reftable_refblock_l1() {
         let rc = geometry(16, 4);
-        let layout = Layout::new(1 << 30, rc, L2Width::Standard, false, false).unwrap();
+        let layout = Layout::new(1 << 30, rc, L2Width::Standard, false, false, 0).unwrap();
         assert_eq!(layout.reftable_offset, 0x1_0000);
         assert_eq!(layout.refblocks_offset, 0x2_0000);
         assert_eq!(layout.l1_offset, 0x3_0000);

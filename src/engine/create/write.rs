@@ -4,14 +4,14 @@
 use crate::engine::error::{Error, Result};
 use crate::engine::format::entry::{EntryFlags, L2Width};
 use crate::engine::format::header::{
-    ext, AutoclearFeatures, CompatibleFeatures, CompressionType, FeatureName, Header,
-    IncompatibleFeatures, RawExtension, V2_HEADER_LEN,
+    ext, AutoclearFeatures, CompatibleFeatures, CompressionType, EncryptionHeaderExtent,
+    FeatureName, Header, IncompatibleFeatures, RawExtension, V2_HEADER_LEN,
 };
 use crate::engine::format::refcount::RefcountGeometry;
 use crate::engine::storage::Storage;
 
 use super::layout::Layout;
-use super::{CreateOptions, Preallocation, V3_HEADER_LEN, WRITE_CHUNK_BYTES};
+use super::{CreateEncryption, CreateOptions, Preallocation, V3_HEADER_LEN, WRITE_CHUNK_BYTES};
 
 /// The feature name table QEMU writes (QEMU 10.0, `qcow2_update_header`).
 pub(super) fn qemu_feature_names() -> Vec<FeatureName> {
@@ -47,9 +47,9 @@ pub(super) fn encode_feature_names(names: &[FeatureName]) -> Vec<u8> {
 }
 
 /// The header of the new image, laid out as QEMU writes it: the backing format extension,
-/// then (version 3 with clusters above 4 KiB only, as QEMU does to leave room for the
-/// backing file name in small clusters) the feature name table, the end marker and the
-/// backing file name.
+/// the full disk encryption header extension (LUKS), then (version 3 with clusters above
+/// 4 KiB only, as QEMU does to leave room for the backing file name in small clusters) the
+/// feature name table, the end marker and the backing file name.
 pub(super) fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> Header {
     let version = opts.compat.version();
     let mut incompatible = IncompatibleFeatures::empty();
@@ -75,12 +75,26 @@ pub(super) fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> He
             data: format.clone(),
         });
     }
-    // QEMU's order: backing format, external data file, feature names.
+    // QEMU's order: backing format, external data file, full disk encryption header, feature
+    // names.
     if let Some(name) = &opts.data_file {
         incompatible |= IncompatibleFeatures::EXTERNAL_DATA_FILE;
         extensions.push(RawExtension {
             kind: ext::EXTERNAL_DATA_FILE,
             data: name.as_bytes().to_vec(),
+        });
+    }
+    let encryption_header = match opts.encryption {
+        Some(CreateEncryption::Luks { header_bytes }) => Some(EncryptionHeaderExtent {
+            offset: layout.encryption_header_offset,
+            length_bytes: header_bytes,
+        }),
+        Some(CreateEncryption::Aes) | None => None,
+    };
+    if let Some(extent) = encryption_header {
+        extensions.push(RawExtension {
+            kind: ext::FULL_DISK_ENCRYPTION,
+            data: extent.encode(),
         });
     }
     let mut feature_names = Vec::new();
@@ -107,7 +121,7 @@ pub(super) fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> He
         backing_file_size_bytes: opts.backing_file.as_ref().map_or(0, |n| n.len() as u32),
         cluster_bits: layout.rc.cluster_bits,
         virtual_size: size,
-        crypt_method: 0,
+        crypt_method: opts.encryption.map_or(0, |e| e.method().field()),
         l1_size_entries: layout.l1_entries as u32,
         l1_table_offset: layout.l1_offset,
         refcount_table_offset: layout.reftable_offset,
@@ -130,6 +144,7 @@ pub(super) fn new_header(opts: &CreateOptions, size: u64, layout: &Layout) -> He
         backing_format: opts.backing_format.clone(),
         feature_names,
         bitmaps: None,
+        encryption_header,
     }
 }
 
@@ -226,8 +241,10 @@ pub(super) fn full_refblock(rc: RefcountGeometry) -> Result<Vec<u8>> {
     Ok(unit.repeat(1usize << (rc.cluster_bits - 3)))
 }
 
-/// Writes the refcount table, the refcount blocks, the L1 table and the L2 tables, in file
-/// order, starting right after the header cluster.
+/// Writes the refcount table, the refcount blocks, the L1 table, the LUKS header's clusters
+/// (zeros: what the LUKS header leaves unwritten, unused key slots among it, reads as zeros,
+/// as in QEMU's qcow2) and the L2 tables, in file order, starting right after the header
+/// cluster.
 pub(super) fn write_tables<S: Storage>(
     storage: &S,
     layout: &Layout,
@@ -262,10 +279,10 @@ pub(super) fn write_tables<S: Storage>(
         }
     }
 
-    if layout.l1_entries == 0 {
-        return w.finish().map(|_| ());
-    }
     // L1 table: with preallocation, entry j names L2 table j (refcount 1: COPIED).
+    if layout.l1_entries > 0 {
+        w.pad_to(layout.l1_offset)?;
+    }
     for j in 0..layout.l1_entries {
         let entry = if preallocate {
             (layout.l2_offset + j * cluster_size) | EntryFlags::COPIED.bits()
@@ -274,8 +291,12 @@ pub(super) fn write_tables<S: Storage>(
         };
         w.push(&entry.to_be_bytes())?;
     }
-    if !preallocate {
-        // Like QEMU, the file ends with the last L1 entry.
+    if layout.encryption_header_clusters > 0 {
+        w.pad_to(layout.encryption_header_offset)?;
+        w.push_zeros(layout.encryption_header_clusters << layout.rc.cluster_bits)?;
+    }
+    if !preallocate || layout.l1_entries == 0 {
+        // Like QEMU, the file ends with the last L1 entry (or the LUKS header's clusters).
         return w.finish().map(|_| ());
     }
     w.pad_to(layout.l2_offset)?;

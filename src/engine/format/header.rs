@@ -112,6 +112,56 @@ pub struct BitmapsExtension {
     pub directory_offset: u64,
 }
 
+/// How guest data is encrypted (the header's crypt_method, 1 or 2; 0 is none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CryptMethod {
+    /// 1: AES-CBC ("qcow" encryption in QEMU's crypto layer), each 512-byte sector's IV
+    /// from its guest offset. QEMU refuses it in system emulators.
+    Aes,
+    /// 2: LUKS: the LUKS header lies in image clusters named by the full disk encryption
+    /// header extension; each 512-byte sector's IV comes from its host offset.
+    Luks,
+}
+
+impl CryptMethod {
+    /// The header's crypt_method field.
+    pub fn field(self) -> u32 {
+        match self {
+            CryptMethod::Aes => 1,
+            CryptMethod::Luks => 2,
+        }
+    }
+
+    /// The name QEMU's options give the format (`encrypt.format`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CryptMethod::Aes => "aes",
+            CryptMethod::Luks => "luks",
+        }
+    }
+}
+
+/// The full disk encryption header extension: where the LUKS header lies in the image file
+/// (cluster-aligned; whole clusters, counted like any metadata).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EncryptionHeaderExtent {
+    pub offset: u64,
+    pub length_bytes: u64,
+}
+
+/// Length of the full disk encryption header extension's data: two 64-bit fields.
+pub const ENCRYPTION_HEADER_EXTENSION_BYTES: usize = 16;
+
+impl EncryptionHeaderExtent {
+    /// The extension's data as stored.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut data = Vec::with_capacity(ENCRYPTION_HEADER_EXTENSION_BYTES);
+        data.extend_from_slice(&self.offset.to_be_bytes());
+        data.extend_from_slice(&self.length_bytes.to_be_bytes());
+        data
+    }
+}
+
 /// A header extension as found on disk, kept verbatim so a header rewrite preserves the ones
 /// this engine does not understand.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,6 +202,8 @@ pub struct Header {
     pub backing_format: Option<Vec<u8>>,
     pub feature_names: Vec<FeatureName>,
     pub bitmaps: Option<BitmapsExtension>,
+    /// The full disk encryption header extension (LUKS images only).
+    pub encryption_header: Option<EncryptionHeaderExtent>,
 }
 
 fn invalid(msg: impl Into<String>) -> Error {
@@ -198,6 +250,16 @@ impl Header {
             .iter()
             .find(|e| e.kind == ext::EXTERNAL_DATA_FILE)
             .map(|e| e.data.as_slice())
+    }
+
+    /// How guest data is encrypted (`None`: it is not). Methods other than 1 and 2 are
+    /// refused at parse.
+    pub fn crypt_method(&self) -> Option<CryptMethod> {
+        match self.crypt_method {
+            1 => Some(CryptMethod::Aes),
+            2 => Some(CryptMethod::Luks),
+            _ => None,
+        }
     }
 
     /// Parses and validates the header from the start of the image. `first_cluster` holds at
@@ -321,6 +383,7 @@ impl Header {
             backing_format: None,
             feature_names: Vec::new(),
             bitmaps: None,
+            encryption_header: None,
         };
         h.check_features()?;
         h.parse_backing_file_name(header)?;
@@ -328,17 +391,13 @@ impl Header {
         Ok(h)
     }
 
-    /// Refuses encryption and the incompatible features this engine does not implement, naming
-    /// each (from the image's own feature name table for bits unknown to the engine).
+    /// Refuses encryption methods other than AES (1) and LUKS (2), and the incompatible
+    /// features this engine does not implement, naming each (from the image's own feature
+    /// name table for bits unknown to the engine).
     fn check_features(&self) -> Result<()> {
-        if self.crypt_method != 0 {
-            let method = match self.crypt_method {
-                1 => "AES",
-                2 => "LUKS",
-                _ => "unknown method",
-            };
+        if self.crypt_method > 2 {
             return Err(Error::Unsupported(format!(
-                "encryption (crypt_method {}, {method})",
+                "encryption method {} (crypt_method; QEMU knows 1, AES, and 2, LUKS)",
                 self.crypt_method
             )));
         }
@@ -547,6 +606,36 @@ impl Header {
             }
             ext::FULL_DISK_ENCRYPTION if self.crypt_method == 0 => {
                 return Err(invalid("full disk encryption extension without encryption"));
+            }
+            ext::FULL_DISK_ENCRYPTION => {
+                // QEMU's messages.
+                if self.crypt_method() != Some(CryptMethod::Luks) {
+                    return Err(invalid(
+                        "CRYPTO header extension only expected with LUKS encryption method",
+                    ));
+                }
+                if data.len() != ENCRYPTION_HEADER_EXTENSION_BYTES {
+                    return Err(invalid(format!(
+                        "CRYPTO header extension size {}, but expected size \
+                         {ENCRYPTION_HEADER_EXTENSION_BYTES}",
+                        data.len()
+                    )));
+                }
+                let fields = BeBytes::new("the full disk encryption header extension", data);
+                let extent = EncryptionHeaderExtent {
+                    offset: fields.u64(0)?,
+                    length_bytes: fields.u64(8)?,
+                };
+                if !extent.offset.is_multiple_of(self.cluster_size()) {
+                    return Err(invalid(format!(
+                        "Encryption header offset '{}' is not a multiple of cluster size '{}'",
+                        extent.offset,
+                        self.cluster_size()
+                    )));
+                }
+                // Its place in the file (inside it, clear of the other tables) is checked
+                // with them (`layout.rs`).
+                self.encryption_header = Some(extent);
             }
             _ => {}
         }

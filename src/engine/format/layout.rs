@@ -24,6 +24,9 @@ pub const MAX_BITMAP_TABLE_ENTRIES: u64 = 0x800_0000;
 /// entries times the cluster size).
 pub const MAX_BITMAP_BYTES: u64 = 0x2000_0000;
 
+/// The region name of the LUKS header's clusters (`validate`).
+pub const ENCRYPTION_HEADER: &str = "encryption header";
+
 fn invalid(msg: String) -> Error {
     Error::Invalid(msg)
 }
@@ -87,7 +90,8 @@ fn table_region(
 }
 
 /// The metadata regions named by the header, validated. Returns the header cluster, the L1
-/// table and the refcount table (the regions later writes must never hit).
+/// table, the refcount table and the encryption header's clusters (the regions later writes
+/// must never hit).
 pub fn validate(h: &Header, file_len: u64) -> Result<Vec<Region>> {
     let cluster_size = h.cluster_size();
     if file_len < cluster_size.min(512) {
@@ -164,6 +168,16 @@ pub fn validate(h: &Header, file_len: u64) -> Result<Vec<Region>> {
             cluster_size,
             file_len,
         )?;
+    }
+    // The LUKS header's clusters: metadata no data write, table or free may hit.
+    if let Some(e) = h.encryption_header.filter(|e| e.length_bytes > 0) {
+        regions.push(table_region(
+            ENCRYPTION_HEADER,
+            e.offset,
+            e.length_bytes,
+            cluster_size,
+            file_len,
+        )?);
     }
     if let Some(b) = h.bitmaps {
         if b.directory_size_bytes > 0 {

@@ -6,6 +6,11 @@
 //! [`super::Image::read`] and [`super::Image::write`] use plain slices. Copy-on-write fills and
 //! compressed clusters go through small buffers of their own, read with [`Storage`] and
 //! [`Backing`].
+//!
+//! On an encrypted image (`encryption.rs`) guest data goes through bounce buffers instead:
+//! read from the file and decrypted, or assembled, encrypted and written, in chunks of at
+//! most [`ENCRYPTED_CHUNK_BYTES`], and every copy-on-write fill from an old cluster is
+//! decrypted at that cluster's offsets before it is encrypted at the new one's.
 
 use std::io;
 
@@ -14,6 +19,7 @@ use crate::engine::error::{Error, Result};
 use crate::engine::format::compress::decompress_cluster;
 use crate::engine::format::entry::{SubclusterBitmap, SubclusterState, SUBCLUSTER_SHIFT};
 use crate::engine::format::header::CompressionType;
+use crate::engine::image::encryption::Encryption;
 use crate::engine::image::request::{
     CowFill, CowSource, ReadPlan, ReadSource, WritePiece, WritePlan,
 };
@@ -40,7 +46,15 @@ pub trait WriteSource {
         len: usize,
         tail: &[u8],
     ) -> io::Result<()>;
+    /// Copies request bytes `[at, at + dst.len())` into `dst` (the bounce buffer an
+    /// encrypted write is encrypted in).
+    fn copy_request(&mut self, at: usize, dst: &mut [u8]) -> io::Result<()>;
 }
+
+/// The most guest data an encrypted request moves through one bounce buffer: a large
+/// request is read, decrypted, encrypted and written a chunk at a time (a multiple of the
+/// sector).
+pub const ENCRYPTED_CHUNK_BYTES: usize = 1 << 20;
 
 /// What the data step reads besides the request's buffer.
 pub struct DataContext<'a, S: Storage> {
@@ -48,6 +62,8 @@ pub struct DataContext<'a, S: Storage> {
     pub backing: Option<&'a dyn Backing>,
     pub compression: CompressionType,
     pub cluster_size: u64,
+    /// How guest data is encrypted (`None`: it is not).
+    pub encryption: Option<&'a Encryption>,
 }
 
 /// An I/O error with what was being done; the context is only built on failure (the data
@@ -88,11 +104,24 @@ impl<S: Storage> DataContext<'_, S> {
                 }
                 ReadSource::Data { host_offset } => {
                     self.storage.debug_event(DebugEvent::ReadAio);
-                    target
-                        .read_file(host_offset, at, len)
-                        .map_err(io_error(|| {
-                            format!("reading guest data at host offset {host_offset:#x}")
-                        }))?
+                    match self.encryption {
+                        None => target
+                            .read_file(host_offset, at, len)
+                            .map_err(io_error(|| {
+                                format!("reading guest data at host offset {host_offset:#x}")
+                            }))?,
+                        Some(encryption) => {
+                            let guest_offset = plan.guest_offset + at as u64;
+                            self.read_decrypted(
+                                encryption,
+                                host_offset,
+                                guest_offset,
+                                at,
+                                len,
+                                target,
+                            )?
+                        }
+                    }
                 }
                 ReadSource::Compressed {
                     host_offset,
@@ -112,6 +141,32 @@ impl<S: Storage> DataContext<'_, S> {
         Ok(())
     }
 
+    /// Reads `len` encrypted bytes at `host_offset` (guest `guest_offset`) into request bytes
+    /// `[at, at + len)`, decrypted, a chunk at a time.
+    fn read_decrypted(
+        &self,
+        encryption: &Encryption,
+        host_offset: u64,
+        guest_offset: u64,
+        at: usize,
+        len: usize,
+        target: &mut dyn ReadTarget,
+    ) -> Result<()> {
+        let mut buf = vec![0u8; len.min(ENCRYPTED_CHUNK_BYTES)];
+        let mut done = 0;
+        while done < len {
+            let chunk = &mut buf[..(len - done).min(ENCRYPTED_CHUNK_BYTES)];
+            let host = host_offset + done as u64;
+            self.storage.read_at(host, chunk).map_err(io_error(|| {
+                format!("reading guest data at host offset {host:#x}")
+            }))?;
+            encryption.decrypt(host, guest_offset + done as u64, chunk)?;
+            target.copy_from(at + done, chunk);
+            done += chunk.len();
+        }
+        Ok(())
+    }
+
     /// Whether a fill's old content is zeros (without reading it).
     fn reads_zeros(&self, fill: CowFill) -> bool {
         match fill.source {
@@ -123,8 +178,9 @@ impl<S: Storage> DataContext<'_, S> {
         }
     }
 
-    /// The old content a copy-on-write fill takes.
-    fn cow_bytes(&self, fill: CowFill) -> Result<Vec<u8>> {
+    /// The old content a copy-on-write fill takes, as the guest sees it: `guest_offset` is
+    /// the fill's first byte (for an old encrypted cluster's IVs).
+    fn cow_bytes(&self, fill: CowFill, guest_offset: u64) -> Result<Vec<u8>> {
         let mut bytes = vec![0u8; fill.len];
         if fill.len == 0 {
             return Ok(bytes);
@@ -146,8 +202,15 @@ impl<S: Storage> DataContext<'_, S> {
                     .read_at(host_offset, &mut bytes)
                     .map_err(io_error(|| {
                         format!("reading cluster data at {host_offset:#x} to copy it")
-                    }))?
+                    }))?;
+                // Decrypted at the old cluster's offsets; the write encrypts it at the new
+                // one's.
+                if let Some(encryption) = self.encryption {
+                    encryption.decrypt(host_offset, guest_offset, &mut bytes)?;
+                }
             }
+            // Compressed clusters are not encrypted (QEMU's qcow2 neither writes nor
+            // decrypts encrypted compressed data).
             CowSource::Compressed {
                 host_offset,
                 read_len,
@@ -216,16 +279,24 @@ impl<S: Storage> DataContext<'_, S> {
         Ok(())
     }
 
-    /// The old content of both fills of a new cluster, around `len` bytes of the request.
+    /// The old content of both fills of a new cluster, around `len` bytes of the request;
+    /// the head starts at guest `guest_offset`.
     /// Where the two lie in one source one after the other (the backing file, or the old
     /// cluster), one read of the whole span serves both and the request's part of it is
     /// dropped: a 4 KiB write into the middle of a cluster over a backing file costs one
     /// read of the cluster instead of two (each a round trip to the file's thread pool).
     /// Only within one cluster: the fills of a run of clusters lie a whole request apart
     /// (up to 2 GiB, past what one read may carry: iotest 270).
-    fn cow_pair(&self, head: CowFill, len: usize, tail: CowFill) -> Result<(Vec<u8>, Vec<u8>)> {
+    fn cow_pair(
+        &self,
+        head: CowFill,
+        len: usize,
+        tail: CowFill,
+        guest_offset: u64,
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
         let gap = (head.len + len) as u64;
         let one_cluster = (gap + tail.len as u64) <= self.cluster_size;
+        let tail_guest_offset = guest_offset + gap;
         let joined = match (head.source, tail.source) {
             (CowSource::Backing { guest_offset: h }, CowSource::Backing { guest_offset: t }) => {
                 h.checked_add(gap) == Some(t)
@@ -236,13 +307,16 @@ impl<S: Storage> DataContext<'_, S> {
             _ => false,
         };
         if !joined || !one_cluster || head.len == 0 || tail.len == 0 {
-            return Ok((self.cow_bytes(head)?, self.cow_bytes(tail)?));
+            return Ok((
+                self.cow_bytes(head, guest_offset)?,
+                self.cow_bytes(tail, tail_guest_offset)?,
+            ));
         }
         let span = CowFill {
             len: head.len + len + tail.len,
             ..head
         };
-        let mut bytes = self.cow_bytes(span)?;
+        let mut bytes = self.cow_bytes(span, guest_offset)?;
         let tail_bytes = bytes.split_off(head.len + len);
         bytes.truncate(head.len);
         Ok((bytes, tail_bytes))
@@ -252,15 +326,26 @@ impl<S: Storage> DataContext<'_, S> {
     /// their copy-on-write fills) before the plan is finished.
     pub fn write(&self, plan: &WritePlan, source: &mut dyn WriteSource) -> Result<()> {
         for piece in &plan.pieces {
-            let (host_offset, head, req_at, len, tail) = match *piece {
+            let (host_offset, guest_offset, head, req_at, len, tail) = match *piece {
                 WritePiece::InPlace {
                     host_offset,
                     req_at,
                     len,
-                } => (host_offset, Vec::new(), req_at, len, Vec::new()),
+                } => {
+                    let guest_offset = plan.guest_offset + req_at as u64;
+                    (
+                        host_offset,
+                        guest_offset,
+                        Vec::new(),
+                        req_at,
+                        len,
+                        Vec::new(),
+                    )
+                }
                 WritePiece::Allocate {
                     host_offset,
                     head_start,
+                    guest_cluster,
                     req_at,
                     len,
                     head,
@@ -268,34 +353,119 @@ impl<S: Storage> DataContext<'_, S> {
                     ..
                 } => {
                     // A fill of zeros over a hole is left out: the write starts after the
-                    // head, or ends before the tail.
-                    let written = |fill: CowFill| !(fill.over_hole && self.reads_zeros(fill));
-                    let head_at = host_offset + head_start as u64;
-                    let start = if written(head) {
-                        head_at
-                    } else {
-                        head_at + head.len as u64
+                    // head, or ends before the tail (never on an encrypted image, whose
+                    // plans mark no fill over a hole).
+                    let written = |fill: CowFill| {
+                        !(fill.over_hole && self.reads_zeros(fill) && self.encryption.is_none())
                     };
+                    // With extended L2 entries the head starts at `head_start` in the
+                    // cluster; the subclusters before it are not written.
+                    let skipped_head =
+                        head_start as u64 + if written(head) { 0 } else { head.len as u64 };
+                    let cluster_guest = guest_cluster * self.cluster_size;
+                    let head_guest = cluster_guest + head_start as u64;
                     let (head, tail) = match (written(head), written(tail)) {
-                        (true, true) => self.cow_pair(head, len, tail)?,
-                        (true, false) => (self.cow_bytes(head)?, Vec::new()),
-                        (false, true) => (Vec::new(), self.cow_bytes(tail)?),
+                        (true, true) => self.cow_pair(head, len, tail, head_guest)?,
+                        (true, false) => (self.cow_bytes(head, head_guest)?, Vec::new()),
+                        (false, true) => {
+                            let tail_guest_offset = head_guest + (head.len + len) as u64;
+                            (Vec::new(), self.cow_bytes(tail, tail_guest_offset)?)
+                        }
                         (false, false) => (Vec::new(), Vec::new()),
                     };
-                    (start, head, req_at, len, tail)
+                    (
+                        host_offset + skipped_head,
+                        cluster_guest + skipped_head,
+                        head,
+                        req_at,
+                        len,
+                        tail,
+                    )
                 }
             };
             if !head.is_empty() || !tail.is_empty() {
                 self.storage.debug_event(DebugEvent::CowWrite);
             }
             self.storage.debug_event(DebugEvent::WriteAio);
-            source
-                .write_file(host_offset, &head, req_at, len, &tail)
-                .map_err(io_error(|| {
-                    format!("writing guest data at host offset {host_offset:#x}")
-                }))?;
+            let context = || format!("writing guest data at host offset {host_offset:#x}");
+            match self.encryption {
+                None => source
+                    .write_file(host_offset, &head, req_at, len, &tail)
+                    .map_err(io_error(context))?,
+                Some(encryption) => {
+                    let parts = [
+                        Part::Bytes(&head),
+                        Part::Request { at: req_at, len },
+                        Part::Bytes(&tail),
+                    ];
+                    self.write_encrypted(encryption, host_offset, guest_offset, &parts, source)?
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Writes `parts` one after the other at `host_offset` (guest `guest_offset`),
+    /// encrypted, a chunk at a time through a bounce buffer (the request's own buffer is
+    /// never changed).
+    fn write_encrypted(
+        &self,
+        encryption: &Encryption,
+        host_offset: u64,
+        guest_offset: u64,
+        parts: &[Part<'_>],
+        source: &mut dyn WriteSource,
+    ) -> Result<()> {
+        let total: usize = parts.iter().map(Part::len).sum();
+        let mut buf = vec![0u8; total.min(ENCRYPTED_CHUNK_BYTES)];
+        let mut done = 0;
+        while done < total {
+            let chunk = &mut buf[..(total - done).min(ENCRYPTED_CHUNK_BYTES)];
+            let host = host_offset + done as u64;
+            let context = || format!("writing guest data at host offset {host:#x}");
+            // Gather bytes [done, done + chunk.len()) of the parts.
+            let (mut part_start, mut filled) = (0, 0);
+            for part in parts {
+                let part_end = part_start + part.len();
+                let from = done + filled;
+                if from < part_end && filled < chunk.len() {
+                    let n = (part_end - from).min(chunk.len() - filled);
+                    let dst = &mut chunk[filled..filled + n];
+                    match *part {
+                        Part::Bytes(bytes) => {
+                            dst.copy_from_slice(&bytes[from - part_start..from - part_start + n])
+                        }
+                        Part::Request { at, .. } => source
+                            .copy_request(at + (from - part_start), dst)
+                            .map_err(io_error(context))?,
+                    }
+                    filled += n;
+                }
+                part_start = part_end;
+            }
+            encryption.encrypt(host, guest_offset + done as u64, chunk)?;
+            self.storage
+                .write_at(host, chunk)
+                .map_err(io_error(context))?;
+            done += chunk.len();
+        }
+        Ok(())
+    }
+}
+
+/// A part of what an encrypted write puts at one place: bytes of the data step's own (a
+/// copy-on-write fill), or request bytes `[at, at + len)`.
+enum Part<'a> {
+    Bytes(&'a [u8]),
+    Request { at: usize, len: usize },
+}
+
+impl Part<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Part::Bytes(bytes) => bytes.len(),
+            Part::Request { len, .. } => *len,
+        }
     }
 }
 
@@ -364,5 +534,11 @@ impl<S: Storage> WriteSource for SliceSource<'_, S> {
         whole.extend_from_slice(data);
         whole.extend_from_slice(tail);
         self.storage.write_at(host_offset, &whole)
+    }
+
+    fn copy_request(&mut self, at: usize, dst: &mut [u8]) -> io::Result<()> {
+        let src = self.buf.get(at..at + dst.len()).ok_or_else(out_of_buffer)?;
+        dst.copy_from_slice(src);
+        Ok(())
     }
 }

@@ -14,6 +14,8 @@
 //! - `writeback`: the one routine that writes dirty metadata back, in the required order;
 //! - [`request`]: request plans (reads, writes), in-flight allocations and I/O tickets;
 //! - [`dataio`]: the data step of a request, over slices or QEMU I/O vectors;
+//! - [`encryption`]: encrypted images: what is encrypted, with which IV offset, by a
+//!   [`encryption::DataCipher`] the caller provides;
 //! - `reserve`: the zero reserve: clusters counted and ordered ahead of need, so appends
 //!   need no ordering point before their flush's sync;
 //! - [`txg`]: transaction groups: barriers for free, two syncs per commit, a plain qcow2
@@ -33,6 +35,7 @@ pub mod cache;
 mod data_file;
 pub mod dataio;
 pub mod discard;
+pub mod encryption;
 mod metadata;
 mod overlap;
 pub mod request;
@@ -60,6 +63,7 @@ use crate::engine::format::snapshot::{self, Snapshot};
 use crate::engine::image::cache::TableCache;
 use crate::engine::image::dataio::{DataContext, SliceSource, SliceTarget};
 use crate::engine::image::discard::DiscardState;
+use crate::engine::image::encryption::Encryption;
 use crate::engine::image::overlap::MetadataMap;
 use crate::engine::image::request::InflightAlloc;
 use crate::engine::image::reserve::Reserve;
@@ -155,6 +159,8 @@ pub struct Image<S: Storage> {
     pub(super) for_check: bool,
     /// The internal snapshot table, parsed and validated at open (`snapshot.rs`).
     pub(super) snapshots: Vec<Snapshot>,
+    /// How guest data is encrypted, and the cipher once it is given (`encryption.rs`).
+    pub(super) encryption: Option<Encryption>,
     /// Test only: see [`OpenOptions::test_skip_stage3_ordering`].
     pub(super) test_skip_stage3_ordering: bool,
     /// Test only: see [`OpenOptions::test_skip_txg_first_sync`].
@@ -359,6 +365,10 @@ impl<S: Storage> Image<S> {
             counters: Counters::default(),
             for_check: opts.for_check,
             snapshots,
+            encryption: header.crypt_method().map(|method| Encryption {
+                method,
+                cipher: None,
+            }),
             header,
             test_skip_stage3_ordering: opts.test_skip_stage3_ordering,
             test_skip_txg_first_sync: opts.test_skip_txg_first_sync,
@@ -559,6 +569,7 @@ impl<S: Storage> Image<S> {
             backing,
             compression: self.header.compression_type,
             cluster_size: self.cluster_size(),
+            encryption: self.encryption.as_ref(),
         }
     }
 

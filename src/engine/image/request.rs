@@ -61,6 +61,8 @@ pub struct ReadPiece {
 /// Where the bytes of a guest read are, in request order.
 #[derive(Debug)]
 pub struct ReadPlan {
+    /// The guest offset of the request's first byte.
+    pub guest_offset: u64,
     pub pieces: Vec<ReadPiece>,
     ticket: Option<Ticket>,
 }
@@ -166,6 +168,8 @@ pub enum WritePiece {
 /// Where the bytes of a guest write go, in request order.
 #[derive(Debug)]
 pub struct WritePlan {
+    /// The guest offset of the request's first byte.
+    pub guest_offset: u64,
     pub pieces: Vec<WritePiece>,
     ticket: Ticket,
 }
@@ -234,6 +238,7 @@ impl<S: Storage> Image<S> {
     /// Describes a guest read.
     pub fn plan_read(&mut self, guest_offset: u64, len: u64) -> Result<ReadPlan> {
         self.check_range(guest_offset, len)?;
+        self.check_encrypted_request(guest_offset, len)?;
         let mut pieces = Vec::new();
         let mut names_host_clusters = false;
         let mut done = 0;
@@ -266,7 +271,11 @@ impl<S: Storage> Image<S> {
             done += run;
         }
         let ticket = names_host_clusters.then(|| self.take_ticket());
-        Ok(ReadPlan { pieces, ticket })
+        Ok(ReadPlan {
+            guest_offset,
+            pieces,
+            ticket,
+        })
     }
 
     /// Ends a read (whether its data step succeeded or not).
@@ -306,6 +315,11 @@ impl<S: Storage> Image<S> {
             return Err(Error::ReadOnly);
         }
         self.check_range(guest_offset, len)?;
+        self.check_encrypted_request(guest_offset, len)?;
+        if let Some(encryption) = &self.encryption {
+            // Every byte written is encrypted: refused before anything is allocated.
+            encryption.check_key()?;
+        }
         if self.write_conflicts(guest_offset, len) || self.commit_pending() {
             return Ok(None);
         }
@@ -313,7 +327,11 @@ impl<S: Storage> Image<S> {
         let result = self.plan_write_pieces(guest_offset, len, &mut pieces);
         let ticket = self.take_ticket();
         self.write_plans_in_flight += 1;
-        let plan = WritePlan { pieces, ticket };
+        let plan = WritePlan {
+            guest_offset,
+            pieces,
+            ticket,
+        };
         match result {
             Ok(()) => Ok(Some(plan)),
             Err(e) => {
@@ -471,7 +489,9 @@ impl<S: Storage> Image<S> {
                     // file never held bytes there: every write lies inside an allocation, and
                     // `host_end` covers every allocation). QEMU's qcow2 gets the same from
                     // the file with one write_zeroes per new cluster; here no call is made.
-                    let growable = self.storage.is_growable();
+                    // Not on an encrypted image, where zeros are written as ciphertext like
+                    // any data (`encryption.rs`).
+                    let growable = self.storage.is_growable() && self.encryption.is_none();
                     let is_hole = |host: u64| growable && (from_reserve || host >= unwritten_from);
                     self.inflight_allocs.push(InflightAlloc {
                         start: guest_cluster,
@@ -513,7 +533,8 @@ impl<S: Storage> Image<S> {
                         head,
                         tail,
                         reused: false,
-                        needs_order: !(from_reserve && zeros_before),
+                        // An encrypted cluster that lost its data reads as noise, not zeros.
+                        needs_order: !(from_reserve && zeros_before && self.encryption.is_none()),
                     });
                     at = stop;
                 }

@@ -10,7 +10,8 @@
 //! - it reads as zeros (a hole in the file), so when the guest cluster it replaces also read
 //!   as zeros (no backing file; unallocated or zero flag), a crash that keeps the new L2 entry
 //!   but loses (part of) the data shows zeros where the guest had zeros: each sector old or
-//!   new, as for any write the guest has not flushed (rule (a) needs no ordering point);
+//!   new, as for any write the guest has not flushed (rule (a) needs no ordering point;
+//!   not on an encrypted image, where the hole decrypts to noise);
 //! - a new L2 table in a reserved cluster reads as "all unallocated" until it is written, which
 //!   is what the L1 range it covers held (rule (c) needs no ordering point).
 //!

@@ -6,7 +6,8 @@
 //! whose every guest sector holds what the guest wrote there or what it held before:
 //! - (a) guest data is written before the L2 entry that points to it, unless the cluster is a
 //!   reserved one replacing a cluster that read as zeros (`reserve.rs`: losing the data then
-//!   shows the zeros the guest had);
+//!   shows the zeros the guest had) in an image without encryption (an encrypted cluster
+//!   that lost its data decrypts to noise, `encryption.rs`);
 //! - (b) refcount increments are written before the L2 or L1 entry that references the
 //!   counted cluster (and a new refcount block before the refcount table entry naming it);
 //!   reserved clusters were counted before they were handed out;
