@@ -47,6 +47,16 @@ const ALLOW_TYPES: &[&str] = &[
     "QEMUClockType",
     "QEMUTimer",
     "AioContext",
+    "QCryptoBlock",
+    "QCryptoBlockOpenOptions",
+    "QCryptoBlockCreateOptions",
+    "QCryptoBlockInfo",
+    "QCryptoBlockOpenFlags",
+    "QCryptoBlockReadFunc",
+    "QCryptoBlockInitFunc",
+    "QCryptoBlockWriteFunc",
+    "ImageInfoSpecificQCow2Encryption",
+    "BlockdevQcow2EncryptionFormat",
 ];
 const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_register",
@@ -143,6 +153,28 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "timer_deinit",
     "timer_pending",
     "qemu_clock_get_ns",
+    "qcrypto_block_open",
+    "qcrypto_block_create",
+    "qcrypto_block_encrypt",
+    "qcrypto_block_decrypt",
+    "qcrypto_block_free",
+    "qcrypto_block_get_sector_size",
+    "qcrypto_block_get_info",
+    "qcrypto_block_calculate_payload_offset",
+    "block_crypto_open_opts_init",
+    "block_crypto_create_opts_init",
+    "qapi_free_QCryptoBlockOpenOptions",
+    "qapi_free_QCryptoBlockCreateOptions",
+    "qapi_free_QCryptoBlockInfo",
+    "qdict_new",
+    "qdict_put_str",
+    "qdict_extract_subqdict",
+    "qemu_opts_to_qdict",
+    "qobject_destroy",
+    "bdrv_uses_whitelist",
+    "error_append_hint",
+    "error_get_pretty",
+    "error_free",
 ];
 const ALLOW_VARS: &[&str] = &[
     "BDRV_.*",
@@ -150,6 +182,7 @@ const ALLOW_VARS: &[&str] = &[
     "BDRV_REQ_.*",
     "BDRV_BLOCK_.*",
     "child_of_bds",
+    "QCRYPTO_BLOCK_OPEN_.*",
 ];
 
 fn main() {

@@ -13,6 +13,9 @@
 #include "qapi/qmp/qdict.h"
 #include "qapi/qmp/qstring.h"
 #include "sysemu/block-backend.h"
+#include "crypto/block.h"
+#include "block/crypto.h"
+#include "qapi/qmp/qobject.h"
 
 /* Exported by Rust (src/glue/driver.rs), called from QEMU's block/qcow2b.c at start-up. */
 void qcow2b_register(void);

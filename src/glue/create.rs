@@ -1,10 +1,12 @@
 //! Image creation (`qemu-img create -f qcow2b`) and measurement (`qemu-img measure -O
 //! qcow2b`): QEMU's option lists in, the engine's `create`/`measure` out. The image is
-//! standard qcow2, exactly as `-f qcow2` would make it.
+//! standard qcow2, exactly as `-f qcow2` would make it; an encrypted one gets its key and
+//! LUKS header from QEMU's crypto layer (`crypto.rs`).
 
 use std::ffi::{c_char, c_int, CStr};
 
 use super::bindings::{self, BlockDriver, BlockDriverState, QemuOpts};
+use super::crypto;
 use super::ffi::{entries, set_error, to_c_errp};
 use super::opts::{
     bool_opt, leak_list, number_opt, size_opt, string_opt, Opt, OptsListCell, OptsView,
@@ -12,7 +14,9 @@ use super::opts::{
 use super::storage::BlkStorage;
 use crate::engine::create::{Compat, Preallocation};
 use crate::engine::format::header::CompressionType;
-use crate::engine::{create, create_with_data_file, measure, CreateOptions, Error};
+use crate::engine::{
+    create, create_with_data_file, measure, CreateEncryption, CreateOptions, Error,
+};
 
 const SIZE: &CStr = c"size";
 const COMPAT: &CStr = c"compat";
@@ -25,14 +29,30 @@ const REFCOUNT_BITS: &CStr = c"refcount_bits";
 const COMPRESSION_TYPE: &CStr = c"compression_type";
 const ENCRYPTION: &CStr = c"encryption";
 const ENCRYPT_FORMAT: &CStr = c"encrypt.format";
+const ENCRYPT_KEY_SECRET: &CStr = c"encrypt.key-secret";
+const ENCRYPT_CIPHER_ALG: &CStr = c"encrypt.cipher-alg";
+const ENCRYPT_CIPHER_MODE: &CStr = c"encrypt.cipher-mode";
+const ENCRYPT_IVGEN_ALG: &CStr = c"encrypt.ivgen-alg";
+const ENCRYPT_IVGEN_HASH_ALG: &CStr = c"encrypt.ivgen-hash-alg";
+const ENCRYPT_HASH_ALG: &CStr = c"encrypt.hash-alg";
+const ENCRYPT_ITER_TIME: &CStr = c"encrypt.iter-time";
+/// The crypto layer's own options (QEMU's `QCryptoBlockCreateOptions` after `encrypt.`),
+/// read by QEMU's parser (`crypto::create_options`).
+const ENCRYPT_LAYER_OPTS: [&CStr; 7] = [
+    ENCRYPT_KEY_SECRET,
+    ENCRYPT_CIPHER_ALG,
+    ENCRYPT_CIPHER_MODE,
+    ENCRYPT_IVGEN_ALG,
+    ENCRYPT_IVGEN_HASH_ALG,
+    ENCRYPT_HASH_ALG,
+    ENCRYPT_ITER_TIME,
+];
 const DATA_FILE: &CStr = c"data_file";
 const DATA_FILE_RAW: &CStr = c"data_file_raw";
 const EXTENDED_L2: &CStr = c"extended_l2";
 
-/// The creation options, named as for QEMU's qcow2. Those the engine refuses (encryption,
-/// external data files) are listed too, so asking for them gets a message
-/// naming the feature rather than "unknown option".
-const CREATE_OPTS: [Opt; 14] = [
+/// The creation options, named as for QEMU's qcow2.
+const CREATE_OPTS: [Opt; 21] = [
     size_opt(SIZE, c"Virtual disk size"),
     string_opt(COMPAT, c"Compatibility level (v2 [0.10], v3 [1.1])"),
     string_opt(BACKING_FILE, c"File name of a base image"),
@@ -50,11 +70,39 @@ const CREATE_OPTS: [Opt; 14] = [
     ),
     bool_opt(
         ENCRYPTION,
-        c"Encrypt the image with AES (not supported by qcow2b)",
+        c"Encrypt the image with format 'aes' (deprecated by QEMU: use encrypt.format=aes)",
     ),
     string_opt(
         ENCRYPT_FORMAT,
-        c"Encrypt the image, format choices: 'aes', 'luks' (not supported by qcow2b)",
+        c"Encrypt the image, format choices: 'aes', 'luks'",
+    ),
+    string_opt(
+        ENCRYPT_KEY_SECRET,
+        c"ID of the secret that provides the image's key",
+    ),
+    string_opt(
+        ENCRYPT_CIPHER_ALG,
+        c"LUKS: cipher algorithm of the data (default aes-256)",
+    ),
+    string_opt(
+        ENCRYPT_CIPHER_MODE,
+        c"LUKS: cipher mode of the data (default xts)",
+    ),
+    string_opt(
+        ENCRYPT_IVGEN_ALG,
+        c"LUKS: IV generator of each sector (default plain64)",
+    ),
+    string_opt(
+        ENCRYPT_IVGEN_HASH_ALG,
+        c"LUKS: hash of the IV generator (essiv)",
+    ),
+    string_opt(
+        ENCRYPT_HASH_ALG,
+        c"LUKS: hash of the key derivation and anti-forensic split (default sha256)",
+    ),
+    number_opt(
+        ENCRYPT_ITER_TIME,
+        c"LUKS: milliseconds to spend deriving a key (default 2000)",
     ),
     string_opt(DATA_FILE, c"File name of an external data file"),
     bool_opt(
@@ -67,7 +115,7 @@ const CREATE_OPTS: [Opt; 14] = [
 /// The option list for `BlockDriver.create_opts`, built once.
 pub fn create_opts() -> *mut bindings::QemuOptsList {
     static LIST: OptsListCell = OptsListCell::new();
-    LIST.get_or_init(|| leak_list::<15>(c"qcow2b-create-opts", &CREATE_OPTS))
+    LIST.get_or_init(|| leak_list::<22>(c"qcow2b-create-opts", &CREATE_OPTS))
 }
 
 /// A string option's value that must be one of `names`: its index there. The message is
@@ -139,8 +187,36 @@ unsafe fn create_options(opts: *mut QemuOpts, take: bool) -> Result<CreateOption
             " (expected 'zlib' or 'zstd')",
         )?];
     }
-    if o.bool(ENCRYPTION) == Some(true) || o.string(ENCRYPT_FORMAT).is_some() {
-        return Err(Error::Unsupported("creating an encrypted image".into()));
+    // As QEMU's qcow2: `encryption=on` is `encrypt.format=aes` (and `off` nothing); the two
+    // together are refused. The crypto layer's options are QEMU's to parse: taken here only
+    // so that they do not reach the protocol layer.
+    let legacy = o.bool(ENCRYPTION);
+    options.encryption = match (legacy, o.string(ENCRYPT_FORMAT)) {
+        (Some(true), Some(_)) => {
+            return Err(Error::BadOption(
+                "'encrypt.format' and its alias 'encryption' can't be used at the same time".into(),
+            ))
+        }
+        (Some(true), None) => Some(CreateEncryption::Aes),
+        (_, Some(format)) => match format.as_slice() {
+            b"aes" => Some(CreateEncryption::Aes),
+            // The header's length comes from the crypto layer (crypto::create).
+            b"luks" => Some(CreateEncryption::Luks { header_bytes: 0 }),
+            _ => {
+                return Err(Error::BadOption(format!(
+                    "Parameter 'format' does not accept value '{}'",
+                    String::from_utf8_lossy(&format)
+                )))
+            }
+        },
+        (_, None) => None,
+    };
+    for name in ENCRYPT_LAYER_OPTS {
+        if o.string(name).is_some() && options.encryption.is_none() {
+            return Err(Error::BadOption(
+                "Parameter 'encrypt.format' is missing".into(),
+            ));
+        }
     }
     options.data_file = o
         .string(DATA_FILE)
@@ -160,6 +236,18 @@ pub fn qcow2b_co_create_opts(
     // SAFETY: QEMU passes a valid file name, options and errp; we run in a coroutine.
     unsafe {
         to_c_errp("create", errp, || {
+            // The crypto layer's options first, with QEMU's parser and messages (they are
+            // read from `opts` before create_options takes them).
+            let crypto = match create_options(opts, false)?.encryption {
+                Some(encryption) => {
+                    match crypto::create_options(opts, encryption.method(), errp) {
+                        Some(crypto) => Some(crypto),
+                        // errp says why.
+                        None => return Ok(-libc::EINVAL),
+                    }
+                }
+                None => None,
+            };
             let options = create_options(opts, true)?;
             // Refuse bad options before anything exists on disk.
             options.validate()?;
@@ -172,24 +260,29 @@ pub fn qcow2b_co_create_opts(
             let Some(storage) = BlkStorage::open(filename, errp) else {
                 return Ok(-libc::EIO);
             };
-            let Some(data_name) = &options.data_file else {
-                create(&storage, &options)?;
-                return Ok(0);
-            };
             // The external data file is a file of the protocol layer too (made with the
             // same options), ready before the image's header names it.
-            let data_name = std::ffi::CString::new(data_name.as_bytes()).map_err(|_| {
-                Error::BadOption("the data file name holds a NUL byte".into())
-            })?;
-            let ret = bindings::bdrv_create_file(data_name.as_ptr(), opts, errp);
-            if ret < 0 {
-                return Ok(ret);
-            }
-            let Some(data) = BlkStorage::open(data_name.as_ptr(), errp) else {
-                return Ok(-libc::EIO);
+            let data = match &options.data_file {
+                None => None,
+                Some(data_name) => {
+                    let data_name = std::ffi::CString::new(data_name.as_bytes()).map_err(|_| {
+                        Error::BadOption("the data file name holds a NUL byte".into())
+                    })?;
+                    let ret = bindings::bdrv_create_file(data_name.as_ptr(), opts, errp);
+                    if ret < 0 {
+                        return Ok(ret);
+                    }
+                    let Some(data) = BlkStorage::open(data_name.as_ptr(), errp) else {
+                        return Ok(-libc::EIO);
+                    };
+                    Some(data)
+                }
             };
-            create_with_data_file(&storage, &data, &options)?;
-            Ok(0)
+            match (&crypto, &data) {
+                (Some(crypto), _) => crypto::create(&storage, data.as_ref(), options, crypto, errp),
+                (None, Some(data)) => create_with_data_file(&storage, data, &options).map(|()| 0),
+                (None, None) => create(&storage, &options).map(|()| 0),
+            }
         })
     }
 }
@@ -255,6 +348,17 @@ pub fn qcow2b_measure(
     unsafe {
         to_c_errp("measure", errp, || {
             let mut options = create_options(opts, false)?;
+            if let Some(CreateEncryption::Luks { .. }) = options.encryption {
+                // As QEMU's qcow2: a trial creation tells how long the LUKS header is.
+                let Some(crypto) = crypto::create_options(opts, crate::engine::CryptMethod::Luks, errp)
+                else {
+                    return Ok(-libc::EINVAL);
+                };
+                let Some(header_bytes) = crypto::luks_header_bytes(&crypto, errp) else {
+                    return Ok(-libc::EINVAL);
+                };
+                options.encryption = Some(CreateEncryption::Luks { header_bytes });
+            }
             let allocated = if in_bs.is_null() {
                 None
             } else {

@@ -17,6 +17,7 @@ use super::bindings::{
 };
 use super::cache_clean;
 use super::create;
+use super::crypto;
 use super::epochs::Unsynced;
 use super::ffi::{entries, to_c, to_c_errp};
 use super::file::FileAccess;
@@ -198,11 +199,31 @@ fn qcow2b_open(
                 DataFileChild::None => None,
                 DataFileChild::Failed(ret) => return Ok(ret),
             };
-            let image = match &data_file {
-                Some(data) => Image::open_with_data_file(file.clone(), data.clone(), &settings.open),
-                None => Image::open(file.clone(), &settings.open),
-            }?;
-            settings.check_image(image.header())?;
+            // The options are checked against the header, and an encrypted image's key
+            // unlocked, before a read-write open writes anything (QEMU's qcow2 opens its
+            // crypto layer while it reads the header extensions).
+            let mut crypto = None;
+            let mut refused = None;
+            let opened = Image::open_with(file.clone(), data_file.clone(), &settings.open, |image| {
+                settings.check_image(image.header())?;
+                match crypto::open(image, settings.key_secret.as_deref(), flags, errp) {
+                    Ok(c) => {
+                        crypto::attach(image, c.as_ref())?;
+                        crypto = c;
+                        Ok(())
+                    }
+                    Err(errno) => {
+                        refused = Some(errno);
+                        // *errp says why (QEMU's message); this error is not reported.
+                        Err(Error::BadOption(String::new()))
+                    }
+                }
+            });
+            let image = match (opened, refused) {
+                (Err(_), Some(errno)) => return Ok(errno),
+                (opened, _) => opened?,
+            };
+            (*bs).encrypted = image.encryption().is_some();
             publish_image_fields(bs, &image)?;
             // FUA is ours too (a whole flush after the request, `durable_now`): the block
             // layer's emulation flushes before the write counts as done, which the two
@@ -215,7 +236,7 @@ fn qcow2b_open(
             // A growth over a longer backing file reads as zeros (Image::grow).
             (*bs).supported_truncate_flags = bindings::BDRV_REQ_ZERO_WRITE;
             let primitive_node = register_primitive(bs, mode);
-            let node = Node::new(
+            let mut node = Node::new(
                 image,
                 file,
                 data_file,
@@ -224,6 +245,7 @@ fn qcow2b_open(
                 settings.open,
                 settings.cache_clean_interval,
             );
+            node.crypto = crypto;
             let node = Box::into_raw(node);
             *((*bs).opaque as *mut *mut Node) = node;
             cache_clean::start(bs, &*node);
@@ -595,10 +617,12 @@ fn qcow2b_co_block_status(
     to_c("block_status", || {
         // SAFETY: called in a coroutine of a node we opened.
         let node = unsafe { Node::of(bs) };
-        let (mapping, len) = {
+        let (mapping, len, encrypted) = {
             // SAFETY: as above.
             let mut locked = unsafe { node.lock() }?;
-            locked.image().map(offset as u64, bytes as u64)?
+            let image = locked.image();
+            let (mapping, len) = image.map(offset as u64, bytes as u64)?;
+            (mapping, len, image.encryption().is_some())
         };
         // SAFETY: the out-pointers are valid (block-layer contract); the children are open.
         unsafe {
@@ -608,6 +632,12 @@ fn qcow2b_co_block_status(
             Ok(match mapping {
                 Mapping::Unallocated => 0,
                 Mapping::Zero { host_offset: None } => bindings::BDRV_BLOCK_ZERO as c_int,
+                // An encrypted cluster's bytes in the file are not the guest's: no offset, as
+                // QEMU's qcow2 (nothing may copy them from the file as they are).
+                Mapping::Zero {
+                    host_offset: Some(_),
+                } if encrypted => bindings::BDRV_BLOCK_ZERO as c_int,
+                Mapping::Data { .. } if encrypted => bindings::BDRV_BLOCK_DATA as c_int,
                 Mapping::Zero {
                     host_offset: Some(host_offset),
                 } => {
@@ -635,19 +665,33 @@ fn qcow2b_refresh_limits(
 ) -> () {
     // SAFETY: QEMU passes an open node, drained.
     unsafe {
+        let node = Node::of(bs);
+        let image = node.image_drained();
         // Zeroes work on whole subclusters (whole clusters with standard L2 entries), as
         // QEMU's qcow2 sets it; discards on whole clusters.
-        let image = Node::of(bs).image_drained();
         (*bs).bl.pwrite_zeroes_alignment = image.subcluster_size() as u32;
         (*bs).bl.pdiscard_alignment = image.cluster_size() as u32;
+        if image.encryption().is_some() {
+            // Encryption works in whole sectors: the block layer reads around the rest.
+            let sector = node
+                .crypto
+                .as_ref()
+                .map_or(crate::engine::ENCRYPTION_SECTOR_BYTES, |c| c.sector_size());
+            (*bs).bl.request_alignment = sector as u32;
+        }
     }
 }
 }
 
 entries! {
-fn qcow2b_has_zero_init(_bs: *mut BlockDriverState) -> c_int {
-    // A new qcow2 image reads as zeros wherever nothing was written (no external data file).
-    1
+fn qcow2b_has_zero_init(bs: *mut BlockDriverState) -> c_int {
+    // A new qcow2 image reads as zeros wherever nothing was written (no external data file),
+    // except an encrypted one whose clusters were preallocated: they decrypt to noise. As
+    // QEMU's qcow2, a first L2 table means a preallocated image.
+    // SAFETY: QEMU passes an open node; nothing changes its tables during this query (QEMU's
+    // qcow2 takes its lock inside a coroutine for the same read).
+    let image = unsafe { Node::of(bs).image_drained() };
+    c_int::from(image.encryption().is_none() || !image.first_l2_table_allocated())
 }
 }
 
@@ -917,6 +961,32 @@ unsafe fn qapi_new<T>() -> *mut T {
     unsafe { bindings::g_malloc0(std::mem::size_of::<T>() as u64).cast() }
 }
 
+/// `qemu-img info`'s `encrypt` for a qcow2 image: the crypto layer's description, under
+/// qcow2's format names.
+///
+/// # Safety
+/// `crypto` is open; the result is a QAPI object allocated with glib (freed with the info
+/// that holds it).
+unsafe fn encryption_info(
+    crypto: &crypto::QemuCrypto,
+) -> Result<*mut bindings::ImageInfoSpecificQCow2Encryption, Error> {
+    let info = crypto.info()?;
+    // SAFETY: info is a QCryptoBlockInfo QEMU made for us; its LUKS part moves into the new
+    // object and is zeroed in the old one, so freeing that frees nothing of it.
+    unsafe {
+        let encrypt: *mut bindings::ImageInfoSpecificQCow2Encryption = qapi_new();
+        (*encrypt).format = if (*info).format == bindings::Q_CRYPTO_BLOCK_FORMAT_LUKS {
+            (*encrypt).u.luks = (*info).u.luks;
+            bindings::BLOCKDEV_QCOW2_ENCRYPTION_FORMAT_LUKS
+        } else {
+            bindings::BLOCKDEV_QCOW2_ENCRYPTION_FORMAT_AES
+        };
+        ptr::write_bytes(ptr::addr_of_mut!((*info).u), 0, 1);
+        bindings::qapi_free_QCryptoBlockInfo(info);
+        Ok(encrypt)
+    }
+}
+
 entries! {
 /// The image information of a qcow2b node: that of a qcow2 image, field for field, so that
 /// `qemu-img info`, query-block and query-named-block-nodes show what they show for QEMU's
@@ -932,7 +1002,12 @@ fn qcow2b_get_specific_info(
     // frees them with qapi_free_ImageInfoSpecific.
     unsafe {
         to_c_errp("get_specific_info", errp, || {
-            let header = Node::of(bs).image_drained().header().clone();
+            let node = Node::of(bs);
+            let header = node.image_drained().header().clone();
+            let encrypt = match &node.crypto {
+                Some(crypto) => encryption_info(crypto)?,
+                None => ptr::null_mut(),
+            };
             let info: *mut bindings::ImageInfoSpecificQCow2 = qapi_new();
             let i = &mut *info;
             let compat = if header.version >= 3 { c"1.1" } else { c"0.10" };
@@ -956,6 +1031,8 @@ fn qcow2b_get_specific_info(
                 i.has_data_file = true;
                 i.data_file = bindings::g_strdup(name.as_ptr());
             }
+            i.has_encrypt = !encrypt.is_null();
+            i.encrypt = encrypt;
             i.compression_type = match header.compression_type {
                 CompressionType::Zlib => bindings::QCOW2_COMPRESSION_TYPE_ZLIB,
                 CompressionType::Zstd => bindings::QCOW2_COMPRESSION_TYPE_ZSTD,

@@ -15,6 +15,8 @@
 //! - `opts`: QEMU option lists declared from Rust tables;
 //! - `host_barrier`: the C entry point file-posix calls for a barrier;
 //! - `create`: `qemu-img create` and `qemu-img measure` (QEMU option lists to the engine's);
+//! - `crypto`: encrypted images through QEMU's crypto layer (the engine's cipher, the
+//!   LUKS header at open and at creation);
 //! - `txg`: when the `txg` barrier mode's transaction groups commit (flush, bounds);
 //! - `driver`: the `BlockDriver` table registered under the format name `qcow2b`;
 //! - `recorder`: the `qcow2b-recorder` filter, which logs what reaches its child (for the
@@ -26,6 +28,7 @@
 mod bindings;
 mod cache_clean;
 mod create;
+mod crypto;
 mod driver;
 mod epochs;
 mod ffi;

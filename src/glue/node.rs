@@ -18,6 +18,7 @@ use std::ffi::c_void;
 
 use super::bindings::{self, BlockDriverState, CoMutex, CoQueue, QemuLockable};
 use super::cache_clean::CacheCleaner;
+use super::crypto::QemuCrypto;
 use super::file::FileAccess;
 use super::timer::NodeTimer;
 use crate::engine::{Error, Image, OpenOptions};
@@ -60,6 +61,9 @@ pub struct Node {
     pub txg: Committer,
     /// Drops cached tables unused for `cache-clean-interval` (`cache_clean.rs`).
     pub cache_clean: CacheCleaner,
+    /// An encrypted image's crypto layer (`crypto.rs`): the image's cipher, given to every
+    /// image state read anew (reopen with another file, invalidate_cache).
+    pub crypto: Option<std::rc::Rc<QemuCrypto>>,
 }
 
 /// The state of a node's transaction group committer (`txg.rs`).
@@ -113,6 +117,8 @@ impl Node {
             },
             open_options: RefCell::new(open_options),
             cache_clean: CacheCleaner::new(cache_clean_interval),
+            // Set by the open, once the image's key is unlocked.
+            crypto: None,
         });
         // SAFETY: the objects are zeroed and live at their final heap address.
         unsafe {
@@ -126,11 +132,14 @@ impl Node {
 
     /// Opens the node's image anew from its file (and data file) with `options`: after a
     /// reopen with another file, or an incoming migration.
+    /// An encrypted image gets the node's cipher.
     pub fn open_image(&self, options: &OpenOptions) -> Result<Image<FileAccess>, Error> {
-        match &self.data_file {
-            Some(data) => Image::open_with_data_file(self.file.clone(), data.clone(), options),
-            None => Image::open(self.file.clone(), options),
-        }
+        Image::open_with(
+            self.file.clone(),
+            self.data_file.clone(),
+            options,
+            |fresh| super::crypto::attach(fresh, self.crypto.as_ref()),
+        )
     }
 
     /// The storage the data step moves guest bytes through: the data file, or the file.

@@ -9,8 +9,8 @@
 
 typedef struct Error Error;
 
-/* Records `text` (kind 0 error_report, 1 error_printf, 2 error_setg); returns the token an
- * Error * is set to. */
+/* Records `text` (kind 0 error_report, 1 error_printf, 2 error_setg, 3 error_append_hint);
+ * returns the token an Error * is set to. */
 void *qcow2b_test_message(int kind, const char *text);
 
 static void *record(int kind, const char *fmt, va_list ap)
@@ -51,4 +51,14 @@ void error_setg_internal(Error **errp, const char *src, int line, const char *fu
     if (errp && !*errp) {
         *errp = (Error *)token;
     }
+}
+
+/* A hint after an error (the legacy AES refusal in system emulators): recorded as kind 3. */
+void error_append_hint(Error *const *errp, const char *fmt, ...)
+{
+    va_list ap;
+    (void)errp;
+    va_start(ap, fmt);
+    record(3, fmt, ap);
+    va_end(ap);
 }

@@ -17,8 +17,9 @@
 //! - a discard on the file is counted and changes nothing (it is advisory).
 //!
 //! What the glue calls but these tests do not exercise (image creation through a
-//! BlockBackend, block status, drained sections) aborts with "not modelled", so a test that
-//! reaches it fails loudly instead of passing on a stand-in.
+//! BlockBackend, block status, drained sections, QEMU's crypto layer for encrypted images)
+//! aborts with "not modelled", so a test that reaches it fails loudly instead of passing on
+//! a stand-in.
 //!
 //! Each double has the signature of its binding, checked at compile time.
 
@@ -33,8 +34,10 @@ use std::sync::Mutex;
 use super::bindings::{
     self, gchar, gpointer, gsize, iovec, AioContext, BdrvChild, BdrvChildRole, BdrvRequestFlags,
     BlkdebugEvent, BlockBackend, BlockDriver, BlockDriverState, BlockReopenQueue, CoMutex, CoQueue,
-    CoQueueWaitFlags, Coroutine, CoroutineEntry, PreallocMode, QDict, QEMUClockType, QEMUIOVector,
-    QEMUTimer, QEMUTimerCB, QEMUTimerListGroup, QemuCoSleep, QemuLockable, QemuOpts, QemuOptsList,
+    CoQueueWaitFlags, Coroutine, CoroutineEntry, Error, PreallocMode, QCryptoBlock,
+    QCryptoBlockCreateOptions, QCryptoBlockInfo, QCryptoBlockInitFunc, QCryptoBlockOpenOptions,
+    QCryptoBlockReadFunc, QCryptoBlockWriteFunc, QDict, QEMUClockType, QEMUIOVector, QEMUTimer,
+    QEMUTimerCB, QEMUTimerListGroup, QObject, QemuCoSleep, QemuLockable, QemuOpts, QemuOptsList,
 };
 
 /// Makes a `#[no_mangle]` double of each named QEMU function, and checks at compile time
@@ -102,7 +105,8 @@ pub fn in_flight() -> i64 {
     IN_FLIGHT.with(Cell::get)
 }
 
-/// The messages reported so far (0 error_report, 1 error_printf, 2 error_setg), taken.
+/// The messages reported so far (0 error_report, 1 error_printf, 2 error_setg, 3
+/// error_append_hint), taken.
 pub fn messages() -> Vec<(c_int, String)> {
     MESSAGES.with(|m| std::mem::take(&mut *m.borrow_mut()))
 }
@@ -814,5 +818,134 @@ doubles! {
 
     fn g_strdup(str_: *const gchar) -> *mut gchar {
         unsafe { libc::strdup(str_) }
+    }
+}
+
+// QEMU's crypto layer and the QDicts and errors it works with: only encrypted images (and
+// their creation) reach them, which these tests do not model.
+doubles! {
+    fn qcrypto_block_open(
+        _options: *mut QCryptoBlockOpenOptions,
+        _optprefix: *const c_char,
+        _readfunc: QCryptoBlockReadFunc,
+        _opaque: *mut c_void,
+        _flags: std::ffi::c_uint,
+        _n_threads: usize,
+        _errp: *mut *mut Error,
+    ) -> *mut QCryptoBlock {
+        unmodelled("qcrypto_block_open")
+    }
+
+    fn qcrypto_block_create(
+        _options: *mut QCryptoBlockCreateOptions,
+        _optprefix: *const c_char,
+        _initfunc: QCryptoBlockInitFunc,
+        _writefunc: QCryptoBlockWriteFunc,
+        _opaque: *mut c_void,
+        _errp: *mut *mut Error,
+    ) -> *mut QCryptoBlock {
+        unmodelled("qcrypto_block_create")
+    }
+
+    fn qcrypto_block_encrypt(
+        _block: *mut QCryptoBlock,
+        _offset: u64,
+        _buf: *mut u8,
+        _len: usize,
+        _errp: *mut *mut Error,
+    ) -> c_int {
+        unmodelled("qcrypto_block_encrypt")
+    }
+
+    fn qcrypto_block_decrypt(
+        _block: *mut QCryptoBlock,
+        _offset: u64,
+        _buf: *mut u8,
+        _len: usize,
+        _errp: *mut *mut Error,
+    ) -> c_int {
+        unmodelled("qcrypto_block_decrypt")
+    }
+
+    fn qcrypto_block_free(_block: *mut QCryptoBlock) {
+        unmodelled("qcrypto_block_free")
+    }
+
+    fn qcrypto_block_get_sector_size(_block: *mut QCryptoBlock) -> u64 {
+        unmodelled("qcrypto_block_get_sector_size")
+    }
+
+    fn qcrypto_block_get_info(
+        _block: *mut QCryptoBlock,
+        _errp: *mut *mut Error,
+    ) -> *mut QCryptoBlockInfo {
+        unmodelled("qcrypto_block_get_info")
+    }
+
+    fn qcrypto_block_calculate_payload_offset(
+        _create_opts: *mut QCryptoBlockCreateOptions,
+        _optprefix: *const c_char,
+        _len: *mut usize,
+        _errp: *mut *mut Error,
+    ) -> bool {
+        unmodelled("qcrypto_block_calculate_payload_offset")
+    }
+
+    fn block_crypto_open_opts_init(
+        _opts: *mut QDict,
+        _errp: *mut *mut Error,
+    ) -> *mut QCryptoBlockOpenOptions {
+        unmodelled("block_crypto_open_opts_init")
+    }
+
+    fn block_crypto_create_opts_init(
+        _opts: *mut QDict,
+        _errp: *mut *mut Error,
+    ) -> *mut QCryptoBlockCreateOptions {
+        unmodelled("block_crypto_create_opts_init")
+    }
+
+    fn qapi_free_QCryptoBlockOpenOptions(_obj: *mut QCryptoBlockOpenOptions) {
+        unmodelled("qapi_free_QCryptoBlockOpenOptions")
+    }
+
+    fn qapi_free_QCryptoBlockCreateOptions(_obj: *mut QCryptoBlockCreateOptions) {
+        unmodelled("qapi_free_QCryptoBlockCreateOptions")
+    }
+
+    fn qapi_free_QCryptoBlockInfo(_obj: *mut QCryptoBlockInfo) {
+        unmodelled("qapi_free_QCryptoBlockInfo")
+    }
+
+    fn qdict_new() -> *mut QDict {
+        unmodelled("qdict_new")
+    }
+
+    fn qdict_put_str(_qdict: *mut QDict, _key: *const c_char, _value: *const c_char) {
+        unmodelled("qdict_put_str")
+    }
+
+    fn qdict_extract_subqdict(_src: *mut QDict, _dst: *mut *mut QDict, _start: *const c_char) {
+        unmodelled("qdict_extract_subqdict")
+    }
+
+    fn qemu_opts_to_qdict(_opts: *mut QemuOpts, _qdict: *mut QDict) -> *mut QDict {
+        unmodelled("qemu_opts_to_qdict")
+    }
+
+    fn qobject_destroy(_obj: *mut QObject) {
+        unmodelled("qobject_destroy")
+    }
+
+    fn bdrv_uses_whitelist() -> bool {
+        unmodelled("bdrv_uses_whitelist")
+    }
+
+    fn error_get_pretty(_err: *const Error) -> *const c_char {
+        unmodelled("error_get_pretty")
+    }
+
+    fn error_free(_err: *mut Error) {
+        unmodelled("error_free")
     }
 }

@@ -18,13 +18,15 @@
 //!   the image dirty.
 //! - `overlap-check` and its per-structure booleans: values checked as qcow2 checks them;
 //!   otherwise moot: qcow2b always refuses a write or a free that would hit its metadata.
-//! - `encrypt.format`, `encrypt.key-secret`: refused with qcow2's message on an image
-//!   without encryption; qcow2b opens no encrypted image.
+//! - `encrypt.format`, `encrypt.key-secret` (QEMU's `BlockdevQcow2Encryption`): the format
+//!   is checked against the image with qcow2's messages, the secret unlocks an encrypted
+//!   image's key (`crypto.rs`).
 
 use std::ffi::{c_int, CStr};
 use std::time::Duration;
 
 use super::bindings;
+use super::crypto;
 use super::ffi::entries;
 use super::opts::{bool_opt, leak_list, number_opt, size_opt, string_opt, Opts, OptsListCell};
 use crate::engine::format::header::Header;
@@ -43,6 +45,7 @@ const L2_CACHE_ENTRY_SIZE: &CStr = c"l2-cache-entry-size";
 const REFCOUNT_CACHE_SIZE: &CStr = c"refcount-cache-size";
 const CACHE_CLEAN_INTERVAL: &CStr = c"cache-clean-interval";
 const ENCRYPT_FORMAT: &CStr = c"encrypt.format";
+const ENCRYPT_KEY_SECRET: &CStr = c"encrypt.key-secret";
 const BARRIER: &CStr = c"barrier";
 const BARRIERFS_SYSCALL: &CStr = c"barrierfs-syscall";
 const BARRIERFS_INJECT: &CStr = c"x-barrierfs-inject";
@@ -122,11 +125,11 @@ pub fn list() -> *mut bindings::QemuOptsList {
             ),
             string_opt(
                 ENCRYPT_FORMAT,
-                c"Encryption format of the image (qcow2b opens no encrypted image)",
+                c"Encryption format of the image (aes, luks), checked against its header",
             ),
             string_opt(
-                c"encrypt.key-secret",
-                c"ID of the secret with the image's key (qcow2b opens no encrypted image)",
+                ENCRYPT_KEY_SECRET,
+                c"ID of the secret that provides the image's key (an encrypted image)",
             ),
             string_opt(
                 BARRIER,
@@ -180,6 +183,8 @@ pub struct Settings {
     lazy_refcounts: bool,
     l2_cache_entry_bytes: Option<u64>,
     encrypt_format: Option<String>,
+    /// The ID of the secret with an encrypted image's key.
+    pub key_secret: Option<String>,
 }
 
 fn bad(message: impl Into<String>) -> Error {
@@ -297,6 +302,7 @@ impl Settings {
             lazy_refcounts: opts.bool(LAZY_REFCOUNTS) == Some(true),
             l2_cache_entry_bytes: opts.size(L2_CACHE_ENTRY_SIZE),
             encrypt_format: opts.string(ENCRYPT_FORMAT),
+            key_secret: opts.string(ENCRYPT_KEY_SECRET),
         })
     }
 
@@ -334,14 +340,7 @@ impl Settings {
                  level",
             ));
         }
-        if let Some(format) = &self.encrypt_format {
-            if header.crypt_method == 0 {
-                return Err(bad(format!(
-                    "No encryption in image header, but options specified format '{format}'"
-                )));
-            }
-        }
-        Ok(())
+        crypto::check_format(header.crypt_method(), self.encrypt_format.as_deref())
     }
 }
 

@@ -241,13 +241,13 @@ impl<S: Storage> Image<S> {
     /// error naming the field or feature. An image with an external data file needs
     /// [`Image::open_with_data_file`].
     pub fn open(storage: S, opts: &OpenOptions) -> Result<Self> {
-        Self::open_inner(storage, None, opts)
+        Self::open_with(storage, None, opts, |_| Ok(()))
     }
 
     /// Opens an image whose guest clusters live in the external data file `data`
     /// (`data_file.rs`); refuses an image without one.
     pub fn open_with_data_file(storage: S, data: S, opts: &OpenOptions) -> Result<Self> {
-        Self::open_inner(storage, Some(data), opts)
+        Self::open_with(storage, Some(data), opts, |_| Ok(()))
     }
 
     /// The header of the image in `storage`, parsed and validated, without opening it: what
@@ -273,7 +273,17 @@ impl<S: Storage> Image<S> {
         Header::parse(&first)
     }
 
-    fn open_inner(storage: S, data_file: Option<S>, opts: &OpenOptions) -> Result<Self> {
+    /// Opens an image as [`Image::open`] (or, with `data_file`, [`Image::open_with_data_file`])
+    /// does, with `before_writing` run once the image is read and validated and before a
+    /// read-write open writes anything (a dirty image's repair, the autoclear bits): what the
+    /// caller must check first (an encrypted image's key), so that an open it refuses leaves
+    /// the file as it was.
+    pub fn open_with(
+        storage: S,
+        data_file: Option<S>,
+        opts: &OpenOptions,
+        before_writing: impl FnOnce(&mut Self) -> Result<()>,
+    ) -> Result<Self> {
         let header = Self::read_header(&storage)?;
         match (header.has_data_file(), data_file.is_some()) {
             (true, false) => {
@@ -376,6 +386,7 @@ impl<S: Storage> Image<S> {
             test_discard_early: opts.test_discard_early,
         };
         image.metadata.reload_tables(&image.l1, &image.reftable);
+        before_writing(&mut image)?;
         if !opts.read_only {
             image.make_writable()?;
             // Groups start once the image is writable (its own repairs are written in place
@@ -468,6 +479,13 @@ impl<S: Storage> Image<S> {
 
     pub fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Whether the image looks preallocated as QEMU's qcow2 tells (`qcow2_has_zero_init`):
+    /// its first L1 entry names an L2 table (preallocated images have them all, others
+    /// none before the first write).
+    pub fn first_l2_table_allocated(&self) -> bool {
+        self.l1.first().is_some_and(|&entry| entry != 0)
     }
 
     /// This engine maintains none of the autoclear features (bitmaps are not updated on

@@ -1,0 +1,532 @@
+//! Encrypted images through QEMU's own crypto layer (`crypto/block.c`), as QEMU's qcow2
+//! uses it: the engine decides what is encrypted and with which IV offset
+//! (`engine::image::encryption`); a [`QemuCrypto`] does the encrypting with the image's
+//! `QCryptoBlock`.
+//!
+//! - Open: the runtime options `encrypt.format` and `encrypt.key-secret` (QEMU's
+//!   `BlockdevQcow2Encryption`) become `QCryptoBlockOpenOptions` through
+//!   `block_crypto_open_opts_init`; `qcrypto_block_open` reads a LUKS header from the
+//!   clusters the full disk encryption header extension names. With `BDRV_O_NO_IO`
+//!   (`qemu-img info`) the block is opened without the key and guest data stays refused.
+//!   Method 1 (AES) is refused in system emulators, with QEMU's message.
+//! - Create: the `encrypt.*` creation options become `QCryptoBlockCreateOptions` through
+//!   `block_crypto_create_opts_init`; `qcrypto_block_create` calls back with the LUKS
+//!   header's length (the engine lays the image out and zero-fills those clusters,
+//!   `engine::begin_create`) and then with the header's bytes (written into them); only then
+//!   does the engine write the qcow2 header that names them (`NewImage::finish`).
+//!
+//! Everything runs in the node's AioContext (open and create outside a coroutine, requests
+//! inside one); a `QCryptoBlock` is used by one thread at a time, so one cipher instance is
+//! enough (`n_threads` 1).
+
+use std::ffi::{c_int, c_void, CStr, CString};
+use std::ptr;
+use std::rc::Rc;
+
+use super::bindings::{self, QCryptoBlock, QDict, QemuOpts};
+use super::ffi::{entries, set_error};
+use super::file::FileAccess;
+use super::storage::BlkStorage;
+use crate::engine::format::header::EncryptionHeaderExtent;
+use crate::engine::{
+    begin_create, CreateEncryption, CreateOptions, CryptMethod, DataCipher, Error, Image, NewImage,
+    Storage,
+};
+
+/// The prefix QEMU's qcow2 gives its crypto options (messages name `encrypt.key-secret`).
+const OPTION_PREFIX: &CStr = c"encrypt.";
+
+/// An image's `QCryptoBlock`, freed on drop.
+pub struct QemuCrypto {
+    block: *mut QCryptoBlock,
+    /// Opened with the key (not `BDRV_O_NO_IO`): it can encrypt and decrypt.
+    keyed: bool,
+}
+
+impl Drop for QemuCrypto {
+    fn drop(&mut self) {
+        // SAFETY: the block was opened or created by QEMU and is freed once, here.
+        unsafe { bindings::qcrypto_block_free(self.block) };
+    }
+}
+
+impl QemuCrypto {
+    /// Whether it can encrypt and decrypt (opened with the key).
+    pub fn keyed(&self) -> bool {
+        self.keyed
+    }
+
+    /// The sector its cipher works in (512 for both of qcow2's formats).
+    pub fn sector_size(&self) -> u64 {
+        // SAFETY: the block is open.
+        unsafe { bindings::qcrypto_block_get_sector_size(self.block) }
+    }
+
+    /// QEMU's description of the encryption (`qemu-img info`'s `encrypt`), or the error.
+    pub fn info(&self) -> Result<*mut bindings::QCryptoBlockInfo, Error> {
+        let mut err = ptr::null_mut();
+        // SAFETY: the block is open; err is a local Error * taken below.
+        let info = unsafe { bindings::qcrypto_block_get_info(self.block, &mut err) };
+        if info.is_null() {
+            // SAFETY: QEMU set err on failure.
+            return Err(Error::BadOption(unsafe { take_error(err) }));
+        }
+        Ok(info)
+    }
+
+    fn crypt(
+        &self,
+        what: &str,
+        iv_offset: u64,
+        buf: &mut [u8],
+        f: unsafe extern "C" fn(
+            *mut QCryptoBlock,
+            u64,
+            *mut u8,
+            usize,
+            *mut *mut bindings::Error,
+        ) -> c_int,
+    ) -> Result<(), Error> {
+        if !self.keyed {
+            return Err(Error::Unsupported(format!(
+                "{what} without the key (the image was opened for no I/O)"
+            )));
+        }
+        // SAFETY: the block is open with its cipher; buf is valid for its length; the engine
+        // passes whole sectors (checked in `Encryption::encrypt`/`decrypt`), which QEMU
+        // asserts. As QEMU's qcow2, no Error is asked for: a failure is -EIO.
+        let ret = unsafe {
+            f(
+                self.block,
+                iv_offset,
+                buf.as_mut_ptr(),
+                buf.len(),
+                ptr::null_mut(),
+            )
+        };
+        if ret < 0 {
+            return Err(Error::io(
+                format!("{what} {} bytes at {iv_offset:#x}", buf.len()),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl DataCipher for QemuCrypto {
+    fn encrypt(&self, iv_offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        self.crypt(
+            "encrypting",
+            iv_offset,
+            buf,
+            bindings::qcrypto_block_encrypt,
+        )
+    }
+
+    fn decrypt(&self, iv_offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        self.crypt(
+            "decrypting",
+            iv_offset,
+            buf,
+            bindings::qcrypto_block_decrypt,
+        )
+    }
+}
+
+/// The message of a QEMU `Error`, which is freed.
+///
+/// # Safety
+/// `err` is NULL or an `Error` QEMU set, owned by the caller.
+unsafe fn take_error(err: *mut bindings::Error) -> String {
+    if err.is_null() {
+        return "unknown error".into();
+    }
+    // SAFETY: per the caller; the message is read before the error is freed.
+    unsafe {
+        let msg = CStr::from_ptr(bindings::error_get_pretty(err))
+            .to_string_lossy()
+            .into_owned();
+        bindings::error_free(err);
+        msg
+    }
+}
+
+/// A QDict the caller owns, released on drop (`qobject_unref`).
+struct OwnedQDict(*mut QDict);
+
+impl OwnedQDict {
+    fn new() -> OwnedQDict {
+        // SAFETY: a new, empty dictionary with one reference, ours.
+        OwnedQDict(unsafe { bindings::qdict_new() })
+    }
+
+    fn put(&self, key: &CStr, value: &CStr) {
+        // SAFETY: the dictionary is live; QEMU copies key and value.
+        unsafe { bindings::qdict_put_str(self.0, key.as_ptr(), value.as_ptr()) };
+    }
+}
+
+impl Drop for OwnedQDict {
+    fn drop(&mut self) {
+        if self.0.is_null() {
+            return;
+        }
+        // SAFETY: qobject_unref, which is inline in C: the dictionary holds the reference
+        // this value owns; the last one destroys it.
+        unsafe {
+            let base = &mut (*self.0).base;
+            base.refcnt -= 1;
+            if base.refcnt == 0 {
+                bindings::qobject_destroy(self.0.cast());
+            }
+        }
+    }
+}
+
+/// QEMU's name of a qcow2 method in its crypto layer's options.
+fn crypto_format(method: CryptMethod) -> &'static CStr {
+    match method {
+        CryptMethod::Aes => c"qcow",
+        CryptMethod::Luks => c"luks",
+    }
+}
+
+/// Checks the runtime option `encrypt.format` against the image, with QEMU's messages (at
+/// open and at every reopen).
+pub fn check_format(method: Option<CryptMethod>, format: Option<&str>) -> Result<(), Error> {
+    match (method, format) {
+        (None, Some(format)) => Err(Error::BadOption(format!(
+            "No encryption in image header, but options specified format '{format}'"
+        ))),
+        (Some(method), Some(format)) if format != method.name() => Err(Error::BadOption(format!(
+            "Header reported '{}' encryption format but options specify '{format}'",
+            method.name()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Where `qcrypto_block_open` reads the LUKS header from (its read callback's opaque).
+struct HeaderReader<'a> {
+    file: &'a FileAccess,
+    extent: EncryptionHeaderExtent,
+}
+
+entries! {
+/// `QCryptoBlockReadFunc`: bytes of the LUKS header, inside the clusters the extension names.
+fn read_luks_header(
+    _block: *mut QCryptoBlock,
+    offset: usize,
+    buf: *mut u8,
+    buflen: usize,
+    opaque: *mut c_void,
+    errp: *mut *mut bindings::Error,
+) -> Result<c_int, Error>, errp = errp {
+    // SAFETY: opaque is the HeaderReader `open` passed, alive for the whole
+    // qcrypto_block_open; buf is valid for buflen bytes.
+    let (reader, buf) = unsafe {
+        (
+            &*opaque.cast::<HeaderReader>(),
+            std::slice::from_raw_parts_mut(buf, buflen),
+        )
+    };
+    let inside = (offset as u64)
+        .checked_add(buflen as u64)
+        .is_some_and(|end| end <= reader.extent.length_bytes);
+    if !inside {
+        return Err(Error::BadOption(
+            "Request for data outside of extension header".into(),
+        ));
+    }
+    reader
+        .file
+        .read_at(reader.extent.offset + offset as u64, buf)
+        .map(|()| 0)
+        .map_err(|e| Error::io("Could not read encryption header", e))
+}
+}
+
+/// Opens the crypto layer of an encrypted image, with the key the runtime options name
+/// (`None` for an image without encryption). On failure `*errp` says why (QEMU's message)
+/// and the errno is returned.
+///
+/// # Safety
+/// `errp` is NULL or a valid `Error **` whose `*errp` is NULL; `image` reads through the
+/// node's open file child.
+pub unsafe fn open(
+    image: &Image<FileAccess>,
+    key_secret: Option<&str>,
+    flags: c_int,
+    errp: *mut *mut bindings::Error,
+) -> Result<Option<Rc<QemuCrypto>>, c_int> {
+    let Some(method) = image.header().crypt_method() else {
+        return Ok(None);
+    };
+    // SAFETY: plain queries and error reporting into errp (caller's contract).
+    unsafe {
+        if method == CryptMethod::Aes && bindings::bdrv_uses_whitelist() {
+            set_error(
+                errp,
+                "Use of AES-CBC encrypted qcow2 images is no longer supported in system \
+                 emulators",
+            );
+            bindings::error_append_hint(
+                errp,
+                c"%s".as_ptr(),
+                c"You can use 'qemu-img convert' to convert your image to an alternative supported format, such as unencrypted qcow2, or raw with the LUKS format instead.\n"
+                    .as_ptr(),
+            );
+            return Err(-libc::ENOSYS);
+        }
+    }
+    let no_io = flags & bindings::BDRV_O_NO_IO as c_int != 0;
+    let extent = image.header().encryption_header;
+    if method == CryptMethod::Luks && extent.is_none() {
+        if no_io {
+            // As QEMU's qcow2: nothing to open, and nothing will be read.
+            return Ok(None);
+        }
+        // SAFETY: as above.
+        unsafe { set_error(errp, "Missing CRYPTO header for crypt method 2") };
+        return Err(-libc::EINVAL);
+    }
+
+    let options = OwnedQDict::new();
+    options.put(c"format", crypto_format(method));
+    if let Some(secret) = key_secret {
+        let secret = CString::new(secret).map_err(|_| {
+            // SAFETY: as above.
+            unsafe { set_error(errp, "encrypt.key-secret holds a NUL byte") };
+            -libc::EINVAL
+        })?;
+        options.put(c"key-secret", &secret);
+    }
+    // SAFETY: the dictionary is live; errp per the caller.
+    let open_options = unsafe { bindings::block_crypto_open_opts_init(options.0, errp) };
+    if open_options.is_null() {
+        return Err(-libc::EINVAL);
+    }
+    let reader = HeaderReader {
+        file: image.storage(),
+        extent: extent.unwrap_or(EncryptionHeaderExtent {
+            offset: 0,
+            length_bytes: 0,
+        }),
+    };
+    let (read_func, opaque): (bindings::QCryptoBlockReadFunc, *mut c_void) = match extent {
+        Some(_) => (
+            Some(read_luks_header),
+            ptr::from_ref(&reader).cast_mut().cast(),
+        ),
+        None => (None, ptr::null_mut()),
+    };
+    let crypto_flags = if no_io {
+        bindings::QCRYPTO_BLOCK_OPEN_NO_IO
+    } else {
+        0
+    };
+    // SAFETY: the options are live until freed below; the reader outlives the call, which
+    // reads through it synchronously; errp per the caller.
+    let block = unsafe {
+        let block = bindings::qcrypto_block_open(
+            open_options,
+            OPTION_PREFIX.as_ptr(),
+            read_func,
+            opaque,
+            crypto_flags,
+            1,
+            errp,
+        );
+        bindings::qapi_free_QCryptoBlockOpenOptions(open_options);
+        block
+    };
+    if block.is_null() {
+        return Err(-libc::EINVAL);
+    }
+    Ok(Some(Rc::new(QemuCrypto {
+        block,
+        keyed: !no_io,
+    })))
+}
+
+/// Gives `image` the cipher of `crypto` when it has the key.
+pub fn attach(image: &mut Image<FileAccess>, crypto: Option<&Rc<QemuCrypto>>) -> Result<(), Error> {
+    match crypto {
+        Some(crypto) if crypto.keyed() => image.set_cipher(crypto.clone()),
+        _ => Ok(()),
+    }
+}
+
+/// `QCryptoBlockCreateOptions`, freed on drop.
+pub struct CreateCrypto(*mut bindings::QCryptoBlockCreateOptions);
+
+impl Drop for CreateCrypto {
+    fn drop(&mut self) {
+        // SAFETY: made by block_crypto_create_opts_init, freed once.
+        unsafe { bindings::qapi_free_QCryptoBlockCreateOptions(self.0) };
+    }
+}
+
+/// The crypto layer's creation options for `method` from the `encrypt.*` options in `opts`
+/// (QEMU's parser and messages: an unknown or unexpected option is refused there). On
+/// failure `*errp` says why.
+///
+/// # Safety
+/// `opts` is a live `QemuOpts`; `errp` NULL or a valid `Error **` whose `*errp` is NULL.
+pub unsafe fn create_options(
+    opts: *mut QemuOpts,
+    method: CryptMethod,
+    errp: *mut *mut bindings::Error,
+) -> Option<CreateCrypto> {
+    // SAFETY: per the caller; qemu_opts_to_qdict makes a new dictionary (ours), and
+    // qdict_extract_subqdict a new one of the `encrypt.` keys (ours too).
+    unsafe {
+        let all = OwnedQDict(bindings::qemu_opts_to_qdict(opts, ptr::null_mut()));
+        let mut sub = ptr::null_mut();
+        bindings::qdict_extract_subqdict(all.0, &mut sub, OPTION_PREFIX.as_ptr());
+        let sub = OwnedQDict(sub);
+        sub.put(c"format", crypto_format(method));
+        let created = bindings::block_crypto_create_opts_init(sub.0, errp);
+        (!created.is_null()).then_some(CreateCrypto(created))
+    }
+}
+
+/// What `qcrypto_block_create`'s callbacks work on (their opaque).
+struct Creation<'a> {
+    storage: &'a BlkStorage,
+    /// The external data file, when the options name one.
+    data: Option<&'a BlkStorage>,
+    options: CreateOptions,
+    /// The image once its layout is known (the init callback), written by the write
+    /// callback, finished by [`create`].
+    image: Option<NewImage>,
+}
+
+entries! {
+/// `QCryptoBlockInitFunc`: the LUKS header is `headerlen` bytes; the image is laid out with
+/// clusters for it, counted and zeroed, the qcow2 header not yet written.
+fn init_luks_header(
+    _block: *mut QCryptoBlock,
+    headerlen: usize,
+    opaque: *mut c_void,
+    errp: *mut *mut bindings::Error,
+) -> Result<c_int, Error>, errp = errp {
+    // SAFETY: opaque is the Creation `create` passed, alive and not otherwise borrowed
+    // during qcrypto_block_create.
+    let creation = unsafe { &mut *opaque.cast::<Creation>() };
+    creation.options.encryption = Some(CreateEncryption::Luks {
+        header_bytes: headerlen as u64,
+    });
+    match begin_create(creation.storage, creation.data, &creation.options) {
+        Ok(image) => {
+            creation.image = Some(image);
+            Ok(0)
+        }
+        Err(e) => Err(Error::BadOption(format!(
+            "Cannot allocate clusters for LUKS header size {headerlen}: {e}"
+        ))),
+    }
+}
+}
+
+entries! {
+/// `QCryptoBlockWriteFunc`: bytes of the LUKS header, into its clusters.
+fn write_luks_header(
+    _block: *mut QCryptoBlock,
+    offset: usize,
+    buf: *const u8,
+    buflen: usize,
+    opaque: *mut c_void,
+    errp: *mut *mut bindings::Error,
+) -> Result<c_int, Error>, errp = errp {
+    // SAFETY: as for the init callback; buf is valid for buflen bytes.
+    let (creation, bytes) = unsafe {
+        (
+            &*opaque.cast::<Creation>(),
+            std::slice::from_raw_parts(buf, buflen),
+        )
+    };
+    let Some(image) = &creation.image else {
+        return Err(Error::BadOption("LUKS header written before it was laid out".into()));
+    };
+    image
+        .write_encryption_header(creation.storage, offset as u64, bytes)
+        .map(|()| 0)
+}
+}
+
+/// Creates an encrypted image in `storage` as `options` say, its key and cipher made by
+/// `qcrypto_block_create` from `crypto`. Returns the errno after `*errp` was set by QEMU's
+/// crypto layer, or the engine's error.
+///
+/// # Safety
+/// In a coroutine or outside one, as `BlkStorage` allows; `errp` as for [`open`].
+pub unsafe fn create(
+    storage: &BlkStorage,
+    data: Option<&BlkStorage>,
+    options: CreateOptions,
+    crypto: &CreateCrypto,
+    errp: *mut *mut bindings::Error,
+) -> Result<c_int, Error> {
+    let luks = matches!(options.encryption, Some(CreateEncryption::Luks { .. }));
+    let mut creation = Creation {
+        storage,
+        data,
+        options,
+        image: None,
+    };
+    // SAFETY: the options are live (owned by `crypto`); the callbacks get `creation`, which
+    // outlives the synchronous call; errp per the caller.
+    let block = unsafe {
+        bindings::qcrypto_block_create(
+            crypto.0,
+            OPTION_PREFIX.as_ptr(),
+            Some(init_luks_header),
+            Some(write_luks_header),
+            ptr::from_mut(&mut creation).cast(),
+            errp,
+        )
+    };
+    if block.is_null() {
+        return Ok(-libc::EINVAL);
+    }
+    // The key checked out; the block itself is not needed any more.
+    drop(QemuCrypto {
+        block,
+        keyed: false,
+    });
+    let image = match (creation.image, luks) {
+        (Some(image), true) => image,
+        (None, true) => {
+            return Err(Error::BadOption(
+                "the LUKS header was never laid out (no init callback)".into(),
+            ))
+        }
+        // AES stores nothing but its method.
+        (_, false) => begin_create(storage, data, &creation.options)?,
+    };
+    image.finish(storage)?;
+    Ok(0)
+}
+
+/// Bytes of LUKS header `crypto` makes (QEMU's trial creation, as for `qemu-img measure`).
+///
+/// # Safety
+/// `errp` as for [`open`].
+pub unsafe fn luks_header_bytes(
+    crypto: &CreateCrypto,
+    errp: *mut *mut bindings::Error,
+) -> Option<u64> {
+    let mut len = 0usize;
+    // SAFETY: the options are live; len is a valid out-pointer; errp per the caller.
+    let ok = unsafe {
+        bindings::qcrypto_block_calculate_payload_offset(
+            crypto.0,
+            OPTION_PREFIX.as_ptr(),
+            &mut len,
+            errp,
+        )
+    };
+    ok.then_some(len as u64)
+}
