@@ -249,8 +249,16 @@ pub fn qcow2b_co_create_opts(
                 None => None,
             };
             let options = create_options(opts, true)?;
-            // Refuse bad options before anything exists on disk.
+            // Refuse bad options before anything exists on disk; the key too.
             options.validate()?;
+            let luks_header = match &crypto {
+                Some(crypto) => match crypto::make_key(crypto, errp) {
+                    Ok(header) => header,
+                    // errp says why.
+                    Err(errno) => return Ok(errno),
+                },
+                None => None,
+            };
             // The protocol layer makes the file (it takes the options it knows, such as
             // preallocation for file-posix); the engine writes the image into it.
             let ret = bindings::bdrv_create_file(filename, opts, errp);
@@ -279,10 +287,13 @@ pub fn qcow2b_co_create_opts(
                 }
             };
             match (&crypto, &data) {
-                (Some(crypto), _) => crypto::create(&storage, data.as_ref(), options, crypto, errp),
-                (None, Some(data)) => create_with_data_file(&storage, data, &options).map(|()| 0),
-                (None, None) => create(&storage, &options).map(|()| 0),
+                (Some(_), _) => {
+                    crypto::create(&storage, data.as_ref(), options, luks_header.as_deref())?
+                }
+                (None, Some(data)) => create_with_data_file(&storage, data, &options)?,
+                (None, None) => create(&storage, &options)?,
             }
+            Ok(0)
         })
     }
 }

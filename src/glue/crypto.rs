@@ -10,10 +10,11 @@
 //!   (`qemu-img info`) the block is opened without the key and guest data stays refused.
 //!   Method 1 (AES) is refused in system emulators, with QEMU's message.
 //! - Create: the `encrypt.*` creation options become `QCryptoBlockCreateOptions` through
-//!   `block_crypto_create_opts_init`; `qcrypto_block_create` calls back with the LUKS
-//!   header's length (the engine lays the image out and zero-fills those clusters,
-//!   `engine::begin_create`) and then with the header's bytes (written into them); only then
-//!   does the engine write the qcow2 header that names them (`NewImage::finish`).
+//!   `block_crypto_create_opts_init`; `qcrypto_block_create` makes the key and calls back
+//!   with the LUKS header's length and bytes, kept in memory until the file exists (so a
+//!   refused key leaves none); then the engine lays the image out with the header's clusters
+//!   counted and zero-filled (`engine::begin_create`), the header's bytes are written into
+//!   them, and only then the qcow2 header that names them (`NewImage::finish`).
 //!
 //! Everything runs in the node's AioContext (open and create outside a coroutine, requests
 //! inside one); a `QCryptoBlock` is used by one thread at a time, so one cipher instance is
@@ -29,8 +30,7 @@ use super::file::FileAccess;
 use super::storage::BlkStorage;
 use crate::engine::format::header::EncryptionHeaderExtent;
 use crate::engine::{
-    begin_create, CreateEncryption, CreateOptions, CryptMethod, DataCipher, Error, Image, NewImage,
-    Storage,
+    begin_create, CreateEncryption, CreateOptions, CryptMethod, DataCipher, Error, Image, Storage,
 };
 
 /// The prefix QEMU's qcow2 gives its crypto options (messages name `encrypt.key-secret`).
@@ -392,46 +392,32 @@ pub unsafe fn create_options(
     }
 }
 
-/// What `qcrypto_block_create`'s callbacks work on (their opaque).
-struct Creation<'a> {
-    storage: &'a BlkStorage,
-    /// The external data file, when the options name one.
-    data: Option<&'a BlkStorage>,
-    options: CreateOptions,
-    /// The image once its layout is known (the init callback), written by the write
-    /// callback, finished by [`create`].
-    image: Option<NewImage>,
+/// The LUKS header `qcrypto_block_create` makes, collected by its callbacks (their opaque).
+#[derive(Default)]
+struct LuksHeader {
+    /// `None` until the init callback says how long it is.
+    bytes: Option<Vec<u8>>,
 }
 
 entries! {
-/// `QCryptoBlockInitFunc`: the LUKS header is `headerlen` bytes; the image is laid out with
-/// clusters for it, counted and zeroed, the qcow2 header not yet written.
+/// `QCryptoBlockInitFunc`: the LUKS header is `headerlen` bytes (zeros where it writes
+/// nothing, unused key slots among them, as in QEMU's qcow2).
 fn init_luks_header(
     _block: *mut QCryptoBlock,
     headerlen: usize,
     opaque: *mut c_void,
-    errp: *mut *mut bindings::Error,
-) -> Result<c_int, Error>, errp = errp {
-    // SAFETY: opaque is the Creation `create` passed, alive and not otherwise borrowed
+    _errp: *mut *mut bindings::Error,
+) -> Result<c_int, Error> {
+    // SAFETY: opaque is the LuksHeader `make_key` passed, alive and not otherwise borrowed
     // during qcrypto_block_create.
-    let creation = unsafe { &mut *opaque.cast::<Creation>() };
-    creation.options.encryption = Some(CreateEncryption::Luks {
-        header_bytes: headerlen as u64,
-    });
-    match begin_create(creation.storage, creation.data, &creation.options) {
-        Ok(image) => {
-            creation.image = Some(image);
-            Ok(0)
-        }
-        Err(e) => Err(Error::BadOption(format!(
-            "Cannot allocate clusters for LUKS header size {headerlen}: {e}"
-        ))),
-    }
+    let header = unsafe { &mut *opaque.cast::<LuksHeader>() };
+    header.bytes = Some(vec![0u8; headerlen]);
+    Ok(0)
 }
 }
 
 entries! {
-/// `QCryptoBlockWriteFunc`: bytes of the LUKS header, into its clusters.
+/// `QCryptoBlockWriteFunc`: bytes of the LUKS header, at `offset` in it.
 fn write_luks_header(
     _block: *mut QCryptoBlock,
     offset: usize,
@@ -441,42 +427,42 @@ fn write_luks_header(
     errp: *mut *mut bindings::Error,
 ) -> Result<c_int, Error>, errp = errp {
     // SAFETY: as for the init callback; buf is valid for buflen bytes.
-    let (creation, bytes) = unsafe {
+    let (header, bytes) = unsafe {
         (
-            &*opaque.cast::<Creation>(),
+            &mut *opaque.cast::<LuksHeader>(),
             std::slice::from_raw_parts(buf, buflen),
         )
     };
-    let Some(image) = &creation.image else {
-        return Err(Error::BadOption("LUKS header written before it was laid out".into()));
-    };
-    image
-        .write_encryption_header(creation.storage, offset as u64, bytes)
-        .map(|()| 0)
+    let target = header
+        .bytes
+        .as_mut()
+        .and_then(|h| h.get_mut(offset..offset.checked_add(buflen)?));
+    match target {
+        Some(target) => {
+            target.copy_from_slice(bytes);
+            Ok(0)
+        }
+        None => Err(Error::BadOption(
+            "Request for data outside of extension header".into(),
+        )),
+    }
 }
 }
 
-/// Creates an encrypted image in `storage` as `options` say, its key and cipher made by
-/// `qcrypto_block_create` from `crypto`. Returns the errno after `*errp` was set by QEMU's
-/// crypto layer, or the engine's error.
+/// Makes the key of a new encrypted image with `qcrypto_block_create` (the secret, the
+/// cipher and, for LUKS, the key slot and its header) before anything exists on disk, so
+/// that a missing secret or a cipher this build lacks leaves no file behind. Returns the
+/// LUKS header's bytes (`None` for AES, which stores nothing), or the errno after `*errp`
+/// was set by QEMU's crypto layer.
 ///
 /// # Safety
-/// In a coroutine or outside one, as `BlkStorage` allows; `errp` as for [`open`].
-pub unsafe fn create(
-    storage: &BlkStorage,
-    data: Option<&BlkStorage>,
-    options: CreateOptions,
+/// `errp` as for [`open`].
+pub unsafe fn make_key(
     crypto: &CreateCrypto,
     errp: *mut *mut bindings::Error,
-) -> Result<c_int, Error> {
-    let luks = matches!(options.encryption, Some(CreateEncryption::Luks { .. }));
-    let mut creation = Creation {
-        storage,
-        data,
-        options,
-        image: None,
-    };
-    // SAFETY: the options are live (owned by `crypto`); the callbacks get `creation`, which
+) -> Result<Option<Vec<u8>>, c_int> {
+    let mut header = LuksHeader::default();
+    // SAFETY: the options are live (owned by `crypto`); the callbacks get `header`, which
     // outlives the synchronous call; errp per the caller.
     let block = unsafe {
         bindings::qcrypto_block_create(
@@ -484,30 +470,41 @@ pub unsafe fn create(
             OPTION_PREFIX.as_ptr(),
             Some(init_luks_header),
             Some(write_luks_header),
-            ptr::from_mut(&mut creation).cast(),
+            ptr::from_mut(&mut header).cast(),
             errp,
         )
     };
     if block.is_null() {
-        return Ok(-libc::EINVAL);
+        return Err(-libc::EINVAL);
     }
-    // The key checked out; the block itself is not needed any more.
+    // The image needs the header only; the block goes.
     drop(QemuCrypto {
         block,
         keyed: false,
     });
-    let image = match (creation.image, luks) {
-        (Some(image), true) => image,
-        (None, true) => {
-            return Err(Error::BadOption(
-                "the LUKS header was never laid out (no init callback)".into(),
-            ))
-        }
-        // AES stores nothing but its method.
-        (_, false) => begin_create(storage, data, &creation.options)?,
-    };
-    image.finish(storage)?;
-    Ok(0)
+    Ok(header.bytes)
+}
+
+/// Creates an encrypted image in `storage` (its guest data in `data`, when the options name
+/// an external data file) as `options` say, with the LUKS header [`make_key`] made. Ordering: the engine counts and zero-fills the LUKS header's clusters
+/// with the tables, the header's bytes are written into them, and only then is the qcow2
+/// header that names them written (`NewImage::finish`: an ordering point before it).
+pub fn create(
+    storage: &BlkStorage,
+    data: Option<&BlkStorage>,
+    mut options: CreateOptions,
+    luks_header: Option<&[u8]>,
+) -> Result<(), Error> {
+    if let Some(header) = luks_header {
+        options.encryption = Some(CreateEncryption::Luks {
+            header_bytes: header.len() as u64,
+        });
+    }
+    let image = begin_create(storage, data, &options)?;
+    if let Some(header) = luks_header {
+        image.write_encryption_header(storage, 0, header)?;
+    }
+    image.finish(storage)
 }
 
 /// Bytes of LUKS header `crypto` makes (QEMU's trial creation, as for `qemu-img measure`).

@@ -13,8 +13,12 @@ expect_status 1 "info on a truncated header" "$QEMU_IMG" info -f qcow2b "$SCRATC
 
 expect_status 1 "read from random bytes" "$QEMU_IO" -f qcow2b -c 'read 0 4k' "$SCRATCH/random.img"
 
-expect_status 1 "create with encryption" "$QEMU_IMG" create -f qcow2b -o encryption=on "$SCRATCH/new.qcow2" 1M
-expect_output "not supported by qcow2b: .*encrypt"
+expect_status 1 "create with encryption and no key" "$QEMU_IMG" create -f qcow2b -o encryption=on "$SCRATCH/new.qcow2" 1M
+expect_output "Parameter 'encrypt.key-secret' is required for cipher"
+[ ! -e "$SCRATCH/new.qcow2" ] || fail "a refused create left a file behind"
+expect_status 1 "create with LUKS in xts mode (not in this build's crypto)" "$QEMU_IMG" create -f qcow2b \
+  --object secret,id=sec0,data=key -o encrypt.format=luks,encrypt.key-secret=sec0 "$SCRATCH/new.qcow2" 1M
+expect_output "Unsupported cipher mode xts"
 [ ! -e "$SCRATCH/new.qcow2" ] || fail "a refused create left a file behind"
 expect_status 1 "create with extended L2 and small clusters" "$QEMU_IMG" create -f qcow2b \
   -o extended_l2=on,cluster_size=8k "$SCRATCH/new.qcow2" 1M

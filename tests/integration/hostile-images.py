@@ -179,7 +179,7 @@ def cases():
     yield "header_length beyond the cluster", base_image, header(100, 2 * CLUSTER), "open"
     yield "unknown incompatible feature", base_image, header(72, 1 << 40, 64), "open"
     yield "external data file bit", base_image, header(72, 1 << 2, 64), "open"
-    yield "encryption", base_image, header(32, 1), "open"
+    yield "encryption method 3", base_image, header(32, 3), "open"
     yield "header extension longer than the cluster", base_image, extension(0x12345678, 0x7FFFFFF0), "open"
     yield "backing file name beyond the cluster", base_image, \
         lambda img: (img.put64(8, CLUSTER - 4), img.put32(16, 1000)), "open"
