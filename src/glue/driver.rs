@@ -688,10 +688,23 @@ fn qcow2b_has_zero_init(bs: *mut BlockDriverState) -> c_int {
     // A new qcow2 image reads as zeros wherever nothing was written (no external data file),
     // except an encrypted one whose clusters were preallocated: they decrypt to noise. As
     // QEMU's qcow2, a first L2 table means a preallocated image.
-    // SAFETY: QEMU passes an open node; nothing changes its tables during this query (QEMU's
-    // qcow2 takes its lock inside a coroutine for the same read).
-    let image = unsafe { Node::of(bs).image_drained() };
-    c_int::from(image.encryption().is_none() || !image.first_l2_table_allocated())
+    let answer = |image: &Image<FileAccess>| {
+        c_int::from(image.encryption().is_none() || !image.first_l2_table_allocated())
+    };
+    // SAFETY: QEMU passes an open node. Inside a coroutine (a mirror job's start) requests
+    // may be in flight: the lock, as QEMU's qcow2 takes it; outside one the node is idle.
+    unsafe {
+        let node = Node::of(bs);
+        if super::file::in_coroutine() {
+            match node.lock() {
+                Ok(mut locked) => answer(locked.image()),
+                // A poisoned node promises nothing.
+                Err(_) => 0,
+            }
+        } else {
+            answer(node.image_drained())
+        }
+    }
 }
 }
 
