@@ -426,6 +426,12 @@ impl Header {
                     .into(),
             ));
         }
+        if self.l2_width() == L2Width::Extended && self.crypt_method != 0 {
+            // The subcluster paths move data without the cipher; refused until they use it.
+            return Err(Error::Unsupported(
+                "extended L2 entries (incompatible bit 4) with encryption".into(),
+            ));
+        }
         Ok(())
     }
 
