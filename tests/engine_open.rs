@@ -58,6 +58,7 @@ fn assert_err(result: Result<Image<MemStorage>, Error>, variant: &str, needle: &
         Error::ReadOnly => "ReadOnly",
         Error::OutOfRange { .. } => "OutOfRange",
         Error::BadOption(_) => "BadOption",
+        Error::Refused { .. } => "Refused",
     };
     assert_eq!(got, variant, "{err}");
     assert!(

@@ -1210,6 +1210,165 @@ fn qcow2b_snapshot_list(
 }
 }
 
+/// The node's ordered-mode buffer emptied, for operations that change the image's shape
+/// outside requests (a snapshot taken, applied or deleted): they start from a file that
+/// holds everything written before.
+/// Its background writer (started by the VM state's writes, in the node's AioContext) is
+/// waited for first by the block layer's drain, which polls from the right thread.
+///
+/// # Safety
+/// `bs` is the open node of `node`, outside any coroutine.
+unsafe fn drain_ordered(bs: *mut BlockDriverState, node: &Node, what: &str) -> Result<(), Error> {
+    if let FileAccess::Ordered(o) = &node.file {
+        // SAFETY: per the caller.
+        unsafe { bindings::bdrv_drained_begin(bs) };
+        let drained = o.drain();
+        // SAFETY: as above, paired with the begin.
+        unsafe { bindings::bdrv_drained_end(bs) };
+        drained.map_err(|e| Error::io(format!("emptying the write-back buffer to {what}"), e))?;
+    }
+    Ok(())
+}
+
+/// The bytes a vector holds.
+///
+/// # Safety
+/// `qiov` is a valid vector.
+unsafe fn qiov_len(qiov: *const QEMUIOVector) -> usize {
+    // SAFETY: per the caller, `iov` holds `niov` entries.
+    unsafe {
+        let n = usize::try_from((*qiov).niov).unwrap_or(0);
+        (0..n).map(|i| (*(*qiov).iov.add(i)).iov_len).sum()
+    }
+}
+
+/// A C string argument QEMU may pass as NULL, as bytes.
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string.
+unsafe fn opt_bytes<'a>(p: *const c_char) -> Option<&'a [u8]> {
+    // SAFETY: per the caller.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_bytes())
+}
+
+entries! {
+/// Takes an internal snapshot (`qemu-img snapshot -c`, savevm, QMP
+/// blockdev-snapshot-internal-sync): the id is the next free number, written back into
+/// `sn_info` as QEMU's qcow2 does; the VM state saved before is `vm_state_size` bytes.
+fn qcow2b_snapshot_create(
+    bs: *mut BlockDriverState,
+    sn_info: *mut bindings::QEMUSnapshotInfo,
+) -> c_int {
+    to_c("snapshot_create", || {
+        // SAFETY: QEMU passes an open node, drained, and a valid snapshot description.
+        let (node, info) = unsafe { (Node::of(bs), &mut *sn_info) };
+        // SAFETY: bs is the open node of `node`; snapshot callbacks run outside coroutines.
+        unsafe { drain_ordered(bs, node, "take a snapshot") }?;
+        // SAFETY: the node is drained (snapshot commands run outside requests).
+        let image = unsafe { node.image_drained() };
+        // SAFETY: name is a NUL-terminated array.
+        let name = unsafe { CStr::from_ptr(info.name.as_ptr()) }.to_bytes().to_vec();
+        let params = crate::engine::SnapshotParams {
+            name,
+            date_sec: info.date_sec,
+            date_nsec: info.date_nsec,
+            vm_clock_nsec: info.vm_clock_nsec,
+            vm_state_size: info.vm_state_size,
+            icount: (info.icount != u64::MAX).then_some(info.icount),
+        };
+        let taken = image.create_snapshot(&params)?;
+        copy_truncated(&mut info.id_str, &taken.id);
+        Ok(0)
+    })
+}
+
+/// Applies (reverts to) a snapshot, by id or else by name (`qemu-img snapshot -a`, loadvm);
+/// the disk takes the snapshot's size.
+fn qcow2b_snapshot_goto(bs: *mut BlockDriverState, snapshot_id: *const c_char) -> c_int {
+    to_c("snapshot_goto", || {
+        // SAFETY: QEMU passes an open node, drained, and a NUL-terminated id.
+        let (node, id) = unsafe { (Node::of(bs), CStr::from_ptr(snapshot_id)) };
+        // SAFETY: as in qcow2b_snapshot_create.
+        unsafe { drain_ordered(bs, node, "apply a snapshot") }?;
+        // SAFETY: the node is drained.
+        let image = unsafe { node.image_drained() };
+        image.goto_snapshot(id.to_bytes())?;
+        // SAFETY: bs is the open node.
+        unsafe { publish_image_fields(bs, image) }?;
+        Ok(0)
+    })
+}
+
+/// Deletes the snapshot with this id and name, where given (`qemu-img snapshot -d`, delvm,
+/// QMP blockdev-snapshot-delete-internal-sync).
+fn qcow2b_snapshot_delete(
+    bs: *mut BlockDriverState,
+    snapshot_id: *const c_char,
+    name: *const c_char,
+    errp: *mut *mut bindings::Error,
+) -> c_int, errp = errp {
+    // SAFETY: QEMU passes an open node, drained, its strings NULL or NUL-terminated, errp.
+    unsafe {
+        to_c_errp("snapshot_delete", errp, || {
+            let node = Node::of(bs);
+            drain_ordered(bs, node, "delete a snapshot")?;
+            let image = node.image_drained();
+            image.delete_snapshot(opt_bytes(snapshot_id), opt_bytes(name))?;
+            Ok(0)
+        })
+    }
+}
+
+/// Shows a snapshot in place of the active tables, read-only (`qemu-img convert -l`).
+fn qcow2b_snapshot_load_tmp(
+    bs: *mut BlockDriverState,
+    snapshot_id: *const c_char,
+    name: *const c_char,
+    errp: *mut *mut bindings::Error,
+) -> c_int, errp = errp {
+    // SAFETY: as for qcow2b_snapshot_delete.
+    unsafe {
+        to_c_errp("snapshot_load_tmp", errp, || {
+            let image = Node::of(bs).image_drained();
+            image.load_snapshot_tmp(opt_bytes(snapshot_id), opt_bytes(name))?;
+            Ok(0)
+        })
+    }
+}
+
+/// Writes VM state (savevm) into the image's VM state area, before the snapshot takes it.
+fn qcow2b_save_vmstate(bs: *mut BlockDriverState, qiov: *mut QEMUIOVector, pos: i64) -> c_int {
+    // SAFETY: QEMU passes an open node and a valid vector; we run in a coroutine of the node.
+    unsafe {
+        to_c("save_vmstate", || {
+            let len = qiov_len(qiov);
+            let mut buf = vec![0u8; len];
+            bindings::qemu_iovec_to_buf(qiov, 0, buf.as_mut_ptr().cast(), len);
+            let mut locked = Node::of(bs).lock()?;
+            locked.image().write_vmstate(pos as u64, &buf)?;
+            Ok(0)
+        })
+    }
+}
+
+/// Reads VM state (loadvm) from the VM state area of the snapshot applied last.
+fn qcow2b_load_vmstate(bs: *mut BlockDriverState, qiov: *mut QEMUIOVector, pos: i64) -> c_int {
+    // SAFETY: as for qcow2b_save_vmstate.
+    unsafe {
+        to_c("load_vmstate", || {
+            let len = qiov_len(qiov);
+            let mut buf = vec![0u8; len];
+            {
+                let mut locked = Node::of(bs).lock()?;
+                locked.image().read_vmstate(pos as u64, &mut buf)?;
+            }
+            bindings::qemu_iovec_from_buf(qiov, 0, buf.as_ptr().cast(), len);
+            Ok(0)
+        })
+    }
+}
+}
+
 /// Copies `value` (bytes, as the image stores names) into a C char array, cut to fit and
 /// NUL-terminated.
 fn copy_truncated(dst: &mut [c_char], value: &[u8]) {
@@ -1268,6 +1427,12 @@ pub fn qcow2b_register() -> () {
             bdrv_get_specific_stats: Some(qcow2b_get_specific_stats),
             bdrv_co_check: Some(qcow2b_co_check),
             bdrv_snapshot_list: Some(qcow2b_snapshot_list),
+            bdrv_snapshot_create: Some(qcow2b_snapshot_create),
+            bdrv_snapshot_goto: Some(qcow2b_snapshot_goto),
+            bdrv_snapshot_delete: Some(qcow2b_snapshot_delete),
+            bdrv_snapshot_load_tmp: Some(qcow2b_snapshot_load_tmp),
+            bdrv_save_vmstate: Some(qcow2b_save_vmstate),
+            bdrv_load_vmstate: Some(qcow2b_load_vmstate),
             bdrv_co_create_opts: Some(create::qcow2b_co_create_opts),
             bdrv_measure: Some(create::qcow2b_measure),
             create_opts: create::create_opts(),

@@ -22,6 +22,7 @@
 //!   image at every commit;
 //! - [`discard`]: which freed clusters are discarded on the file, and when;
 //! - `resize`: growing the virtual size (and the L1 table);
+//! - `snapshots`: internal snapshots taken, applied and deleted, and their VM state;
 //! - `backing_file`: naming another backing file (`qemu-img rebase`, block jobs);
 //! - `data_file`: an external data file: guest clusters at their guest offsets there;
 //! - `zeroes`: write_zeroes and discard (zero flag, unallocation; zero subclusters).
@@ -41,11 +42,13 @@ mod overlap;
 pub mod request;
 mod reserve;
 mod resize;
+mod snapshots;
 pub mod txg;
 mod writeback;
 mod zeroes;
 
 pub use resize::Growth;
+pub use snapshots::SnapshotParams;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -161,6 +164,9 @@ pub struct Image<S: Storage> {
     pub(super) snapshots: Vec<Snapshot>,
     /// How guest data is encrypted, and the cipher once it is given (`encryption.rs`).
     pub(super) encryption: Option<Encryption>,
+    /// A read or write of the VM state area is running: `check_range` lets it past the
+    /// virtual size (`snapshots.rs`).
+    pub(super) vm_state_io: bool,
     /// Test only: see [`OpenOptions::test_skip_stage3_ordering`].
     pub(super) test_skip_stage3_ordering: bool,
     /// Test only: see [`OpenOptions::test_skip_txg_first_sync`].
@@ -379,6 +385,7 @@ impl<S: Storage> Image<S> {
                 method,
                 cipher: None,
             }),
+            vm_state_io: false,
             header,
             test_skip_stage3_ordering: opts.test_skip_stage3_ordering,
             test_skip_txg_first_sync: opts.test_skip_txg_first_sync,
@@ -572,6 +579,7 @@ impl<S: Storage> Image<S> {
         let size = self.header.virtual_size;
         match guest_offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
+            _ if self.in_vm_state_area(guest_offset, len) => Ok(()),
             _ => Err(Error::OutOfRange {
                 offset: guest_offset,
                 len,

@@ -91,6 +91,24 @@ impl MetadataMap {
         self.insert_region(Region { name, start, end });
     }
 
+    /// Replaces every region called `name` with `regions` (each snapshot's L1 table, after
+    /// the snapshot table changed).
+    pub fn replace_regions(
+        &mut self,
+        name: &'static str,
+        regions: impl IntoIterator<Item = Region>,
+    ) {
+        self.regions.retain(|_, r| r.name != name);
+        for r in regions {
+            self.insert_region(r);
+        }
+    }
+
+    /// Removes the region called `name` (the snapshot table, once no snapshot is left).
+    pub fn remove_region(&mut self, name: &'static str) {
+        self.regions.retain(|_, r| r.name != name);
+    }
+
     /// Replaces the refcount blocks and active L2 tables with what `reftable` and `l1` name
     /// (entries that do not decode are left out: using them fails anyway).
     pub fn reload_tables(&mut self, l1: &[u64], reftable: &[u64]) {

@@ -277,6 +277,12 @@ impl<S: Storage> Image<S> {
         Ok(())
     }
 
+    /// Makes guest cluster `guest_cluster` unallocated, wherever it is (past the virtual
+    /// size too: the VM state area), its host clusters freed at the next write-back.
+    pub(in crate::engine) fn unallocate_cluster(&mut self, guest_cluster: u64) -> Result<()> {
+        self.change_whole_cluster(guest_cluster, ClusterOp::Unallocate)
+    }
+
     fn check_request(&self, guest_offset: u64, len: u64) -> Result<()> {
         let size = self.header.virtual_size;
         match guest_offset.checked_add(len) {
