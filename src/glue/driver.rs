@@ -1210,24 +1210,35 @@ fn qcow2b_snapshot_list(
 }
 }
 
-/// The node's ordered-mode buffer emptied, for operations that change the image's shape
-/// outside requests (a snapshot taken, applied or deleted): they start from a file that
-/// holds everything written before.
-/// Its background writer (started by the VM state's writes, in the node's AioContext) is
-/// waited for first by the block layer's drain, which polls from the right thread.
+/// Runs `op` on the image of `bs` drained (a snapshot taken, applied or deleted): the block
+/// layer's drain waits for the node's requests and its ordered-mode writer (started by the
+/// VM state's writes, in the node's AioContext, and polled from the right thread there),
+/// then the ordered-mode buffer is emptied, so that the operation starts from a file that
+/// holds everything written before. QEMU's own callers drain already (savevm, QMP); qemu-io
+/// and qemu-img do not need to, but nothing is lost by draining again.
 ///
 /// # Safety
-/// `bs` is the open node of `node`, outside any coroutine.
-unsafe fn drain_ordered(bs: *mut BlockDriverState, node: &Node, what: &str) -> Result<(), Error> {
-    if let FileAccess::Ordered(o) = &node.file {
-        // SAFETY: per the caller.
-        unsafe { bindings::bdrv_drained_begin(bs) };
-        let drained = o.drain();
-        // SAFETY: as above, paired with the begin.
-        unsafe { bindings::bdrv_drained_end(bs) };
-        drained.map_err(|e| Error::io(format!("emptying the write-back buffer to {what}"), e))?;
+/// `bs` is an open qcow2b node, outside any coroutine.
+unsafe fn drained<T>(
+    bs: *mut BlockDriverState,
+    what: &str,
+    op: impl FnOnce(&mut Image<FileAccess>) -> Result<T, Error>,
+) -> Result<T, Error> {
+    // SAFETY: per the caller.
+    unsafe { bindings::bdrv_drained_begin(bs) };
+    // SAFETY: per the caller; the node is drained until the end below.
+    let node = unsafe { Node::of(bs) };
+    let result = match &node.file {
+        FileAccess::Ordered(o) => o
+            .drain()
+            .map_err(|e| Error::io(format!("emptying the write-back buffer to {what}"), e)),
+        _ => Ok(()),
     }
-    Ok(())
+    // SAFETY: drained: nothing else uses the image.
+    .and_then(|()| op(unsafe { node.image_drained() }));
+    // SAFETY: paired with the begin above.
+    unsafe { bindings::bdrv_drained_end(bs) };
+    result
 }
 
 /// The bytes a vector holds.
@@ -1260,12 +1271,8 @@ fn qcow2b_snapshot_create(
     sn_info: *mut bindings::QEMUSnapshotInfo,
 ) -> c_int {
     to_c("snapshot_create", || {
-        // SAFETY: QEMU passes an open node, drained, and a valid snapshot description.
-        let (node, info) = unsafe { (Node::of(bs), &mut *sn_info) };
-        // SAFETY: bs is the open node of `node`; snapshot callbacks run outside coroutines.
-        unsafe { drain_ordered(bs, node, "take a snapshot") }?;
-        // SAFETY: the node is drained (snapshot commands run outside requests).
-        let image = unsafe { node.image_drained() };
+        // SAFETY: QEMU passes a valid snapshot description.
+        let info = unsafe { &mut *sn_info };
         // SAFETY: name is a NUL-terminated array.
         let name = unsafe { CStr::from_ptr(info.name.as_ptr()) }.to_bytes().to_vec();
         let params = crate::engine::SnapshotParams {
@@ -1276,7 +1283,9 @@ fn qcow2b_snapshot_create(
             vm_state_size: info.vm_state_size,
             icount: (info.icount != u64::MAX).then_some(info.icount),
         };
-        let taken = image.create_snapshot(&params)?;
+        // SAFETY: QEMU passes an open node; snapshot callbacks run outside coroutines.
+        let taken =
+            unsafe { drained(bs, "take a snapshot", |image| image.create_snapshot(&params)) }?;
         copy_truncated(&mut info.id_str, &taken.id);
         Ok(0)
     })
@@ -1286,15 +1295,15 @@ fn qcow2b_snapshot_create(
 /// the disk takes the snapshot's size.
 fn qcow2b_snapshot_goto(bs: *mut BlockDriverState, snapshot_id: *const c_char) -> c_int {
     to_c("snapshot_goto", || {
-        // SAFETY: QEMU passes an open node, drained, and a NUL-terminated id.
-        let (node, id) = unsafe { (Node::of(bs), CStr::from_ptr(snapshot_id)) };
-        // SAFETY: as in qcow2b_snapshot_create.
-        unsafe { drain_ordered(bs, node, "apply a snapshot") }?;
-        // SAFETY: the node is drained.
-        let image = unsafe { node.image_drained() };
-        image.goto_snapshot(id.to_bytes())?;
-        // SAFETY: bs is the open node.
-        unsafe { publish_image_fields(bs, image) }?;
+        // SAFETY: QEMU passes a NUL-terminated id.
+        let id = unsafe { CStr::from_ptr(snapshot_id) };
+        // SAFETY: QEMU passes an open node; snapshot callbacks run outside coroutines.
+        unsafe {
+            drained(bs, "apply a snapshot", |image| {
+                image.goto_snapshot(id.to_bytes())?;
+                publish_image_fields(bs, image)
+            })
+        }?;
         Ok(0)
     })
 }
@@ -1310,10 +1319,9 @@ fn qcow2b_snapshot_delete(
     // SAFETY: QEMU passes an open node, drained, its strings NULL or NUL-terminated, errp.
     unsafe {
         to_c_errp("snapshot_delete", errp, || {
-            let node = Node::of(bs);
-            drain_ordered(bs, node, "delete a snapshot")?;
-            let image = node.image_drained();
-            image.delete_snapshot(opt_bytes(snapshot_id), opt_bytes(name))?;
+            drained(bs, "delete a snapshot", |image| {
+                image.delete_snapshot(opt_bytes(snapshot_id), opt_bytes(name))
+            })?;
             Ok(0)
         })
     }

@@ -175,6 +175,8 @@ pub struct Image<S: Storage> {
     pub(super) test_txg_overwrite_after_barrier: bool,
     /// Test only: see [`OpenOptions::test_discard_early`].
     pub(super) test_discard_early: bool,
+    /// Test only: see [`OpenOptions::test_skip_snapshot_ordering`].
+    pub(super) test_skip_snapshot_ordering: bool,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -391,8 +393,10 @@ impl<S: Storage> Image<S> {
             test_skip_txg_first_sync: opts.test_skip_txg_first_sync,
             test_txg_overwrite_after_barrier: opts.test_txg_overwrite_after_barrier,
             test_discard_early: opts.test_discard_early,
+            test_skip_snapshot_ordering: opts.test_skip_snapshot_ordering,
         };
         image.metadata.reload_tables(&image.l1, &image.reftable);
+        image.reload_snapshot_l2_tables()?;
         before_writing(&mut image)?;
         if !opts.read_only {
             image.make_writable()?;
@@ -647,7 +651,12 @@ impl<S: Storage> Image<S> {
     /// Refuses a data write that would land on the header or a table.
     pub(super) fn check_data_target(&mut self, host_offset: u64) -> Result<()> {
         let end = host_offset + self.cluster_size();
-        if let Some(what) = self.metadata.metadata_at(host_offset, end) {
+        let what = self.metadata.metadata_at(host_offset, end).or_else(|| {
+            self.metadata
+                .inactive_l2_table_at(host_offset, end)
+                .then_some("an L2 table of a snapshot")
+        });
+        if let Some(what) = what {
             return Err(Error::Corrupt(format!(
                 "data cluster at {host_offset:#x} overlaps {}",
                 MetadataMap::definite(what)
