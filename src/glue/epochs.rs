@@ -215,7 +215,13 @@ impl OrderedFile {
             // not yet synced, so that the next barrier or flush syncs it before what follows
             // (without that, a snapshot's table and the header naming it could reach the disk
             // in either order).
-            self.drain()?;
+            // Only what is buffered goes first (and its epochs are synced); direct writes
+            // need no sync between them, only before what the next ordering point orders
+            // after them.
+            if !self.buffer.borrow().is_empty() || self.writer_running.get() {
+                self.drain()?;
+            }
+            self.take_error()?;
             child_pwrite(self.file(), offset, data)?;
             self.direct_unsynced.set(true);
             self.direct_unsynced_bytes
