@@ -50,8 +50,8 @@ pub use image::discard::DiscardPolicy;
 pub use image::encryption::{DataCipher, Encryption, ENCRYPTION_SECTOR_BYTES};
 pub use image::request::{ReadPlan, ReadSource, WritePiece, WritePlan};
 pub use image::txg::{CommitReason, GroupExposure, TxgOptions};
-pub use image::Growth;
 pub use image::{cache_sizes, CacheSizes, Image};
+pub use image::{Amendment, Growth};
 pub use storage::{Backing, MemStorage, Storage};
 
 /// How to open an image.
