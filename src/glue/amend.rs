@@ -121,14 +121,15 @@ entries! {
 pub fn qcow2b_amend_options(
     bs: *mut BlockDriverState,
     opts: *mut QemuOpts,
-    _status_cb: bindings::BlockDriverAmendStatusCB,
-    _cb_opaque: *mut c_void,
+    status_cb: bindings::BlockDriverAmendStatusCB,
+    cb_opaque: *mut c_void,
     _force: bool,
     errp: *mut *mut bindings::Error,
 ) -> c_int, errp = errp {
     // SAFETY: QEMU passes an open node and a live QemuOpts, in the main loop.
     unsafe { bindings::bdrv_drained_begin(bs) };
-    // SAFETY: errp is QEMU's; the node is drained until the end below.
+    // SAFETY: errp is QEMU's; the node is drained until the end below; status_cb and
+    // cb_opaque are qemu-img's progress callback and its argument, valid for this call.
     let ret = unsafe {
         to_c_errp("amend", errp, || {
             let node = Node::of(bs);
@@ -139,7 +140,24 @@ pub fn qcow2b_amend_options(
             let image = node.image_drained();
             let amendment = amendment(opts, image.header().crypt_method != 0)?;
             let backing = request::backing_of(bs);
-            image.amend(&amendment, backing.as_ref().map(|b| b as &dyn Backing))?;
+            // As QEMU's helper scales it: the steps that report (an upgrade or a downgrade)
+            // are the first of `operations` (the version and refcount width changes), the
+            // others projected at the same size.
+            let operations = u64::from(amendment.version.is_some_and(|v| v != image.header().version))
+                + u64::from(amendment.refcount_bits.is_some_and(|b| b != image.refcount_bits()));
+            let mut progress = |done: u64, total: u64| {
+                if let Some(cb) = status_cb {
+                    let total = total * operations.max(1);
+                    // QEMU's callback with its own opaque pointer, on this node (inside the
+                    // entry's unsafe block: see its SAFETY note).
+                    cb(bs, done as i64, total as i64, cb_opaque);
+                }
+            };
+            image.amend_with_progress(
+                &amendment,
+                backing.as_ref().map(|b| b as &dyn Backing),
+                &mut progress,
+            )?;
             publish_image_fields(bs, image)?;
             Ok(0)
         })

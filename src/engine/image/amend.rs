@@ -60,14 +60,31 @@ impl<S: Storage> Image<S> {
     /// Amends the image as `amendment` says (module comment: the order of the steps and of
     /// their writes). `backing` serves zero clusters a downgrade must turn into data.
     pub fn amend(&mut self, amendment: &Amendment, backing: Option<&dyn Backing>) -> Result<()> {
+        self.amend_with_progress(amendment, backing, &mut |_, _| {})
+    }
+
+    /// [`Image::amend`], telling `progress` (done, total) as QEMU's qcow2 tells its status
+    /// callback: an upgrade in 2 steps, a downgrade per L1 entry of the active table and the
+    /// snapshots' tables.
+    pub fn amend_with_progress(
+        &mut self,
+        amendment: &Amendment,
+        backing: Option<&dyn Backing>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
         // A transaction group commits first; every step writes in place, in order.
-        self.outside_group(|image| image.amend_in_place(amendment, backing))
+        self.outside_group(|image| image.amend_in_place(amendment, backing, progress))
     }
 
-    fn amend_in_place(&mut self, a: &Amendment, backing: Option<&dyn Backing>) -> Result<()> {
+    fn amend_in_place(
+        &mut self,
+        a: &Amendment,
+        backing: Option<&dyn Backing>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         if a.data_file.is_some() && !self.header.has_data_file() {
             return Err(refused(
                 "data-file can only be set for images that use an external data file",
@@ -79,7 +96,7 @@ impl<S: Storage> Image<S> {
         let old_version = self.header.version;
         let new_version = a.version.unwrap_or(old_version);
         if new_version > old_version {
-            self.upgrade()?;
+            self.upgrade(progress)?;
         }
         if let Some(bits) = a.refcount_bits.filter(|&b| b != self.rc.refcount_bits()) {
             if new_version < 3 && bits != 16 {
@@ -135,7 +152,7 @@ impl<S: Storage> Image<S> {
             self.resize_for_amend(size, backing)?;
         }
         if new_version < old_version {
-            self.downgrade(backing)?;
+            self.downgrade(backing, progress)?;
         }
         Ok(())
     }
@@ -151,10 +168,16 @@ impl<S: Storage> Image<S> {
         }
     }
 
+    /// The refcount width in bits.
+    pub fn refcount_bits(&self) -> u32 {
+        self.rc.refcount_bits()
+    }
+
     /// Version 2 to 3: the header alone (the longer header QEMU writes, and its feature name
     /// table on clusters above 4 KiB). Snapshots written without the version 3 extra data
     /// would need their table rewritten first: refused.
-    fn upgrade(&mut self) -> Result<()> {
+    fn upgrade(&mut self, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+        progress(0, 2);
         if self.snapshots.iter().any(|s| s.extra_data_size < 16) {
             return Err(Error::Unsupported(
                 "upgrading an image whose internal snapshots lack the version 3 extra data \
@@ -194,13 +217,20 @@ impl<S: Storage> Image<S> {
             );
             header.feature_names = names;
         }
-        self.rewrite_header(header, "rewriting the header as version 3")
+        progress(1, 2);
+        self.rewrite_header(header, "rewriting the header as version 3")?;
+        progress(2, 2);
+        Ok(())
     }
 
     /// Version 3 to 2, refusing what version 2 cannot hold with QEMU's messages; zero
     /// clusters become clusters of zeros (or unallocated, without a backing file) in every L2
     /// table, the snapshots' included; then the version 2 header (module comment: order).
-    fn downgrade(&mut self, backing: Option<&dyn Backing>) -> Result<()> {
+    fn downgrade(
+        &mut self,
+        backing: Option<&dyn Backing>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         if self.rc.refcount_order != 4 {
             return Err(refused("compat=0.10 requires refcount_bits=16"));
         }
@@ -235,7 +265,7 @@ impl<S: Storage> Image<S> {
                  clusters",
             ));
         }
-        self.expand_zero_clusters(backing)?;
+        self.expand_zero_clusters(backing, progress)?;
         let mut header = self.header.clone();
         header.version = 2;
         header.header_length = V2_HEADER_LEN;
@@ -275,13 +305,26 @@ impl<S: Storage> Image<S> {
     /// zeros); a preallocated one gets its zeros written and loses the flag. Active tables
     /// first, through the cache and `write_back`; then the snapshots' tables, read and
     /// written directly (a table the active one shares has no zero entry left by then).
-    fn expand_zero_clusters(&mut self, backing: Option<&dyn Backing>) -> Result<()> {
+    fn expand_zero_clusters(
+        &mut self,
+        backing: Option<&dyn Backing>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         let has_backing = backing.is_some() || self.header.backing_file.is_some();
         let cluster_size = self.cluster_size();
         let zeros = vec![0u8; cluster_size as usize];
+        let total = self.l1.len() as u64
+            + self
+                .snapshots
+                .iter()
+                .map(|s| u64::from(s.l1_size_entries))
+                .sum::<u64>();
+        let mut visited = 0;
         for l1_index in 0..self.l1.len() {
+            visited += 1;
             let l2_offset = self.l1[l1_index] & OFFSET_MASK;
             if l2_offset == 0 {
+                progress(visited, total);
                 continue;
             }
             self.load_l2(l2_offset)?;
@@ -294,30 +337,27 @@ impl<S: Storage> Image<S> {
             for (l2_index, entry) in new {
                 self.set_l2_entry(l2_offset, l2_index, entry)?;
             }
+            progress(visited, total);
         }
         // (a) and (b): data and counts before the entries (stages 1 to 3 of the write-back).
         self.write_back()?;
         self.storage_flush()?;
 
-        let tables: Vec<u64> = self
-            .snapshots
-            .clone()
-            .iter()
-            .map(|s| {
-                bytes::read_table(
-                    &self.storage,
-                    s.l1_table_offset,
-                    u64::from(s.l1_size_entries),
-                    "a snapshot's L1 table",
-                )
-            })
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .flatten()
-            .map(|raw| raw & OFFSET_MASK)
-            .filter(|&offset| offset != 0)
-            .collect();
-        for l2_offset in tables {
+        let mut tables = Vec::new();
+        for s in &self.snapshots {
+            tables.extend(bytes::read_table(
+                &self.storage,
+                s.l1_table_offset,
+                u64::from(s.l1_size_entries),
+                "a snapshot's L1 table",
+            )?);
+        }
+        for l2_offset in tables.into_iter().map(|raw| raw & OFFSET_MASK) {
+            visited += 1;
+            if l2_offset == 0 {
+                progress(visited, total);
+                continue;
+            }
             let mut raw = vec![0u8; cluster_size as usize];
             self.storage
                 .read_at(l2_offset, &mut raw)
@@ -325,6 +365,7 @@ impl<S: Storage> Image<S> {
             let mut table = bytes::decode_table(&raw);
             let new = self.expanded_entries(&table, l2_offset, has_backing, &zeros)?;
             if new.is_empty() {
+                progress(visited, total);
                 continue;
             }
             for (l2_index, entry) in new {
@@ -339,6 +380,7 @@ impl<S: Storage> Image<S> {
                 "writing a snapshot's L2 table",
             )?;
             self.storage_flush()?;
+            progress(visited, total);
         }
         Ok(())
     }
