@@ -322,7 +322,9 @@ impl<S: Storage> Image<S> {
         let mut visited = 0;
         for l1_index in 0..self.l1.len() {
             visited += 1;
-            let l2_offset = self.l1[l1_index] & OFFSET_MASK;
+            // Validated (a misaligned or overlapping table is refused, as at any lookup).
+            let first = (l1_index as u64) << self.l2_bits();
+            let l2_offset = self.l2_offset_for(first)?.2;
             if l2_offset == 0 {
                 progress(visited, total);
                 continue;
@@ -333,7 +335,7 @@ impl<S: Storage> Image<S> {
                 .peek(l2_offset)
                 .map(bytes::decode_table)
                 .unwrap_or_default();
-            let new = self.expanded_entries(&table, l2_offset, has_backing, &zeros)?;
+            let new = self.expanded_entries(&table, l2_offset, first, has_backing, &zeros)?;
             for (l2_index, entry) in new {
                 self.set_l2_entry(l2_offset, l2_index, entry)?;
             }
@@ -352,8 +354,16 @@ impl<S: Storage> Image<S> {
                 "a snapshot's L1 table",
             )?);
         }
-        for l2_offset in tables.into_iter().map(|raw| raw & OFFSET_MASK) {
+        for (index, raw) in tables.into_iter().enumerate() {
             visited += 1;
+            let l1_index = index as u64;
+            let l2_offset =
+                crate::engine::format::entry::L1Entry(raw).l2_offset(cluster_size, l1_index)?;
+            if l2_offset != 0 {
+                self.check_host_offset(l2_offset, || {
+                    format!("L2 table of a snapshot's L1 entry {l1_index}")
+                })?;
+            }
             if l2_offset == 0 {
                 progress(visited, total);
                 continue;
@@ -363,7 +373,7 @@ impl<S: Storage> Image<S> {
                 .read_at(l2_offset, &mut raw)
                 .map_err(|e| Error::io(format!("reading the L2 table at {l2_offset:#x}"), e))?;
             let mut table = bytes::decode_table(&raw);
-            let new = self.expanded_entries(&table, l2_offset, has_backing, &zeros)?;
+            let new = self.expanded_entries(&table, l2_offset, 0, has_backing, &zeros)?;
             if new.is_empty() {
                 progress(visited, total);
                 continue;
@@ -391,6 +401,7 @@ impl<S: Storage> Image<S> {
         &mut self,
         table: &[u64],
         l2_offset: u64,
+        first_guest_cluster: u64,
         has_backing: bool,
         zeros: &[u8],
     ) -> Result<Vec<(usize, L2Entry)>> {
@@ -400,6 +411,13 @@ impl<S: Storage> Image<S> {
             if raw & EntryFlags::ZERO.bits() == 0 || raw & EntryFlags::COMPRESSED.bits() != 0 {
                 continue;
             }
+            // Validated as a lookup validates it (a misaligned cluster is refused).
+            let guest_cluster = first_guest_cluster + l2_index as u64;
+            self.decode_l2(
+                raw,
+                crate::engine::format::entry::SubclusterBitmap::EMPTY,
+                guest_cluster,
+            )?;
             let host_offset = raw & OFFSET_MASK;
             let entry = if host_offset == 0 && !has_backing {
                 L2Entry::UNALLOCATED
