@@ -51,7 +51,7 @@ pub use image::encryption::{DataCipher, Encryption, ENCRYPTION_SECTOR_BYTES};
 pub use image::request::{ReadPlan, ReadSource, WritePiece, WritePlan};
 pub use image::txg::{CommitReason, GroupExposure, TxgOptions};
 pub use image::{cache_sizes, CacheSizes, Image};
-pub use image::{Growth, SnapshotParams};
+pub use image::{Amendment, Growth, SnapshotParams};
 pub use storage::{Backing, MemStorage, Storage};
 
 /// How to open an image.

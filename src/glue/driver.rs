@@ -11,6 +11,7 @@
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::ptr;
 
+use super::amend;
 use super::bindings::{
     self, BDRVReopenState, BlockDriver, BlockDriverInfo, BlockDriverState, BlockReopenQueue, QDict,
     QEMUIOVector,
@@ -71,7 +72,7 @@ unsafe fn register_primitive(bs: *mut BlockDriverState, mode: BarrierMode) -> Op
 ///
 /// # Safety
 /// `bs` valid.
-unsafe fn publish_image_fields(
+pub(super) unsafe fn publish_image_fields(
     bs: *mut BlockDriverState,
     image: &Image<FileAccess>,
 ) -> Result<(), Error> {
@@ -522,11 +523,21 @@ fn qcow2b_co_truncate(
             let mut locked = node.lock()?;
             let image = locked.image();
             let backing = request::backing_of(bs);
-            image.grow(
-                offset as u64,
-                growth,
-                backing.as_ref().map(|b| b as &dyn Backing),
-            )?;
+            if (offset as u64) < image.virtual_size() {
+                // QEMU's message; the shrink itself: `engine/image/shrink.rs`.
+                if preallocation != Preallocation::Off {
+                    return Err(Error::BadOption(
+                        "Preallocation can't be used for shrinking an image".into(),
+                    ));
+                }
+                image.shrink(offset as u64)?;
+            } else {
+                image.grow(
+                    offset as u64,
+                    growth,
+                    backing.as_ref().map(|b| b as &dyn Backing),
+                )?;
+            }
             publish_image_fields(bs, image)?;
             Ok(0)
         })
@@ -1444,6 +1455,8 @@ pub fn qcow2b_register() -> () {
             bdrv_co_create_opts: Some(create::qcow2b_co_create_opts),
             bdrv_measure: Some(create::qcow2b_measure),
             create_opts: create::create_opts(),
+            bdrv_amend_options: Some(amend::qcow2b_amend_options),
+            amend_opts: amend::amend_opts(),
             ..Default::default()
         };
         // The table lives for the whole process, as QEMU's static driver tables do.

@@ -21,7 +21,9 @@
 //! - [`txg`]: transaction groups: barriers for free, two syncs per commit, a plain qcow2
 //!   image at every commit;
 //! - [`discard`]: which freed clusters are discarded on the file, and when;
-//! - `resize`: growing the virtual size (and the L1 table);
+//! - `resize`: growing the virtual size (and the L1 table); `shrink`: shrinking it;
+//! - `amend`: `qemu-img amend` (version, lazy refcounts, data file, size);
+//!   `refcount_order`: its change of the refcount width;
 //! - `snapshots`: internal snapshots taken, applied and deleted, and their VM state;
 //! - `backing_file`: naming another backing file (`qemu-img rebase`, block jobs);
 //! - `data_file`: an external data file: guest clusters at their guest offsets there;
@@ -31,6 +33,7 @@
 //! resolves an entry at a subcluster (`format/entry.rs`), a write plan allocates and copies
 //! whole subclusters (`request.rs`), and its finish sets the bitmap of what it wrote.
 
+mod amend;
 mod backing_file;
 pub mod cache;
 mod data_file;
@@ -39,14 +42,17 @@ pub mod discard;
 pub mod encryption;
 mod metadata;
 mod overlap;
+mod refcount_order;
 pub mod request;
 mod reserve;
 mod resize;
+mod shrink;
 mod snapshots;
 pub mod txg;
 mod writeback;
 mod zeroes;
 
+pub use amend::Amendment;
 pub use resize::Growth;
 pub use snapshots::SnapshotParams;
 

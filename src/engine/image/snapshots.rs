@@ -217,10 +217,12 @@ impl<S: Storage> Image<S> {
         // between the two shows a cluster counted once without COPIED (a write copies it
         // first: nothing at risk), never one counted twice with COPIED.
         let references = self.tree_references(&l1_copy)?;
+        // Refused (refcount overflow) before anything changes but the copy's leaked clusters.
+        let counts = self.raised_refcounts(references)?;
         self.clear_active_copied_flags()?;
         self.write_back()?;
         self.ordering_point()?;
-        self.raise_refcounts(references)?;
+        self.set_refcounts(counts)?;
 
         let snapshot = Snapshot {
             id: next_id.to_string().into_bytes(),
@@ -296,7 +298,8 @@ impl<S: Storage> Image<S> {
             )));
         }
         let references = self.tree_references(&snapshot_l1)?;
-        self.raise_refcounts(references)?;
+        let counts = self.raised_refcounts(references)?;
+        self.set_refcounts(counts)?;
         let old_l1 = self.l1.clone();
         let old_references = self.tree_references(&old_l1)?;
 
@@ -308,7 +311,7 @@ impl<S: Storage> Image<S> {
             table.resize(needed as usize, 0);
         }
         // write_back inside: the increments reach storage before the new table does.
-        self.replace_l1_table(table, Some(snapshot.disk_size))?;
+        self.replace_l1_table(table.len() as u64, Some(snapshot.disk_size), |_| table)?;
         self.l1_dirty.clear();
         self.metadata.reload_tables(&self.l1, &self.reftable);
         self.free_later(old_references, FreeKind::Snapshot);
@@ -426,11 +429,10 @@ impl<S: Storage> Image<S> {
         self.alloc_contiguous(count)
     }
 
-    /// Raises the refcount of each cluster by one per time it is listed, in the cache (an
-    /// increment may reach storage at any time: at worst a leak). Refuses before raising any
-    /// if one would pass the largest refcount the image's width holds (EINVAL, as QEMU's
-    /// qcow2: with `refcount_bits=1` no cluster can be shared).
-    fn raise_refcounts(&mut self, mut clusters: Vec<u64>) -> Result<()> {
+    /// The refcount each cluster gets when raised by one per time it is listed. Refuses,
+    /// changing nothing, if one would pass the largest refcount the image's width holds
+    /// (EINVAL, as QEMU's qcow2: with `refcount_bits=1` no cluster can be shared).
+    fn raised_refcounts(&mut self, mut clusters: Vec<u64>) -> Result<Vec<(u64, u64)>> {
         clusters.sort_unstable();
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for c in clusters {
@@ -440,22 +442,29 @@ impl<S: Storage> Image<S> {
             }
         }
         let max = self.rc.max_refcount();
-        let mut counts = Vec::with_capacity(runs.len());
-        for &(cluster, n) in &runs {
-            let count = self.refcount(cluster)?;
-            if count.checked_add(n).is_none_or(|c| c > max) {
-                return Err(Error::Refused {
-                    errno: libc::EINVAL,
-                    msg: format!(
-                        "the refcount of host cluster {cluster} would pass {max} \
-                         (refcount_bits={})",
-                        self.rc.refcount_bits()
-                    ),
-                });
+        for (cluster, n) in runs.iter_mut() {
+            let count = self.refcount(*cluster)?;
+            match count.checked_add(*n).filter(|&c| c <= max) {
+                Some(raised) => *n = raised,
+                None => {
+                    return Err(Error::Refused {
+                        errno: libc::EINVAL,
+                        msg: format!(
+                            "the refcount of host cluster {cluster} would pass {max} \
+                             (refcount_bits={})",
+                            self.rc.refcount_bits()
+                        ),
+                    })
+                }
             }
-            counts.push(count + n);
         }
-        for (&(cluster, _), count) in runs.iter().zip(counts) {
+        Ok(runs)
+    }
+
+    /// Sets the refcounts [`Self::raised_refcounts`] gave, in the cache (an increment may
+    /// reach storage at any time: at worst a leak).
+    fn set_refcounts(&mut self, counts: Vec<(u64, u64)>) -> Result<()> {
+        for (cluster, count) in counts {
             self.set_refcount(cluster, count)?;
         }
         Ok(())
@@ -568,7 +577,10 @@ impl<S: Storage> Image<S> {
     /// everything dirty written back, ordering point, then the header names it (one 12-byte
     /// write of nb_snapshots and snapshots_offset), ordering point; the old table is freed at
     /// the next write-back.
-    fn switch_snapshot_table(&mut self, mut table: Vec<Snapshot>) -> Result<()> {
+    pub(in crate::engine) fn switch_snapshot_table(
+        &mut self,
+        mut table: Vec<Snapshot>,
+    ) -> Result<()> {
         let cluster_size = self.cluster_size();
         // Laid out once to learn its size, then again at its place.
         let bytes = encode_table(0, &mut table)?.len() as u64;
@@ -681,9 +693,7 @@ impl<S: Storage> Image<S> {
                 cluster = table_end;
                 continue;
             }
-            for c in cluster..table_end.min(end) {
-                self.unallocate_cluster(c)?;
-            }
+            self.unallocate_clusters(cluster, table_end.min(end))?;
             cluster = table_end;
         }
         Ok(())
