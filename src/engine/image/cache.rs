@@ -215,6 +215,14 @@ impl TableCache {
         clean.iter().filter(|&&o| self.evict(o)).count()
     }
 
+    /// Whether the table at `host_offset` is cached and dirty.
+    pub fn is_dirty(&self, host_offset: u64) -> bool {
+        self.by_offset
+            .get(&host_offset)
+            .and_then(|&i| self.slots.get(i))
+            .is_some_and(|s| s.dirty)
+    }
+
     /// Host offsets of the dirty tables, in ascending order (so write-back is sequential).
     pub fn dirty_offsets(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self

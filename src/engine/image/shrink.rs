@@ -8,7 +8,9 @@
 //!
 //! Write order: the cleared L2 entries (stage 3 of `write_back`) and L1 entries (stage 4),
 //! then an ordering point, then the decrements of what they named (stage 5, rule (d)), all
-//! made durable; then the new size in the header, durable; then the file is cut after the
+//! made durable; then the new size in the header, durable; then the refcount blocks left
+//! counting nothing are dropped (their table entries cleared and durable before anything
+//! else changes: `drop_empty_refcount_blocks`); then the file is cut after the
 //! last counted cluster (every cluster cut has a durable refcount of zero). A crash before
 //! the size leaves the old size with its tail unallocated (the guest asked for that tail to
 //! go); never an entry naming a freed cluster.
@@ -103,7 +105,65 @@ impl<S: Storage> Image<S> {
             data.set_len(new_size)
                 .map_err(|e| Error::io("shrinking the external data file", e))?;
         }
+        self.drop_empty_refcount_blocks()?;
         self.cut_file_after_last_counted_cluster()
+    }
+
+    /// Drops the refcount blocks that count nothing but, perhaps, themselves (what a shrink
+    /// leaves past the new end), as QEMU's qcow2 shrinks its refcount table: the table entry
+    /// is cleared and made durable first, then a block counted by another one loses that
+    /// count; a block that counted itself is counted by nothing once its entry is gone. Only
+    /// after the sync may the cluster be reused (before it, the entry on disk still names
+    /// it).
+    fn drop_empty_refcount_blocks(&mut self) -> Result<()> {
+        let mut dropped = Vec::new();
+        for rt_index in 0..self.reftable.len() as u64 {
+            // An entry that does not name a valid block is left for check to report.
+            let Ok(Some(block @ 1..)) = self.refblock_offset(rt_index) else {
+                continue;
+            };
+            let block_cluster = block >> self.cluster_bits;
+            let (own_rt, own_index) = self.rc.locate(block_cluster);
+            self.load_refblock(block)?;
+            let rc = self.rc;
+            let table = self
+                .refblock_cache
+                .get(block)
+                .ok_or_else(|| Error::Corrupt(format!("refcount block {block:#x} not cached")))?;
+            let mut empty = true;
+            for i in 0..rc.entries_per_block() {
+                if (own_rt, own_index) == (rt_index, i) {
+                    continue;
+                }
+                if rc.get(table, i)? != 0 {
+                    empty = false;
+                    break;
+                }
+            }
+            if empty && !self.refblock_cache.is_dirty(block) {
+                dropped.push((rt_index, block, own_rt == rt_index));
+            }
+        }
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        for &(rt_index, block, _) in &dropped {
+            self.reftable[rt_index as usize] = 0;
+            self.reftable_dirty.insert(rt_index as usize);
+            self.metadata.remove_refblock(block);
+            self.refblock_cache.evict(block);
+        }
+        self.write_back()?;
+        self.storage_flush()?;
+        for (_, block, counts_itself) in dropped {
+            if !counts_itself {
+                let cluster = block >> self.cluster_bits;
+                let count = self.refcount(cluster)?;
+                self.set_refcount(cluster, count.saturating_sub(1))?;
+            }
+        }
+        self.write_back()?;
+        self.storage_flush()
     }
 
     /// Cuts the image file after its last counted cluster, as QEMU's qcow2 does after a
