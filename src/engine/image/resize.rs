@@ -79,9 +79,10 @@ impl<S: Storage> Image<S> {
         if self.header.version < 3 && self.header.nb_snapshots > 0 {
             // A version 2 snapshot entry does not record its disk size: it would silently
             // take the new one. QEMU's qcow2 refuses this too.
-            return Err(Error::Unsupported(
-                "resizing a version 2 image that has internal snapshots".into(),
-            ));
+            return Err(Error::Refused {
+                errno: libc::ENOTSUP,
+                msg: "Can't resize a v2 image which has snapshots".into(),
+            });
         }
         let needed_l1 = new_size.div_ceil(bytes_per_l1_entry(self.cluster_bits, self.l2_width));
         if needed_l1.saturating_mul(8) > MAX_L1_BYTES {

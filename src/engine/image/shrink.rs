@@ -50,9 +50,10 @@ impl<S: Storage> Image<S> {
             ));
         }
         if self.header.nb_snapshots > 0 && self.header.version < 3 {
-            return Err(Error::BadOption(
-                "Can't resize a v2 image which has snapshots".into(),
-            ));
+            return Err(Error::Refused {
+                errno: libc::ENOTSUP,
+                msg: "Can't resize a v2 image which has snapshots".into(),
+            });
         }
         let cluster_size = self.cluster_size();
         let per_table = 1u64 << self.l2_bits();
