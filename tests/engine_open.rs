@@ -19,6 +19,7 @@ const RW: OpenOptions = OpenOptions {
     test_skip_txg_first_sync: false,
     test_txg_overwrite_after_barrier: false,
     test_discard_early: false,
+    test_skip_snapshot_ordering: false,
     discard: DiscardPolicy::DEFAULT,
 };
 const RO: OpenOptions = OpenOptions {
@@ -32,6 +33,7 @@ const RO: OpenOptions = OpenOptions {
     test_skip_txg_first_sync: false,
     test_txg_overwrite_after_barrier: false,
     test_discard_early: false,
+    test_skip_snapshot_ordering: false,
     discard: DiscardPolicy::DEFAULT,
 };
 
@@ -58,6 +60,7 @@ fn assert_err(result: Result<Image<MemStorage>, Error>, variant: &str, needle: &
         Error::ReadOnly => "ReadOnly",
         Error::OutOfRange { .. } => "OutOfRange",
         Error::BadOption(_) => "BadOption",
+        Error::Refused { .. } => "Refused",
     };
     assert_eq!(got, variant, "{err}");
     assert!(

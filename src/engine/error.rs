@@ -25,6 +25,9 @@ pub enum Error {
     BadOption(String),
     /// A guest request outside the image. Maps to EINVAL.
     OutOfRange { offset: u64, len: u64, size: u64 },
+    /// An operation refused for a reason QEMU's qcow2 gives its own errno for (a snapshot
+    /// that is not there: ENOENT; too many snapshots or too large a table: EFBIG).
+    Refused { errno: i32, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -38,6 +41,7 @@ impl Error {
             Error::Unsupported(_) => libc::ENOTSUP,
             Error::Corrupt(_) => libc::EIO,
             Error::ReadOnly => libc::EACCES,
+            Error::Refused { errno, .. } => *errno,
         }
     }
 
@@ -58,6 +62,7 @@ impl fmt::Display for Error {
             Error::Unsupported(msg) => write!(f, "not supported by qcow2b: {msg}"),
             Error::Corrupt(msg) => write!(f, "qcow2 metadata corrupt: {msg}"),
             Error::ReadOnly => write!(f, "image is opened read-only"),
+            Error::Refused { msg, .. } => write!(f, "{msg}"),
             Error::BadOption(msg) => write!(f, "{msg}"),
             Error::OutOfRange { offset, len, size } => {
                 write!(

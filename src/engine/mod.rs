@@ -51,8 +51,8 @@ pub use image::discard::DiscardPolicy;
 pub use image::encryption::{DataCipher, Encryption, ENCRYPTION_SECTOR_BYTES};
 pub use image::request::{ReadPlan, ReadSource, WritePiece, WritePlan};
 pub use image::txg::{CommitReason, GroupExposure, TxgOptions};
-pub use image::Growth;
 pub use image::{cache_sizes, CacheSizes, Image};
+pub use image::{Amendment, Growth, SnapshotParams};
 pub use storage::{Backing, MemStorage, Storage};
 
 /// How to open an image.
@@ -99,6 +99,11 @@ pub struct OpenOptions {
     /// `image/discard.rs`), so that the crash-consistency harness can show it catches that.
     /// Driver option `x-test-skip-ordering=discard-early`.
     pub test_discard_early: bool,
+    /// Test only, never for real data: the header names a new snapshot table without the
+    /// ordering point that puts the table, the snapshot's L1 copy and their refcounts first
+    /// (`image/snapshots.rs`), so that the crash-consistency harness can show it catches
+    /// that. Driver option `x-test-skip-ordering=snapshot-table`.
+    pub test_skip_snapshot_ordering: bool,
 }
 
 /// What backs a range of guest bytes (the answer of [`Image::map`]).

@@ -11,6 +11,7 @@
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::ptr;
 
+use super::amend;
 use super::bindings::{
     self, BDRVReopenState, BlockDriver, BlockDriverInfo, BlockDriverState, BlockReopenQueue, QDict,
     QEMUIOVector,
@@ -71,7 +72,7 @@ unsafe fn register_primitive(bs: *mut BlockDriverState, mode: BarrierMode) -> Op
 ///
 /// # Safety
 /// `bs` valid.
-unsafe fn publish_image_fields(
+pub(super) unsafe fn publish_image_fields(
     bs: *mut BlockDriverState,
     image: &Image<FileAccess>,
 ) -> Result<(), Error> {
@@ -540,11 +541,21 @@ fn qcow2b_co_truncate(
             let mut locked = node.lock()?;
             let image = locked.image();
             let backing = request::backing_of(bs);
-            image.grow(
-                offset as u64,
-                growth,
-                backing.as_ref().map(|b| b as &dyn Backing),
-            )?;
+            if (offset as u64) < image.virtual_size() {
+                // QEMU's message; the shrink itself: `engine/image/shrink.rs`.
+                if preallocation != Preallocation::Off {
+                    return Err(Error::BadOption(
+                        "Preallocation can't be used for shrinking an image".into(),
+                    ));
+                }
+                image.shrink(offset as u64)?;
+            } else {
+                image.grow(
+                    offset as u64,
+                    growth,
+                    backing.as_ref().map(|b| b as &dyn Backing),
+                )?;
+            }
             publish_image_fields(bs, image)?;
             Ok(0)
         })
@@ -1228,6 +1239,173 @@ fn qcow2b_snapshot_list(
 }
 }
 
+/// Runs `op` on the image of `bs` drained (a snapshot taken, applied or deleted): the block
+/// layer's drain waits for the node's requests and its ordered-mode writer (started by the
+/// VM state's writes, in the node's AioContext, and polled from the right thread there),
+/// then the ordered-mode buffer is emptied, so that the operation starts from a file that
+/// holds everything written before. QEMU's own callers drain already (savevm, QMP); qemu-io
+/// and qemu-img do not need to, but nothing is lost by draining again.
+///
+/// # Safety
+/// `bs` is an open qcow2b node, outside any coroutine.
+unsafe fn drained<T>(
+    bs: *mut BlockDriverState,
+    what: &str,
+    op: impl FnOnce(&mut Image<FileAccess>) -> Result<T, Error>,
+) -> Result<T, Error> {
+    // SAFETY: per the caller.
+    unsafe { bindings::bdrv_drained_begin(bs) };
+    // SAFETY: per the caller; the node is drained until the end below.
+    let node = unsafe { Node::of(bs) };
+    let result = match &node.file {
+        FileAccess::Ordered(o) => o
+            .drain()
+            .map_err(|e| Error::io(format!("emptying the write-back buffer to {what}"), e)),
+        _ => Ok(()),
+    }
+    // SAFETY: drained: nothing else uses the image.
+    .and_then(|()| op(unsafe { node.image_drained() }));
+    // SAFETY: paired with the begin above.
+    unsafe { bindings::bdrv_drained_end(bs) };
+    result
+}
+
+/// The bytes a vector holds.
+///
+/// # Safety
+/// `qiov` is a valid vector.
+unsafe fn qiov_len(qiov: *const QEMUIOVector) -> usize {
+    // SAFETY: per the caller, `iov` holds `niov` entries.
+    unsafe {
+        let n = usize::try_from((*qiov).niov).unwrap_or(0);
+        (0..n).map(|i| (*(*qiov).iov.add(i)).iov_len).sum()
+    }
+}
+
+/// A C string argument QEMU may pass as NULL, as bytes.
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string.
+unsafe fn opt_bytes<'a>(p: *const c_char) -> Option<&'a [u8]> {
+    // SAFETY: per the caller.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_bytes())
+}
+
+entries! {
+/// Takes an internal snapshot (`qemu-img snapshot -c`, savevm, QMP
+/// blockdev-snapshot-internal-sync): the id is the next free number, written back into
+/// `sn_info` as QEMU's qcow2 does; the VM state saved before is `vm_state_size` bytes.
+fn qcow2b_snapshot_create(
+    bs: *mut BlockDriverState,
+    sn_info: *mut bindings::QEMUSnapshotInfo,
+) -> c_int {
+    to_c("snapshot_create", || {
+        // SAFETY: QEMU passes a valid snapshot description.
+        let info = unsafe { &mut *sn_info };
+        // SAFETY: name is a NUL-terminated array.
+        let name = unsafe { CStr::from_ptr(info.name.as_ptr()) }.to_bytes().to_vec();
+        let params = crate::engine::SnapshotParams {
+            name,
+            date_sec: info.date_sec,
+            date_nsec: info.date_nsec,
+            vm_clock_nsec: info.vm_clock_nsec,
+            vm_state_size: info.vm_state_size,
+            icount: (info.icount != u64::MAX).then_some(info.icount),
+        };
+        // SAFETY: QEMU passes an open node; snapshot callbacks run outside coroutines.
+        let taken =
+            unsafe { drained(bs, "take a snapshot", |image| image.create_snapshot(&params)) }?;
+        copy_truncated(&mut info.id_str, &taken.id);
+        Ok(0)
+    })
+}
+
+/// Applies (reverts to) a snapshot, by id or else by name (`qemu-img snapshot -a`, loadvm);
+/// the disk takes the snapshot's size.
+fn qcow2b_snapshot_goto(bs: *mut BlockDriverState, snapshot_id: *const c_char) -> c_int {
+    to_c("snapshot_goto", || {
+        // SAFETY: QEMU passes a NUL-terminated id.
+        let id = unsafe { CStr::from_ptr(snapshot_id) };
+        // SAFETY: QEMU passes an open node; snapshot callbacks run outside coroutines.
+        unsafe {
+            drained(bs, "apply a snapshot", |image| {
+                image.goto_snapshot(id.to_bytes())?;
+                publish_image_fields(bs, image)
+            })
+        }?;
+        Ok(0)
+    })
+}
+
+/// Deletes the snapshot with this id and name, where given (`qemu-img snapshot -d`, delvm,
+/// QMP blockdev-snapshot-delete-internal-sync).
+fn qcow2b_snapshot_delete(
+    bs: *mut BlockDriverState,
+    snapshot_id: *const c_char,
+    name: *const c_char,
+    errp: *mut *mut bindings::Error,
+) -> c_int, errp = errp {
+    // SAFETY: QEMU passes an open node, drained, its strings NULL or NUL-terminated, errp.
+    unsafe {
+        to_c_errp("snapshot_delete", errp, || {
+            drained(bs, "delete a snapshot", |image| {
+                image.delete_snapshot(opt_bytes(snapshot_id), opt_bytes(name))
+            })?;
+            Ok(0)
+        })
+    }
+}
+
+/// Shows a snapshot in place of the active tables, read-only (`qemu-img convert -l`).
+fn qcow2b_snapshot_load_tmp(
+    bs: *mut BlockDriverState,
+    snapshot_id: *const c_char,
+    name: *const c_char,
+    errp: *mut *mut bindings::Error,
+) -> c_int, errp = errp {
+    // SAFETY: as for qcow2b_snapshot_delete.
+    unsafe {
+        to_c_errp("snapshot_load_tmp", errp, || {
+            let image = Node::of(bs).image_drained();
+            image.load_snapshot_tmp(opt_bytes(snapshot_id), opt_bytes(name))?;
+            Ok(0)
+        })
+    }
+}
+
+/// Writes VM state (savevm) into the image's VM state area, before the snapshot takes it.
+fn qcow2b_save_vmstate(bs: *mut BlockDriverState, qiov: *mut QEMUIOVector, pos: i64) -> c_int {
+    // SAFETY: QEMU passes an open node and a valid vector; we run in a coroutine of the node.
+    unsafe {
+        to_c("save_vmstate", || {
+            let len = qiov_len(qiov);
+            let mut buf = vec![0u8; len];
+            bindings::qemu_iovec_to_buf(qiov, 0, buf.as_mut_ptr().cast(), len);
+            let mut locked = Node::of(bs).lock()?;
+            locked.image().write_vmstate(pos as u64, &buf)?;
+            Ok(0)
+        })
+    }
+}
+
+/// Reads VM state (loadvm) from the VM state area of the snapshot applied last.
+fn qcow2b_load_vmstate(bs: *mut BlockDriverState, qiov: *mut QEMUIOVector, pos: i64) -> c_int {
+    // SAFETY: as for qcow2b_save_vmstate.
+    unsafe {
+        to_c("load_vmstate", || {
+            let len = qiov_len(qiov);
+            let mut buf = vec![0u8; len];
+            {
+                let mut locked = Node::of(bs).lock()?;
+                locked.image().read_vmstate(pos as u64, &mut buf)?;
+            }
+            bindings::qemu_iovec_from_buf(qiov, 0, buf.as_ptr().cast(), len);
+            Ok(0)
+        })
+    }
+}
+}
+
 /// Copies `value` (bytes, as the image stores names) into a C char array, cut to fit and
 /// NUL-terminated.
 fn copy_truncated(dst: &mut [c_char], value: &[u8]) {
@@ -1287,9 +1465,17 @@ pub fn qcow2b_register() -> () {
             bdrv_get_specific_stats: Some(qcow2b_get_specific_stats),
             bdrv_co_check: Some(qcow2b_co_check),
             bdrv_snapshot_list: Some(qcow2b_snapshot_list),
+            bdrv_snapshot_create: Some(qcow2b_snapshot_create),
+            bdrv_snapshot_goto: Some(qcow2b_snapshot_goto),
+            bdrv_snapshot_delete: Some(qcow2b_snapshot_delete),
+            bdrv_snapshot_load_tmp: Some(qcow2b_snapshot_load_tmp),
+            bdrv_save_vmstate: Some(qcow2b_save_vmstate),
+            bdrv_load_vmstate: Some(qcow2b_load_vmstate),
             bdrv_co_create_opts: Some(create::qcow2b_co_create_opts),
             bdrv_measure: Some(create::qcow2b_measure),
             create_opts: create::create_opts(),
+            bdrv_amend_options: Some(amend::qcow2b_amend_options),
+            amend_opts: amend::amend_opts(),
             ..Default::default()
         };
         // The table lives for the whole process, as QEMU's static driver tables do.

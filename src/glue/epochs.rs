@@ -210,8 +210,24 @@ impl OrderedFile {
 
     pub(super) fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         if !in_coroutine() {
-            self.drain()?;
-            return child_pwrite(self.file(), offset, data);
+            // Outside a coroutine (the node drained: open, close, a snapshot operation) a
+            // write goes to the file at once, after everything buffered; it is a direct write
+            // not yet synced, so that the next barrier or flush syncs it before what follows
+            // (without that, a snapshot's table and the header naming it could reach the disk
+            // in either order).
+            // Only what is buffered goes first (and its epochs are synced); direct writes
+            // need no sync between them, only before what the next ordering point orders
+            // after them.
+            if !self.buffer.borrow().is_empty() || self.writer_running.get() {
+                self.drain()?;
+            }
+            self.take_error()?;
+            child_pwrite(self.file(), offset, data)?;
+            self.direct_unsynced.set(true);
+            self.direct_unsynced_bytes
+                .set(self.direct_unsynced_bytes.get() + data.len() as u64);
+            self.note_unsynced_write();
+            return Ok(());
         }
         // First come first served: a write does not pass one already waiting for space.
         // SAFETY: the queue was initialised in `new`.

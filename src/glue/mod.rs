@@ -25,6 +25,7 @@
 //!   paper benchmark's flush-latency model);
 //! - `filter`: what the two filters do alike (reads, length and reopen passed through).
 
+mod amend;
 mod bindings;
 mod cache_clean;
 mod create;

@@ -227,14 +227,25 @@ class FileModel:
                     buf.extend(bytes(n - len(buf)))
                 continue
             content = op.content()
-            if len(buf) < op.end:
-                buf.extend(bytes(op.end - len(buf)))
+            if op.kind == DISCARD and op.end > len(buf):
+                # A discard past the end of the file does not extend it (file-posix punches
+                # holes; QEMU's qcow2 discards freed clusters wherever they are).
+                if op.offset >= len(buf):
+                    continue
+                content = content[:len(buf) - op.offset]
+                op_end = len(buf)
+            else:
+                op_end = op.end
+            if len(buf) < op_end:
+                buf.extend(bytes(op_end - len(buf)))
             if mask is FULL:
-                buf[op.offset:op.end] = content
+                buf[op.offset:op_end] = content
             else:
                 for s in op.sectors:
                     if s in mask or s not in op.effective:
-                        lo, hi = max(op.offset, s * self.unit), min(op.end, (s + 1) * self.unit)
+                        lo, hi = max(op.offset, s * self.unit), min(op_end, (s + 1) * self.unit)
+                        if lo >= hi:
+                            continue
                         buf[lo:hi] = content[lo - op.offset:hi - op.offset]
         return buf
 

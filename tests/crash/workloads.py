@@ -106,6 +106,11 @@ class Script:
     def truncate(self, size):
         self.commands.append(f"truncate {size}")
 
+    def snapshot(self, op, name):
+        """An internal snapshot taken ("c"), applied ("a") or deleted ("d") between the
+        guest's requests (qemu-io's snapshot command, qemu-patches 0017)."""
+        self.commands.append(f"snapshot -{op} {name}")
+
     def args(self):
         out = []
         for c in self.commands:
@@ -318,6 +323,39 @@ def snapshot_cow(setup, s):
     s.write(256 * K, 64 * K)
 
 
+def snapshot_operations(setup, s):
+    # Snapshots taken, applied and deleted between the guest's writes, with aio writes in
+    # flight when each starts (the operation drains them first). The guest model knows
+    # nothing of snapshots, so the guest's truth must stay what its writes made it: taking
+    # and deleting a snapshot change no guest byte, and the snapshot applied ("now", taken
+    # just before) holds what the disk holds. What the crash states test is the metadata:
+    # the copied L1 table, the raised and lowered refcounts, the snapshot table and the
+    # header that names it, COPIED given back, the old tables freed.
+    setup.create(4 * M)
+    setup.writes(setup.image, [(0, 256 * K), (1 * M, 64 * K)])
+    setup.snapshot("setup")
+    s.write(0, 4 * K)
+    s.aio_write(64 * K, 64 * K)
+    s.snapshot("c", "one")
+    s.write(4 * K, 4 * K, barrier=True)
+    s.write(128 * K, 64 * K)
+    s.aio_write(2 * M, 8 * K)
+    s.barrier()
+    s.snapshot("c", "two")
+    s.write(1 * M + 4 * K, 4 * K, barrier=True)
+    s.snapshot("d", "setup")
+    s.write(192 * K, 8 * K)
+    s.flush()
+    s.snapshot("c", "now")
+    s.snapshot("a", "now")
+    s.write(0, 8 * K, barrier=True)
+    s.aio_write(3 * M, 4 * K)
+    s.snapshot("d", "one")
+    s.write(64 * K + 512, 512)
+    s.snapshot("d", "now")
+    s.write(2 * M + 64 * K, 4 * K, barrier=True)
+
+
 def compressed_overwrite(setup, s):
     setup.create(4 * M)
     setup.writes(setup.image, [(0, 512 * K)], compressed=True)
@@ -446,6 +484,7 @@ WORKLOADS = {
     "discard-passthrough": discard_passthrough,
     "resize": resize,
     "snapshot-cow": snapshot_cow,
+    "snapshots": snapshot_operations,
     "compressed": compressed_overwrite,
     "compressed-writes": compressed_writes,
     "small-epochs": small_epochs,

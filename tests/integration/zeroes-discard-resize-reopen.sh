@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The metadata operations of the driver through the built tools: write_zeroes (with and
-# without unmap, partial clusters), discard, growing with qemu-img resize (shrinking is refused
-# with a message), reopen between read-only and read-write, runtime options, and the
+# without unmap, partial clusters), discard, growing and shrinking with qemu-img resize
+# (shrinking with preallocation refused with qemu-img's message), reopen between read-only and read-write, runtime options, and the
 # format-specific part of qemu-img info.
 . "$(dirname "$0")/lib.sh"
 
@@ -28,8 +28,14 @@ expect_ok "size and data" "$SYS_QEMU_IO" -r -f qcow2 -c 'read -P 0x33 1027M 64k'
 qemu_io_clean
 size=$("$SYS_QEMU_IMG" info --output=json "$img" | python3 -c 'import json, sys; print(json.load(sys.stdin)["virtual-size"])')
 [ "$size" = 1077936128 ] || fail "virtual size after resize: $size"
-expect_status 1 "shrink" "$QEMU_IMG" resize --shrink -f qcow2b "$img" 1M
-expect_output "shrinking the image"
+expect_status 1 "shrink with preallocation" "$QEMU_IMG" resize --shrink --preallocation=metadata \
+  -f qcow2b "$img" 1051712K
+expect_output "Preallocation can only be used for growing images"
+expect_ok "shrink" "$QEMU_IMG" resize --shrink -f qcow2b "$img" 1051712K
+size=$("$SYS_QEMU_IMG" info --output=json "$img" | python3 -c 'import json, sys; print(json.load(sys.stdin)["virtual-size"])')
+[ "$size" = 1076953088 ] || fail "virtual size after the shrink: $size"
+expect_ok "data after the shrink" "$SYS_QEMU_IO" -r -f qcow2 -c 'read -P 0x33 1027M 64k' -c 'read -P 0x11 0 1000' "$img"
+qemu_io_clean
 expect_ok "check after resize" "$SYS_QEMU_IMG" check -f qcow2 "$img"
 
 expect_status 1 "reopen (the write while read-only fails)" "$QEMU_IO" -f qcow2b -c 'write -P 1 0 64k' -c 'reopen -r' -c 'write -P 2 0 64k' \

@@ -229,10 +229,25 @@ impl<S: Storage> Image<S> {
     }
 
     fn check_and_repair(&mut self, fix: CheckFix, file_len: u64) -> Result<CheckReport> {
+        // Step 0: snapshot table entries a version 3 image needs longer are written again
+        // (`snapshots.rs`: the table, then the header naming it), before anything is counted.
+        let incomplete = references::incomplete_snapshot_entries(self);
+        let rewrite = fix == CheckFix::All && !incomplete.is_empty();
+        let file_len = if rewrite {
+            self.switch_snapshot_table(self.snapshots.clone())?;
+            self.flush_metadata_and_sync(false)?;
+            self.file_len()?
+        } else {
+            file_len
+        };
         let mut walk = Walk::new(self, fix, file_len);
         walk.report.fragmentation.total_clusters =
             self.header.virtual_size.div_ceil(self.cluster_size());
-        walk.check_snapshot_entries(self);
+        if rewrite {
+            walk.snapshot_entries_repaired(&incomplete);
+        } else {
+            walk.check_snapshot_entries(self);
+        }
         walk.count_all(self)?;
         if walk.wrote_entries {
             // Step 2: dropped references reach the disk before any refcount is lowered.

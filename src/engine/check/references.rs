@@ -270,6 +270,12 @@ impl Walk {
                     "ERROR: overflow cluster offset={:#x}",
                     cluster << self.cluster_bits
                 ));
+                // The way out, as QEMU's check gives it.
+                self.note(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img \
+                     convert to create a clean copy if the image cannot be opened for writing"
+                        .into(),
+                );
                 continue;
             }
             self.refs.set(cluster, count + 1);
@@ -835,20 +841,35 @@ impl Walk {
     /// data. (QEMU rewrites the table to repair this; this engine does not write snapshot
     /// tables, so it stays a corruption.)
     pub(in crate::engine) fn check_snapshot_entries<S: Storage>(&mut self, image: &Image<S>) {
-        if image.header.version < 3 {
-            return;
-        }
-        let incomplete: Vec<usize> = image
-            .snapshots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.extra_data_size < snapshot::V3_MIN_EXTRA_DATA_BYTES)
-            .map(|(i, _)| i)
-            .collect();
-        for i in incomplete {
+        for i in incomplete_snapshot_entries(image) {
             self.corruption(format!("ERROR snapshot table entry {i} is incomplete"));
         }
     }
+
+    /// Notes the entries a repair rewrote with their extra data (`incomplete`, as
+    /// [`incomplete_snapshot_entries`] listed them before).
+    pub(in crate::engine) fn snapshot_entries_repaired(&mut self, incomplete: &[usize]) {
+        for i in incomplete {
+            self.repaired(format!("Repairing snapshot table entry {i} is incomplete"));
+        }
+    }
+}
+
+/// The snapshot table entries of a version 3 image without the 16 bytes of extra data
+/// (VM state size and disk size) version 3 requires: what a version 2 writer left, or a
+/// version 2 image whose header was changed by hand. A repair writes the table again,
+/// with every entry's extra data.
+pub(in crate::engine) fn incomplete_snapshot_entries<S: Storage>(image: &Image<S>) -> Vec<usize> {
+    if image.header.version < 3 {
+        return Vec::new();
+    }
+    image
+        .snapshots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.extra_data_size < snapshot::V3_MIN_EXTRA_DATA_BYTES)
+        .map(|(i, _)| i)
+        .collect()
 }
 
 #[cfg(test)]

@@ -57,6 +57,7 @@ use layout::{l1_entries_for, Layout};
 pub use measure::{measure, Measure};
 pub(in crate::engine) use write::allocate_data_area;
 use write::{allocate_new_data_area, new_header, write_tables};
+pub(in crate::engine) use write::{encode_feature_names, qemu_feature_names};
 
 /// QEMU's default cluster size (64 KiB).
 pub const DEFAULT_CLUSTER_SIZE_BYTES: u64 = 64 << 10;

@@ -14,7 +14,7 @@ use super::layout::Layout;
 use super::{CreateEncryption, CreateOptions, Preallocation, V3_HEADER_LEN, WRITE_CHUNK_BYTES};
 
 /// The feature name table QEMU writes (QEMU 10.0, `qcow2_update_header`).
-pub(super) fn qemu_feature_names() -> Vec<FeatureName> {
+pub(in crate::engine) fn qemu_feature_names() -> Vec<FeatureName> {
     let entry = |kind: u8, bit: u8, name: &str| FeatureName {
         kind,
         bit,
@@ -34,7 +34,7 @@ pub(super) fn qemu_feature_names() -> Vec<FeatureName> {
 
 /// Encodes the feature name table extension: 48 bytes per entry (type, bit, name padded
 /// with zeros to 46 bytes).
-pub(super) fn encode_feature_names(names: &[FeatureName]) -> Vec<u8> {
+pub(in crate::engine) fn encode_feature_names(names: &[FeatureName]) -> Vec<u8> {
     let mut data = Vec::with_capacity(names.len() * 48);
     for n in names {
         let start = data.len();

@@ -314,3 +314,68 @@ fn l1_region(
         end: end.next_multiple_of(cluster_size),
     }))
 }
+
+/// The known extra data QEMU writes after the fixed part of every entry:
+/// `vm_state_size_large`, `disk_size` and `icount`.
+pub const WRITTEN_EXTRA_DATA_BYTES: u32 = 24;
+
+impl Snapshot {
+    /// Rebuilds `raw` from the fields, as QEMU's qcow2 writes an entry: the 32-bit VM state
+    /// size only when it fits (0 otherwise, so that an older reader takes the snapshot as
+    /// disk only rather than cut its state), at least the 24 bytes of known extra data, the
+    /// unknown extra data a later version wrote kept after them, `icount` all ones when none
+    /// was recorded.
+    pub fn encode(&mut self) {
+        let unknown = self
+            .extra_data()
+            .get(WRITTEN_EXTRA_DATA_BYTES as usize..)
+            .unwrap_or(&[])
+            .to_vec();
+        let extra_data_size = WRITTEN_EXTRA_DATA_BYTES + unknown.len() as u32;
+        let mut raw = Vec::with_capacity(
+            SNAPSHOT_FIXED_BYTES as usize
+                + extra_data_size as usize
+                + self.id.len()
+                + self.name.len(),
+        );
+        raw.extend_from_slice(&self.l1_table_offset.to_be_bytes());
+        raw.extend_from_slice(&self.l1_size_entries.to_be_bytes());
+        raw.extend_from_slice(&(self.id.len() as u16).to_be_bytes());
+        raw.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
+        raw.extend_from_slice(&self.date_sec.to_be_bytes());
+        raw.extend_from_slice(&self.date_nsec.to_be_bytes());
+        raw.extend_from_slice(&self.vm_clock_nsec.to_be_bytes());
+        let small_vm_state = u32::try_from(self.vm_state_size).unwrap_or(0);
+        raw.extend_from_slice(&small_vm_state.to_be_bytes());
+        raw.extend_from_slice(&extra_data_size.to_be_bytes());
+        raw.extend_from_slice(&self.vm_state_size.to_be_bytes());
+        raw.extend_from_slice(&self.disk_size.to_be_bytes());
+        raw.extend_from_slice(&self.icount.unwrap_or(u64::MAX).to_be_bytes());
+        raw.extend_from_slice(&unknown);
+        raw.extend_from_slice(&self.id);
+        raw.extend_from_slice(&self.name);
+        self.extra_data_size = extra_data_size;
+        self.raw = raw;
+    }
+}
+
+/// Lays `snapshots` out as a table starting at `table_start` (each entry encoded anew and
+/// starting at an 8-byte boundary, its `entry_offset` set) and returns the table's bytes,
+/// without padding after the last entry. Refuses a table above QEMU's 64 MiB limit
+/// (`EFBIG`, as QEMU's qcow2).
+pub fn encode_table(table_start: u64, snapshots: &mut [Snapshot]) -> Result<Vec<u8>> {
+    let mut table = Vec::new();
+    for s in snapshots.iter_mut() {
+        s.encode();
+        table.resize(table.len().next_multiple_of(8), 0);
+        s.entry_offset = table_start + table.len() as u64;
+        table.extend_from_slice(&s.raw);
+        if table.len() as u64 > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(Error::Refused {
+                errno: libc::EFBIG,
+                msg: format!("the snapshot table would grow past {MAX_SNAPSHOT_TABLE_BYTES} bytes"),
+            });
+        }
+    }
+    Ok(table)
+}

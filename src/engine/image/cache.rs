@@ -203,6 +203,18 @@ impl TableCache {
         });
     }
 
+    /// Drops every clean table (after the tables in use changed wholesale: a snapshot
+    /// applied or deleted, whose freed tables must not stay cached). Returns how many went.
+    pub fn evict_clean(&mut self) -> usize {
+        let clean: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|s| !s.dirty)
+            .map(|s| s.host_offset)
+            .collect();
+        clean.iter().filter(|&&o| self.evict(o)).count()
+    }
+
     /// Host offsets of the dirty tables, in ascending order (so write-back is sequential).
     pub fn dirty_offsets(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self

@@ -22,7 +22,10 @@
 //! - [`txg`]: transaction groups: barriers for free, two syncs per commit, a plain qcow2
 //!   image at every commit;
 //! - [`discard`]: which freed clusters are discarded on the file, and when;
-//! - `resize`: growing the virtual size (and the L1 table);
+//! - `resize`: growing the virtual size (and the L1 table); `shrink`: shrinking it;
+//! - `amend`: `qemu-img amend` (version, lazy refcounts, data file, size);
+//!   `refcount_order`: its change of the refcount width;
+//! - `snapshots`: internal snapshots taken, applied and deleted, and their VM state;
 //! - `backing_file`: naming another backing file (`qemu-img rebase`, block jobs);
 //! - `data_file`: an external data file: guest clusters at their guest offsets there;
 //! - `zeroes`: write_zeroes and discard (zero flag, unallocation; zero subclusters).
@@ -31,6 +34,7 @@
 //! resolves an entry at a subcluster (`format/entry.rs`), a write plan allocates and copies
 //! whole subclusters (`request.rs`), and its finish sets the bitmap of what it wrote.
 
+mod amend;
 mod backing_file;
 pub mod cache;
 pub mod compressed;
@@ -40,14 +44,19 @@ pub mod discard;
 pub mod encryption;
 mod metadata;
 mod overlap;
+mod refcount_order;
 pub mod request;
 mod reserve;
 mod resize;
+mod shrink;
+mod snapshots;
 pub mod txg;
 mod writeback;
 mod zeroes;
 
+pub use amend::Amendment;
 pub use resize::Growth;
+pub use snapshots::SnapshotParams;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -166,6 +175,9 @@ pub struct Image<S: Storage> {
     pub(super) snapshots: Vec<Snapshot>,
     /// How guest data is encrypted, and the cipher once it is given (`encryption.rs`).
     pub(super) encryption: Option<Encryption>,
+    /// A read or write of the VM state area is running: `check_range` lets it past the
+    /// virtual size (`snapshots.rs`).
+    pub(super) vm_state_io: bool,
     /// Test only: see [`OpenOptions::test_skip_stage3_ordering`].
     pub(super) test_skip_stage3_ordering: bool,
     /// Test only: see [`OpenOptions::test_skip_txg_first_sync`].
@@ -174,6 +186,8 @@ pub struct Image<S: Storage> {
     pub(super) test_txg_overwrite_after_barrier: bool,
     /// Test only: see [`OpenOptions::test_discard_early`].
     pub(super) test_discard_early: bool,
+    /// Test only: see [`OpenOptions::test_skip_snapshot_ordering`].
+    pub(super) test_skip_snapshot_ordering: bool,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -385,13 +399,16 @@ impl<S: Storage> Image<S> {
                 method,
                 cipher: None,
             }),
+            vm_state_io: false,
             header,
             test_skip_stage3_ordering: opts.test_skip_stage3_ordering,
             test_skip_txg_first_sync: opts.test_skip_txg_first_sync,
             test_txg_overwrite_after_barrier: opts.test_txg_overwrite_after_barrier,
             test_discard_early: opts.test_discard_early,
+            test_skip_snapshot_ordering: opts.test_skip_snapshot_ordering,
         };
         image.metadata.reload_tables(&image.l1, &image.reftable);
+        image.reload_snapshot_l2_tables()?;
         before_writing(&mut image)?;
         if !opts.read_only {
             image.make_writable()?;
@@ -578,6 +595,7 @@ impl<S: Storage> Image<S> {
         let size = self.header.virtual_size;
         match guest_offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
+            _ if self.in_vm_state_area(guest_offset, len) => Ok(()),
             _ => Err(Error::OutOfRange {
                 offset: guest_offset,
                 len,
@@ -645,7 +663,12 @@ impl<S: Storage> Image<S> {
     /// Refuses a data write that would land on the header or a table.
     pub(super) fn check_data_target(&mut self, host_offset: u64) -> Result<()> {
         let end = host_offset + self.cluster_size();
-        if let Some(what) = self.metadata.metadata_at(host_offset, end) {
+        let what = self.metadata.metadata_at(host_offset, end).or_else(|| {
+            self.metadata
+                .inactive_l2_table_at(host_offset, end)
+                .then_some("an L2 table of a snapshot")
+        });
+        if let Some(what) = what {
             return Err(Error::Corrupt(format!(
                 "data cluster at {host_offset:#x} overlaps {}",
                 MetadataMap::definite(what)

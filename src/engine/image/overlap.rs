@@ -31,6 +31,10 @@ pub(in crate::engine) struct MetadataMap {
     /// Offsets of active L2 tables, with how many L1 entries name each (a damaged image may
     /// name one twice).
     l2_tables: BTreeMap<u64, u32>,
+    /// Offsets of the L2 tables the snapshots' L1 tables name (QEMU's "inactive L2" overlap
+    /// check, which qcow2 runs with overlap-check=all): guest data is never written over
+    /// one in place, though a damaged entry may still be read from it.
+    inactive_l2_tables: BTreeSet<u64>,
 }
 
 /// Whether a one-cluster table at some offset in `set` overlaps `[start, end)`.
@@ -52,6 +56,7 @@ impl MetadataMap {
             regions: BTreeMap::new(),
             refblocks: BTreeSet::new(),
             l2_tables: BTreeMap::new(),
+            inactive_l2_tables: BTreeSet::new(),
         };
         for r in regions {
             map.insert_region(r);
@@ -89,6 +94,24 @@ impl MetadataMap {
     pub fn move_region(&mut self, name: &'static str, start: u64, end: u64) {
         self.regions.retain(|_, r| r.name != name);
         self.insert_region(Region { name, start, end });
+    }
+
+    /// Replaces every region called `name` with `regions` (each snapshot's L1 table, after
+    /// the snapshot table changed).
+    pub fn replace_regions(
+        &mut self,
+        name: &'static str,
+        regions: impl IntoIterator<Item = Region>,
+    ) {
+        self.regions.retain(|_, r| r.name != name);
+        for r in regions {
+            self.insert_region(r);
+        }
+    }
+
+    /// Removes the region called `name` (the snapshot table, once no snapshot is left).
+    pub fn remove_region(&mut self, name: &'static str) {
+        self.regions.retain(|_, r| r.name != name);
     }
 
     /// Replaces the refcount blocks and active L2 tables with what `reftable` and `l1` name
@@ -129,6 +152,21 @@ impl MetadataMap {
                 self.l2_tables.remove(&offset);
             }
         }
+    }
+
+    /// Replaces the snapshots' L2 tables with `offsets`.
+    pub fn set_inactive_l2_tables(&mut self, offsets: BTreeSet<u64>) {
+        self.inactive_l2_tables = offsets;
+    }
+
+    /// Whether a snapshot's L2 table overlaps `[start, end)`.
+    pub fn inactive_l2_table_at(&self, start: u64, end: u64) -> bool {
+        any_table_in(
+            |r| self.inactive_l2_tables.range(r).next().copied(),
+            self.cluster_size,
+            start,
+            end,
+        )
     }
 
     /// The fixed region overlapping `[start, end)`, if any.

@@ -151,14 +151,39 @@ impl<S: Storage> Image<S> {
 
     /// A larger L1 table, switched to in the header, with the new virtual size in the same
     /// write if `size` is given (the header's size is left alone otherwise).
-    fn grow_l1_table(&mut self, needed_l1: u64, size: Option<u64>) -> Result<()> {
+    pub(in crate::engine) fn grow_l1_table(
+        &mut self,
+        needed_l1: u64,
+        size: Option<u64>,
+    ) -> Result<()> {
+        self.replace_l1_table(needed_l1, size, |image| {
+            let mut table = image.l1.clone();
+            table.resize(needed_l1 as usize, 0);
+            table
+        })
+    }
+
+    /// Makes the table `table` gives (`needed_l1` entries, built from the image once all
+    /// dirty metadata is written back: the write-back may still change active L1 entries,
+    /// stage 6's COPIED) the active L1 table, at a new place, switched to in the header, with
+    /// the virtual size `size` in the same header write if given: a crash shows the old table
+    /// (and size) or the new one, never a mix. What the new table names must be counted
+    /// before (in the cache is enough: the write-back here writes it first); the old table's
+    /// clusters are freed at the next write-back (stage 5).
+    pub(in crate::engine) fn replace_l1_table(
+        &mut self,
+        needed_l1: u64,
+        size: Option<u64>,
+        table: impl FnOnce(&Self) -> Vec<u64>,
+    ) -> Result<()> {
         let cluster_size = self.cluster_size();
-        let table_bytes = (needed_l1 * 8).next_multiple_of(cluster_size);
+        let table_bytes = (needed_l1 * 8)
+            .next_multiple_of(cluster_size)
+            .max(cluster_size);
         self.storage.debug_event(DebugEvent::L1GrowAllocTable);
         let table_offset = self.alloc_contiguous(table_bytes / cluster_size)?;
         self.write_back()?;
-        let mut table = self.l1.clone();
-        table.resize(needed_l1 as usize, 0);
+        let table = table(self);
         let mut raw = bytes::encode_table(&table);
         raw.resize(table_bytes as usize, 0);
         self.storage.debug_event(DebugEvent::L1GrowWriteTable);

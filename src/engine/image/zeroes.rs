@@ -268,11 +268,20 @@ impl<S: Storage> Image<S> {
             let end = (first + clusters_per_table).min(guest_clusters);
             // A range without an L2 table is unallocated already.
             if self.l2_offset_for(first)?.2 != 0 {
-                for guest_cluster in first..end {
-                    self.change_whole_cluster(guest_cluster, ClusterOp::Unallocate)?;
-                }
+                self.unallocate_clusters(first, end)?;
             }
             first = end;
+        }
+        Ok(())
+    }
+
+    /// Makes guest clusters `first..end` unallocated, what they named freed through
+    /// `pending_frees` (rule (d)), shared tables copied first: emptying, shrinking
+    /// (`shrink.rs`), and the VM state a snapshot took (`snapshots.rs`; past the virtual
+    /// size).
+    pub(in crate::engine) fn unallocate_clusters(&mut self, first: u64, end: u64) -> Result<()> {
+        for guest_cluster in first..end {
+            self.change_whole_cluster(guest_cluster, ClusterOp::Unallocate)?;
         }
         Ok(())
     }
