@@ -258,7 +258,7 @@ pub mod whole {
     //! whole: the fuzz target's body.
 
     use super::*;
-    use crate::engine::{CheckFix, Image, MemStorage, OpenOptions};
+    use crate::engine::{CheckFix, Image, Mapping, MemStorage, OpenOptions};
 
     /// Disks above this are not modelled byte for byte (the other checks still run).
     const MODEL_LIMIT: u64 = 32 << 20;
@@ -278,8 +278,8 @@ pub mod whole {
     }
 
     /// The whole engine on an in-memory file, driven by the input: an image (its bytes from the
-    /// input) opened read-write, then a script of reads, writes, zeroes, discards, flushes,
-    /// barriers, reopens, growth and checks.
+    /// input) opened read-write, then a script of reads, writes, compressed writes, zeroes,
+    /// discards, flushes, barriers, reopens, growth and checks.
     ///
     /// Always: no panic, no allocation out of proportion, no input running long. When the image
     /// the input starts from checks clean (the seed corpus are real images from qemu-img, and
@@ -320,6 +320,37 @@ pub mod whole {
             let n = (u64::from(input.u32().unwrap_or(0)) % (4 * cluster + 1)).clamp(1, size - at);
             let range = at as usize..(at + n) as usize;
             match op % 9 {
+                1 if op & 0x10 != 0 => {
+                    // A compressed write of the whole clusters the range starts in, where
+                    // none names a host cluster yet (compression never overwrites).
+                    let first = at / cluster * cluster;
+                    let len = (n + at - first).next_multiple_of(cluster).min(size - first);
+                    let mut free = true;
+                    let mut c = first;
+                    while c < first + len && free {
+                        free = matches!(
+                            image.map(c, cluster),
+                            Ok((
+                                Mapping::Unallocated | Mapping::Zero { host_offset: None },
+                                _
+                            ))
+                        );
+                        c += cluster;
+                    }
+                    if !free {
+                        continue;
+                    }
+                    let byte = input.byte().unwrap_or(0x5a);
+                    let data: Vec<u8> = (0..len)
+                        .map(|i| if i % 509 == 0 { (i / 509) as u8 } else { byte })
+                        .collect();
+                    let ok = image.write_compressed(first, &data, None).is_ok();
+                    if let (true, Some(m)) = (ok, model.as_mut()) {
+                        m[first as usize..(first + len) as usize].copy_from_slice(&data);
+                    } else if !ok {
+                        model = None;
+                    }
+                }
                 0 | 1 => {
                     let byte = input.byte().unwrap_or(0x5a) | 1;
                     let ok = image.write(at, &vec![byte; n as usize], None).is_ok();

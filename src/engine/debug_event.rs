@@ -35,6 +35,12 @@ pub enum DebugEvent {
     ReadBackingAio,
     /// A compressed cluster is read.
     ReadCompressed,
+    /// A compressed cluster's bytes are written (`compressed.rs`).
+    WriteCompressed,
+    /// Bytes for a compressed cluster are allocated (inside a host cluster, or a new one).
+    ClusterAllocBytes,
+    /// An L2 entry is set to name a compressed cluster (in the cache; written back later).
+    L2UpdateCompressed,
     /// Guest data is written to the image file.
     WriteAio,
     /// Old content is read for a copy-on-write fill.
@@ -88,6 +94,9 @@ impl DebugEvent {
             DebugEvent::ReadAio => "read_aio",
             DebugEvent::ReadBackingAio => "read_backing_aio",
             DebugEvent::ReadCompressed => "read_compressed",
+            DebugEvent::WriteCompressed => "write_compressed",
+            DebugEvent::ClusterAllocBytes => "cluster_alloc_bytes",
+            DebugEvent::L2UpdateCompressed => "l2_update_compressed",
             DebugEvent::WriteAio => "write_aio",
             DebugEvent::CowRead => "cow_read",
             DebugEvent::CowWrite => "cow_write",

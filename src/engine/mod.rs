@@ -46,6 +46,7 @@ pub use debug_event::DebugEvent;
 pub use error::{Error, Result};
 pub use format::header::CryptMethod;
 pub use format::snapshot::Snapshot;
+pub use image::compressed::CompressedWrite;
 pub use image::discard::DiscardPolicy;
 pub use image::encryption::{DataCipher, Encryption, ENCRYPTION_SECTOR_BYTES};
 pub use image::request::{ReadPlan, ReadSource, WritePiece, WritePlan};

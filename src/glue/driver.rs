@@ -340,6 +340,24 @@ fn qcow2b_co_pwritev_part(
 }
 
 entries! {
+fn qcow2b_co_pwritev_compressed_part(
+    bs: *mut BlockDriverState,
+    offset: i64,
+    bytes: i64,
+    qiov: *mut QEMUIOVector,
+    qiov_offset: usize,
+) -> c_int {
+    to_c("compressed write", || {
+        // SAFETY: as for reads (`bytes` may be 0: the end of a compressed stream).
+        unsafe {
+            request::write_compressed(bs, offset as u64, bytes as u64, qiov, qiov_offset)
+        }
+        .map(|_| 0)
+    })
+}
+}
+
+entries! {
 fn qcow2b_co_barrier(
     bs: *mut BlockDriverState,
     flags: bindings::BdrvRequestFlags,
@@ -1426,6 +1444,7 @@ pub fn qcow2b_register() -> () {
             bdrv_child_perm: Some(bindings::bdrv_default_perms),
             bdrv_co_preadv_part: Some(qcow2b_co_preadv_part),
             bdrv_co_pwritev_part: Some(qcow2b_co_pwritev_part),
+            bdrv_co_pwritev_compressed_part: Some(qcow2b_co_pwritev_compressed_part),
             bdrv_co_barrier: Some(qcow2b_co_barrier),
             bdrv_detach_aio_context: Some(qcow2b_detach_aio_context),
             bdrv_attach_aio_context: Some(qcow2b_attach_aio_context),

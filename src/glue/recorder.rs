@@ -297,6 +297,31 @@ fn recorder_co_pwritev_part(
 }
 
 entries! {
+/// A compressed write: recorded as the write of its bytes (what the guest reads back; the
+/// flag is logged with it), passed on as a compressed write. The end of a compressed stream
+/// (0 bytes) is passed on only.
+fn recorder_co_pwritev_compressed_part(
+    bs: *mut BlockDriverState,
+    offset: i64,
+    bytes: i64,
+    qiov: *mut QEMUIOVector,
+    qiov_offset: usize,
+) -> c_int {
+    let compressed = bindings::BDRV_REQ_WRITE_COMPRESSED;
+    if bytes == 0 {
+        // SAFETY: called by the block layer in a coroutine of an open recorder node; the
+        // child is open.
+        return unsafe {
+            bindings::bdrv_co_pwritev_part(filter::child(bs), offset, 0, qiov, qiov_offset, compressed)
+        };
+    }
+    // SAFETY: as above, with a qiov of `bytes` bytes from qiov_offset: the write entry's
+    // contract.
+    unsafe { recorder_co_pwritev_part(bs, offset, bytes, qiov, qiov_offset, compressed) }
+}
+}
+
+entries! {
 fn recorder_co_pwrite_zeroes(
     bs: *mut BlockDriverState,
     offset: i64,
@@ -422,6 +447,7 @@ pub fn register() {
             bdrv_getlength: Some(filter::getlength),
             bdrv_co_preadv_part: Some(filter::co_preadv_part),
             bdrv_co_pwritev_part: Some(recorder_co_pwritev_part),
+            bdrv_co_pwritev_compressed_part: Some(recorder_co_pwritev_compressed_part),
             bdrv_co_pwrite_zeroes: Some(recorder_co_pwrite_zeroes),
             bdrv_co_pdiscard: Some(recorder_co_pdiscard),
             bdrv_co_flush: Some(recorder_co_flush),

@@ -9,9 +9,10 @@ use super::file::FileAccess;
 use super::node::{Node, PendingBarrier};
 use super::storage::ChildStorage;
 use super::txg;
+use crate::engine::format::compress::compress_cluster;
 use crate::engine::format::header::CompressionType;
 use crate::engine::image::dataio::{DataContext, ReadTarget, WriteSource};
-use crate::engine::{Backing, Encryption, Error, Image, WritePiece};
+use crate::engine::{Backing, DebugEvent, Encryption, Error, Image, Storage, WritePiece};
 
 fn check(ret: i32) -> io::Result<()> {
     if ret < 0 {
@@ -334,4 +335,136 @@ unsafe fn write_data(
     result?;
     let image = locked.image();
     Ok(image.in_transaction_groups().then(|| image.group_is_due()))
+}
+
+/// A compressed write (`bdrv_co_pwritev_compressed_part`) of `bytes` bytes at `offset` from
+/// `qiov` at `qiov_offset`: whole clusters (the disk's last one may be short), each compressed
+/// on its own and written through the engine's compressed write (`compressed.rs`), or, when
+/// it does not compress below the cluster size, as an ordinary write, as QEMU's qcow2 does.
+/// `bytes` 0 ends a compressed stream (`qemu-img convert -c` sends it last). Ordered with
+/// the guest's barriers like any write. The compression runs in the request's coroutine
+/// (QEMU's qcow2 hands it to a thread pool): one cluster at a time.
+///
+/// # Safety
+/// As for [`read`].
+pub unsafe fn write_compressed(
+    bs: *mut BlockDriverState,
+    offset: u64,
+    bytes: u64,
+    qiov: *mut QEMUIOVector,
+    qiov_offset: usize,
+) -> Result<(), Error> {
+    // SAFETY: the caller's contract (also for the unsafe blocks below).
+    let node = unsafe { Node::of(bs) };
+    let (kind, cluster_size) = {
+        // SAFETY: as above.
+        let mut locked = unsafe { node.lock() }?;
+        let image = locked.image();
+        if bytes == 0 {
+            return image.end_compressed_stream();
+        }
+        image.check_compressed_write(offset, bytes)?;
+        (image.header().compression_type, image.cluster_size())
+    };
+    let arrival = node.write_arrives();
+    // As for `write`: after every guest barrier that arrived before it.
+    node.wait_for_barriers_before(arrival);
+    let mut result = Ok(());
+    let mut done = 0;
+    while done < bytes && result.is_ok() {
+        let len = (bytes - done).min(cluster_size);
+        // SAFETY: as above; the chunk lies inside the request.
+        result = unsafe {
+            write_one_compressed(
+                node,
+                bs,
+                kind,
+                cluster_size,
+                offset + done,
+                len,
+                qiov,
+                qiov_offset + done as usize,
+            )
+        };
+        done += len;
+    }
+    node.write_done(arrival);
+    result
+}
+
+/// One cluster of [`write_compressed`]: `len` bytes (the cluster's size, or less for the
+/// disk's last one) at `offset`.
+///
+/// # Safety
+/// As for [`read`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_one_compressed(
+    node: &Node,
+    bs: *mut BlockDriverState,
+    kind: CompressionType,
+    cluster_size: u64,
+    offset: u64,
+    len: u64,
+    qiov: *mut QEMUIOVector,
+    qiov_offset: usize,
+) -> Result<(), Error> {
+    let mut cluster = vec![0u8; cluster_size as usize];
+    // SAFETY: the qiov holds the request's bytes from qiov_offset on (block-layer contract);
+    // `len` bytes of it belong to this cluster; the buffer holds at least as many.
+    let copied = unsafe {
+        bindings::qemu_iovec_to_buf(qiov, qiov_offset, cluster.as_mut_ptr().cast(), len as usize)
+    };
+    if copied != len as usize {
+        return Err(Error::io(
+            "copying a compressed write's cluster",
+            io::Error::from_raw_os_error(libc::EINVAL),
+        ));
+    }
+    let due = match compress_cluster(kind, &cluster)? {
+        // Not smaller compressed: an ordinary write of the cluster.
+        // SAFETY: as above.
+        None => unsafe { write_data(node, bs, offset, len, qiov, qiov_offset) }?,
+        Some(packed) => {
+            let plan = {
+                // SAFETY: as above.
+                let mut locked = unsafe { node.lock() }?;
+                loop {
+                    match locked
+                        .image()
+                        .plan_compressed_write(offset, packed.len() as u64)?
+                    {
+                        Some(plan) => break plan,
+                        None => locked.wait_for_allocations(),
+                    }
+                }
+            };
+            let file = node.data_storage();
+            file.debug_event(DebugEvent::WriteCompressed);
+            let data = file.write_at(plan.host_offset, &packed);
+            // SAFETY: as above. (A node poisoned meanwhile: the plan is dropped, its bytes
+            // leak, as in `write_data`.)
+            let mut locked = unsafe { node.lock() }?;
+            let image = locked.image();
+            let result = match data {
+                Ok(()) => image.finish_compressed_write(plan),
+                Err(e) => {
+                    let host_offset = plan.host_offset;
+                    image.abort_compressed_write(plan);
+                    Err(Error::io(
+                        format!("writing a compressed cluster at {host_offset:#x}"),
+                        e,
+                    ))
+                }
+            };
+            locked.wake_allocation_waiters();
+            result?;
+            let image = locked.image();
+            image.in_transaction_groups().then(|| image.group_is_due())
+        }
+    };
+    if let Some(due) = due {
+        // SAFETY: as above.
+        unsafe { txg::after_write(bs, node, due) };
+    }
+    Ok(())
 }

@@ -60,8 +60,10 @@ MUTATION = {m: "x-test-skip-ordering=stage3" for m in ("ordered", "flush", "barr
 MUTATION["txg"] = MUTATION["txg-gfb"] = "x-test-skip-ordering=txg-first-sync"
 # The mutation test: workloads whose allocations need the stage-3 ordering point (data
 # copied from a backing file, a snapshot's shared cluster or a compressed cluster; data in
-# subclusters of a cluster already allocated, over stale bytes).
-MUTATION_WORKLOADS = ("backing-partial", "snapshot-cow", "compressed", "subclusters")
+# subclusters of a cluster already allocated, over stale bytes; compressed data, which
+# never reads as zeros when lost).
+MUTATION_WORKLOADS = ("backing-partial", "snapshot-cow", "compressed", "subclusters",
+                      "compressed-writes")
 # A second mutation: freed clusters discarded on the file as soon as their refcount drops,
 # before the free is durable (image/discard.rs's invariant broken). It must be caught where
 # an ordering point is not a sync (ordered, txg and their guest-flush=barrier modes); in

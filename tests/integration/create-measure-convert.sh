@@ -75,3 +75,19 @@ for src in "$base" "$SCRATCH/compressed.qcow2" "$top"; do
   expect_ok "compare" "$SYS_QEMU_IMG" compare -f qcow2 -F qcow2 "$src" "$SCRATCH/conv.qcow2"
   expect_ok "check" "$SYS_QEMU_IMG" check -f qcow2 "$SCRATCH/conv.qcow2"
 done
+
+# convert -c into qcow2b (zlib and zstd): every cluster compressed, as QEMU's qcow2 makes them
+# (the same compressed cluster count and file size), read back by the system's QEMU, both
+# checks clean.
+for z in zlib zstd; do
+  expect_ok "convert -c -O qcow2b ($z)" "$QEMU_IMG" convert -c -f qcow2 -O qcow2b \
+    -o compression_type=$z "$top" "$SCRATCH/conv-c.qcow2"
+  expect_ok "convert -c -O qcow2 ($z)" "$SYS_QEMU_IMG" convert -c -f qcow2 -O qcow2 \
+    -o compression_type=$z "$top" "$SCRATCH/conv-c-ref.qcow2"
+  expect_ok "compare ($z)" "$SYS_QEMU_IMG" compare -f qcow2 -F qcow2 "$top" "$SCRATCH/conv-c.qcow2"
+  expect_ok "check ($z)" "$SYS_QEMU_IMG" check -f qcow2 "$SCRATCH/conv-c.qcow2"
+  expect_ok "check -f qcow2b ($z)" "$QEMU_IMG" check -f qcow2b "$SCRATCH/conv-c.qcow2"
+  a=$("$SYS_QEMU_IMG" check -f qcow2 --output=json "$SCRATCH/conv-c.qcow2" | grep compressed-clusters)
+  b=$("$SYS_QEMU_IMG" check -f qcow2 --output=json "$SCRATCH/conv-c-ref.qcow2" | grep compressed-clusters)
+  [ -n "$a" ] && [ "$a" = "$b" ] || fail "convert -c ($z): qcow2b '$a', qcow2 '$b'"
+done

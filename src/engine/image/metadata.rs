@@ -498,7 +498,12 @@ impl<S: Storage> Image<S> {
             .refblock_cache
             .get_mut(offset)
             .ok_or_else(|| not_cached("refcount block", offset))?;
-        rc.set(block, index, value)
+        rc.set(block, index, value)?;
+        if value == 0 {
+            // Free from now on: no compressed cluster may be packed into it any more.
+            self.forget_compressed_tail_in(host_cluster);
+        }
+        Ok(())
     }
 
     /// The first host cluster at or after the hint that is free (refcount 0, not freed since

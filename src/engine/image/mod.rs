@@ -14,6 +14,7 @@
 //! - `writeback`: the one routine that writes dirty metadata back, in the required order;
 //! - [`request`]: request plans (reads, writes), in-flight allocations and I/O tickets;
 //! - [`dataio`]: the data step of a request, over slices or QEMU I/O vectors;
+//! - [`compressed`]: compressed writes: clusters compressed and packed at byte granularity;
 //! - [`encryption`]: encrypted images: what is encrypted, with which IV offset, by a
 //!   [`encryption::DataCipher`] the caller provides;
 //! - `reserve`: the zero reserve: clusters counted and ordered ahead of need, so appends
@@ -36,6 +37,7 @@
 mod amend;
 mod backing_file;
 pub mod cache;
+pub mod compressed;
 mod data_file;
 pub mod dataio;
 pub mod discard;
@@ -144,6 +146,9 @@ pub struct Image<S: Storage> {
     pub(super) inflight_allocs: Vec<InflightAlloc>,
     /// Where the allocator starts looking for a free host cluster.
     pub(super) free_cluster_hint: u64,
+    /// Where the next compressed cluster's bytes may go: just after the last one, inside a
+    /// host cluster it filled in part (QEMU's `free_byte_offset`; `compressed.rs`).
+    pub(super) compressed_tail: Option<u64>,
     /// End of the host file as the engine knows it: the file length at open or the end of the
     /// last cluster allocated since, whichever is larger.
     pub(super) host_end: u64,
@@ -378,6 +383,7 @@ impl<S: Storage> Image<S> {
             write_plans_in_flight: 0,
             inflight_allocs: Vec::new(),
             free_cluster_hint: 0,
+            compressed_tail: None,
             host_end: file_len,
             unordered: Unordered::default(),
             unbarriered_writes: false,

@@ -193,7 +193,7 @@ pub(in crate::engine) struct InflightAlloc {
 }
 
 impl<S: Storage> Image<S> {
-    fn take_ticket(&mut self) -> Ticket {
+    pub(in crate::engine) fn take_ticket(&mut self) -> Ticket {
         let epoch = self.io_epoch;
         match self.inflight_tickets.back_mut() {
             Some((e, count)) if *e == epoch => *count += 1,
@@ -202,7 +202,7 @@ impl<S: Storage> Image<S> {
         Ticket { epoch }
     }
 
-    fn return_ticket(&mut self, ticket: Ticket) {
+    pub(in crate::engine) fn return_ticket(&mut self, ticket: Ticket) {
         if let Some((_, count)) = self
             .inflight_tickets
             .iter_mut()
@@ -865,7 +865,7 @@ impl<S: Storage> Image<S> {
         }
     }
 
-    fn end_inflight_alloc(&mut self, start: u64, clusters: u64) {
+    pub(in crate::engine) fn end_inflight_alloc(&mut self, start: u64, clusters: u64) {
         let done = InflightAlloc {
             start,
             end: start + clusters,

@@ -33,6 +33,14 @@
 //! in stage 3 (one 16-byte slot, aligned, so inside one sector: a torn table write never
 //! separates a descriptor from its bitmap).
 //!
+//! Compressed writes (`compressed.rs`) take bytes, not clusters: their refcount increments
+//! (a new host cluster, and one more reference to the host cluster the last compressed cluster
+//! ends in) go out in stage 1 and their L2 entries in stage 3 after an ordering point, as (b)
+//! asks; their data always counts for (a) (`unordered.data`: lost compressed data decodes to
+//! garbage, never to zeros, so no reserve exception). They never replace a host cluster, so
+//! (d) has nothing to free for them; freeing a compressed cluster later drops one reference
+//! from each host cluster it touches, in stage 5 as any free.
+//!
 //! An ordering point is the single method [`Image::ordering_point`]: a storage barrier
 //! (`Storage::barrier`: BarrierFS's fdatabarrier, an epoch boundary of the ordered mode, or an
 //! fdatasync in flush mode). Each stage takes one only when a write it depends on was issued
