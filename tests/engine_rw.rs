@@ -667,7 +667,7 @@ fn a_version_2_image_with_snapshots_is_not_resized() {
     let err = image.truncate(2 << 20).unwrap_err();
     assert!(
         err.to_string()
-            .contains("version 2 image that has internal snapshots"),
+            .contains("Can't resize a v2 image which has snapshots"),
         "{err}"
     );
     assert_eq!(image.virtual_size(), 1 << 20);
