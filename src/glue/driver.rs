@@ -539,25 +539,37 @@ fn qcow2b_co_truncate(
                     .map_err(|e| Error::io("emptying the write-back buffer to resize", e))?;
             }
             let mut locked = node.lock()?;
+            // A resize commits an open transaction group first, which no write may be
+            // between its plan and its finish for: they end first, and new ones wait (the
+            // pending commit holds them back), as for a flush (`txg.rs`). Outside a group the
+            // block layer's serialising request orders the resize with the writes it
+            // overlaps.
+            while locked.image().group_open() && locked.image().has_write_plans_in_flight() {
+                locked.image().request_commit();
+                locked.wait_for_allocations();
+            }
             let image = locked.image();
             let backing = request::backing_of(bs);
-            if (offset as u64) < image.virtual_size() {
+            let resized = if (offset as u64) < image.virtual_size() {
                 // QEMU's message; the shrink itself: `engine/image/shrink.rs`.
                 if preallocation != Preallocation::Off {
-                    return Err(Error::BadOption(
+                    Err(Error::BadOption(
                         "Preallocation can't be used for shrinking an image".into(),
-                    ));
+                    ))
+                } else {
+                    image.shrink(offset as u64)
                 }
-                image.shrink(offset as u64)?;
             } else {
                 image.grow(
                     offset as u64,
                     growth,
                     backing.as_ref().map(|b| b as &dyn Backing),
-                )?;
+                )
             }
-            publish_image_fields(bs, image)?;
-            Ok(0)
+            .and_then(|()| publish_image_fields(bs, image));
+            // Writes held back for the resize go on, whatever became of it.
+            locked.wake_allocation_waiters();
+            resized.map(|()| 0)
         })
     }
 }

@@ -13,8 +13,9 @@ write_zeroes and discard leave zeros). Then, at crash point c:
 - *barrier order*: if any sector of a guest write W2 is visible, every write ordered before
   W2 by a guest barrier (bare barrier, barrier write or flush completed before W2 was issued;
   the writes completed before that barrier was issued, and a barrier write itself) is intact;
-- *size*: the virtual size is the initial one or one the guest set, at least any size set
-  before a completed flush.
+- *size*: the virtual size is the one the last resize completed before the last completed
+  flush set (the initial one if none), or one a later resize set (growth or shrinking);
+  a write's sectors a later shrink cut off are not required.
 Discards promise nothing about content: never required, zeros allowed.
 """
 
@@ -212,6 +213,19 @@ class GuestModel:
     def flushed_before(self, c):
         return max((f.iseq for f in self.flushes if f.cseq < c), default=-1)
 
+    def not_cut_off(self, lost, c):
+        """`lost` without the writes whose missing sector lies past the disk's end because a
+        shrink issued after the write (and before c) cut it off: the guest asked for that."""
+        out = {}
+        for index, (s, shows) in lost.items():
+            w = self.by_index[index]
+            cut = shows == "beyond the disk's end" and any(
+                t.offset <= s * SECTOR and t.iseq > w.iseq and t.iseq < c
+                for t in self.truncates)
+            if not cut:
+                out[index] = (s, shows)
+        return out
+
     def check(self, c, result):
         """The guest-level failures of an image read back at crash point c: [(kind, text)]."""
         failures = []
@@ -221,12 +235,16 @@ class GuestModel:
                              f"guest never wrote there; first: sector {s} "
                              f"(offset {s * SECTOR:#x}) holds {what}, expected {expected}"))
         gf = self.flushed_before(c)
-        sizes = {self.initial_size} | {t.offset for t in self.truncates if t.iseq < c}
-        need = max([self.initial_size] + [t.offset for t in self.truncates if t.cseq < gf])
-        if result["size"] not in sizes or result["size"] < need:
+        # The size the last resize completed before that flush set (durable), or one a
+        # resize issued after it set: growth and shrinking alike.
+        durable = [t for t in self.truncates if t.cseq is not None and t.cseq < gf]
+        base = max(durable, key=lambda t: t.cseq).offset if durable else self.initial_size
+        sizes = {base} | {t.offset for t in self.truncates
+                          if t.iseq < c and t not in durable}
+        if result["size"] not in sizes:
             failures.append(("size", f"virtual size {result['size']:#x}, expected one of "
-                             f"{sorted(hex(s) for s in sizes)} and at least {need:#x}"))
-        lost = result["lost"]
+                             f"{sorted(hex(s) for s in sizes)}"))
+        lost = self.not_cut_off(result["lost"], c)
         for w in self.writes:
             if w.iseq >= c:
                 break

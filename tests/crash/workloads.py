@@ -323,6 +323,27 @@ def snapshot_cow(setup, s):
     s.write(256 * K, 64 * K)
 
 
+def shrink(setup, s):
+    # Shrinking between the guest's writes (512-byte clusters: the shrinks free L2 tables
+    # and clear L1 entries, and leave refcount blocks counting nothing, which go too): the
+    # clusters past the new end unallocated and freed, the size after them, the file cut.
+    # Never grown back: a later growth reads zeros where the model knows older data.
+    setup.create(4 * M, cluster=512)
+    setup.writes(setup.image, [(0, 256 * K), (2 * M, 256 * K), (3 * M + 512 * K, 128 * K)])
+    s.write(4 * K, 4 * K, barrier=True)
+    s.write(3 * M + 512 * K, 8 * K)
+    s.flush()
+    s.truncate(3 * M + 256 * K)
+    s.write(2 * M + 64 * K, 8 * K, barrier=True)
+    s.aio_write(128 * K, 4 * K)
+    s.truncate(2 * M + 128 * K)
+    s.write(8 * K, 4 * K, barrier=True)
+    s.flush()
+    s.write(2 * M + 4 * K, 4 * K)
+    s.truncate(1 * M)
+    s.write(12 * K, 4 * K, barrier=True)
+
+
 def snapshot_operations(setup, s):
     # Snapshots taken, applied and deleted between the guest's writes, with aio writes in
     # flight when each starts (the operation drains them first). The guest model knows
@@ -483,6 +504,7 @@ WORKLOADS = {
     "zero-discard-reuse": zeroes_discard_reuse,
     "discard-passthrough": discard_passthrough,
     "resize": resize,
+    "shrink": shrink,
     "snapshot-cow": snapshot_cow,
     "snapshots": snapshot_operations,
     "compressed": compressed_overwrite,

@@ -6,14 +6,17 @@
 //! the new end keeps its bytes past it (they lie past the end, and a later growth zeroes
 //! them: `resize.rs`).
 //!
-//! Write order: the cleared L2 entries (stage 3 of `write_back`) and L1 entries (stage 4),
-//! then an ordering point, then the decrements of what they named (stage 5, rule (d)), all
-//! made durable; then the new size in the header, durable; then the refcount blocks left
-//! counting nothing are dropped (their table entries cleared and durable before anything
-//! else changes: `drop_empty_refcount_blocks`); then the file is cut after the
+//! Write order: the new size in the header first, made durable; then the cleared L2
+//! entries (stage 3 of `write_back`) and L1 entries (stage 4), an ordering point, the
+//! decrements of what they named (stage 5, rule (d)), all made durable; then the refcount
+//! blocks left counting nothing are dropped (their table entries cleared and durable before
+//! anything else changes: `drop_empty_refcount_blocks`); then the file is cut after the
 //! last counted cluster (every cluster cut has a durable refcount of zero). A crash before
-//! the size leaves the old size with its tail unallocated (the guest asked for that tail to
-//! go); never an entry naming a freed cluster.
+//! the size is durable leaves the old size with everything in it; after it, the new size,
+//! with at worst entries past the end still naming their clusters (counted: no leak, and
+//! unreadable; a later growth by qcow2b clears them before the size grows, `resize.rs`;
+//! QEMU's qcow2 would show them again if it grew such an image). So a crash shows the guest
+//! its disk before the shrink or after it, never a tail read as zeros.
 
 use crate::engine::error::{Error, Result};
 use crate::engine::format::entry::OFFSET_MASK;
@@ -61,6 +64,16 @@ impl<S: Storage> Image<S> {
         let old_end = old_size.div_ceil(cluster_size);
         let kept_l1 = new_size.div_ceil(bytes_per_l1_entry(self.cluster_bits, self.l2_width));
 
+        // The new size first, durable: from here on the tail is past the end for every reader.
+        self.write_back()?;
+        self.write_metadata(
+            SIZE_FIELD_OFFSET,
+            &new_size.to_be_bytes(),
+            "writing the new virtual size",
+        )?;
+        self.storage_flush()?;
+        self.header.virtual_size = new_size;
+
         // The whole clusters past the new end: unallocated, what they named freed at stage 5.
         let mut first = cut;
         while first < old_end {
@@ -92,14 +105,6 @@ impl<S: Storage> Image<S> {
             // may hold anything once reused).
             self.l2_cache.take(l2_offset);
         }
-
-        self.write_metadata(
-            SIZE_FIELD_OFFSET,
-            &new_size.to_be_bytes(),
-            "writing the new virtual size",
-        )?;
-        self.storage_flush()?;
-        self.header.virtual_size = new_size;
 
         if let Some(data) = &self.data_file {
             // As QEMU's qcow2: the data file as long as the disk.
