@@ -349,3 +349,63 @@ fn in_a_transaction_group_the_discard_follows_the_commit() {
     );
     close_and_check(image);
 }
+
+/// Version 2 has no zero flag: without a backing file QEMU's qcow2 zeroes whole clusters by
+/// unallocating them (they read as zeros), which qcow2b does too, so that `write_zeroes`
+/// with no fallback (`qemu-img convert -n`) leaves a version 2 target unallocated (iotest
+/// 122); a partial cluster, or a backing file, still gets the block layer's fallback.
+#[test]
+fn version_2_zeroes_whole_clusters_by_unallocating_them_without_a_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10,cluster_size=65536",
+            ])
+            .arg(&path)
+            .arg("1M"),
+    );
+    let mut image = open_file(&path, &OpenOptions::default());
+    image.write(0, &[0x11; 65536 * 3], None).unwrap();
+    image.zero_by_metadata(0, 2 * 65536, false).unwrap();
+    assert_eq!(
+        image.map(0, 2 * 65536).unwrap(),
+        (Mapping::Unallocated, 2 * 65536)
+    );
+    let mut back = vec![1u8; 65536];
+    image.read(65536, &mut back, None).unwrap();
+    assert_eq!(back, vec![0; 65536]);
+    // Control: a partial cluster is not done by the tables.
+    assert!(image.zero_by_metadata(2 * 65536, 512, false).is_err());
+    image.close().unwrap();
+    qemu_img_check(&path);
+
+    let base = dir.path().join("base.qcow2");
+    qemu_img_create(&base, 65536, 1 << 20, None);
+    let over = dir.path().join("over.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                "-F",
+                "qcow2",
+                "-b",
+            ])
+            .arg(&base)
+            .arg(&over),
+    );
+    let mut image = open_file(&over, &OpenOptions::default());
+    assert!(image.zero_by_metadata(0, 65536, false).is_err());
+    image.close().unwrap();
+}

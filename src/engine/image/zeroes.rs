@@ -71,9 +71,6 @@ impl<S: Storage> Image<S> {
         }
         self.check_request(guest_offset, len)?;
         let unsupported = || Err(Error::Unsupported("the zero flag for this range".into()));
-        if self.header.version < 3 {
-            return unsupported();
-        }
         let unit = self.subcluster_size();
         let end = guest_offset + len;
         let at_disk_end = end == self.header.virtual_size;
@@ -83,6 +80,15 @@ impl<S: Storage> Image<S> {
         } else {
             end.next_multiple_of(unit) - end
         };
+        if self.header.version < 3 {
+            // No zero flag in version 2; but without a backing file an unallocated cluster
+            // reads as zeros, so whole clusters are unallocated, as QEMU's qcow2 does it.
+            if self.header.backing_file.is_some() || head != 0 || tail != 0 {
+                return unsupported();
+            }
+            let whole_end = end.next_multiple_of(self.cluster_size());
+            return self.for_each_whole_cluster(guest_offset, whole_end, ClusterOp::Discard);
+        }
         if !self.has_subclusters() {
             if head != 0 || tail != 0 {
                 return unsupported();
