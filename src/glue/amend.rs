@@ -8,7 +8,6 @@ use std::ffi::{c_int, c_void, CStr};
 use super::bindings::{self, BlockDriverState, QemuOpts};
 use super::driver::publish_image_fields;
 use super::ffi::{entries, to_c_errp};
-use super::file::FileAccess;
 use super::node::Node;
 use super::opts::OptsView;
 use super::opts::{bool_opt, leak_list, number_opt, size_opt, string_opt, Opt, OptsListCell};
@@ -133,10 +132,7 @@ pub fn qcow2b_amend_options(
     let ret = unsafe {
         to_c_errp("amend", errp, || {
             let node = Node::of(bs);
-            if let FileAccess::Ordered(o) = &node.file {
-                o.drain()
-                    .map_err(|e| Error::io("emptying the write-back buffer to amend", e))?;
-            }
+            node.drain_ordered_buffer("amend")?;
             let image = node.image_drained();
             let amendment = amendment(opts, image.header().crypt_method != 0)?;
             let backing = request::backing_of(bs);

@@ -534,10 +534,7 @@ fn qcow2b_co_truncate(
             let node = Node::of(bs);
             // The ordered mode's buffer is emptied first: the new size and L1 table reach a
             // file that holds everything written before.
-            if let FileAccess::Ordered(o) = &node.file {
-                o.drain()
-                    .map_err(|e| Error::io("emptying the write-back buffer to resize", e))?;
-            }
+            node.drain_ordered_buffer("resize")?;
             let mut locked = node.lock()?;
             // A resize commits an open transaction group first, which no write may be
             // between its plan and its finish for: they end first, and new ones wait (the
@@ -1269,14 +1266,10 @@ unsafe fn drained<T>(
     unsafe { bindings::bdrv_drained_begin(bs) };
     // SAFETY: per the caller; the node is drained until the end below.
     let node = unsafe { Node::of(bs) };
-    let result = match &node.file {
-        FileAccess::Ordered(o) => o
-            .drain()
-            .map_err(|e| Error::io(format!("emptying the write-back buffer to {what}"), e)),
-        _ => Ok(()),
-    }
-    // SAFETY: drained: nothing else uses the image.
-    .and_then(|()| op(unsafe { node.image_drained() }));
+    let result = node
+        .drain_ordered_buffer(what)
+        // SAFETY: drained: nothing else uses the image.
+        .and_then(|()| op(unsafe { node.image_drained() }));
     // SAFETY: paired with the begin above.
     unsafe { bindings::bdrv_drained_end(bs) };
     result

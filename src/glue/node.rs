@@ -147,6 +147,18 @@ impl Node {
         self.data_file.as_ref().unwrap_or(&self.file)
     }
 
+    /// Empties the ordered mode's write-back buffer (other modes have none), so that an
+    /// operation that changes the image's shape (a resize, an amend, a snapshot) starts
+    /// from a file that holds everything written before; `what` names it in the error.
+    pub fn drain_ordered_buffer(&self, what: &str) -> Result<(), Error> {
+        match &self.file {
+            FileAccess::Ordered(o) => o
+                .drain()
+                .map_err(|e| Error::io(format!("emptying the write-back buffer to {what}"), e)),
+            _ => Ok(()),
+        }
+    }
+
     /// The node of `bs`.
     ///
     /// # Safety

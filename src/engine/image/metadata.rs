@@ -29,25 +29,31 @@ impl<S: Storage> Image<S> {
         l2_offset: u64,
         l2_index: usize,
     ) -> Result<(u64, SubclusterBitmap)> {
-        let raw = self.cached_l2_word(l2_offset, l2_index, 0)?;
-        let bitmap = match self.l2_width {
-            L2Width::Standard => SubclusterBitmap::EMPTY,
-            L2Width::Extended => SubclusterBitmap(self.cached_l2_word(l2_offset, l2_index, 1)?),
-        };
-        Ok((raw, bitmap))
-    }
-
-    /// 64-bit word `word` of entry `l2_index` (0: the descriptor, 1: an extended entry's
-    /// bitmap).
-    fn cached_l2_word(&self, l2_offset: u64, l2_index: usize, word: usize) -> Result<u64> {
         let table = self
             .l2_cache
             .peek(l2_offset)
             .ok_or_else(|| not_cached("L2 table", l2_offset))?;
-        let at = l2_index
-            .saturating_mul(self.l2_width.words())
-            .saturating_add(word);
-        bytes::table_entry(&format!("the L2 table at {l2_offset:#x}"), table, at)
+        self.l2_slot_in(table, l2_offset, l2_index)
+    }
+
+    /// Entry `l2_index` of `table`, the bytes of the L2 table at `l2_offset` (cached or read
+    /// for a walk): descriptor and bitmap, as [`Self::cached_l2_slot`] gives them.
+    pub(in crate::engine) fn l2_slot_in(
+        &self,
+        table: &[u8],
+        l2_offset: u64,
+        l2_index: usize,
+    ) -> Result<(u64, SubclusterBitmap)> {
+        let what = || format!("the L2 table at {l2_offset:#x}");
+        let at = l2_index.saturating_mul(self.l2_width.words());
+        let raw = bytes::table_entry(&what(), table, at)?;
+        let bitmap = match self.l2_width {
+            L2Width::Standard => SubclusterBitmap::EMPTY,
+            L2Width::Extended => {
+                SubclusterBitmap(bytes::table_entry(&what(), table, at.saturating_add(1))?)
+            }
+        };
+        Ok((raw, bitmap))
     }
 
     /// log2 of the entries in one L2 table (a cluster of 8- or 16-byte entries).

@@ -411,7 +411,7 @@ impl<S: Storage> Image<S> {
             let table = self.l2_table_bytes(l2_offset)?;
             for l2_index in 0..per_table {
                 let guest_cluster = (l1_index as u64) * per_table + l2_index;
-                let (raw, bitmap) = self.l2_slot_of(&table, l2_offset, l2_index as usize)?;
+                let (raw, bitmap) = self.l2_slot_in(&table, l2_offset, l2_index as usize)?;
                 let cluster = self.decode_l2(raw, bitmap, guest_cluster)?;
                 references.extend(self.host_clusters_of(cluster));
             }
@@ -481,25 +481,6 @@ impl<S: Storage> Image<S> {
             .read_at(l2_offset, &mut table)
             .map_err(|e| Error::io(format!("reading the L2 table at {l2_offset:#x}"), e))?;
         Ok(table)
-    }
-
-    /// Entry `l2_index` of `table` (the L2 table at `l2_offset`): descriptor and bitmap.
-    fn l2_slot_of(
-        &self,
-        table: &[u8],
-        l2_offset: u64,
-        l2_index: usize,
-    ) -> Result<(u64, crate::engine::format::entry::SubclusterBitmap)> {
-        use crate::engine::format::bytes::table_entry;
-        use crate::engine::format::entry::{L2Width, SubclusterBitmap};
-        let what = format!("the L2 table at {l2_offset:#x}");
-        let words = self.l2_width.words();
-        let raw = table_entry(&what, table, l2_index * words)?;
-        let bitmap = match self.l2_width {
-            L2Width::Standard => SubclusterBitmap::EMPTY,
-            L2Width::Extended => SubclusterBitmap(table_entry(&what, table, l2_index * words + 1)?),
-        };
-        Ok((raw, bitmap))
     }
 
     /// Clears COPIED in every active L1 and L2 entry: everything they name is counted twice
