@@ -80,6 +80,7 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "bdrv_pwrite",
     "bdrv_flush",
     "bdrv_getlength",
+    "bdrv_get_allocated_file_size",
     "bdrv_co_truncate",
     "bdrv_truncate",
     "bdrv_is_read_only",

@@ -508,17 +508,53 @@ fn preallocated_file_is_as_long_as_measure_says_and_as_qemu_makes_it() {
 }
 
 #[test]
-fn ten_gib_metadata_preallocation_takes_well_under_a_second() {
+fn ten_gib_metadata_preallocation_maps_every_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ten-gib.qcow2");
     let o = with(10 * GIB, |o| o.preallocation = Preallocation::Metadata);
     let started = Instant::now();
     create_file(&path, &o).unwrap();
-    let elapsed = started.elapsed();
-    eprintln!("10 GiB, 64 KiB clusters, preallocation=metadata: {elapsed:?}");
-    assert!(elapsed.as_secs_f64() < 1.0, "took {elapsed:?}");
+    // Shown, not asserted: speed is the benchmarks' business.
+    eprintln!(
+        "10 GiB, 64 KiB clusters, preallocation=metadata: {:?}",
+        started.elapsed()
+    );
     qemu_img_check(&path);
     assert_fully_mapped(&path, 10 * GIB);
+}
+
+/// iotest 250: a metadata-preallocated image's data clusters are holes in the file, and the
+/// block status must say so (by asking the file) as QEMU's qcow2 does; the image is found by
+/// its refcounts naming far more clusters than the file has blocks for.
+#[test]
+fn metadata_preallocation_is_found_by_referenced_clusters_against_allocated_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let preallocated = dir.path().join("preallocated.qcow2");
+    create_file(
+        &preallocated,
+        &with(256 * MIB, |o| o.preallocation = Preallocation::Metadata),
+    )
+    .unwrap();
+    let blocks_bytes = |path: &Path| std::fs::metadata(path).unwrap().blocks() * 512;
+    let file_bytes = |path: &Path| std::fs::metadata(path).unwrap().len();
+    let mut image = open_file(&preallocated, &OpenOptions::default());
+    assert!(image
+        .looks_metadata_preallocated(blocks_bytes(&preallocated))
+        .unwrap());
+    // The same image with every cluster backed by blocks (a full preallocation, or a guest
+    // that wrote everything) is not: its refcounts name what the file holds.
+    assert!(!image
+        .looks_metadata_preallocated(file_bytes(&preallocated))
+        .unwrap());
+    drop(image);
+
+    let plain = dir.path().join("plain.qcow2");
+    create_file(&plain, &opts(256 * MIB)).unwrap();
+    qemu_io(&plain, &["write -P 0x5a 0 4M"]);
+    let mut image = open_file(&plain, &OpenOptions::default());
+    assert!(!image
+        .looks_metadata_preallocated(blocks_bytes(&plain))
+        .unwrap());
 }
 
 #[test]

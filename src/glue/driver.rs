@@ -659,8 +659,30 @@ fn qcow2b_co_block_status(
             // SAFETY: as above.
             let mut locked = unsafe { node.lock() }?;
             let image = locked.image();
+            if node.metadata_preallocated.get().is_none() {
+                // SAFETY: the image file's child is open; QEMU's qcow2 asks the same function
+                // from its block-status coroutine.
+                let allocated = unsafe {
+                    bindings::bdrv_get_allocated_file_size((*node.file.child()).bs)
+                };
+                let allocated = u64::try_from(allocated).map_err(|_| {
+                    Error::io(
+                        "getting the image file's allocated size",
+                        std::io::Error::from_raw_os_error(-(allocated as i32)),
+                    )
+                })?;
+                let preallocated = image.looks_metadata_preallocated(allocated)?;
+                node.metadata_preallocated.set(Some(preallocated));
+            }
             let (mapping, len) = image.map(offset as u64, bytes as u64)?;
             (mapping, len, image.encryption().is_some())
+        };
+        // Data clusters of a metadata-preallocated image may be holes in the file: the block
+        // layer asks the file (RECURSE) and reads a hole as zeros, as for QEMU's qcow2.
+        let recurse = if node.metadata_preallocated.get() == Some(true) {
+            bindings::BDRV_BLOCK_RECURSE as c_int
+        } else {
+            0
         };
         // SAFETY: the out-pointers are valid (block-layer contract); the children are open.
         unsafe {
@@ -689,6 +711,7 @@ fn qcow2b_co_block_status(
                     *map = host_offset as i64;
                     *file = data_bs;
                     (bindings::BDRV_BLOCK_DATA | bindings::BDRV_BLOCK_OFFSET_VALID) as c_int
+                        | recurse
                 }
             })
         }
@@ -980,6 +1003,8 @@ fn qcow2b_co_invalidate_cache(
             // The old state is dropped unflushed: its metadata is what the other side wrote
             // over, and this side wrote nothing since it was inactivated.
             let _old = std::mem::replace(node.image_drained(), fresh);
+            // The other side may have preallocated or written: look again.
+            node.metadata_preallocated.set(None);
             Ok(0)
         })
     };

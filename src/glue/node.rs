@@ -64,6 +64,10 @@ pub struct Node {
     /// An encrypted image's crypto layer (`crypto.rs`): the image's cipher, given to every
     /// image state read anew (reopen with another file, invalidate_cache).
     pub crypto: Option<std::rc::Rc<QemuCrypto>>,
+    /// Whether the image looks preallocated with `preallocation=metadata`
+    /// (`Image::looks_metadata_preallocated`), found out at the first block-status query of
+    /// the open.
+    pub metadata_preallocated: Cell<Option<bool>>,
 }
 
 /// The state of a node's transaction group committer (`txg.rs`).
@@ -119,6 +123,7 @@ impl Node {
             cache_clean: CacheCleaner::new(cache_clean_interval),
             // Set by the open, once the image's key is unlocked.
             crypto: None,
+            metadata_preallocated: Cell::new(None),
         });
         // SAFETY: the objects are zeroed and live at their final heap address.
         unsafe {

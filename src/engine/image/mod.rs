@@ -872,4 +872,29 @@ impl<S: Storage> Image<S> {
         };
         Ok((mapping, run_bytes))
     }
+
+    /// Whether the image looks preallocated with `preallocation=metadata`: its refcounts name
+    /// clearly more clusters than the file has blocks for (`allocated_file_bytes`, what the
+    /// host file system holds). Those clusters read as zeros from the file's holes, so a
+    /// block-status query should ask the file about them (`BDRV_BLOCK_RECURSE`) instead of
+    /// calling them data. The rule is QEMU's qcow2's, so that both drivers map an image the
+    /// same way: referenced clusters reach max(allocated clusters * 10/9, allocated + 2).
+    /// The walk stops at that count, so its cost is bounded by the file's allocation.
+    pub fn looks_metadata_preallocated(&mut self, allocated_file_bytes: u64) -> Result<bool> {
+        let allocated_clusters = allocated_file_bytes >> self.cluster_bits;
+        let threshold = (allocated_clusters.saturating_mul(10) / 9).max(allocated_clusters + 2);
+        let file_bytes = self
+            .storage
+            .len()
+            .map_err(|e| Error::io("getting the image file's length", e))?;
+        let end_cluster = file_bytes.div_ceil(self.cluster_size());
+        let mut referenced = 0u64;
+        for host_cluster in 0..end_cluster {
+            if referenced >= threshold {
+                break;
+            }
+            referenced += u64::from(self.refcount(host_cluster)? > 0);
+        }
+        Ok(referenced >= threshold)
+    }
 }
