@@ -223,3 +223,59 @@ impl qcow2b::engine::Storage for LimitedStorage {
         self.inner.set_len(len)
     }
 }
+
+/// iotest 298: a preallocating growth right after appending writes puts the new area where
+/// the data ends, as QEMU's qcow2 does, and not past the unused zero reserve (a gap that a
+/// preallocating file layer below keeps allocated).
+#[test]
+fn preallocated_growth_starts_where_the_data_ends_not_past_the_zero_reserve() {
+    use qcow2b::engine::{Growth, Mapping, Preallocation};
+    const MIB: u64 = 1 << 20;
+    for preallocation in [
+        Preallocation::Metadata,
+        Preallocation::Falloc,
+        Preallocation::Full,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.qcow2");
+        qemu_img_create(&path, 64 << 10, 10 * MIB, None);
+        let storage = MemStorage::new(std::fs::read(&path).unwrap());
+        let mut image = Image::open(storage, &OpenOptions::default()).unwrap();
+        image
+            .write(0, &vec![0x5a; 10 * MIB as usize], None)
+            .unwrap();
+        let host_of = |image: &mut Image<MemStorage>, guest: u64| match image.map(guest, 1) {
+            Ok((Mapping::Data { host_offset }, _)) => host_offset,
+            Ok((
+                Mapping::Zero {
+                    host_offset: Some(host_offset),
+                },
+                _,
+            )) => host_offset,
+            other => panic!("guest offset {guest}: {other:?}"),
+        };
+        let data_end = host_of(&mut image, 10 * MIB - 1) + 1;
+        let growth = Growth {
+            preallocation,
+            zero: false,
+        };
+        image.grow(50 * MIB, growth, None).unwrap();
+        let what = format!("{preallocation:?}");
+        assert_eq!(host_of(&mut image, 10 * MIB), data_end, "{what}");
+        assert_eq!(
+            host_of(&mut image, 50 * MIB - 1) + 1,
+            data_end + 40 * MIB,
+            "{what}"
+        );
+        let report = image.check(CheckFix::None).unwrap();
+        assert_eq!(report.corruptions, 0, "{what}: {:?}", report.messages);
+        let bytes = image.close().unwrap().into_inner();
+        assert_eq!(
+            bytes.len() as u64,
+            data_end + 40 * MIB,
+            "{what}: the file ends there"
+        );
+        std::fs::write(&path, bytes).unwrap();
+        qemu_img_check(&path);
+    }
+}

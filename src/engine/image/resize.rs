@@ -1,7 +1,7 @@
 //! Growing the virtual disk: a new virtual size in the header, a larger L1 table when the
 //! current one does not reach the new end, and, when asked, the new area preallocated
 //! (`metadata`, `falloc`, `full`) or made to read as zeros over a backing file that reaches
-//! into it (QEMU's `BDRV_REQ_ZERO_WRITE`). Shrinking is not supported.
+//! into it (QEMU's `BDRV_REQ_ZERO_WRITE`). Shrinking: `shrink.rs`.
 
 use crate::engine::create::{allocate_data_area, Preallocation};
 use crate::engine::debug_event::DebugEvent;
@@ -128,6 +128,29 @@ impl<S: Storage> Image<S> {
             self.header.virtual_size = new_size;
             return Ok(());
         }
+        // The preallocated area starts where the clusters in use end, as with QEMU's qcow2:
+        // the unused zero reserve that ends the file (counted, never named by any table, a
+        // hole in the file) is given back first and the allocations start over it, so that
+        // it does not stay a gap between the two (blocks that a preallocating file layer
+        // below, iotest 298's, would keep allocated).
+        let released_tail = if growth.preallocation != Preallocation::Off {
+            let tail = self.reserved_tail();
+            self.release_reserve()?;
+            if let Some(start) = tail {
+                if growth.preallocation == Preallocation::Metadata && self.host_end > start {
+                    // Those clusters become preallocated ones, which are holes in the file as
+                    // with QEMU's qcow2. They were never written (zeros), but a file layer may
+                    // have allocated blocks under them when the reserve extended the file (the
+                    // preallocate filter does): give those back. Zeros before and after, so
+                    // nothing orders against it; a file that cannot discard keeps the blocks.
+                    let _ = self.storage.discard(start, self.host_end - start);
+                }
+                self.host_end = self.host_end.min(start);
+            }
+            tail
+        } else {
+            None
+        };
         // The new area is inside the disk for the engine from here on (its entries are
         // made with the ordinary tools), on disk only once they are written.
         self.header.virtual_size = new_size;
@@ -146,8 +169,22 @@ impl<S: Storage> Image<S> {
             // The entries made stay (past the size on disk, harmless; cleared by the next
             // growth), the guest sees the old size.
             self.header.virtual_size = old_size;
+            return filled;
         }
-        filled
+        if released_tail.is_some() {
+            // A new area smaller than the reserve it replaced leaves the file longer than the
+            // clusters in use: holes whose zero refcounts were written and ordered above.
+            let file_len = self
+                .storage
+                .len()
+                .map_err(|e| Error::io("getting the image file length", e))?;
+            if file_len > self.host_end {
+                self.storage
+                    .set_len(self.host_end)
+                    .map_err(|e| Error::io("trimming the given-back reserve off the file", e))?;
+            }
+        }
+        Ok(())
     }
 
     /// A larger L1 table, switched to in the header, with the new virtual size in the same
