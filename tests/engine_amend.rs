@@ -364,3 +364,54 @@ fn the_data_file_name_and_raw_flag() {
         "data-file can only be set for images that use an external data file",
     );
 }
+
+/// Progress of an amend: a refcount width change tells each refcount block written, and an
+/// upgrade with a width change shares the whole between the two steps; the figures only go
+/// forward and end at the whole.
+#[test]
+fn amend_progress_goes_forward_through_every_step_to_the_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    for (opts, amendment, at_least) in [
+        (
+            "compat=1.1,cluster_size=512,refcount_bits=1",
+            Amendment {
+                refcount_bits: Some(64),
+                ..Default::default()
+            },
+            // 64-bit entries, 64 per 512-byte block: 8 blocks at least for 400 clusters.
+            9,
+        ),
+        (
+            "compat=0.10,cluster_size=512",
+            Amendment {
+                version: Some(3),
+                refcount_bits: Some(64),
+                ..Default::default()
+            },
+            11,
+        ),
+    ] {
+        let img = create(dir.path(), "img", opts, "1M");
+        qemu_io(&img, &["write -P 0x5a 0 200k"]);
+        let mut image = open_file(&img, &OpenOptions::default());
+        let mut heard: Vec<(u64, u64)> = Vec::new();
+        image
+            .amend_with_progress(&amendment, None, &mut |done, total| {
+                heard.push((done, total))
+            })
+            .unwrap();
+        image.close().unwrap();
+        let what = format!("{opts} {amendment:?}: {heard:?}");
+        assert!(heard.len() >= at_least, "{what}");
+        let share = |&(done, total): &(u64, u64)| done as f64 / total as f64;
+        assert!(
+            heard.windows(2).all(|w| share(&w[0]) <= share(&w[1])),
+            "{what}"
+        );
+        assert!(heard.iter().all(|&(d, t)| d <= t && t > 0), "{what}");
+        assert_eq!(share(heard.last().unwrap()), 1.0, "{what}");
+        qemu_img_check(&img);
+        qemu_io(&img, &["read -P 0x5a 0 200k"]);
+        std::fs::remove_file(&img).unwrap();
+    }
+}

@@ -136,14 +136,9 @@ pub fn qcow2b_amend_options(
             let image = node.image_drained();
             let amendment = amendment(opts, image.header().crypt_method != 0)?;
             let backing = request::backing_of(bs);
-            // As QEMU's helper scales it: the steps that report (an upgrade or a downgrade)
-            // are the first of `operations` (the version and refcount width changes), the
-            // others projected at the same size.
-            let operations = u64::from(amendment.version.is_some_and(|v| v != image.header().version))
-                + u64::from(amendment.refcount_bits.is_some_and(|b| b != image.refcount_bits()));
+            // The engine shares the progress among an amend's steps.
             let mut progress = |done: u64, total: u64| {
                 if let Some(cb) = status_cb {
-                    let total = total * operations.max(1);
                     // QEMU's callback with its own opaque pointer, on this node (inside the
                     // entry's unsafe block: see its SAFETY note).
                     cb(bs, done as i64, total as i64, cb_opaque);

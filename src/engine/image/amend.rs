@@ -96,17 +96,31 @@ impl<S: Storage> Image<S> {
         }
         let old_version = self.header.version;
         let new_version = a.version.unwrap_or(old_version);
+        let new_refcount_bits = a.refcount_bits.filter(|&b| b != self.rc.refcount_bits());
+        // The steps that take time and report progress, each an equal share of the whole, as
+        // QEMU's qcow2 shares it.
+        let mut steps = StepProgress {
+            progress,
+            index: 0,
+            count: u64::from(new_version > old_version)
+                + u64::from(new_refcount_bits.is_some())
+                + u64::from(new_version < old_version),
+        };
         if new_version > old_version {
-            self.upgrade(progress)?;
+            self.upgrade(&mut |done, total| steps.report(done, total))?;
+            steps.index += 1;
         }
-        if let Some(bits) = a.refcount_bits.filter(|&b| b != self.rc.refcount_bits()) {
+        if let Some(bits) = new_refcount_bits {
             if new_version < 3 && bits != 16 {
                 return Err(refused(
                     "Refcount widths other than 16 bits require compatibility level 1.1 or \
                      above (use compat=1.1 or greater)",
                 ));
             }
-            self.change_refcount_order(bits.trailing_zeros())?;
+            self.change_refcount_order(bits.trailing_zeros(), &mut |done, total| {
+                steps.report(done, total)
+            })?;
+            steps.index += 1;
         }
         let mut header = self.header.clone();
         if a.data_file_raw == Some(false) {
@@ -153,7 +167,7 @@ impl<S: Storage> Image<S> {
             self.resize_for_amend(size, backing)?;
         }
         if new_version < old_version {
-            self.downgrade(backing, progress)?;
+            self.downgrade(backing, &mut |done, total| steps.report(done, total))?;
         }
         Ok(())
     }
@@ -504,4 +518,18 @@ fn set_data_file_name(header: &mut Header, name: &[u8]) {
             data: name.to_vec(),
         },
     );
+}
+
+/// One of `count` steps of an amend: its own (done, total) told as a share of the whole.
+struct StepProgress<'a> {
+    progress: &'a mut dyn FnMut(u64, u64),
+    index: u64,
+    count: u64,
+}
+
+impl StepProgress<'_> {
+    fn report(&mut self, done: u64, total: u64) {
+        let count = self.count.max(1);
+        (self.progress)(self.index * total + done.min(total), count * total);
+    }
 }

@@ -24,7 +24,15 @@ impl<S: Storage> Image<S> {
     /// Rewrites the refcount structures with entries of `1 << new_order` bits (module
     /// comment: order). Refuses, before writing anything, a cluster whose refcount the new
     /// width cannot hold, with QEMU's message.
-    pub(in crate::engine) fn change_refcount_order(&mut self, new_order: u32) -> Result<()> {
+    ///
+    /// `progress` hears (done, total) in refcount blocks written, the header switch last. The
+    /// new layout is computed, not found by walks over the table as QEMU's qcow2 finds it, so
+    /// the progress never goes back (iotest 112's last case sees QEMU's go back).
+    pub(in crate::engine) fn change_refcount_order(
+        &mut self,
+        new_order: u32,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
         let old = self.rc;
         if new_order == old.refcount_order {
             return Ok(());
@@ -78,6 +86,9 @@ impl<S: Storage> Image<S> {
         let blocks_start = area_start + table_clusters;
         let area_end = blocks_start + block_count;
 
+        // Every block, then the table and the header: one more step.
+        let steps = block_count + 1;
+        progress(0, steps);
         let mut table = vec![0u64; (table_bytes / 8) as usize];
         for (j, entry) in table.iter_mut().enumerate().take(block_count as usize) {
             let block_cluster = blocks_start + j as u64;
@@ -102,6 +113,7 @@ impl<S: Storage> Image<S> {
                 &block,
                 "writing a refcount block of the new width",
             )?;
+            progress(j as u64 + 1, steps);
         }
         self.write_metadata(
             table_start << self.cluster_bits,
@@ -118,6 +130,7 @@ impl<S: Storage> Image<S> {
         let header = Header::parse(&raw)?;
         self.write_metadata(0, &raw, "switching the header to the new refcount width")?;
         self.storage_flush()?;
+        progress(steps, steps);
 
         // The old structures, now counted by the new ones, go at the next write-back.
         let old_table_first = self.header.refcount_table_offset >> self.cluster_bits;
