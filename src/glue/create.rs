@@ -456,6 +456,39 @@ unsafe fn blockdev_create_options(
     Ok((options, crypto))
 }
 
+/// `blockdev-create`'s size, checked where QEMU's qcow2 checks it, with its messages: after
+/// every other option, by the truncate of the new image to its size (the block layer's
+/// bounds, then qcow2's growth of the L1 table). `qemu-img create` checks it first, with
+/// other messages (the engine's).
+fn check_size_as_qcow2_truncates(options: &CreateOptions) -> Result<(), Error> {
+    CreateOptions {
+        size_bytes: 0,
+        ..options.clone()
+    }
+    .validate()?;
+    let size = options.size_bytes;
+    let max_bytes = i64::MAX as u64 / u64::from(bindings::BDRV_MAX_ALIGNMENT)
+        * u64::from(bindings::BDRV_MAX_ALIGNMENT);
+    if i64::try_from(size).is_err() {
+        return Err(Error::BadOption(
+            "Could not resize image: Image size cannot be negative".into(),
+        ));
+    }
+    if size > max_bytes {
+        return Err(Error::BadOption(format!(
+            "Could not resize image: offset({size}) exceeds maximum({max_bytes})"
+        )));
+    }
+    // Every other option is valid (above) and the size within the block layer's bounds: what
+    // is left to refuse is an L1 table larger than qcow2 allows.
+    options.validate().map_err(|e| match e {
+        Error::BadOption(_) => Error::BadOption(
+            "Could not resize image: Failed to grow the L1 table: File too large".into(),
+        ),
+        e => e,
+    })
+}
+
 entries! {
 /// `blockdev-create` with `driver=qcow2b`, a job's coroutine: the image made on the `file`
 /// node (and its guest data on the `data-file` node), as `qemu-img create -f qcow2b` makes
@@ -491,6 +524,7 @@ pub fn qcow2b_co_create(
             };
             let (options, crypto) =
                 blockdev_create_options(q, data_node.as_ref().map(OpenedNode::filename))?;
+            check_size_as_qcow2_truncates(&options)?;
             let creation = Creation::prepare(options, crypto.as_ref())?;
             let Some(image) = BlkStorage::on_node(file.0, errp) else {
                 return Ok(-libc::EPERM);

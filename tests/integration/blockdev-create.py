@@ -293,6 +293,12 @@ def supported_options(s):
 # Options QEMU's qcow2 refuses, with its message; qcow2b gives the same.
 REFUSED_AS_QCOW2 = [
     ({"size": 1000}, "Image size must be a multiple of 512 bytes"),
+    # Sizes qcow2 refuses only when it truncates the new image to its size.
+    ({"size": 1 << 63}, "Could not resize image: Image size cannot be negative"),
+    ({"size": (1 << 63) - 512},
+     "Could not resize image: offset(9223372036854775296) exceeds maximum(9223372035781033984)"),
+    ({"size": 1 << 48, "cluster-size": 512},
+     "Could not resize image: Failed to grow the L1 table: File too large"),
     ({"cluster-size": 1234}, "Cluster size must be a power of two between 512 and 2048k"),
     ({"cluster-size": 4 * M}, "Cluster size must be a power of two between 512 and 2048k"),
     ({"refcount-bits": 3},
@@ -353,6 +359,8 @@ def refused_options(s):
             if (extra, message) in REFUSED_AS_QCOW2:
                 got = vm.create(f"qcow2-{n}", {"driver": "qcow2", **options})
                 expect(f"QEMU's qcow2's error for {extra}", got, message)
+                # qcow2 refuses a size after it wrote its header: empty again for the next.
+                os.truncate(image, 0)
         # A file reference that names no node: QEMU's message for it, before anything else.
         got = vm.create("nonode", {"driver": "qcow2b", "file": "nonode", "size": M})
         expect("a missing file node",
