@@ -39,6 +39,7 @@ const ALLOW_TYPES: &[&str] = &[
     "BlockStatsSpecific",
     "BlockStatsSpecificQcow2b",
     "BlockdevDriver",
+    "BlockdevCreateOptions",
     "Qcow2bCounters",
     "PreallocMode",
     "Qcow2CompressionType",
@@ -103,6 +104,10 @@ const ALLOW_FUNCTIONS: &[&str] = &[
     "qemu_opt_get_number_del",
     "g_free",
     "bdrv_create_file",
+    "bdrv_open_blockdev_ref",
+    "bdrv_unref",
+    "blk_new_with_bs",
+    "qapi_enum_lookup",
     "bdrv_block_status_above",
     "blk_new_open",
     "blk_unref",
@@ -183,6 +188,8 @@ const ALLOW_VARS: &[&str] = &[
     "BDRV_REQ_.*",
     "BDRV_BLOCK_.*",
     "child_of_bds",
+    "BlockdevDriver_lookup",
+    "BLK_PERM_.*",
     "QCRYPTO_BLOCK_OPEN_.*",
 ];
 

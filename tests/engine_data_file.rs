@@ -178,6 +178,36 @@ fn an_image_created_here_is_qemus_to_read() {
     }
 }
 
+/// blockdev-create of a `data_file_raw` image over an existing raw image (iotest 244's
+/// "non-zeroed data file"): the raw image's bytes become the disk's, as with QEMU's qcow2;
+/// before, creation emptied the data file and the disk read as zeros.
+#[test]
+fn creation_keeps_what_the_data_file_holds() {
+    for (raw, preallocation) in [(true, Preallocation::Off), (false, Preallocation::Full)] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("new.qcow2");
+        let data = dir.path().join("new.data");
+        File::create(&img).unwrap();
+        std::fs::write(&data, vec![0x42u8; 1 << 20]).unwrap();
+        let mut opts = CreateOptions::new(4 << 20);
+        opts.data_file = Some(data.display().to_string());
+        opts.data_file_raw = raw;
+        opts.preallocation = preallocation;
+        create_with_data_file(&rw_file(&img), &rw_file(&data), &opts).unwrap();
+        let what = format!("raw {raw}, {preallocation:?}");
+        // Grown to the disk's size past what it held, which is still there.
+        let bytes = std::fs::read(&data).unwrap();
+        assert_eq!(bytes.len(), 4 << 20, "{what}");
+        assert!(bytes[..1 << 20].iter().all(|&b| b == 0x42), "{what}");
+        assert!(bytes[1 << 20..].iter().all(|&b| b == 0), "{what}");
+        qemu_img_check(&img);
+        if raw {
+            // The raw image is the disk, through the metadata too (QEMU reads it so).
+            qemu_io(&img, &["read -P 0x42 0 1M", "read -P 0 1M 3M"]);
+        }
+    }
+}
+
 #[test]
 fn the_data_file_is_synced_before_the_entries_that_name_its_new_clusters() {
     let dir = tempfile::tempdir().unwrap();

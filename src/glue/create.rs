@@ -4,9 +4,10 @@
 //! LUKS header from QEMU's crypto layer (`crypto.rs`).
 
 use std::ffi::{c_char, c_int, CStr};
+use std::ptr;
 
 use super::bindings::{self, BlockDriver, BlockDriverState, QemuOpts};
-use super::crypto;
+use super::crypto::{self, CreateCrypto};
 use super::ffi::{entries, set_error, to_c_errp};
 use super::opts::{
     bool_opt, leak_list, number_opt, size_opt, string_opt, Opt, OptsListCell, OptsView,
@@ -15,7 +16,7 @@ use super::storage::BlkStorage;
 use crate::engine::create::{Compat, Preallocation};
 use crate::engine::format::header::CompressionType;
 use crate::engine::{
-    create, create_with_data_file, measure, CreateEncryption, CreateOptions, Error,
+    create, create_with_data_file, measure, CreateEncryption, CreateOptions, CryptMethod, Error,
 };
 
 const SIZE: &CStr = c"size";
@@ -226,6 +227,44 @@ unsafe fn create_options(opts: *mut QemuOpts, take: bool) -> Result<CreateOption
     Ok(options)
 }
 
+/// A creation from the typed options on, the one path both entries take (`qemu-img
+/// create`'s option list and `blockdev-create`'s QAPI options are converted to
+/// [`CreateOptions`] first): the options checked and the key made before anything is written,
+/// so that a refused option or key leaves nothing on disk; then the image written.
+struct Creation {
+    options: CreateOptions,
+    encrypted: bool,
+    /// The LUKS header the key came with (LUKS only).
+    luks_header: Option<Vec<u8>>,
+}
+
+impl Creation {
+    /// Checks `options` (QEMU's messages; what qcow2b cannot create is refused, naming it)
+    /// and makes the key `crypto` asks for.
+    fn prepare(options: CreateOptions, crypto: Option<&CreateCrypto>) -> Result<Creation, Error> {
+        options.validate()?;
+        let luks_header = match crypto {
+            Some(crypto) => crypto::make_key(crypto)?,
+            None => None,
+        };
+        Ok(Creation {
+            options,
+            encrypted: crypto.is_some(),
+            luks_header,
+        })
+    }
+
+    /// Writes the image into `image`, its guest data into `data` when the options name an
+    /// external data file (both already exist, as the protocol layer made them).
+    fn write(self, image: &BlkStorage, data: Option<&BlkStorage>) -> Result<(), Error> {
+        match (self.encrypted, data) {
+            (true, _) => crypto::create(image, data, self.options, self.luks_header.as_deref()),
+            (false, Some(data)) => create_with_data_file(image, data, &self.options),
+            (false, None) => create(image, &self.options),
+        }
+    }
+}
+
 entries! {
 pub fn qcow2b_co_create_opts(
     _drv: *mut BlockDriver,
@@ -248,17 +287,7 @@ pub fn qcow2b_co_create_opts(
                 }
                 None => None,
             };
-            let options = create_options(opts, true)?;
-            // Refuse bad options before anything exists on disk; the key too.
-            options.validate()?;
-            let luks_header = match &crypto {
-                Some(crypto) => match crypto::make_key(crypto, errp) {
-                    Ok(header) => header,
-                    // errp says why.
-                    Err(errno) => return Ok(errno),
-                },
-                None => None,
-            };
+            let creation = Creation::prepare(create_options(opts, true)?, crypto.as_ref())?;
             // The protocol layer makes the file (it takes the options it knows, such as
             // preallocation for file-posix); the engine writes the image into it.
             let ret = bindings::bdrv_create_file(filename, opts, errp);
@@ -270,7 +299,7 @@ pub fn qcow2b_co_create_opts(
             };
             // The external data file is a file of the protocol layer too (made with the
             // same options), ready before the image's header names it.
-            let data = match &options.data_file {
+            let data = match &creation.options.data_file {
                 None => None,
                 Some(data_name) => {
                     let data_name = std::ffi::CString::new(data_name.as_bytes()).map_err(|_| {
@@ -286,13 +315,228 @@ pub fn qcow2b_co_create_opts(
                     Some(data)
                 }
             };
-            match (&crypto, &data) {
-                (Some(_), _) => {
-                    crypto::create(&storage, data.as_ref(), options, luks_header.as_deref())?
-                }
-                (None, Some(data)) => create_with_data_file(&storage, data, &options)?,
-                (None, None) => create(&storage, &options)?,
+            creation.write(&storage, data.as_ref())?;
+            Ok(0)
+        })
+    }
+}
+}
+
+/// A node `bdrv_open_blockdev_ref` opened (`blockdev-create`'s `file`, `data-file`): the
+/// reference is given back on drop.
+struct OpenedNode(*mut BlockDriverState);
+
+impl OpenedNode {
+    /// Opens (or finds, for a node name) the node `node` refers to; on failure `*errp` says
+    /// why.
+    ///
+    /// # Safety
+    /// `node` is a live `BlockdevRef`; `errp` NULL or valid.
+    unsafe fn open(
+        node: *mut bindings::BlockdevRef,
+        errp: *mut *mut bindings::Error,
+    ) -> Option<OpenedNode> {
+        // SAFETY: per the caller.
+        let bs = unsafe { bindings::bdrv_open_blockdev_ref(node, errp) };
+        (!bs.is_null()).then_some(OpenedNode(bs))
+    }
+
+    /// The node's file name, as an image's header records its data file (QEMU's qcow2
+    /// records `filename` too).
+    fn filename(&self) -> String {
+        // SAFETY: the node is open; its filename is a NUL-terminated array.
+        unsafe { CStr::from_ptr((*self.0).filename.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+impl Drop for OpenedNode {
+    fn drop(&mut self) {
+        // SAFETY: the reference bdrv_open_blockdev_ref gave, given back once.
+        unsafe { bindings::bdrv_unref(self.0) };
+    }
+}
+
+/// QEMU's name of a block driver (`backing-fmt`), as the header's backing format records it.
+fn driver_name(driver: bindings::BlockdevDriver) -> Result<Vec<u8>, Error> {
+    let index = c_int::try_from(driver)
+        .map_err(|_| Error::BadOption(format!("Invalid backing format {driver}")))?;
+    // SAFETY: the generated lookup table of the enum, valid for every value the QAPI
+    // visitor accepted (which `driver` is); qapi_enum_lookup asserts the range.
+    let name = unsafe {
+        bindings::qapi_enum_lookup(ptr::addr_of!(bindings::BlockdevDriver_lookup), index)
+    };
+    // SAFETY: the table's names are static C strings.
+    Ok(unsafe { CStr::from_ptr(name) }.to_bytes().to_vec())
+}
+
+/// The engine's typed options from `blockdev-create`'s (qcow2's QAPI type, which qcow2b's
+/// branch shares), with QEMU's messages for what the QAPI type allows and qcow2 refuses;
+/// `data_file` is the name of the data file's node. The key's options are borrowed.
+///
+/// # Safety
+/// `q` is the live options of a `blockdev-create` job, which outlive the returned crypto.
+unsafe fn blockdev_create_options(
+    q: &bindings::BlockdevCreateOptionsQcow2,
+    data_file: Option<String>,
+) -> Result<(CreateOptions, Option<CreateCrypto>), Error> {
+    // QEMU's qcow2 (where qemu-img create rounds the size up).
+    if !q.size.is_multiple_of(512) {
+        return Err(Error::BadOption(
+            "Image size must be a multiple of 512 bytes".into(),
+        ));
+    }
+    let mut options = CreateOptions::new(q.size);
+    if q.has_version {
+        options.compat = match q.version {
+            bindings::BLOCKDEV_QCOW2_VERSION_V2 => Compat::V2,
+            _ => Compat::V3,
+        };
+    }
+    if q.has_cluster_size {
+        options.cluster_size_bytes = q.cluster_size;
+    }
+    options.extended_l2 = q.has_extended_l2 && q.extended_l2;
+    if q.has_preallocation {
+        options.preallocation = match q.preallocation {
+            bindings::PREALLOC_MODE_OFF => Preallocation::Off,
+            bindings::PREALLOC_MODE_METADATA => Preallocation::Metadata,
+            bindings::PREALLOC_MODE_FALLOC => Preallocation::Falloc,
+            bindings::PREALLOC_MODE_FULL => Preallocation::Full,
+            mode => {
+                return Err(Error::BadOption(format!(
+                    "Unsupported preallocation mode {mode}"
+                )))
             }
+        };
+    }
+    if q.has_backing_file && !q.backing_file.is_null() {
+        // SAFETY: a QAPI string, NUL-terminated, alive with the options.
+        options.backing_file = Some(
+            unsafe { CStr::from_ptr(q.backing_file) }
+                .to_bytes()
+                .to_vec(),
+        );
+    }
+    if q.has_backing_fmt {
+        options.backing_format = Some(driver_name(q.backing_fmt)?);
+    }
+    options.lazy_refcounts = q.has_lazy_refcounts && q.lazy_refcounts;
+    if q.has_refcount_bits {
+        // A negative width or one above u32 is refused by validate as any other bad width.
+        options.refcount_bits = u32::try_from(q.refcount_bits).unwrap_or(u32::MAX);
+    }
+    if q.has_compression_type {
+        options.compression_type = match q.compression_type {
+            bindings::QCOW2_COMPRESSION_TYPE_ZLIB => CompressionType::Zlib,
+            bindings::QCOW2_COMPRESSION_TYPE_ZSTD => CompressionType::Zstd,
+            _ => return Err(Error::BadOption("Unknown compression type".into())),
+        };
+    }
+    options.data_file = data_file;
+    options.data_file_raw = q.has_data_file_raw && q.data_file_raw;
+    let crypto = if q.has_encrypt && !q.encrypt.is_null() {
+        // SAFETY: per the caller.
+        let crypto = unsafe { CreateCrypto::borrowed(q.encrypt) };
+        options.encryption = match crypto.method() {
+            Some(CryptMethod::Aes) => Some(CreateEncryption::Aes),
+            // The header's length comes with the key (Creation::prepare).
+            Some(CryptMethod::Luks) => Some(CreateEncryption::Luks { header_bytes: 0 }),
+            None => {
+                return Err(Error::BadOption(
+                    "Crypto format not supported in qcow2".into(),
+                ))
+            }
+        };
+        Some(crypto)
+    } else {
+        None
+    };
+    Ok((options, crypto))
+}
+
+/// `blockdev-create`'s size, checked where QEMU's qcow2 checks it, with its messages: after
+/// every other option, by the truncate of the new image to its size (the block layer's
+/// bounds, then qcow2's growth of the L1 table). `qemu-img create` checks it first, with
+/// other messages (the engine's).
+fn check_size_as_qcow2_truncates(options: &CreateOptions) -> Result<(), Error> {
+    CreateOptions {
+        size_bytes: 0,
+        ..options.clone()
+    }
+    .validate()?;
+    let size = options.size_bytes;
+    let max_bytes = i64::MAX as u64 / u64::from(bindings::BDRV_MAX_ALIGNMENT)
+        * u64::from(bindings::BDRV_MAX_ALIGNMENT);
+    if i64::try_from(size).is_err() {
+        return Err(Error::BadOption(
+            "Could not resize image: Image size cannot be negative".into(),
+        ));
+    }
+    if size > max_bytes {
+        return Err(Error::BadOption(format!(
+            "Could not resize image: offset({size}) exceeds maximum({max_bytes})"
+        )));
+    }
+    // Every other option is valid (above) and the size within the block layer's bounds: what
+    // is left to refuse is an L1 table larger than qcow2 allows.
+    options.validate().map_err(|e| match e {
+        Error::BadOption(_) => Error::BadOption(
+            "Could not resize image: Failed to grow the L1 table: File too large".into(),
+        ),
+        e => e,
+    })
+}
+
+entries! {
+/// `blockdev-create` with `driver=qcow2b`, a job's coroutine: the image made on the `file`
+/// node (and its guest data on the `data-file` node), as `qemu-img create -f qcow2b` makes
+/// it on a file.
+pub fn qcow2b_co_create(
+    opts: *mut bindings::BlockdevCreateOptions,
+    errp: *mut *mut bindings::Error,
+) -> c_int, errp = errp {
+    // SAFETY: QEMU passes the job's options, whose driver is qcow2b (the union's qcow2b
+    // branch, qcow2's type), and its errp; they live until the job's run returns. We run in
+    // the job's coroutine.
+    unsafe {
+        to_c_errp("create", errp, || {
+            if (*opts).driver != bindings::BLOCKDEV_DRIVER_QCOW2B {
+                return Err(Error::Invalid(format!(
+                    "blockdev-create for driver {} reached qcow2b",
+                    (*opts).driver
+                )));
+            }
+            let q = &(*opts).u.qcow2b;
+            // The nodes first, as QEMU's qcow2 opens them; the options are checked before
+            // anything is written on either.
+            let Some(file) = OpenedNode::open(q.file, errp) else {
+                return Ok(-libc::EIO);
+            };
+            let data_node = if q.has_data_file && !q.data_file.is_null() {
+                let Some(node) = OpenedNode::open(q.data_file, errp) else {
+                    return Ok(-libc::EIO);
+                };
+                Some(node)
+            } else {
+                None
+            };
+            let (options, crypto) =
+                blockdev_create_options(q, data_node.as_ref().map(OpenedNode::filename))?;
+            check_size_as_qcow2_truncates(&options)?;
+            let creation = Creation::prepare(options, crypto.as_ref())?;
+            let Some(image) = BlkStorage::on_node(file.0, errp) else {
+                return Ok(-libc::EPERM);
+            };
+            let data = match &data_node {
+                Some(node) => match BlkStorage::on_node(node.0, errp) {
+                    Some(data) => Some(data),
+                    None => return Ok(-libc::EPERM),
+                },
+                None => None,
+            };
+            creation.write(&image, data.as_ref())?;
             Ok(0)
         })
     }

@@ -358,13 +358,42 @@ pub fn attach(image: &mut Image<FileAccess>, crypto: Option<&Rc<QemuCrypto>>) ->
     }
 }
 
-/// `QCryptoBlockCreateOptions`, freed on drop.
-pub struct CreateCrypto(*mut bindings::QCryptoBlockCreateOptions);
+/// `QCryptoBlockCreateOptions`: made from creation options (owned, freed on drop), or those
+/// of a `blockdev-create` command (borrowed: the job frees them).
+pub struct CreateCrypto {
+    options: *mut bindings::QCryptoBlockCreateOptions,
+    owned: bool,
+}
 
 impl Drop for CreateCrypto {
     fn drop(&mut self) {
-        // SAFETY: made by block_crypto_create_opts_init, freed once.
-        unsafe { bindings::qapi_free_QCryptoBlockCreateOptions(self.0) };
+        if self.owned {
+            // SAFETY: made by block_crypto_create_opts_init, freed once.
+            unsafe { bindings::qapi_free_QCryptoBlockCreateOptions(self.options) };
+        }
+    }
+}
+
+impl CreateCrypto {
+    /// The `encrypt` member of a `blockdev-create` command, borrowed.
+    ///
+    /// # Safety
+    /// `options` is a live `QCryptoBlockCreateOptions` that outlives the returned value.
+    pub unsafe fn borrowed(options: *mut bindings::QCryptoBlockCreateOptions) -> CreateCrypto {
+        CreateCrypto {
+            options,
+            owned: false,
+        }
+    }
+
+    /// The qcow2 method these options make, or `None` for a format qcow2 has no method for.
+    pub fn method(&self) -> Option<CryptMethod> {
+        // SAFETY: the options are live (constructors' contracts).
+        match unsafe { (*self.options).format } {
+            bindings::Q_CRYPTO_BLOCK_FORMAT_QCOW => Some(CryptMethod::Aes),
+            bindings::Q_CRYPTO_BLOCK_FORMAT_LUKS => Some(CryptMethod::Luks),
+            _ => None,
+        }
     }
 }
 
@@ -388,7 +417,10 @@ pub unsafe fn create_options(
         let sub = OwnedQDict(sub);
         sub.put(c"format", crypto_format(method));
         let created = bindings::block_crypto_create_opts_init(sub.0, errp);
-        (!created.is_null()).then_some(CreateCrypto(created))
+        (!created.is_null()).then_some(CreateCrypto {
+            options: created,
+            owned: true,
+        })
     }
 }
 
@@ -450,32 +482,27 @@ fn write_luks_header(
 }
 
 /// Makes the key of a new encrypted image with `qcrypto_block_create` (the secret, the
-/// cipher and, for LUKS, the key slot and its header) before anything exists on disk, so
-/// that a missing secret or a cipher this build lacks leaves no file behind. Returns the
-/// LUKS header's bytes (`None` for AES, which stores nothing), or the errno after `*errp`
-/// was set by QEMU's crypto layer.
-///
-/// # Safety
-/// `errp` as for [`open`].
-pub unsafe fn make_key(
-    crypto: &CreateCrypto,
-    errp: *mut *mut bindings::Error,
-) -> Result<Option<Vec<u8>>, c_int> {
+/// cipher and, for LUKS, the key slot and its header) before anything is written, so that a
+/// missing secret or a cipher this build lacks leaves nothing behind. Returns the LUKS
+/// header's bytes (`None` for AES, which stores nothing), or QEMU's crypto layer's message.
+pub fn make_key(crypto: &CreateCrypto) -> Result<Option<Vec<u8>>, Error> {
     let mut header = LuksHeader::default();
-    // SAFETY: the options are live (owned by `crypto`); the callbacks get `header`, which
-    // outlives the synchronous call; errp per the caller.
+    let mut err = ptr::null_mut();
+    // SAFETY: the options are live (`CreateCrypto`'s constructors); the callbacks get
+    // `header`, which outlives the synchronous call; err is a local Error * taken below.
     let block = unsafe {
         bindings::qcrypto_block_create(
-            crypto.0,
+            crypto.options,
             OPTION_PREFIX.as_ptr(),
             Some(init_luks_header),
             Some(write_luks_header),
             ptr::from_mut(&mut header).cast(),
-            errp,
+            &mut err,
         )
     };
     if block.is_null() {
-        return Err(-libc::EINVAL);
+        // SAFETY: QEMU set err on failure.
+        return Err(Error::BadOption(unsafe { take_error(err) }));
     }
     // The image needs the header only; the block goes.
     drop(QemuCrypto {
@@ -519,7 +546,7 @@ pub unsafe fn luks_header_bytes(
     // SAFETY: the options are live; len is a valid out-pointer; errp per the caller.
     let ok = unsafe {
         bindings::qcrypto_block_calculate_payload_offset(
-            crypto.0,
+            crypto.options,
             OPTION_PREFIX.as_ptr(),
             &mut len,
             errp,

@@ -1501,6 +1501,7 @@ pub fn qcow2b_register() -> () {
             bdrv_snapshot_load_tmp: Some(qcow2b_snapshot_load_tmp),
             bdrv_save_vmstate: Some(qcow2b_save_vmstate),
             bdrv_load_vmstate: Some(qcow2b_load_vmstate),
+            bdrv_co_create: Some(create::qcow2b_co_create),
             bdrv_co_create_opts: Some(create::qcow2b_co_create_opts),
             bdrv_measure: Some(create::qcow2b_measure),
             create_opts: create::create_opts(),

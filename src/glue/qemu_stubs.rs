@@ -71,6 +71,17 @@ thread_local! {
 #[no_mangle]
 pub static child_of_bds: bindings::BdrvChildClass = unsafe { std::mem::zeroed() };
 
+/// The names of QEMU's block drivers (`BlockdevDriver_str`), which only `blockdev-create`
+/// reads (through `qapi_enum_lookup`, not modelled): empty here.
+#[repr(transparent)]
+pub struct EnumLookup(bindings::QEnumLookup);
+
+// SAFETY: the table is never written, and its null pointers are never read.
+unsafe impl Sync for EnumLookup {}
+
+#[no_mangle]
+pub static BlockdevDriver_lookup: EnumLookup = EnumLookup(unsafe { std::mem::zeroed() });
+
 /// Drivers registered with `bdrv_register`, by name (process-wide, as QEMU's list is).
 static DRIVERS: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
 
@@ -501,6 +512,34 @@ doubles! {
 
     fn blk_unref(_blk: *mut BlockBackend) {
         unmodelled("blk_unref")
+    }
+
+    // blockdev-create's nodes: image creation is not modelled (see the module's docs).
+    fn bdrv_open_blockdev_ref(
+        _reference: *mut bindings::BlockdevRef,
+        _errp: *mut *mut bindings::Error,
+    ) -> *mut BlockDriverState {
+        unmodelled("bdrv_open_blockdev_ref")
+    }
+
+    fn bdrv_unref(_bs: *mut BlockDriverState) {
+        unmodelled("bdrv_unref")
+    }
+
+    fn blk_new_with_bs(
+        _bs: *mut BlockDriverState,
+        _perm: u64,
+        _shared_perm: u64,
+        _errp: *mut *mut bindings::Error,
+    ) -> *mut BlockBackend {
+        unmodelled("blk_new_with_bs")
+    }
+
+    fn qapi_enum_lookup(
+        _lookup: *const bindings::QEnumLookup,
+        _val: c_int,
+    ) -> *const c_char {
+        unmodelled("qapi_enum_lookup")
     }
 
     fn blk_pread(

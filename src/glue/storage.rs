@@ -71,7 +71,8 @@ impl Backing for ChildStorage {
     }
 }
 
-/// A `BlockBackend` on a protocol node: the storage of an image being created.
+/// A `BlockBackend` on a protocol node: the storage of an image being created (opened by
+/// name for `qemu-img create`, on a given node for `blockdev-create`).
 pub struct BlkStorage {
     blk: *mut bindings::BlockBackend,
 }
@@ -100,6 +101,29 @@ impl BlkStorage {
             return None;
         }
         // SAFETY: blk was just opened; creation writes tables past the current end.
+        unsafe { bindings::blk_set_allow_write_beyond_eof(blk, true) };
+        Some(BlkStorage { blk })
+    }
+}
+
+impl BlkStorage {
+    /// A backend on the open node `bs` (`blockdev-create`'s `file` or `data-file`), with the
+    /// permissions creation needs: write and resize, sharing everything (as QEMU's qcow2).
+    ///
+    /// # Safety
+    /// `bs` is an open node the caller holds a reference to; `errp` is NULL or valid.
+    pub unsafe fn on_node(
+        bs: *mut bindings::BlockDriverState,
+        errp: *mut *mut bindings::Error,
+    ) -> Option<BlkStorage> {
+        let perm = u64::from(bindings::BLK_PERM_WRITE | bindings::BLK_PERM_RESIZE);
+        // SAFETY: per the caller; the backend takes a reference of its own to the node.
+        let blk =
+            unsafe { bindings::blk_new_with_bs(bs, perm, u64::from(bindings::BLK_PERM_ALL), errp) };
+        if blk.is_null() {
+            return None;
+        }
+        // SAFETY: blk was just made; creation writes tables past the current end.
         unsafe { bindings::blk_set_allow_write_beyond_eof(blk, true) };
         Some(BlkStorage { blk })
     }

@@ -449,9 +449,10 @@ pub fn create<S: Storage>(storage: &S, opts: &CreateOptions) -> Result<()> {
 }
 
 /// Creates an image whose guest clusters live in the external data file `data` (already
-/// created, empty or not): the image file as [`create`] writes it, with the data file's name
-/// in the header, and the data file as long as the disk, preallocated as asked. The data
-/// file is ready before the image's header names it.
+/// created, empty or not: what it holds is kept, and with `data_file_raw` becomes the disk's
+/// data): the image file as [`create`] writes it, with the data file's name in the header,
+/// and the data file at least as long as the disk, preallocated as asked past its end. The
+/// data file is ready before the image's header names it.
 pub fn create_with_data_file<S: Storage>(
     storage: &S,
     data: &S,
@@ -494,9 +495,14 @@ pub fn begin_create<S: Storage>(
     if let Some(data) = data {
         let size = opts.rounded_size()?;
         let what = |e| Error::io("sizing the new image's external data file", e);
-        data.set_len(0).map_err(what)?;
-        // Allocated from an empty file (falloc extends it so), then as long as the disk.
-        allocate_data_area(data, 0, size, preallocation)?;
+        // What the data file holds is kept, as QEMU's qcow2 keeps it (making a file empty is
+        // the protocol layer's creation, which `qemu-img create` runs first): an existing
+        // raw image becomes the data of a `data_file_raw` image (iotest 244). Allocated past
+        // its end (falloc extends it so), then as long as the disk.
+        let len = data.len().map_err(what)?;
+        if len < size {
+            allocate_data_area(data, len, size - len, preallocation)?;
+        }
         if data.len().map_err(what)? < size {
             data.set_len(size).map_err(what)?;
         }
