@@ -316,3 +316,90 @@ fn random_snapshot_operations_match_a_model() {
         }
     }
 }
+
+/// iotest 261: a snapshot table entry with more extra data than QEMU's limit (1024 bytes) is
+/// refused at open with QEMU's hint; an open for check reads the table in part, a check that
+/// may not repair fails (EFBIG), and `check -r all` writes the table again without the
+/// excess, after which the image opens, lists both snapshots and checks clean.
+#[test]
+fn too_much_snapshot_extra_data_is_refused_and_cut_by_a_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    qemu_img_create(&path, 64 << 10, 8 << 20, None);
+    qemu_io(&path, &["write -P 0x11 0 128k"]);
+    for name in ["first", "second"] {
+        run_ok(
+            Command::new("qemu-img")
+                .args(["snapshot", "-c", name])
+                .arg(&path),
+        );
+    }
+    // Entry 1 follows entry 0, 8-byte aligned; its extra data grows to 64 KiB (the file
+    // made long enough for the entry, which now ends in zeros).
+    let table = file_be64(&path, 64);
+    let be = |at: u64, len: usize| -> u64 {
+        let bytes = std::fs::read(&path).unwrap();
+        bytes[at as usize..at as usize + len]
+            .iter()
+            .fold(0, |v, &b| v << 8 | u64::from(b))
+    };
+    let entry0_len = 40 + be(table + 36, 4) + be(table + 12, 2) + be(table + 14, 2);
+    let entry1 = table + entry0_len.next_multiple_of(8);
+    file_write(&path, entry1 + 36, &0x1_0000u32.to_be_bytes());
+    let file = File::options().read(true).write(true).open(&path).unwrap();
+    let len = file.metadata().unwrap().len();
+    file.set_len(len + (1 << 20)).unwrap();
+    drop(file);
+    let before = std::fs::read(&path).unwrap();
+
+    let refusal = |e: Error| match e {
+        Error::Refused { errno, msg } => {
+            assert_eq!(errno, libc::EFBIG);
+            msg
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let file = File::options().read(true).write(true).open(&path).unwrap();
+    let msg = refusal(Image::open(file, &OpenOptions::default()).err().unwrap());
+    assert_eq!(
+        msg,
+        "Too much extra metadata in snapshot table entry 1\nYou can force-remove this extra \
+         metadata with qemu-img check -r all"
+    );
+    let for_check = OpenOptions {
+        for_check: true,
+        ..Default::default()
+    };
+    let mut image = open_file(&path, &for_check);
+    assert_eq!(image.snapshots().len(), 2);
+    let msg = refusal(image.check(qcow2b::engine::CheckFix::Leaks).unwrap_err());
+    assert!(msg.starts_with("ERROR failed to read the snapshot table: Too much extra"));
+    drop(image);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "a check changed the image"
+    );
+
+    let mut image = open_file(&path, &for_check);
+    let report = image.check(qcow2b::engine::CheckFix::All).unwrap();
+    assert!(
+        report
+            .messages
+            .iter()
+            .any(|m| m
+                == "Discarding too much extra metadata in snapshot table entry 1 (65536 > 1024)"),
+        "{:?}",
+        report.messages
+    );
+    assert_eq!(report.corruptions, 0, "{:?}", report.messages);
+    image.close().unwrap();
+    let image = open_file(&path, &OpenOptions::default());
+    let names: Vec<&[u8]> = image.snapshots().iter().map(|s| &s.name[..]).collect();
+    assert_eq!(names[0], b"first");
+    assert_eq!(names.len(), 2);
+    assert_eq!(image.snapshots()[1].extra_data_size, 1024);
+    drop(image);
+    qemu_img_check(&path);
+    qemu_io(&path, &["read -P 0x11 0 128k"]);
+}

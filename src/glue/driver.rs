@@ -1211,7 +1211,15 @@ fn qcow2b_co_check(
     to_c("check", || {
         // SAFETY: called by qemu-img in a coroutine of a node we opened.
         let mut locked = unsafe { Node::of(bs).lock() }?;
-        let report = locked.image().check(fix)?;
+        let report = match locked.image().check(fix) {
+            // What stops a check (a snapshot table over QEMU's limits without -r all) is
+            // printed as QEMU's qcow2 prints it; qemu-img then names the errno.
+            Err(Error::Refused { errno, msg }) => {
+                log::error!("{msg}");
+                return Ok(-errno);
+            }
+            other => other?,
+        };
         // What QEMU's qcow2 prints as it goes ("Leaked cluster ...", "ERROR ..."), on stderr.
         for message in &report.messages {
             log::info!("{message}");

@@ -232,7 +232,16 @@ impl<S: Storage> Image<S> {
         // Step 0: snapshot table entries a version 3 image needs longer are written again
         // (`snapshots.rs`: the table, then the header naming it), before anything is counted.
         let incomplete = references::incomplete_snapshot_entries(self);
-        let rewrite = fix == CheckFix::All && !incomplete.is_empty();
+        // A table over QEMU's limits was read in part (`format::snapshot::TableOverLimits`):
+        // only a repair of errors goes on, and writes that part as the table.
+        let over_limits = self.snapshot_table_over_limits.clone();
+        if let (Some(over), false) = (&over_limits, fix == CheckFix::All) {
+            return Err(Error::Refused {
+                errno: libc::EFBIG,
+                msg: over.check_refusal(),
+            });
+        }
+        let rewrite = fix == CheckFix::All && (!incomplete.is_empty() || over_limits.is_some());
         let file_len = if rewrite {
             self.switch_snapshot_table(self.snapshots.clone())?;
             self.flush_metadata_and_sync(false)?;
@@ -244,6 +253,9 @@ impl<S: Storage> Image<S> {
         walk.report.fragmentation.total_clusters =
             self.header.virtual_size.div_ceil(self.cluster_size());
         if rewrite {
+            if let Some(over) = &over_limits {
+                walk.snapshot_table_cut(over.repairs(), over.corruptions());
+            }
             walk.snapshot_entries_repaired(&incomplete);
         } else {
             walk.check_snapshot_entries(self);

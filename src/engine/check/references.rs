@@ -848,6 +848,15 @@ impl Walk {
 
     /// Notes the entries a repair rewrote with their extra data (`incomplete`, as
     /// [`incomplete_snapshot_entries`] listed them before).
+    /// The repairs of a snapshot table over QEMU's limits (one line each), made by writing
+    /// the part read as the table.
+    pub(in crate::engine) fn snapshot_table_cut(&mut self, repairs: Vec<String>, fixed: u64) {
+        for line in repairs {
+            self.note(line);
+        }
+        self.report.corruptions_fixed += fixed;
+    }
+
     pub(in crate::engine) fn snapshot_entries_repaired(&mut self, incomplete: &[usize]) {
         for i in incomplete {
             self.repaired(format!("Repairing snapshot table entry {i} is incomplete"));

@@ -97,24 +97,118 @@ pub fn table_bytes(header: &Header, snapshots: &[Snapshot]) -> u64 {
         .unwrap_or(0)
 }
 
+/// What QEMU's limits cut from a snapshot table read for `qemu-img check` (QEMU's qcow2 reads
+/// such a table in part then, and its `check -r all` writes the part back): an entry's extra
+/// data past [`MAX_SNAPSHOT_EXTRA_DATA_BYTES`], and the snapshots past [`MAX_SNAPSHOTS`] or
+/// past [`MAX_SNAPSHOT_TABLE_BYTES`] of table. Any other open refuses the table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableOverLimits {
+    /// Entries (index, extra data bytes on disk) whose extra data was cut to the limit.
+    pub extra_data_cut: Vec<(usize, u32)>,
+    /// Snapshots dropped from the end of the table.
+    pub overhanging: u32,
+    /// They were dropped because the table grew past its byte limit (else: their count).
+    pub table_too_big: bool,
+}
+
+impl TableOverLimits {
+    /// Why an open refuses the table (QEMU's message, with its hint where QEMU gives one).
+    pub fn open_refusal(&self) -> String {
+        if let Some(&(index, _)) = self.extra_data_cut.first() {
+            format!(
+                "Too much extra metadata in snapshot table entry {index}\nYou can \
+                 force-remove this extra metadata with qemu-img check -r all"
+            )
+        } else if self.table_too_big {
+            format!(
+                "Snapshot table is too big\nYou can force-remove all {} overhanging snapshots \
+                 with qemu-img check -r all",
+                self.overhanging
+            )
+        } else {
+            "Snapshot table too large".into()
+        }
+    }
+
+    /// Why a check that may not repair errors stops (QEMU's lines).
+    pub fn check_refusal(&self) -> String {
+        if self.extra_data_cut.is_empty() && !self.table_too_big {
+            format!(
+                "ERROR snapshot table too large\nYou can force-remove all {} overhanging \
+                 snapshots with qemu-img check -r all",
+                self.overhanging
+            )
+        } else {
+            format!(
+                "ERROR failed to read the snapshot table: {}",
+                self.open_refusal()
+            )
+        }
+    }
+
+    /// The corruptions a repair fixes, as QEMU counts them: each entry cut and each
+    /// snapshot dropped.
+    pub fn corruptions(&self) -> u64 {
+        self.extra_data_cut.len() as u64 + u64::from(self.overhanging)
+    }
+
+    /// What `check -r all` reports it discarded, one line per repair.
+    pub fn repairs(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .extra_data_cut
+            .iter()
+            .map(|(index, bytes)| {
+                format!(
+                    "Discarding too much extra metadata in snapshot table entry {index} \
+                     ({bytes} > {MAX_SNAPSHOT_EXTRA_DATA_BYTES})"
+                )
+            })
+            .collect();
+        if self.overhanging > 0 {
+            lines.push(if self.table_too_big {
+                format!(
+                    "Discarding {} overhanging snapshots (snapshot table is too big)",
+                    self.overhanging
+                )
+            } else {
+                format!("Discarding {} overhanging snapshots", self.overhanging)
+            });
+        }
+        lines
+    }
+}
+
 /// Parses and validates the snapshot table named by the header. `regions` holds the header,
 /// L1 table and refcount table regions (validated by `layout`); the snapshot table and every
 /// snapshot's L1 table are checked against them and then added to it.
+///
+/// A table over QEMU's limits is refused, unless `for_check`: then it is read in part and
+/// what was cut is returned (see [`TableOverLimits`]).
 pub fn read_table<S: Storage>(
     storage: &S,
     header: &Header,
     file_len: u64,
     regions: &mut Vec<Region>,
-) -> Result<Vec<Snapshot>> {
+    for_check: bool,
+) -> Result<(Vec<Snapshot>, Option<TableOverLimits>)> {
+    let mut over = TableOverLimits::default();
+    let refuse = |over: &TableOverLimits| Error::Refused {
+        errno: libc::EFBIG,
+        msg: over.open_refusal(),
+    };
     let count = header.nb_snapshots;
     if count == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
-    if count > MAX_SNAPSHOTS {
-        return Err(Error::Invalid(format!(
-            "nb_snapshots {count} above {MAX_SNAPSHOTS}"
-        )));
-    }
+    let count = if count > MAX_SNAPSHOTS {
+        over.overhanging = count - MAX_SNAPSHOTS;
+        if !for_check {
+            return Err(refuse(&over));
+        }
+        MAX_SNAPSHOTS
+    } else {
+        count
+    };
     let cluster_size = header.cluster_size();
     let table_start = header.snapshots_offset;
     if table_start == 0 || !table_start.is_multiple_of(cluster_size) {
@@ -127,17 +221,25 @@ pub fn read_table<S: Storage>(
     let mut offset = table_start;
     for index in 0..count as usize {
         offset = offset.next_multiple_of(8);
-        let snapshot = read_entry(storage, header, file_len, index, offset)?;
-        offset = snapshot.entry_offset + snapshot.raw.len() as u64;
-        if offset - table_start > MAX_SNAPSHOT_TABLE_BYTES {
-            return Err(invalid(
-                index,
-                format!(
-                    "the snapshot table grows past {MAX_SNAPSHOT_TABLE_BYTES} bytes (QEMU's \
-                     limit) at this entry"
-                ),
-            ));
+        let (snapshot, disk_len, disk_extra_data_size) =
+            read_entry(storage, header, file_len, index, offset, for_check)?;
+        if disk_extra_data_size > snapshot.extra_data_size {
+            over.extra_data_cut.push((index, disk_extra_data_size));
+            if !for_check {
+                return Err(refuse(&over));
+            }
         }
+        // The limit holds for the table as it is on disk, as QEMU counts it.
+        let entry_end = offset + disk_len;
+        if entry_end - table_start > MAX_SNAPSHOT_TABLE_BYTES {
+            over.table_too_big = true;
+            over.overhanging = count - index as u32;
+            if !for_check {
+                return Err(refuse(&over));
+            }
+            break;
+        }
+        offset = entry_end;
         snapshots.push(snapshot);
     }
 
@@ -177,17 +279,26 @@ pub fn read_table<S: Storage>(
             regions.push(region);
         }
     }
-    Ok(snapshots)
+    let over = (over != TableOverLimits::default()).then_some(over);
+    Ok((snapshots, over))
 }
 
-/// Reads and checks the entry starting at `offset` (8-byte aligned).
+/// Reads and checks the entry starting at `offset` (8-byte aligned), and returns it with its
+/// length and its extra data size on disk.
+///
+/// Extra data past QEMU's limit is left out of the entry read (its fields are in the first
+/// bytes), so its length is then shorter than on disk: only when reading `for_check`, which
+/// also reads what such an entry has past the end of the file as zeros, as QEMU's qcow2
+/// reads it (its id and name, at most 128 KiB), so that a repair can write the entry back.
+/// Any other open refuses the entry before reading more than its fixed part.
 fn read_entry<S: Storage>(
     storage: &S,
     header: &Header,
     file_len: u64,
     index: usize,
     offset: u64,
-) -> Result<Snapshot> {
+    for_check: bool,
+) -> Result<(Snapshot, u64, u32)> {
     let past_eof = |what: &str, end: u64| {
         invalid(
             index,
@@ -210,20 +321,40 @@ fn read_entry<S: Storage>(
     let l1_size_entries = f.u32(8)?;
     let id_size = u64::from(f.u16(12)?);
     let name_size = u64::from(f.u16(14)?);
-    let extra_data_size = f.u32(36)?;
-    if extra_data_size > MAX_SNAPSHOT_EXTRA_DATA_BYTES {
-        return Err(invalid(
-            index,
-            format!("extra_data_size {extra_data_size} above {MAX_SNAPSHOT_EXTRA_DATA_BYTES}"),
-        ));
+    let disk_extra_data_size = f.u32(36)?;
+    let extra_data_size = disk_extra_data_size.min(MAX_SNAPSHOT_EXTRA_DATA_BYTES);
+    let cut = extra_data_size < disk_extra_data_size;
+    if cut && !for_check {
+        let over = TableOverLimits {
+            extra_data_cut: vec![(index, disk_extra_data_size)],
+            ..Default::default()
+        };
+        return Err(Error::Refused {
+            errno: libc::EFBIG,
+            msg: over.open_refusal(),
+        });
     }
-    let rest = u64::from(extra_data_size) + id_size + name_size;
+    let rest = u64::from(disk_extra_data_size) + id_size + name_size;
     let entry_end = fixed_end + rest;
-    if entry_end > file_len {
+    if entry_end > file_len && !cut {
         return Err(past_eof("entry (with extra data, id and name)", entry_end));
     }
+    // Within the file, except for a cut entry read for a check (see above).
+    let read = |at: u64, len: u64| -> Result<Vec<u8>> {
+        let inside = file_len.saturating_sub(at).min(len);
+        let mut bytes = if inside > 0 {
+            read_bytes(storage, at, inside)?
+        } else {
+            Vec::new()
+        };
+        bytes.resize(len as usize, 0);
+        Ok(bytes)
+    };
     let mut raw = fixed;
-    raw.extend_from_slice(&read_bytes(storage, fixed_end, rest)?);
+    raw[36..40].copy_from_slice(&extra_data_size.to_be_bytes());
+    raw.extend_from_slice(&read(fixed_end, u64::from(extra_data_size))?);
+    let names_start = fixed_end + u64::from(disk_extra_data_size);
+    raw.extend_from_slice(&read(names_start, id_size + name_size)?);
 
     let entry = BeBytes::new(&what, &raw);
     let extra_start = SNAPSHOT_FIXED_BYTES as usize;
@@ -244,7 +375,7 @@ fn read_entry<S: Storage>(
     let icount = extra_field(16)?;
     let id_start = extra_start + extra_data_size as usize;
     let name_start = id_start + id_size as usize;
-    Ok(Snapshot {
+    let snapshot = Snapshot {
         id: entry.slice(id_start, id_size as usize)?.to_vec(),
         name: entry.slice(name_start, name_size as usize)?.to_vec(),
         date_sec: entry.u32(16)?,
@@ -258,7 +389,8 @@ fn read_entry<S: Storage>(
         extra_data_size,
         entry_offset: offset,
         raw,
-    })
+    };
+    Ok((snapshot, entry_end - offset, disk_extra_data_size))
 }
 
 /// The region a snapshot's L1 table occupies (None for an empty table), checked against

@@ -171,6 +171,10 @@ pub struct Image<S: Storage> {
     pub(super) counters: Counters,
     /// Opened for `qemu-img check` (see [`OpenOptions::for_check`]).
     pub(super) for_check: bool,
+    /// What QEMU's limits cut from the snapshot table as an open for check read it
+    /// (`format::snapshot::TableOverLimits`): `check -r all` writes the table anew, any other
+    /// check fails.
+    pub(super) snapshot_table_over_limits: Option<snapshot::TableOverLimits>,
     /// The internal snapshot table, parsed and validated at open (`snapshot.rs`).
     pub(super) snapshots: Vec<Snapshot>,
     /// How guest data is encrypted, and the cipher once it is given (`encryption.rs`).
@@ -332,7 +336,8 @@ impl<S: Storage> Image<S> {
             )));
         }
         let mut regions = layout::validate(&header, file_len)?;
-        let snapshots = snapshot::read_table(&storage, &header, file_len, &mut regions)?;
+        let (snapshots, snapshot_table_over_limits) =
+            snapshot::read_table(&storage, &header, file_len, &mut regions, opts.for_check)?;
 
         let cluster_bits = header.cluster_bits;
         let l1 = read_table(
@@ -394,6 +399,7 @@ impl<S: Storage> Image<S> {
             unflushed_writes: false,
             counters: Counters::default(),
             for_check: opts.for_check,
+            snapshot_table_over_limits,
             snapshots,
             encryption: header.crypt_method().map(|method| Encryption {
                 method,

@@ -590,6 +590,11 @@ impl<S: Storage> Image<S> {
         // ordering point before stage 5).
         self.unordered.entries = true;
 
+        // A table read in part (over QEMU's limits, for a check) is longer on disk, but what
+        // lies past the part read may be anything (a hostile or damaged entry's length says
+        // so, not the refcounts): only the part read is freed here, and the check that
+        // writes such a table counts the rest afterwards (leaked clusters, repaired).
+        self.snapshot_table_over_limits = None;
         let old_bytes = crate::engine::format::snapshot::table_bytes(&self.header, &self.snapshots);
         if self.header.snapshots_offset != 0 && old_bytes > 0 {
             let first = self.header.snapshots_offset >> self.cluster_bits;
