@@ -110,9 +110,11 @@ impl BitmapEntry {
     /// and its refusal of extra data), for an image of `cluster_size` clusters and
     /// `virtual_size` bytes.
     pub fn validate(&self, cluster_size: u64, virtual_size: u64) -> Result<()> {
+        // QEMU's message, which names the bitmap only; `why` is for the debug log.
         let bad = |why: String| {
+            log::debug!("bitmap '{}': {why}", self.display_name());
             Err(Error::Invalid(format!(
-                "Bitmap '{}' doesn't satisfy the constraints: {why}",
+                "Bitmap '{}' doesn't satisfy the constraints",
                 self.display_name()
             )))
         };
@@ -148,10 +150,9 @@ impl BitmapEntry {
             return bad(format!("unknown bitmap type {}", self.bitmap_type));
         }
         if !self.extra_data.is_empty() {
-            return Err(Error::Unsupported(format!(
-                "Bitmap '{}': bitmap extra data is not supported",
-                self.display_name()
-            )));
+            return Err(Error::Unsupported(
+                "Bitmap extra data is not supported".into(),
+            ));
         }
         let table_bytes = u64::from(self.table_size_entries) * cluster_size;
         if table_bytes > MAX_BITMAP_BYTES {
@@ -190,25 +191,20 @@ pub fn parse_directory(bytes: &[u8], nb_bitmaps: u32) -> Result<Vec<BitmapEntry>
     while at < bytes.len() {
         let n = entries.len();
         if n as u64 >= u64::from(nb_bitmaps) {
-            return Err(Error::Invalid(format!(
-                "more bitmaps found in the bitmap directory than the {nb_bitmaps} the header \
-                 extension says"
-            )));
+            return Err(Error::Invalid(
+                "More bitmaps found than specified in header extension".into(),
+            ));
         }
         let what = format!("bitmap directory entry {n}");
         let Some(fixed) = bytes.get(at..at + DIRECTORY_ENTRY_FIXED_BYTES) else {
-            return Err(Error::Invalid(format!(
-                "broken bitmap directory: {what} overflows it"
-            )));
+            return Err(Error::Invalid(format!("Broken bitmap directory ({what})")));
         };
         let f = BeBytes::new(&what, fixed);
         let name_size = usize::from(f.u16(18)?);
         let extra_size = f.u32(20)? as usize;
         let len = entry_bytes(name_size, extra_size);
         let Some(entry) = bytes.get(at..at.saturating_add(len)) else {
-            return Err(Error::Invalid(format!(
-                "broken bitmap directory: {what} overflows it"
-            )));
+            return Err(Error::Invalid(format!("Broken bitmap directory ({what})")));
         };
         let extra_at = DIRECTORY_ENTRY_FIXED_BYTES;
         let name_at = extra_at + extra_size;
@@ -224,11 +220,9 @@ pub fn parse_directory(bytes: &[u8], nb_bitmaps: u32) -> Result<Vec<BitmapEntry>
         at += len;
     }
     if entries.len() as u64 != u64::from(nb_bitmaps) {
-        return Err(Error::Invalid(format!(
-            "fewer bitmaps found in the bitmap directory ({}) than the {nb_bitmaps} the \
-             header extension says",
-            entries.len()
-        )));
+        return Err(Error::Invalid(
+            "Less bitmaps found than specified in header extension".into(),
+        ));
     }
     Ok(entries)
 }

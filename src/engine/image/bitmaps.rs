@@ -107,7 +107,12 @@ impl<S: Storage> Image<S> {
                 Ok(())
             }
             Err(_) if self.for_check => Ok(()),
-            Err(e) => Err(Error::Invalid(format!("Could not load bitmaps: {e}"))),
+            // QEMU's messages, unprefixed (`qemu-img info` and iotest 242 show them).
+            Err(Error::Invalid(msg)) | Err(Error::Unsupported(msg)) => Err(Error::Refused {
+                errno: libc::EINVAL,
+                msg,
+            }),
+            Err(e) => Err(e),
         }
     }
 
@@ -293,7 +298,7 @@ impl<S: Storage> Image<S> {
         }
         let cluster_size = self.cluster_size();
         let size = self.header.virtual_size;
-        let mut directory = self.bitmaps.clone();
+        let directory = self.bitmaps.clone();
         let mut replaced = Vec::new();
         for b in bitmaps {
             let name = String::from_utf8_lossy(&b.name);
@@ -315,14 +320,14 @@ impl<S: Storage> Image<S> {
                         "Bitmap '{name}' already exists in the image"
                     )));
                 }
-                Some(i) => replaced.push(directory.remove(i)),
+                Some(i) => replaced.push(directory[i].clone()),
                 None => {}
             }
             if bitmaps.iter().filter(|o| o.name == b.name).count() > 1 {
                 return Err(Error::BadOption(format!("bitmap '{name}' given twice")));
             }
         }
-        if directory.len() + bitmaps.len() > MAX_BITMAPS as usize {
+        if directory.len() + bitmaps.len() - replaced.len() > MAX_BITMAPS as usize {
             return Err(Error::BadOption("Too many persistent bitmaps".into()));
         }
         self.outside_group(|image| image.store_bitmaps_in_place(directory, replaced, bitmaps))
@@ -342,12 +347,21 @@ impl<S: Storage> Image<S> {
         for e in &replaced {
             old_clusters.extend(self.bitmap_clusters(e).unwrap_or_default());
         }
-        // 2. Data clusters and tables.
-        for b in bitmaps {
-            let table_offset = self.write_bitmap_data(b)?;
-            directory.push(BitmapEntry {
-                table_offset: table_offset.0,
-                table_size_entries: table_offset.1,
+        // 2. Data clusters and tables, in directory order (a replaced bitmap keeps its
+        // place, new ones follow in the order given), as QEMU's qcow2 writes them.
+        let mut order: Vec<(usize, &StoredBitmap)> = bitmaps
+            .iter()
+            .map(|b| match directory.iter().position(|e| e.name == b.name) {
+                Some(i) => (i, b),
+                None => (usize::MAX, b),
+            })
+            .collect();
+        order.sort_by_key(|&(i, _)| i);
+        for (place, b) in order {
+            let (table_offset, table_size_entries) = self.write_bitmap_data(b)?;
+            let entry = BitmapEntry {
+                table_offset,
+                table_size_entries,
                 flags: if b.enabled {
                     BitmapFlags::AUTO
                 } else {
@@ -357,7 +371,11 @@ impl<S: Storage> Image<S> {
                 granularity_bits: b.granularity_bits,
                 name: b.name.clone(),
                 extra_data: Vec::new(),
-            });
+            };
+            match directory.get_mut(place) {
+                Some(slot) => *slot = entry,
+                None => directory.push(entry),
+            }
         }
         // 2 (directory) to 4.
         self.switch_bitmap_directory(directory, old_clusters)?;
