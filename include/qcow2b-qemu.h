@@ -4,6 +4,7 @@
  */
 #include "qemu/osdep.h"
 #include "block/block_int.h"
+#include "block/dirty-bitmap.h"
 #include "block/qdict.h"
 #include "qemu/coroutine.h"
 #include "qemu/iov.h"

@@ -20,6 +20,7 @@ const RW: OpenOptions = OpenOptions {
     test_txg_overwrite_after_barrier: false,
     test_discard_early: false,
     test_skip_snapshot_ordering: false,
+    test_skip_bitmap_ordering: false,
     discard: DiscardPolicy::DEFAULT,
 };
 const RO: OpenOptions = OpenOptions {
@@ -34,6 +35,7 @@ const RO: OpenOptions = OpenOptions {
     test_txg_overwrite_after_barrier: false,
     test_discard_early: false,
     test_skip_snapshot_ordering: false,
+    test_skip_bitmap_ordering: false,
     discard: DiscardPolicy::DEFAULT,
 };
 

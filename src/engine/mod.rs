@@ -44,6 +44,7 @@ pub use create::{
 };
 pub use debug_event::DebugEvent;
 pub use error::{Error, Result};
+pub use format::bitmap::{BitmapEntry, BitmapFlags};
 pub use format::header::CryptMethod;
 pub use format::snapshot::Snapshot;
 pub use image::compressed::CompressedWrite;
@@ -51,8 +52,8 @@ pub use image::discard::DiscardPolicy;
 pub use image::encryption::{DataCipher, Encryption, ENCRYPTION_SECTOR_BYTES};
 pub use image::request::{ReadPlan, ReadSource, WritePiece, WritePlan};
 pub use image::txg::{CommitReason, GroupExposure, TxgOptions};
+pub use image::{bitmap_constraints, Amendment, Growth, SnapshotParams, StoredBitmap};
 pub use image::{cache_sizes, CacheSizes, Image};
-pub use image::{Amendment, Growth, SnapshotParams};
 pub use storage::{Backing, MemStorage, Storage};
 
 /// How to open an image.
@@ -104,6 +105,11 @@ pub struct OpenOptions {
     /// (`image/snapshots.rs`), so that the crash-consistency harness can show it catches
     /// that. Driver option `x-test-skip-ordering=snapshot-table`.
     pub test_skip_snapshot_ordering: bool,
+    /// Test only, never for real data: the header names a new bitmap directory without the
+    /// ordering point that puts the bitmaps' data clusters, tables, the directory and their
+    /// refcounts first (`image/bitmaps.rs`), so that the crash-consistency harness can show
+    /// it catches that. Driver option `x-test-skip-ordering=bitmap-table`.
+    pub test_skip_bitmap_ordering: bool,
 }
 
 /// What backs a range of guest bytes (the answer of [`Image::map`]).

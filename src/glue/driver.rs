@@ -16,6 +16,7 @@ use super::bindings::{
     self, BDRVReopenState, BlockDriver, BlockDriverInfo, BlockDriverState, BlockReopenQueue, QDict,
     QEMUIOVector,
 };
+use super::bitmaps;
 use super::cache_clean;
 use super::create;
 use super::crypto;
@@ -205,12 +206,22 @@ fn qcow2b_open(
             // crypto layer while it reads the header extensions).
             let mut crypto = None;
             let mut refused = None;
-            let opened = Image::open_with(file.clone(), data_file.clone(), &settings.open, |image| {
+            // An inactive node (an incoming migration's) writes nothing until it is activated
+            // (invalidate_cache opens the image anew): the other side still owns the image.
+            let inactive = flags & bindings::BDRV_O_INACTIVE as c_int != 0;
+            let mut first_open = settings.open.clone();
+            first_open.read_only |= inactive;
+            // The bitmaps are read before the open writes anything (`bitmaps.rs`).
+            let mut loaded = Vec::new();
+            let opened = Image::open_with(file.clone(), data_file.clone(), &first_open, |image| {
                 settings.check_image(image.header())?;
                 match crypto::open(image, settings.key_secret.as_deref(), flags, errp) {
                     Ok(c) => {
                         crypto::attach(image, c.as_ref())?;
                         crypto = c;
+                        if !inactive {
+                            loaded = bitmaps::read_for_load(image)?;
+                        }
                         Ok(())
                     }
                     Err(errno) => {
@@ -226,6 +237,9 @@ fn qcow2b_open(
             };
             (*bs).encrypted = image.encryption().is_some();
             publish_image_fields(bs, &image)?;
+            // The node's size is published: the bitmaps can be made (a failure drops the
+            // image, which the open left clean).
+            bitmaps::create_in_qemu(bs, loaded, image.is_read_only())?;
             // FUA is ours too (a whole flush after the request, `durable_now`): the block
             // layer's emulation flushes before the write counts as done, which the two
             // halves of a flush cannot tell from a flush with nothing new.
@@ -275,6 +289,11 @@ fn qcow2b_close(bs: *mut BlockDriverState) -> () {
         // Inactivated (migrated away): everything was written then, and the image belongs to
         // the other side now; writing here would break it (and QEMU asserts against it).
         return;
+    }
+    // SAFETY: bs is valid for the whole call; the node is drained.
+    let stored = unsafe { bitmaps::store(bs, node.image_drained(), true) };
+    if let Err(e) = stored {
+        log::error!("Lost persistent bitmaps during inactivation of node: {e}");
     }
     if node.file.counters().errors.get() > 0 {
         // The file failed a request: one flush first, whose failure is not the end, as the
@@ -546,6 +565,8 @@ fn qcow2b_co_truncate(
                 locked.wait_for_allocations();
             }
             let image = locked.image();
+            // The block layer resizes the bitmaps it holds: every one the image has must be.
+            bitmaps::check_resize(bs, image)?;
             let backing = request::backing_of(bs);
             let resized = if (offset as u64) < image.virtual_size() {
                 // QEMU's message; the shrink itself: `engine/image/shrink.rs`.
@@ -813,6 +834,11 @@ fn qcow2b_reopen_prepare(
                 // tables would reach the other file.
                 image.hand_over()?;
             } else if !image.is_read_only() {
+                if read_only {
+                    // The bitmaps stored and made read-only first (QEMU's
+                    // qcow2_reopen_bitmaps_ro).
+                    bitmaps::reopen_read_only(bs, image)?;
+                }
                 // A node going read-only loses its write permission: everything out,
                 // durably. QEMU's qcow2 writes its caches out at every reopen; so does this
                 // (free when nothing is dirty).
@@ -921,7 +947,10 @@ fn qcow2b_reopen_commit_post(state: *mut BDRVReopenState) -> () {
         if (*state).flags & bindings::BDRV_O_RDWR as c_int != 0 {
             let bs = (*state).bs;
             let ret = to_c("reopen", || {
-                Node::of(bs).image_drained().make_writable().map(|_| 0)
+                let image = Node::of(bs).image_drained();
+                image.make_writable()?;
+                // The bitmaps the engine just marked in use become writable in QEMU.
+                bitmaps::reopen_read_write(bs, image).map(|_| 0)
             });
             if ret < 0 {
                 log::error!(
@@ -980,9 +1009,19 @@ fn qcow2b_inactivate(bs: *mut BlockDriverState) -> c_int {
     // the zero reserve given back, as at a close.
     to_c("inactivate", || {
         // SAFETY: QEMU inactivates a drained, open node.
-        unsafe { Node::of(bs).image_drained() }
-            .hand_over()
-            .map(|_| 0)
+        let image = unsafe { Node::of(bs).image_drained() };
+        // The bitmaps first (released: the image is no longer this node's to track), as
+        // QEMU's qcow2; a failure loses them but not the rest of the hand-over.
+        // SAFETY: as above.
+        let stored = unsafe { bitmaps::store(bs, image, true) };
+        image.hand_over()?;
+        match stored {
+            Ok(()) => Ok(0),
+            Err(e) => {
+                log::error!("Lost persistent bitmaps during inactivation of node: {e}");
+                Ok(-libc::EINVAL)
+            }
+        }
     })
 }
 }
@@ -1005,6 +1044,11 @@ fn qcow2b_co_invalidate_cache(
             let _old = std::mem::replace(node.image_drained(), fresh);
             // The other side may have preallocated or written: look again.
             node.metadata_preallocated.set(None);
+            // The bitmaps as the other side stored them (QEMU's qcow2 loads them again at
+            // this point; those it migrated are left to it).
+            let image = node.image_drained();
+            let loaded = bitmaps::read_for_load(image)?;
+            bitmaps::create_in_qemu(bs, loaded, image.is_read_only())?;
             Ok(0)
         })
     };
@@ -1080,6 +1124,11 @@ fn qcow2b_get_specific_info(
         to_c_errp("get_specific_info", errp, || {
             let node = Node::of(bs);
             let header = node.image_drained().header().clone();
+            let bitmap_list = if header.version >= 3 {
+                bitmaps::info_list(node.image_drained())
+            } else {
+                ptr::null_mut()
+            };
             let encrypt = match &node.crypto {
                 Some(crypto) => encryption_info(crypto)?,
                 None => ptr::null_mut(),
@@ -1107,6 +1156,8 @@ fn qcow2b_get_specific_info(
                 i.has_data_file = true;
                 i.data_file = bindings::g_strdup(name.as_ptr());
             }
+            i.has_bitmaps = !bitmap_list.is_null();
+            i.bitmaps = bitmap_list;
             i.has_encrypt = !encrypt.is_null();
             i.encrypt = encrypt;
             i.compression_type = match header.compression_type {
@@ -1514,6 +1565,15 @@ pub fn qcow2b_register() -> () {
             bdrv_measure: Some(create::qcow2b_measure),
             create_opts: create::create_opts(),
             bdrv_amend_options: Some(amend::qcow2b_amend_options),
+            bdrv_supports_persistent_dirty_bitmap: Some(
+                bitmaps::qcow2b_supports_persistent_dirty_bitmap,
+            ),
+            bdrv_co_can_store_new_dirty_bitmap: Some(
+                bitmaps::qcow2b_co_can_store_new_dirty_bitmap,
+            ),
+            bdrv_co_remove_persistent_dirty_bitmap: Some(
+                bitmaps::qcow2b_co_remove_persistent_dirty_bitmap,
+            ),
             amend_opts: amend::amend_opts(),
             ..Default::default()
         };

@@ -98,6 +98,19 @@ impl<T> Outcome for Result<*mut T, EngineError> {
     }
 }
 
+impl Outcome for Result<bool, EngineError> {
+    type C = bool;
+    fn into_c(self, _entry: &str, errp: Option<*mut *mut bindings::Error>) -> bool {
+        self.unwrap_or_else(|e| {
+            report_error(&e, errp);
+            false
+        })
+    }
+    fn after_panic() -> bool {
+        false
+    }
+}
+
 impl Outcome for Result<(), EngineError> {
     type C = ();
     fn into_c(self, entry: &str, errp: Option<*mut *mut bindings::Error>) {
@@ -125,7 +138,7 @@ macro_rules! plain_outcome {
         }
     )*};
 }
-plain_outcome!(c_int => -libc::EIO, i64 => -i64::from(libc::EIO), () => ());
+plain_outcome!(c_int => -libc::EIO, i64 => -i64::from(libc::EIO), () => (), bool => false);
 
 impl<T> Outcome for *mut T {
     type C = *mut T;

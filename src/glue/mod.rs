@@ -27,6 +27,7 @@
 
 mod amend;
 mod bindings;
+mod bitmaps;
 mod cache_clean;
 mod create;
 mod crypto;

@@ -32,12 +32,13 @@ use std::ptr;
 use std::sync::Mutex;
 
 use super::bindings::{
-    self, gchar, gpointer, gsize, iovec, AioContext, BdrvChild, BdrvChildRole, BdrvRequestFlags,
-    BlkdebugEvent, BlockBackend, BlockDriver, BlockDriverState, BlockReopenQueue, CoMutex, CoQueue,
-    CoQueueWaitFlags, Coroutine, CoroutineEntry, Error, PreallocMode, QCryptoBlock,
-    QCryptoBlockCreateOptions, QCryptoBlockInfo, QCryptoBlockInitFunc, QCryptoBlockOpenOptions,
-    QCryptoBlockReadFunc, QCryptoBlockWriteFunc, QDict, QEMUClockType, QEMUIOVector, QEMUTimer,
-    QEMUTimerCB, QEMUTimerListGroup, QObject, QemuCoSleep, QemuLockable, QemuOpts, QemuOptsList,
+    self, gchar, gpointer, gsize, iovec, AioContext, BdrvChild, BdrvChildRole, BdrvDirtyBitmap,
+    BdrvRequestFlags, BlkdebugEvent, BlockBackend, BlockDriver, BlockDriverState, BlockReopenQueue,
+    CoMutex, CoQueue, CoQueueWaitFlags, Coroutine, CoroutineEntry, Error, PreallocMode,
+    QCryptoBlock, QCryptoBlockCreateOptions, QCryptoBlockInfo, QCryptoBlockInitFunc,
+    QCryptoBlockOpenOptions, QCryptoBlockReadFunc, QCryptoBlockWriteFunc, QDict, QEMUClockType,
+    QEMUIOVector, QEMUTimer, QEMUTimerCB, QEMUTimerListGroup, QObject, QemuCoSleep, QemuLockable,
+    QemuOpts, QemuOptsList,
 };
 
 /// Makes a `#[no_mangle]` double of each named QEMU function, and checks at compile time
@@ -991,5 +992,115 @@ doubles! {
 
     fn error_free(_err: *mut Error) {
         unmodelled("error_free")
+    }
+
+    // Dirty bitmaps: the model's nodes have none (the images the tests open hold no
+    // persistent bitmap), so the walk over a node's bitmaps finds nothing and a lookup by
+    // name fails; making or changing one is not modelled.
+    fn bdrv_dirty_bitmap_first(_bs: *mut BlockDriverState) -> *mut BdrvDirtyBitmap {
+        ptr::null_mut()
+    }
+
+    fn bdrv_dirty_bitmap_next(_bitmap: *mut BdrvDirtyBitmap) -> *mut BdrvDirtyBitmap {
+        ptr::null_mut()
+    }
+
+    fn bdrv_find_dirty_bitmap(
+        _bs: *mut BlockDriverState,
+        _name: *const c_char,
+    ) -> *mut BdrvDirtyBitmap {
+        ptr::null_mut()
+    }
+
+    fn bdrv_create_dirty_bitmap(
+        _bs: *mut BlockDriverState,
+        _granularity: u32,
+        _name: *const c_char,
+        _errp: *mut *mut Error,
+    ) -> *mut BdrvDirtyBitmap {
+        unmodelled("bdrv_create_dirty_bitmap")
+    }
+
+    fn bdrv_release_dirty_bitmap(_bitmap: *mut BdrvDirtyBitmap) {
+        unmodelled("bdrv_release_dirty_bitmap")
+    }
+
+    fn bdrv_dirty_bitmap_name(_bitmap: *const BdrvDirtyBitmap) -> *const c_char {
+        unmodelled("bdrv_dirty_bitmap_name")
+    }
+
+    fn bdrv_dirty_bitmap_granularity(_bitmap: *const BdrvDirtyBitmap) -> u32 {
+        unmodelled("bdrv_dirty_bitmap_granularity")
+    }
+
+    fn bdrv_dirty_bitmap_size(_bitmap: *const BdrvDirtyBitmap) -> i64 {
+        unmodelled("bdrv_dirty_bitmap_size")
+    }
+
+    fn bdrv_dirty_bitmap_enabled(_bitmap: *mut BdrvDirtyBitmap) -> bool {
+        unmodelled("bdrv_dirty_bitmap_enabled")
+    }
+
+    fn bdrv_disable_dirty_bitmap(_bitmap: *mut BdrvDirtyBitmap) {
+        unmodelled("bdrv_disable_dirty_bitmap")
+    }
+
+    fn bdrv_dirty_bitmap_get_persistence(_bitmap: *mut BdrvDirtyBitmap) -> bool {
+        unmodelled("bdrv_dirty_bitmap_get_persistence")
+    }
+
+    fn bdrv_dirty_bitmap_set_persistence(_bitmap: *mut BdrvDirtyBitmap, _persistent: bool) {
+        unmodelled("bdrv_dirty_bitmap_set_persistence")
+    }
+
+    fn bdrv_dirty_bitmap_inconsistent(_bitmap: *const BdrvDirtyBitmap) -> bool {
+        unmodelled("bdrv_dirty_bitmap_inconsistent")
+    }
+
+    fn bdrv_dirty_bitmap_set_inconsistent(_bitmap: *mut BdrvDirtyBitmap) {
+        unmodelled("bdrv_dirty_bitmap_set_inconsistent")
+    }
+
+    fn bdrv_dirty_bitmap_readonly(_bitmap: *const BdrvDirtyBitmap) -> bool {
+        unmodelled("bdrv_dirty_bitmap_readonly")
+    }
+
+    fn bdrv_dirty_bitmap_set_readonly(_bitmap: *mut BdrvDirtyBitmap, _value: bool) {
+        unmodelled("bdrv_dirty_bitmap_set_readonly")
+    }
+
+    fn bdrv_dirty_bitmap_serialization_size(
+        _bitmap: *const BdrvDirtyBitmap,
+        _offset: u64,
+        _bytes: u64,
+    ) -> u64 {
+        unmodelled("bdrv_dirty_bitmap_serialization_size")
+    }
+
+    fn bdrv_dirty_bitmap_serialize_part(
+        _bitmap: *const BdrvDirtyBitmap,
+        _buf: *mut u8,
+        _offset: u64,
+        _bytes: u64,
+    ) {
+        unmodelled("bdrv_dirty_bitmap_serialize_part")
+    }
+
+    fn bdrv_dirty_bitmap_deserialize_part(
+        _bitmap: *mut BdrvDirtyBitmap,
+        _buf: *mut u8,
+        _offset: u64,
+        _bytes: u64,
+        _finish: bool,
+    ) {
+        unmodelled("bdrv_dirty_bitmap_deserialize_part")
+    }
+
+    fn bdrv_dirty_bitmap_deserialize_finish(_bitmap: *mut BdrvDirtyBitmap) {
+        unmodelled("bdrv_dirty_bitmap_deserialize_finish")
+    }
+
+    fn bdrv_get_device_or_node_name(_bs: *const BlockDriverState) -> *const c_char {
+        unmodelled("bdrv_get_device_or_node_name")
     }
 }

@@ -78,9 +78,17 @@ DISCARD_MUTATION_MODES = ("ordered", "txg", "ordered-gfb", "txg-gfb")
 SNAPSHOT_MUTATION = "x-test-skip-ordering=snapshot-table"
 SNAPSHOT_MUTATION_WORKLOAD = "snapshots"
 SNAPSHOT_MUTATION_MODES = QCOW2B_MODES
+# A fourth: the header names a new bitmap directory before the bitmaps' data clusters,
+# tables and the directory are ordered (image/bitmaps.rs, switch_bitmap_directory's one
+# ordering point). Bitmap operations write in place in every mode, so every mode must catch
+# it.
+BITMAP_MUTATION = "x-test-skip-ordering=bitmap-table"
+BITMAP_MUTATION_WORKLOAD = "bitmaps"
+BITMAP_MUTATION_MODES = QCOW2B_MODES
 # The switch each mutation workload runs with (the others: MUTATION, per mode).
 MUTATION_BY_WORKLOAD = {DISCARD_MUTATION_WORKLOAD: DISCARD_MUTATION,
-                        SNAPSHOT_MUTATION_WORKLOAD: SNAPSHOT_MUTATION}
+                        SNAPSHOT_MUTATION_WORKLOAD: SNAPSHOT_MUTATION,
+                        BITMAP_MUTATION_WORKLOAD: BITMAP_MUTATION}
 
 # States in all (spread over the workloads and modes: see allocate), and per mutation run.
 QUICK_STATES = 3000
@@ -91,7 +99,8 @@ MUTATION_BUDGET = {"quick": 120, "full": 600}
 # it in the ordered mode, at 375 it found 16) and the early discard (in the ordered mode 1
 # of 120 states failed, 9 of 400).
 WORKLOAD_MUTATION_BUDGET = {SNAPSHOT_MUTATION_WORKLOAD: {"quick": 400, "full": 1200},
-                            DISCARD_MUTATION_WORKLOAD: {"quick": 400, "full": 1200}}
+                            DISCARD_MUTATION_WORKLOAD: {"quick": 400, "full": 1200},
+                            BITMAP_MUTATION_WORKLOAD: {"quick": 400, "full": 1200}}
 
 
 # --- tools ---------------------------------------------------------------------------------
@@ -141,6 +150,88 @@ def _copied_bit_clear(error):
     return bool(m) and not int(m.group(1), 16) >> 63
 
 
+def bitmaps_of(path):
+    """The persistent bitmaps of a qcow2 image, read from the file: [(name, in_use,
+    granularity_bits, bits or None)]; [] when the autoclear bit says they are not valid.
+    Raises ValueError on a directory or table that does not parse."""
+    import struct
+    with open(path, "rb") as f:
+        img = f.read()
+    if len(img) < 104 or struct.unpack(">I", img[4:8])[0] < 3:
+        return []
+    cluster_bits = struct.unpack(">I", img[20:24])[0]
+    cs = 1 << cluster_bits
+    size = struct.unpack(">Q", img[24:32])[0]
+    autoclear = struct.unpack(">Q", img[88:96])[0]
+    header_len = struct.unpack(">I", img[100:104])[0]
+    if not autoclear & 1:
+        return []
+    at, ext = header_len, None
+    while at + 8 <= cs:
+        kind, n = struct.unpack(">II", img[at:at + 8])
+        if kind == 0:
+            break
+        if kind == 0x23852875:
+            ext = struct.unpack(">IIQQ", img[at + 8:at + 32])
+        at += 8 + (n + 7) // 8 * 8
+    if ext is None:
+        return []
+    nb, _, dir_size, dir_off = ext
+    d = img[dir_off:dir_off + dir_size]
+    if len(d) != dir_size:
+        raise ValueError("bitmap directory beyond the file")
+    out, at = [], 0
+    for _ in range(nb):
+        t_off, t_size, flags, _typ, gbits, name_size, extra = struct.unpack(
+            ">QIIBBHI", d[at:at + 24])
+        name = d[at + 24 + extra:at + 24 + extra + name_size].decode(errors="replace")
+        at += (24 + extra + name_size + 7) // 8 * 8
+        in_use = bool(flags & 1)
+        bits = None
+        if not in_use:
+            nbytes = ((size + (1 << gbits) - 1) >> gbits) // 8 + 8
+            bits = bytearray()
+            for i in range(t_size):
+                (e,) = struct.unpack(">Q", img[t_off + 8 * i:t_off + 8 * i + 8])
+                off = e & 0x00fffffffffffe00
+                if e & 0xff000000000001fe or (off and (e & 1)):
+                    raise ValueError(f"bitmap {name}: invalid table entry {e:#x}")
+                if off:
+                    chunk = img[off:off + cs]
+                    if len(chunk) != cs:
+                        raise ValueError(f"bitmap {name}: data cluster beyond the file")
+                    bits += chunk
+                else:
+                    bits += (b"\xff" if e & 1 else b"\0") * cs
+            bits = bytes(bits[:nbytes])
+        out.append((name, in_use, gbits, bits))
+    return out
+
+
+def bitmap_failures(r):
+    """A consistent bitmap must have a bit for every guest write the image shows (an
+    incremental backup made from it would miss the write otherwise)."""
+    out = []
+    bms = r.get("bitmaps")
+    if isinstance(bms, str):
+        return [("bitmap", f"the bitmaps do not read: {bms}")]
+    if not bms or r.get("guest") is None or GUEST is None:
+        return out
+    for name, in_use, gbits, bits in bms:
+        if in_use or name == "frozen":
+            continue
+        for index in r["guest"]["visible"]:
+            w = GUEST.by_index[index]
+            first, end = w.offset >> gbits, (w.offset + w.length - 1 >> gbits) + 1
+            for bit in range(first, end):
+                if bit // 8 >= len(bits) or not bits[bit // 8] >> (bit % 8) & 1:
+                    out.append(("bitmap", f"bitmap '{name}' is consistent but has no bit for "
+                                f"write #{index} ({w.offset:#x}+{w.length:#x}), which the "
+                                "image shows"))
+                    break
+    return out[:4]
+
+
 def open_read_write(binary, fmt, path, copy, offset):
     """Opens a copy read-write, writes 64 KiB near the end and reads it back."""
     shutil.copyfile(path, copy)
@@ -185,6 +276,10 @@ def check_image(path):
         r["read_error"] = out[-600:]
         size = GUEST.initial_size
     r["snapshots"] = snapshots_of(path)
+    try:
+        r["bitmaps"] = bitmaps_of(path)
+    except (ValueError, IndexError, __import__("struct").error) as e:
+        r["bitmaps"] = str(e) or type(e).__name__
     rc, out = tool(QEMU_IMG, "compare", "-f", "qcow2", "-F", "qcow2b", path, path)
     r["compare"] = (rc, out[-600:])
     offset = max(0, size - 64 * 1024)
@@ -215,6 +310,7 @@ def image_failures(r):
         if not sid or name not in SNAPSHOT_NAMES:
             out.append(("snapshot", f"a snapshot the run never took: id {sid!r}, name "
                         f"{name!r} (taken: {sorted(SNAPSHOT_NAMES)})"))
+    out += bitmap_failures(r)
     # The comparison and the read-write opens run only where the caller ran them
     # (check_image does; the real-guest harness, vm.py, does not).
     rc, text = r.get("compare", (0, ""))
@@ -712,8 +808,11 @@ def main():
             plan = [(w, m) for w in MUTATION_WORKLOADS for m in QCOW2B_MODES]
             plan += [(DISCARD_MUTATION_WORKLOAD, m) for m in DISCARD_MUTATION_MODES]
             plan += [(SNAPSHOT_MUTATION_WORKLOAD, m) for m in SNAPSHOT_MUTATION_MODES]
+            plan += [(BITMAP_MUTATION_WORKLOAD, m) for m in BITMAP_MUTATION_MODES]
             for w, m in plan:
                 if args.mode and m not in args.mode:
+                    continue
+                if args.workload and w not in args.workload:
                     continue
                 run = Run(w, m, True, workroot)
                 budget = max(mb, WORKLOAD_MUTATION_BUDGET.get(w, {}).get(level, 0))
@@ -757,7 +856,8 @@ def main():
         print("mutation test (x-test-skip-ordering: stage3, write_back's stage-3 ordering point "
               "removed; txg-first-sync, the commit's first sync removed; discard-early, freed "
               "clusters discarded before their free is durable; snapshot-table, the header "
-              "naming a snapshot table not yet ordered):")
+              "naming a snapshot table not yet ordered; bitmap-table, the header naming a bitmap "
+              "directory not yet ordered):")
         print_table(mutation_rows)
         for what, rows_of in (
                 ("missing ordering point",
@@ -765,7 +865,9 @@ def main():
                 ("early discard",
                  [r for r in mutation_rows if r["workload"] == DISCARD_MUTATION_WORKLOAD]),
                 ("snapshot table named early",
-                 [r for r in mutation_rows if r["workload"] == SNAPSHOT_MUTATION_WORKLOAD])):
+                 [r for r in mutation_rows if r["workload"] == SNAPSHOT_MUTATION_WORKLOAD]),
+                ("bitmap directory named early",
+                 [r for r in mutation_rows if r["workload"] == BITMAP_MUTATION_WORKLOAD])):
             caught = {r["mode"] for r in rows_of if r["failed_states"] > 0}
             wanted = {r["mode"] for r in rows_of}
             print(f"mutation test, {what}: failures reported in modes {sorted(caught)} of "

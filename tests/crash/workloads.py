@@ -111,6 +111,11 @@ class Script:
         guest's requests (qemu-io's snapshot command, qemu-patches 0017)."""
         self.commands.append(f"snapshot -{op} {name}")
 
+    def reopen(self, read_only):
+        """A reopen read-only (the driver stores its persistent bitmaps) or read-write (it
+        marks them in use again)."""
+        self.commands.append("reopen -r" if read_only else "reopen -w")
+
     def args(self):
         out = []
         for c in self.commands:
@@ -154,6 +159,11 @@ class Setup:
 
     def snapshot(self, name):
         run(SYS_QEMU_IMG, "snapshot", "-c", name, self.image)
+
+    def bitmap(self, name, granularity=64 * K, disabled=False):
+        """A persistent dirty bitmap added with the system's qemu-img."""
+        run(SYS_QEMU_IMG, "bitmap", "--add", "-g", str(granularity), "-f", "qcow2",
+            *(["--disable"] if disabled else []), self.image, name)
 
 
 # --- the workloads -------------------------------------------------------------------------
@@ -494,6 +504,34 @@ def compressed_writes(setup, s):
     s.write(3 * M, 64 * K)
 
 
+def persistent_bitmaps(setup, s):
+    # Persistent dirty bitmaps kept across the run: the open marks them in use, each
+    # "reopen -r" stores them (data clusters, tables, a new directory, the header), each
+    # "reopen -w" marks them in use again, and the close stores them. What the crash states
+    # test (harness.py, bitmap_failures): a bitmap is absent, in use, or consistent with a
+    # bit set for every guest write the image shows; never consistent and missing one.
+    setup.create(4 * M)
+    setup.writes(setup.image, [(0, 256 * K)])
+    setup.bitmap("b0")
+    setup.bitmap("fine", granularity=4 * K)
+    setup.bitmap("frozen", disabled=True)
+    s.write(0, 4 * K)
+    s.write(1 * M, 64 * K, barrier=True)
+    s.flush()
+    s.reopen(read_only=True)
+    s.reopen(read_only=False)
+    s.write(2 * M, 8 * K)
+    s.barrier()
+    s.write(3 * M + 4 * K, 4 * K)
+    s.zeroes(128 * K, 64 * K)
+    s.flush()
+    s.reopen(read_only=True)
+    s.reopen(read_only=False)
+    s.write(512 * K, 64 * K, barrier=True)
+    s.discard(1 * M, 64 * K)
+    s.write(3 * M + 512 * K, 4 * K)
+
+
 WORKLOADS = {
     "alloc": allocating_writes,
     "overwrite": overwrites,
@@ -512,4 +550,5 @@ WORKLOADS = {
     "small-epochs": small_epochs,
     "concurrent": concurrent_requests,
     "subclusters": subclusters,
+    "bitmaps": persistent_bitmaps,
 }

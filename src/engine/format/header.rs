@@ -648,6 +648,28 @@ impl Header {
         Ok(())
     }
 
+    /// Sets (or, with `None`, removes) the bitmaps extension, in place if the header has one
+    /// and after the others if not; the autoclear bit is the caller's.
+    pub fn set_bitmaps_extension(&mut self, bitmaps: Option<BitmapsExtension>) {
+        self.bitmaps = bitmaps;
+        let Some(b) = bitmaps else {
+            self.extensions.retain(|e| e.kind != ext::BITMAPS);
+            return;
+        };
+        let mut data = Vec::with_capacity(24);
+        data.extend_from_slice(&b.nb_bitmaps.to_be_bytes());
+        data.extend_from_slice(&0u32.to_be_bytes());
+        data.extend_from_slice(&b.directory_size_bytes.to_be_bytes());
+        data.extend_from_slice(&b.directory_offset.to_be_bytes());
+        match self.extensions.iter_mut().find(|e| e.kind == ext::BITMAPS) {
+            Some(e) => e.data = data,
+            None => self.extensions.push(RawExtension {
+                kind: ext::BITMAPS,
+                data,
+            }),
+        }
+    }
+
     /// Encodes the header, its extensions (in their original order, unknown ones verbatim)
     /// and the backing file name into one cluster. The extensions end with an end marker
     /// where there is room for one (an area filled to its end needs none, see `parse`).

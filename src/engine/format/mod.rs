@@ -9,8 +9,10 @@
 //! - [`entry`]: L1, L2 and refcount table entries and their flag bits;
 //! - [`refcount`]: refcount block entries of 1 to 64 bits;
 //! - [`snapshot`]: the internal snapshot table;
-//! - [`compress`]: compressed cluster decoding (raw deflate, zstd).
+//! - [`compress`]: compressed cluster decoding (raw deflate, zstd);
+//! - [`bitmap`]: persistent dirty bitmaps: the bitmap directory and bitmap table entries.
 
+pub mod bitmap;
 pub mod bytes;
 pub mod compress;
 pub mod entry;

@@ -36,6 +36,7 @@
 
 mod amend;
 mod backing_file;
+mod bitmaps;
 pub mod cache;
 pub mod compressed;
 mod data_file;
@@ -55,6 +56,7 @@ mod writeback;
 mod zeroes;
 
 pub use amend::Amendment;
+pub use bitmaps::{bitmap_constraints, StoredBitmap};
 pub use resize::Growth;
 pub use snapshots::SnapshotParams;
 
@@ -192,6 +194,13 @@ pub struct Image<S: Storage> {
     pub(super) test_discard_early: bool,
     /// Test only: see [`OpenOptions::test_skip_snapshot_ordering`].
     pub(super) test_skip_snapshot_ordering: bool,
+    /// Test only: see [`OpenOptions::test_skip_bitmap_ordering`].
+    pub(super) test_skip_bitmap_ordering: bool,
+    /// The bitmap directory, as on storage (empty unless the bitmaps autoclear bit is set).
+    pub(super) bitmaps: Vec<crate::engine::format::bitmap::BitmapEntry>,
+    /// Names of the bitmaps this open marked in use (they were consistent when it did): their
+    /// stored bits are the ones the caller loaded and may trust (`bitmaps.rs`).
+    pub(super) bitmaps_marked: BTreeSet<Vec<u8>>,
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -412,9 +421,13 @@ impl<S: Storage> Image<S> {
             test_txg_overwrite_after_barrier: opts.test_txg_overwrite_after_barrier,
             test_discard_early: opts.test_discard_early,
             test_skip_snapshot_ordering: opts.test_skip_snapshot_ordering,
+            test_skip_bitmap_ordering: opts.test_skip_bitmap_ordering,
+            bitmaps: Vec::new(),
+            bitmaps_marked: BTreeSet::new(),
         };
         image.metadata.reload_tables(&image.l1, &image.reftable);
         image.reload_snapshot_l2_tables()?;
+        image.load_bitmap_directory()?;
         before_writing(&mut image)?;
         if !opts.read_only {
             image.make_writable()?;
@@ -455,8 +468,14 @@ impl<S: Storage> Image<S> {
         if dirty && !self.for_check {
             self.repair_dirty_image()?;
         }
-        if !self.header.autoclear.is_empty() {
+        let stale_bitmaps = self.header.bitmaps.is_some() && self.bitmaps.is_empty();
+        if !self.header.autoclear.is_empty() || stale_bitmaps {
             self.clear_autoclear_features()?;
+        }
+        // In use before the first guest write can reach the image (`bitmaps.rs`); `qemu-img
+        // check` writes no guest data, and leaves the bitmaps as they are.
+        if !self.for_check {
+            self.mark_bitmaps_in_use()?;
         }
         Ok(())
     }
@@ -517,16 +536,26 @@ impl<S: Storage> Image<S> {
         self.l1.first().is_some_and(|&entry| entry != 0)
     }
 
-    /// This engine maintains none of the autoclear features (bitmaps are not updated on
-    /// write), so before the first write it clears them, as the spec requires.
+    /// Before the first write, clears the autoclear features this engine does not maintain,
+    /// as the spec requires, and drops a stale bitmaps extension (one without its autoclear
+    /// bit: QEMU's qcow2 drops it too, its clusters are leaks).
     fn clear_autoclear_features(&mut self) -> Result<()> {
         // The raw data file bit is kept: writes keep the data file a raw image
-        // (`data_file.rs`).
-        let kept = self.header.autoclear & AutoclearFeatures::RAW_EXTERNAL_DATA;
-        if self.header.autoclear == kept {
+        // (`data_file.rs`); so is the bitmaps bit while the directory loaded: the bitmaps are
+        // marked in use next and stored by their owner (`bitmaps.rs`).
+        let mut maintained = AutoclearFeatures::RAW_EXTERNAL_DATA;
+        if !self.bitmaps.is_empty() {
+            maintained |= AutoclearFeatures::BITMAPS;
+        }
+        let kept = self.header.autoclear & maintained;
+        let stale_bitmaps = self.header.bitmaps.is_some() && self.bitmaps.is_empty();
+        if self.header.autoclear == kept && !stale_bitmaps {
             return Ok(());
         }
         self.header.autoclear = kept;
+        if stale_bitmaps {
+            self.header.set_bitmaps_extension(None);
+        }
         let bytes = self.header.encode()?;
         self.write_metadata(0, &bytes, "rewriting the header")?;
         self.storage.flush().map_err(io("flushing the header"))?;
