@@ -686,13 +686,13 @@ fn qcow2b_co_block_status(
                 let allocated = unsafe {
                     bindings::bdrv_get_allocated_file_size((*node.file.child()).bs)
                 };
-                let allocated = u64::try_from(allocated).map_err(|_| {
-                    Error::io(
-                        "getting the image file's allocated size",
-                        std::io::Error::from_raw_os_error(-(allocated as i32)),
-                    )
-                })?;
-                let preallocated = image.looks_metadata_preallocated(allocated)?;
+                // A file layer that cannot tell (blkdebug, some network protocols), or a
+                // refcount that cannot be read, leaves the answer "no", as with QEMU's qcow2:
+                // block status then reports the clusters as data, which is never wrong.
+                let preallocated = u64::try_from(allocated)
+                    .ok()
+                    .and_then(|allocated| image.looks_metadata_preallocated(allocated).ok())
+                    .unwrap_or(false);
                 node.metadata_preallocated.set(Some(preallocated));
             }
             let (mapping, len) = image.map(offset as u64, bytes as u64)?;
