@@ -415,3 +415,54 @@ fn amend_progress_goes_forward_through_every_step_to_the_whole() {
         std::fs::remove_file(&img).unwrap();
     }
 }
+
+/// A refcount width change left the old width's refcount blocks in the cache when it was
+/// not full (its loop emptied it only while full): the next allocation of such a freed
+/// cluster (first in the txg mode, which writes every overwrite to a new cluster) was
+/// refused as corrupt ("has refcount 0 but holds a refcount block"), and a reused offset
+/// would have found the stale block. Found by the crash harness's `amend` workload.
+#[test]
+fn a_refcount_width_change_leaves_no_old_block_cached() {
+    use qcow2b::engine::TxgOptions;
+    let dir = tempfile::tempdir().unwrap();
+    for (what, opts) in [
+        ("plain", OpenOptions::default()),
+        (
+            "txg",
+            OpenOptions {
+                txg: Some(TxgOptions::default()),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let img = create(dir.path(), "img", "compat=1.1,cluster_size=4096", "4M");
+        qemu_io(&img, &["write -P 0x11 0 256k", "write -P 0x22 1M 64k"]);
+        run_ok(
+            Command::new("qemu-img")
+                .args(["snapshot", "-c", "s"])
+                .arg(&img),
+        );
+        let mut image = open_file(&img, &opts);
+        image
+            .amend(
+                &Amendment {
+                    refcount_bits: Some(64),
+                    ..Default::default()
+                },
+                None,
+            )
+            .unwrap();
+        // Overwrites and new clusters, enough to reach the freed clusters of the old
+        // refcount structures.
+        for i in 0..64u64 {
+            image
+                .write(i * 4096, &[0x33; 4096], None)
+                .unwrap_or_else(|e| panic!("{what}: write {i}: {e}"));
+        }
+        image.flush().unwrap();
+        image.close().unwrap();
+        qemu_img_check(&img);
+        qemu_io(&img, &["read -P 0x33 0 256k", "read -P 0x22 1M 64k"]);
+        std::fs::remove_file(&img).unwrap();
+    }
+}

@@ -110,6 +110,11 @@ pub struct OpenOptions {
     /// refcounts first (`image/bitmaps.rs`), so that the crash-consistency harness can show
     /// it catches that. Driver option `x-test-skip-ordering=bitmap-table`.
     pub test_skip_bitmap_ordering: bool,
+    /// Test only, never for real data: a refcount width change switches the header to the
+    /// new refcount table before the new table and blocks are durable
+    /// (`image/refcount_order.rs`), so that the crash-consistency harness can show it
+    /// catches that. Driver option `x-test-skip-ordering=amend-refcount`.
+    pub test_skip_amend_ordering: bool,
 }
 
 /// What backs a range of guest bytes (the answer of [`Image::map`]).

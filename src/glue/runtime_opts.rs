@@ -157,7 +157,7 @@ pub fn list() -> *mut bindings::QemuOptsList {
             ),
             string_opt(
                 TEST_SKIP_ORDERING,
-                c"Test only, breaks crash consistency: stage3 leaves out the ordering point before L2 tables are written; txg-first-sync the first sync of every transaction group commit; discard-early discards freed clusters before their free is durable; snapshot-table lets the header name a new snapshot table before the table and its counts are ordered; bitmap-table lets the header name a new bitmap directory before the bitmaps' clusters, tables and directory are ordered",
+                c"Test only, breaks crash consistency: stage3 leaves out the ordering point before L2 tables are written; txg-first-sync the first sync of every transaction group commit; discard-early discards freed clusters before their free is durable; snapshot-table lets the header name a new snapshot table before the table and its counts are ordered; bitmap-table lets the header name a new bitmap directory before the bitmaps' clusters, tables and directory are ordered; amend-refcount lets the header name a refcount table of a new width before the table and its blocks are durable",
             ),
         ];
         for name in OVERLAP_STRUCTURES {
@@ -267,20 +267,24 @@ impl Settings {
         let (test_skip_stage3_ordering, test_skip_txg_first_sync, test_discard_early) = match skip
             .as_deref()
         {
-            None | Some("snapshot-table") | Some("bitmap-table") => (false, false, false),
+            None | Some("snapshot-table") | Some("bitmap-table") | Some("amend-refcount") => {
+                (false, false, false)
+            }
             Some("stage3") => (true, false, false),
             Some("txg-first-sync") if matches!(mode, BarrierMode::Txg(_)) => (false, true, false),
             Some("discard-early") => (false, false, true),
             Some(other) => {
                 return Err(bad(format!(
                     "x-test-skip-ordering={other}: the (test-only) values are stage3, \
-                         discard-early, snapshot-table, bitmap-table, and txg-first-sync with \
+                         discard-early, snapshot-table, bitmap-table, amend-refcount, and \
+                         txg-first-sync with \
                          barrier=txg"
                 )))
             }
         };
         let test_skip_snapshot_ordering = skip.as_deref() == Some("snapshot-table");
         let test_skip_bitmap_ordering = skip.as_deref() == Some("bitmap-table");
+        let test_skip_amend_ordering = skip.as_deref() == Some("amend-refcount");
 
         let open = OpenOptions {
             read_only: flags & bindings::BDRV_O_RDWR as c_int == 0,
@@ -299,6 +303,7 @@ impl Settings {
             test_discard_early,
             test_skip_snapshot_ordering,
             test_skip_bitmap_ordering,
+            test_skip_amend_ordering,
         };
         Ok(Settings {
             mode,

@@ -111,6 +111,11 @@ class Script:
         guest's requests (qemu-io's snapshot command, qemu-patches 0017)."""
         self.commands.append(f"snapshot -{op} {name}")
 
+    def amend(self, options):
+        """The format node amended as qemu-img amend -o amends it, between the guest's
+        requests (qemu-io's amend command, qemu-patches 0019)."""
+        self.commands.append(f"amend -o {options}")
+
     def reopen(self, read_only):
         """A reopen read-only (the driver stores its persistent bitmaps) or read-write (it
         marks them in use again)."""
@@ -387,6 +392,37 @@ def snapshot_operations(setup, s):
     s.write(2 * M + 64 * K, 4 * K, barrier=True)
 
 
+def amend_operations(setup, s):
+    # qemu-img amend's operations between the guest's writes, with aio writes in flight when
+    # each starts (the amend drains them first): the refcount width changed (new table and
+    # blocks past everything counted, the header switched, the old ones freed), the version
+    # 2 downgrade (zero clusters, the snapshot's too, made unallocated or written as zeros,
+    # then the version 2 header), the upgrade back (the snapshot table written again with
+    # version 3's extra data, then the header) and the lazy refcounts bit. No amend changes
+    # a guest byte, so the guest's truth stays what its writes made it; what the crash
+    # states test is each metadata rewrite and its order.
+    setup.create(4 * M, cluster=4 * K)
+    setup.writes(setup.image, [(0, 256 * K), (1 * M, 64 * K)])
+    setup.snapshot("setup")
+    s.write(0, 4 * K)
+    s.zeroes(64 * K, 16 * K)
+    s.aio_write(2 * M, 8 * K)
+    s.amend("refcount_bits=64")
+    s.write(4 * K, 4 * K, barrier=True)
+    s.write(128 * K, 16 * K)
+    s.aio_write(3 * M, 4 * K)
+    s.amend("compat=0.10,refcount_bits=16")
+    s.write(1 * M + 4 * K, 4 * K, barrier=True)
+    s.flush()
+    s.write(192 * K, 8 * K)
+    s.amend("compat=1.1")
+    s.write(8 * K, 4 * K, barrier=True)
+    s.amend("lazy_refcounts=on")
+    s.write(2 * M + 64 * K, 4 * K)
+    s.amend("refcount_bits=2")
+    s.write(12 * K, 4 * K, barrier=True)
+
+
 def compressed_overwrite(setup, s):
     setup.create(4 * M)
     setup.writes(setup.image, [(0, 512 * K)], compressed=True)
@@ -545,6 +581,7 @@ WORKLOADS = {
     "shrink": shrink,
     "snapshot-cow": snapshot_cow,
     "snapshots": snapshot_operations,
+    "amend": amend_operations,
     "compressed": compressed_overwrite,
     "compressed-writes": compressed_writes,
     "small-epochs": small_epochs,

@@ -196,6 +196,8 @@ pub struct Image<S: Storage> {
     pub(super) test_skip_snapshot_ordering: bool,
     /// Test only: see [`OpenOptions::test_skip_bitmap_ordering`].
     pub(super) test_skip_bitmap_ordering: bool,
+    /// Test only: see [`OpenOptions::test_skip_amend_ordering`].
+    pub(super) test_skip_amend_ordering: bool,
     /// The bitmap directory, as on storage (empty unless the bitmaps autoclear bit is set).
     pub(super) bitmaps: Vec<crate::engine::format::bitmap::BitmapEntry>,
     /// Names of the bitmaps this open marked in use (they were consistent when it did): their
@@ -422,6 +424,7 @@ impl<S: Storage> Image<S> {
             test_discard_early: opts.test_discard_early,
             test_skip_snapshot_ordering: opts.test_skip_snapshot_ordering,
             test_skip_bitmap_ordering: opts.test_skip_bitmap_ordering,
+            test_skip_amend_ordering: opts.test_skip_amend_ordering,
             bitmaps: Vec::new(),
             bitmaps_marked: BTreeSet::new(),
         };
