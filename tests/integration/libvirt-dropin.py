@@ -271,10 +271,15 @@ class Run:
         xml = self.path("domain.xml")
         with open(xml, "w") as f:
             f.write(self.domain_xml())
+        t0 = time.monotonic()
         virsh("define", xml)
+        t1 = time.monotonic()
         virsh("start", self.name)
+        t2 = time.monotonic()
         self.connect()
         self.guest.wait_for(rb"SHELL-READY", 120)
+        t3 = time.monotonic()
+        self.timing = f"define {t1 - t0:.1f} s, start {t2 - t1:.1f} s, boot {t3 - t2:.1f} s"
         time.sleep(0.5)
         self.guest.run("true")
         # Which driver serves the disk: the emulator's environment and query-blockstats.
@@ -290,8 +295,8 @@ class Run:
         want = "qcow2b" if self.state == "on" else None
         if served != want:
             raise StepFailed(f"driver-specific statistics of {served}, expected {want}")
-        return f"format node drv=qcow2, served by {served or 'QEMU qcow2'}; emulator env: " \
-               f"{','.join(names)}"
+        return f"format node drv=qcow2, served by {served or 'QEMU qcow2'}; {self.timing}; " \
+               f"emulator env: {','.join(names)}"
 
     def emulator_pid(self):
         with open(f"/run/libvirt/qemu/{self.name}.pid") as f:
