@@ -21,6 +21,9 @@ packages=(
   # the paper benchmark (bench/paper-bench.py): charts; the real guest's tools, copied with
   # their libraries into its initramfs (bench/guest/build-guest.sh), and cpio to pack it
   python3-matplotlib fio cpio e2fsprogs coreutils sqlite3
+  # the libvirt drop-in test (tests/integration/libvirt-dropin.py): Debian 12's libvirt 9.0,
+  # run without systemd (virtlogd -d, libvirtd -d) against the built qemu-system-x86_64
+  libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu
 )
 
 missing=()

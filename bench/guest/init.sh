@@ -3,6 +3,7 @@
 # Makes ext4 on /dev/vda, mounts it, and runs the tests, each between two markers on the
 # serial console that the host (run-guest.py) timestamps to split its fdatasync counts:
 #   BENCH-BEGIN name / BENCH-END name, with the test's own output in between.
+# guest.shell=1 on the kernel command line gives a shell on the console instead.
 # Parameters on the kernel command line: bench.fresh=N (fio random 4 KiB writes on the bare
 # fresh disk, O_DIRECT, one fsync at the end), bench.dd=N (dd count), bench.seq=N (fio sequential
 # 64 KiB writes, fdatasync after each), bench.rand=N (fio random 4 KiB writes, fsync after
@@ -28,6 +29,14 @@ while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 if grep -q 'crash.run=1' /proc/cmdline; then
   while [ ! -b /dev/vdb ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
   exec /bin/busybox sh /crash
+fi
+
+# A shell on the serial console instead of the benchmark, for tests that drive the guest
+# step by step (tests/integration/libvirt-dropin.py): it prints SHELL-READY, then runs what
+# the host types.
+if grep -q 'guest.shell=1' /proc/cmdline; then
+  echo SHELL-READY
+  exec /bin/busybox sh
 fi
 
 marker() { sleep 1; echo "BENCH-$1 $2"; }

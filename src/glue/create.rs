@@ -497,18 +497,22 @@ pub fn qcow2b_co_create(
     opts: *mut bindings::BlockdevCreateOptions,
     errp: *mut *mut bindings::Error,
 ) -> c_int, errp = errp {
-    // SAFETY: QEMU passes the job's options, whose driver is qcow2b (the union's qcow2b
-    // branch, qcow2's type), and its errp; they live until the job's run returns. We run in
+    // SAFETY: QEMU passes the job's options, whose driver is qcow2b or qcow2 (the union's
+    // branch of that name, qcow2's type for both), and its errp; they live until the job's run returns. We run in
     // the job's coroutine.
     unsafe {
         to_c_errp("create", errp, || {
-            if (*opts).driver != bindings::BLOCKDEV_DRIVER_QCOW2B {
-                return Err(Error::Invalid(format!(
-                    "blockdev-create for driver {} reached qcow2b",
-                    (*opts).driver
-                )));
-            }
-            let q = &(*opts).u.qcow2b;
+            // driver=qcow2 when qcow2b serves that name (`serve_qcow2.rs`): both branches
+            // have qcow2's type.
+            let q = match (*opts).driver {
+                bindings::BLOCKDEV_DRIVER_QCOW2B => &(*opts).u.qcow2b,
+                bindings::BLOCKDEV_DRIVER_QCOW2 => &(*opts).u.qcow2,
+                other => {
+                    return Err(Error::Invalid(format!(
+                        "blockdev-create for driver {other} reached qcow2b"
+                    )))
+                }
+            };
             // The nodes first, as QEMU's qcow2 opens them; the options are checked before
             // anything is written on either.
             let Some(file) = OpenedNode::open(q.file, errp) else {

@@ -1581,6 +1581,8 @@ pub fn qcow2b_register() -> () {
         let drv: &'static mut BlockDriver = Box::leak(Box::new(drv));
         // SAFETY: drv is a fully initialised driver table that is never freed.
         unsafe { bindings::bdrv_register(drv) };
+        // The administrator's switch may serve the name qcow2 with a copy of this table.
+        super::serve_qcow2::remember_qcow2b_table(drv);
         Ok(0)
     });
     super::recorder::register();

@@ -19,6 +19,8 @@
 //!   LUKS header at open and at creation);
 //! - `txg`: when the `txg` barrier mode's transaction groups commit (flush, bounds);
 //! - `driver`: the `BlockDriver` table registered under the format name `qcow2b`;
+//! - `serve_qcow2`: the administrator's switch (a configuration file read once at start)
+//!   that registers a copy of that table under the name `qcow2`;
 //! - `recorder`: the `qcow2b-recorder` filter, which logs what reaches its child (for the
 //!   crash-consistency harness, `tests/crash/`);
 //! - `latency`: the `qcow2b-synclat` filter, a fixed extra cost per host fdatasync (the
@@ -44,6 +46,7 @@ mod opts;
 mod recorder;
 mod request;
 mod runtime_opts;
+mod serve_qcow2;
 mod storage;
 mod timer;
 mod txg;
