@@ -15,7 +15,7 @@ use std::ffi::{c_char, c_int, CStr, CString};
 use std::ptr;
 
 use super::bindings::{self, BdrvDirtyBitmap, BlockDriverState};
-use super::ffi::entries;
+use super::ffi::{entries, take_error};
 use super::file::FileAccess;
 use super::node::Node;
 use crate::engine::format::bitmap::{data_bytes, entry_bytes};
@@ -61,24 +61,6 @@ pub fn read_for_load(image: &Image<FileAccess>) -> Result<Vec<LoadedBitmap>, Err
         });
     }
     Ok(out)
-}
-
-/// The message of a QEMU `Error`, which is freed.
-///
-/// # Safety
-/// `err` is NULL or an `Error` QEMU set, owned by the caller.
-unsafe fn take_error(err: *mut bindings::Error) -> String {
-    if err.is_null() {
-        return "unknown error".into();
-    }
-    // SAFETY: per the caller; the message is read before the error is freed.
-    unsafe {
-        let msg = CStr::from_ptr(bindings::error_get_pretty(err))
-            .to_string_lossy()
-            .into_owned();
-        bindings::error_free(err);
-        msg
-    }
 }
 
 /// Every dirty bitmap of the node, in QEMU's order.

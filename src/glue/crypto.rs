@@ -25,7 +25,7 @@ use std::ptr;
 use std::rc::Rc;
 
 use super::bindings::{self, QCryptoBlock, QDict, QemuOpts};
-use super::ffi::{entries, set_error};
+use super::ffi::{entries, set_error, take_error};
 use super::file::FileAccess;
 use super::storage::BlkStorage;
 use crate::engine::format::header::EncryptionHeaderExtent;
@@ -131,24 +131,6 @@ impl DataCipher for QemuCrypto {
             buf,
             bindings::qcrypto_block_decrypt,
         )
-    }
-}
-
-/// The message of a QEMU `Error`, which is freed.
-///
-/// # Safety
-/// `err` is NULL or an `Error` QEMU set, owned by the caller.
-unsafe fn take_error(err: *mut bindings::Error) -> String {
-    if err.is_null() {
-        return "unknown error".into();
-    }
-    // SAFETY: per the caller; the message is read before the error is freed.
-    unsafe {
-        let msg = CStr::from_ptr(bindings::error_get_pretty(err))
-            .to_string_lossy()
-            .into_owned();
-        bindings::error_free(err);
-        msg
     }
 }
 

@@ -6,7 +6,7 @@
 //! No `extern "C" fn` is written by hand anywhere else (`tests/ffi_entries_guarded.rs` fails
 //! when one is), so an entry cannot be added without the guard.
 
-use std::ffi::{c_int, CString};
+use std::ffi::{c_int, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 
@@ -221,6 +221,24 @@ pub unsafe fn set_error(errp: *mut *mut bindings::Error, msg: &str) {
             c"%s".as_ptr(),
             msg.as_ptr(),
         );
+    }
+}
+
+/// The message of a QEMU `Error`, which is freed.
+///
+/// # Safety
+/// `err` is NULL or an `Error` QEMU set, owned by the caller.
+pub unsafe fn take_error(err: *mut bindings::Error) -> String {
+    if err.is_null() {
+        return "unknown error".into();
+    }
+    // SAFETY: per the caller; the message is read before the error is freed.
+    unsafe {
+        let msg = CStr::from_ptr(bindings::error_get_pretty(err))
+            .to_string_lossy()
+            .into_owned();
+        bindings::error_free(err);
+        msg
     }
 }
 

@@ -277,6 +277,13 @@ static QCOW2B_TABLE: OnceLock<usize> = OnceLock::new();
 /// Set once, when the switch is on.
 static SERVED: OnceLock<Served> = OnceLock::new();
 
+/// What the served table's entries stand on (set before the table is registered).
+fn served() -> Result<&'static Served, Error> {
+    SERVED
+        .get()
+        .ok_or_else(|| Error::BadOption("qcow2b does not serve qcow2 in this process".into()))
+}
+
 /// Called by `qcow2b_register` with the table it registered.
 pub fn remember_qcow2b_table(drv: &'static BlockDriver) {
     let _ = QCOW2B_TABLE.set(drv as *const BlockDriver as usize);
@@ -316,9 +323,7 @@ fn served_open(
     flags: c_int,
     errp: *mut *mut bindings::Error,
 ) -> Result<c_int, Error>, errp = errp {
-    let served = SERVED
-        .get()
-        .ok_or_else(|| Error::BadOption("qcow2b does not serve qcow2 in this process".into()))?;
+    let served = served()?;
     // SAFETY: QEMU passes a valid node, options and errp, as qcow2b's open expects them.
     unsafe {
         apply_config(options, served)?;
@@ -333,9 +338,7 @@ fn served_reopen_prepare(
     queue: *mut BlockReopenQueue,
     errp: *mut *mut bindings::Error,
 ) -> Result<c_int, Error>, errp = errp {
-    let served = SERVED
-        .get()
-        .ok_or_else(|| Error::BadOption("qcow2b does not serve qcow2 in this process".into()))?;
+    let served = served()?;
     // SAFETY: QEMU passes a valid reopen state with its options, and errp.
     unsafe {
         apply_config((*state).options, served)?;
