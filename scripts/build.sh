@@ -48,3 +48,8 @@ for t in "${targets[@]}"; do
   ln -sf "$QEMU_BUILD/$t" "$BUILD_ROOT/bin/$(basename "$t")"
 done
 say "binaries in $BUILD_ROOT/bin"
+
+# The real guest (kernel, initramfs, firmware) that the benchmark, the real-guest crash run and
+# tests/integration/libvirt-dropin.py boot. Cheap to re-run: downloads are kept.
+say "guest (bench/guest/build-guest.sh)"
+bash "$QCOW2B_ROOT/bench/guest/build-guest.sh"
