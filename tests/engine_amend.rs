@@ -15,12 +15,7 @@ use support::*;
 
 fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     let path = dir.join(name);
-    run_ok(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", opts])
-            .arg(&path)
-            .arg(size),
-    );
+    qemu_img_create_with(&path, opts, size, None);
     path
 }
 
@@ -104,12 +99,7 @@ fn a_downgrade_over_a_backing_file_keeps_the_zeros() {
     let base = create(dir.path(), "base", "compat=1.1", "1M");
     qemu_io(&base, &["write -P 0x2a 0 128k"]);
     let img = dir.path().join("img");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(&base)
-            .arg(&img),
-    );
+    qemu_img_create_with(&img, "", "", Some(&base));
     qemu_io(&img, &["write -z 0 64k"]);
     let backing = ImageBacking(std::cell::RefCell::new(open_file(
         &base,

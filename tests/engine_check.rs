@@ -89,19 +89,6 @@ fn qemu_io_fmt(fmt: &str, path: &Path, commands: &[&str]) {
     assert!(!text.contains("failed"), "qemu-io {commands:?}: {text}");
 }
 
-fn create(path: &Path, options: &str, size: &str) {
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        options,
-        path.to_str().unwrap(),
-        size,
-    ]);
-}
-
 /// Guest writes of several kinds: patterns at and across cluster boundaries, zeroes, a
 /// discard.
 const WRITES: &[&str] = &[
@@ -197,7 +184,7 @@ fn images_made_by_qemu_check_clean_with_qemus_allocation_figures() {
     let dir = tempfile::tempdir().unwrap();
     for case in CLEAN_CASES {
         let img = dir.path().join("clean.qcow2");
-        create(&img, case.options, "64M");
+        qemu_img_create_with(&img, case.options, "64M", None);
         apply_steps(&img, case.steps);
         let (code, _) = qemu_img_check_json(&img);
         assert_eq!(code, 0, "{}: qemu-img itself finds problems", case.name);
@@ -213,7 +200,7 @@ fn read_write_check_with_repair_changes_nothing_on_a_clean_image() {
     let dir = tempfile::tempdir().unwrap();
     for case in CLEAN_CASES.iter().filter(|c| !c.name.contains("bitmap")) {
         let img = dir.path().join("clean.qcow2");
-        create(&img, case.options, "64M");
+        qemu_img_create_with(&img, case.options, "64M", None);
         apply_steps(&img, case.steps);
         let before = std::fs::read(&img).unwrap();
         let report = check_file(&img, &rw(), CheckFix::All);
@@ -284,7 +271,7 @@ fn compressed_images_check_clean_with_qemus_counts() {
 fn bitmap_clusters_are_counted_and_become_leaks_once_the_autoclear_bit_is_cleared() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("bitmap.qcow2");
-    create(&img, "cluster_size=65536", "64M");
+    qemu_img_create_with(&img, "cluster_size=65536", "64M", None);
     apply_steps(&img, &["bitmap:b0", "writes"]);
     let copy = dir.path().join("copy.qcow2");
     std::fs::copy(&img, &copy).unwrap();
@@ -352,7 +339,7 @@ struct Fixture {
 fn fixture(options: &str, steps: &[&str]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("img.qcow2");
-    create(&img, options, "64M");
+    qemu_img_create_with(&img, options, "64M", None);
     apply_steps(&img, steps);
     let before = dir.path().join("before.qcow2");
     Fixture {
@@ -895,7 +882,12 @@ fn snapshot_table_agrees_with_qemu_img_snapshot_list_and_info() {
     let dir = tempfile::tempdir().unwrap();
     for compat in ["1.1", "0.10"] {
         let img = dir.path().join(format!("snap-{compat}.qcow2"));
-        create(&img, &format!("compat={compat},cluster_size=65536"), "64M");
+        qemu_img_create_with(
+            &img,
+            &format!("compat={compat},cluster_size=65536"),
+            "64M",
+            None,
+        );
         qemu_io(&img, &["write -P 0x11 0 1M"]);
         qemu_img(&["snapshot", "-c", "first", img.to_str().unwrap()]);
         // QEMU cannot resize a version 2 image with snapshots.
@@ -954,7 +946,7 @@ fn snapshot_table_agrees_with_qemu_img_snapshot_list_and_info() {
 fn engine_writes_on_an_image_with_snapshots_leave_the_snapshots_intact() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("img.qcow2");
-    create(&img, "cluster_size=65536", "16M");
+    qemu_img_create_with(&img, "cluster_size=65536", "16M", None);
     qemu_io(&img, &["write -P 0x11 0 2M", "write -P 0x12 8M 64k"]);
     qemu_img(&["snapshot", "-c", "base", img.to_str().unwrap()]);
     let at_snapshot = dir.path().join("at-snapshot.raw");
@@ -989,7 +981,7 @@ fn engine_writes_on_an_image_with_snapshots_leave_the_snapshots_intact() {
 fn data_write_never_lands_on_a_snapshot_l1_table() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("img.qcow2");
-    create(&img, "cluster_size=65536", "16M");
+    qemu_img_create_with(&img, "cluster_size=65536", "16M", None);
     qemu_io(&img, &["write -P 0x11 0 128k"]);
     qemu_img(&["snapshot", "-c", "s", img.to_str().unwrap()]);
     let snap_l1 = open_file(&img, &ro()).snapshots()[0].l1_table_offset;

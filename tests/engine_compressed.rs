@@ -483,13 +483,7 @@ fn external_data_files_and_encryption_refuse_compression() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("df.qcow2");
     let data = dir.path().join("df.data");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o"])
-            .arg(format!("data_file={}", data.display()))
-            .arg(&path)
-            .arg("1M"),
-    );
+    qemu_img_create_with(&path, &format!("data_file={}", data.display()), "1M", None);
     let file = File::options().read(true).write(true).open(&path).unwrap();
     let data_file = File::options().read(true).write(true).open(&data).unwrap();
     let mut image = Image::open_with_data_file(file, data_file, &rw()).unwrap();

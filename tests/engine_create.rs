@@ -343,12 +343,7 @@ fn size_is_rounded_up_to_512_bytes_like_qemu_img_create() {
     let ours = dir.path().join("ours.qcow2");
     let theirs = dir.path().join("theirs.qcow2");
     create_file(&ours, &opts(1000)).unwrap();
-    run_ok(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&theirs)
-            .arg("1000"),
-    );
+    qemu_img_create_with(&theirs, "", "1000", None);
     let size = |p: &Path| json_value(&qemu_img_info(p), "virtual-size", 4);
     assert_eq!(size(&ours), Some("1024".into()));
     assert_eq!(size(&ours), size(&theirs));
@@ -481,14 +476,11 @@ fn preallocated_file_is_as_long_as_measure_says_and_as_qemu_makes_it() {
         assert_eq!(len, measure(&o, None).unwrap().fully_allocated, "{o:?}");
 
         let theirs = dir.path().join("theirs.qcow2");
-        run_ok(
-            Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-o"])
-                .arg(format!(
-                    "cluster_size={cluster},refcount_bits={refcount_bits},preallocation=metadata"
-                ))
-                .arg(&theirs)
-                .arg(size.to_string()),
+        qemu_img_create_with(
+            &theirs,
+            &format!("cluster_size={cluster},refcount_bits={refcount_bits},preallocation=metadata"),
+            &size.to_string(),
+            None,
         );
         let qemu_len = std::fs::metadata(&theirs).unwrap().len();
         // QEMU grows its refcount table while it preallocates; where one table cluster is

@@ -30,13 +30,7 @@ fn qemu_made(dir: &Path, raw: bool) -> (std::path::PathBuf, std::path::PathBuf) 
     if raw {
         opts.push_str(",data_file_raw=on");
     }
-    run_ok(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o"])
-            .arg(opts)
-            .arg(&img)
-            .arg("4M"),
-    );
+    qemu_img_create_with(&img, &opts, "4M", None);
     (img, data)
 }
 

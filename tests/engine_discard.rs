@@ -358,19 +358,7 @@ fn in_a_transaction_group_the_discard_follows_the_commit() {
 fn version_2_zeroes_whole_clusters_by_unallocating_them_without_a_backing_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v2.qcow2");
-    run_ok(
-        Command::new("qemu-img")
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "compat=0.10,cluster_size=65536",
-            ])
-            .arg(&path)
-            .arg("1M"),
-    );
+    qemu_img_create_with(&path, "compat=0.10,cluster_size=65536", "1M", None);
     let mut image = open_file(&path, &OpenOptions::default());
     image.write(0, &[0x11; 65536 * 3], None).unwrap();
     image.zero_by_metadata(0, 2 * 65536, false).unwrap();
@@ -389,22 +377,7 @@ fn version_2_zeroes_whole_clusters_by_unallocating_them_without_a_backing_file()
     let base = dir.path().join("base.qcow2");
     qemu_img_create(&base, 65536, 1 << 20, None);
     let over = dir.path().join("over.qcow2");
-    run_ok(
-        Command::new("qemu-img")
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "compat=0.10",
-                "-F",
-                "qcow2",
-                "-b",
-            ])
-            .arg(&base)
-            .arg(&over),
-    );
+    qemu_img_create_with(&over, "compat=0.10", "", Some(&base));
     let mut image = open_file(&over, &OpenOptions::default());
     assert!(image.zero_by_metadata(0, 65536, false).is_err());
     image.close().unwrap();

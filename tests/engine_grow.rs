@@ -81,14 +81,7 @@ fn image_over_a_longer_backing_file() -> (tempfile::TempDir, Vec<u8>, Vec<u8>) {
     let top = dir.path().join("top.qcow2");
     qemu_img_create(&base, 65536, 128 << 10, None);
     qemu_io(&base, &["write -P 1 0 128k"]);
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(&base)
-        .arg(&top)
-        .arg("31k")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    qemu_img_create_with(&top, "", "31k", Some(&base));
     let base_bytes = std::fs::read(&base).unwrap();
     let top_bytes = std::fs::read(&top).unwrap();
     (dir, base_bytes, top_bytes)

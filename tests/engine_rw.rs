@@ -386,12 +386,11 @@ fn writes_copy_clusters_shared_with_an_internal_snapshot() {
 fn compressed_clusters(compression_type: &str) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("img.qcow2");
-    run_ok(
-        std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o"])
-            .arg(format!("compression_type={compression_type}"))
-            .arg(&img)
-            .arg("1M"),
+    qemu_img_create_with(
+        &img,
+        &format!("compression_type={compression_type}"),
+        "1M",
+        None,
     );
     // Several compressed clusters, some sharing host clusters.
     qemu_io(
@@ -444,19 +443,7 @@ fn refcount_table_grows_when_the_file_outgrows_it() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("img.qcow2");
     let raw = dir.path().join("model.raw");
-    run_ok(
-        std::process::Command::new("qemu-img")
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=512,refcount_bits=64",
-            ])
-            .arg(&img)
-            .arg("6M"),
-    );
+    qemu_img_create_with(&img, "cluster_size=512,refcount_bits=64", "6M", None);
     let mut model = vec![0u8; 6 << 20];
     let mut rng = XorShift::new(77);
     rng.fill(&mut model);
@@ -533,12 +520,7 @@ fn write_zeroes_and_discard_are_seen_by_qemu() {
 fn discard_on_a_v2_image_unallocates() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("img.qcow2");
-    run_ok(
-        std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", "compat=0.10"])
-            .arg(&img)
-            .arg("1M"),
-    );
+    qemu_img_create_with(&img, "compat=0.10", "1M", None);
     let mut image = open_file(&img, &rw(None));
     image.write(0, &vec![0x12; 256 << 10], None).unwrap();
     image.write_zeroes(0, 64 << 10, true, None).unwrap();
@@ -611,12 +593,7 @@ fn truncate_grows_the_disk_and_the_l1_table() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("img.qcow2");
-        run_ok(
-            std::process::Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-o", cluster_opts])
-                .arg(&img)
-                .arg("1M"),
-        );
+        qemu_img_create_with(&img, cluster_opts, "1M", None);
         qemu_io(&img, &["write -P 0x31 0 1M"]);
         let mut image = open_file(&img, &rw(None));
         assert!(matches!(
@@ -652,12 +629,7 @@ fn truncate_grows_the_disk_and_the_l1_table() {
 fn a_version_2_image_with_snapshots_is_not_resized() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("v2.qcow2");
-    run_ok(
-        std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", "compat=0.10"])
-            .arg(&img)
-            .arg("1M"),
-    );
+    qemu_img_create_with(&img, "compat=0.10", "1M", None);
     run_ok(
         std::process::Command::new("qemu-img")
             .args(["snapshot", "-c", "s"])

@@ -18,12 +18,11 @@ use support::*;
 /// every 4 KiB holding its own byte.
 fn filled(dir: &Path, compat: &str) -> std::path::PathBuf {
     let path = dir.join("img.qcow2");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o"])
-            .arg(format!("cluster_size=512,compat={compat}"))
-            .arg(&path)
-            .arg("256K"),
+    qemu_img_create_with(
+        &path,
+        &format!("cluster_size=512,compat={compat}"),
+        "256K",
+        None,
     );
     let writes: Vec<String> = (0..64)
         .map(|i| format!("write -P {} {}k 4k", i + 1, i * 4))

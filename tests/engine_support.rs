@@ -120,13 +120,30 @@ pub fn run_ok(cmd: &mut Command) -> String {
 }
 
 pub fn qemu_img_create(path: &Path, cluster_size: u64, size: u64, backing: Option<&Path>) {
+    qemu_img_create_with(
+        path,
+        &format!("cluster_size={cluster_size}"),
+        &size.to_string(),
+        backing,
+    );
+}
+
+/// `qemu-img create -f qcow2` with creation options (`-o`, none when empty), a size in
+/// qemu-img's syntax (empty: the backing file's) and a qcow2 backing file; panics with
+/// qemu-img's output if it fails.
+pub fn qemu_img_create_with(path: &Path, options: &str, size: &str, backing: Option<&Path>) {
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["create", "-q", "-f", "qcow2", "-o"])
-        .arg(format!("cluster_size={cluster_size}"));
+    cmd.args(["create", "-q", "-f", "qcow2"]);
+    if !options.is_empty() {
+        cmd.arg("-o").arg(options);
+    }
     if let Some(b) = backing {
         cmd.arg("-b").arg(b).args(["-F", "qcow2"]);
     }
-    cmd.arg(path).arg(size.to_string());
+    cmd.arg(path);
+    if !size.is_empty() {
+        cmd.arg(size);
+    }
     run_ok(&mut cmd);
 }
 
