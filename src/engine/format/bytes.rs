@@ -7,6 +7,8 @@
 //! field by field; [`read_table`], [`encode_table`], [`table_entry`] and [`set_table_entry`]
 //! handle tables of 64-bit entries (L1, L2, refcount and bitmap tables).
 
+use std::fmt;
+
 use crate::engine::error::{Error, Result};
 use crate::engine::storage::Storage;
 
@@ -140,14 +142,43 @@ pub fn decode_table(bytes: &[u8]) -> Vec<u64> {
         .collect()
 }
 
-/// Entry `index` of the table `what` held as bytes (an L2 table in the cache).
-pub fn table_entry(what: &str, table: &[u8], index: usize) -> Result<u64> {
-    BeBytes::new(what, table).u64(index.saturating_mul(8))
+/// Entry `index` of the table `what` held as bytes (an L2 table in the cache). `what` is
+/// formatted only for an error: on the data path the name costs nothing (`format_args!`).
+pub fn table_entry(what: &dyn fmt::Display, table: &[u8], index: usize) -> Result<u64> {
+    let field = entry_bytes(table.len(), index)
+        .and_then(|range| table.get(range))
+        .ok_or_else(|| past_end(what, index, table.len()))?;
+    let mut b = [0u8; 8];
+    b.copy_from_slice(field);
+    Ok(u64::from_be_bytes(b))
 }
 
-/// Sets entry `index` of the table `what` held as bytes.
-pub fn set_table_entry(what: &str, table: &mut [u8], index: usize, value: u64) -> Result<()> {
-    put_u64(what, table, index.saturating_mul(8), value)
+/// Sets entry `index` of the table `what` held as bytes (`what` as for [`table_entry`]).
+pub fn set_table_entry(
+    what: &dyn fmt::Display,
+    table: &mut [u8],
+    index: usize,
+    value: u64,
+) -> Result<()> {
+    let len = table.len();
+    let field = entry_bytes(len, index)
+        .and_then(|range| table.get_mut(range))
+        .ok_or_else(|| past_end(what, index, len))?;
+    field.copy_from_slice(&value.to_be_bytes());
+    Ok(())
+}
+
+/// The bytes of 64-bit entry `index`, if a table of `len` bytes holds it.
+fn entry_bytes(len: usize, index: usize) -> Option<std::ops::Range<usize>> {
+    let at = index.checked_mul(8)?;
+    let end = at.checked_add(8)?;
+    (end <= len).then_some(at..end)
+}
+
+fn past_end(what: &dyn fmt::Display, index: usize, len: usize) -> Error {
+    Error::Invalid(format!(
+        "{what}: entry {index} lies past its end ({len} bytes)"
+    ))
 }
 
 /// Writes `v` into the 8 bytes at `at` of the structure `what`, which must hold them.
@@ -220,10 +251,10 @@ mod tests {
 
         let mut table = encode_table(&[1, u64::MAX, 3]);
         assert_eq!(decode_table(&table), vec![1, u64::MAX, 3]);
-        set_table_entry("t", &mut table, 2, 5).unwrap();
-        assert_eq!(table_entry("t", &table, 2).unwrap(), 5);
-        assert!(table_entry("t", &table, 3).is_err());
-        assert!(set_table_entry("t", &mut table, 3, 0).is_err());
-        assert!(set_table_entry("t", &mut table, usize::MAX, 0).is_err());
+        set_table_entry(&"t", &mut table, 2, 5).unwrap();
+        assert_eq!(table_entry(&"t", &table, 2).unwrap(), 5);
+        assert!(table_entry(&"t", &table, 3).is_err());
+        assert!(set_table_entry(&"t", &mut table, 3, 0).is_err());
+        assert!(set_table_entry(&"t", &mut table, usize::MAX, 0).is_err());
     }
 }

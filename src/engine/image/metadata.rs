@@ -44,14 +44,15 @@ impl<S: Storage> Image<S> {
         l2_offset: u64,
         l2_index: usize,
     ) -> Result<(u64, SubclusterBitmap)> {
-        let what = || format!("the L2 table at {l2_offset:#x}");
         let at = l2_index.saturating_mul(self.l2_width.words());
-        let raw = bytes::table_entry(&what(), table, at)?;
+        let raw = bytes::table_entry(&format_args!("the L2 table at {l2_offset:#x}"), table, at)?;
         let bitmap = match self.l2_width {
             L2Width::Standard => SubclusterBitmap::EMPTY,
-            L2Width::Extended => {
-                SubclusterBitmap(bytes::table_entry(&what(), table, at.saturating_add(1))?)
-            }
+            L2Width::Extended => SubclusterBitmap(bytes::table_entry(
+                &format_args!("the L2 table at {l2_offset:#x}"),
+                table,
+                at.saturating_add(1),
+            )?),
         };
         Ok((raw, bitmap))
     }
@@ -134,13 +135,7 @@ impl<S: Storage> Image<S> {
         let l2_offset = entry.l2_offset(self.cluster_size(), l1_index)?;
         if l2_offset != 0 {
             self.check_host_offset(l2_offset, || format!("L2 table of L1 entry {l1_index}"))?;
-            let end = l2_offset + self.cluster_size();
-            let other = self.metadata.fixed_region_at(l2_offset, end).or_else(|| {
-                self.metadata
-                    .refblock_at(l2_offset, end)
-                    .then_some("a refcount block")
-            });
-            if let Some(what) = other {
+            if let Some(what) = self.metadata.l2_table_conflict(l2_offset) {
                 return Err(Error::Corrupt(format!(
                     "the L2 table of L1 entry {l1_index} at {l2_offset:#x} overlaps {}",
                     MetadataMap::definite(what)
@@ -250,7 +245,12 @@ impl<S: Storage> Image<S> {
             .l2_cache
             .get_mut(l2_offset)
             .ok_or_else(|| not_cached("L2 table", l2_offset))?;
-        bytes::set_table_entry(&format!("the L2 table at {l2_offset:#x}"), table, at, v)
+        bytes::set_table_entry(
+            &format_args!("the L2 table at {l2_offset:#x}"),
+            table,
+            at,
+            v,
+        )
     }
 
     /// What backs guest cluster `guest_cluster`.

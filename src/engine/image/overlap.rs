@@ -16,6 +16,7 @@
 //! - before guest data is read from or written to a host cluster (none of the three);
 //! - before a host cluster's refcount drops (none of the three).
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::engine::format::entry::{L1Entry, ReftableEntry};
@@ -35,6 +36,17 @@ pub(in crate::engine) struct MetadataMap {
     /// check, which qcow2 runs with overlap-check=all): guest data is never written over
     /// one in place, though a damaged entry may still be read from it.
     inactive_l2_tables: BTreeSet<u64>,
+    /// The last L2 table offset [`Self::l2_table_conflict`] found clear: every lookup of a
+    /// guest cluster asks about the same few tables, and only a fixed region or a refcount
+    /// block added since can change the answer. INVARIANT: cleared wherever one is added
+    /// (`insert_region`, `add_refblock`, `reload_tables`); removals cannot make a clear
+    /// table overlap anything.
+    l2_table_clear: Cell<Option<u64>>,
+    /// A stretch of the file [`Self::metadata_at`] last found to hold no metadata, from the
+    /// end of what lies before it to the start of what follows: guest clusters sit side by
+    /// side, so most checks fall inside the last one. INVARIANT: cleared wherever metadata
+    /// is added, as `l2_table_clear` is (`add_l2_table` too).
+    clear_gap: Cell<Option<(u64, u64)>>,
 }
 
 /// Whether a one-cluster table at some offset in `set` overlaps `[start, end)`.
@@ -57,6 +69,8 @@ impl MetadataMap {
             refblocks: BTreeSet::new(),
             l2_tables: BTreeMap::new(),
             inactive_l2_tables: BTreeSet::new(),
+            l2_table_clear: Cell::new(None),
+            clear_gap: Cell::new(None),
         };
         for r in regions {
             map.insert_region(r);
@@ -66,6 +80,7 @@ impl MetadataMap {
 
     /// Adds a region, merging it with any region it overlaps.
     fn insert_region(&mut self, mut r: Region) {
+        self.forget_clear();
         while let Some((&start, &other)) = self.regions.range(..r.end).next_back() {
             if other.end <= r.start {
                 break;
@@ -82,6 +97,12 @@ impl MetadataMap {
             };
         }
         self.regions.insert(r.start, r);
+    }
+
+    /// Metadata was added: what was found clear must be looked at again.
+    fn forget_clear(&mut self) {
+        self.l2_table_clear.set(None);
+        self.clear_gap.set(None);
     }
 
     /// The fixed regions, in file order.
@@ -117,6 +138,7 @@ impl MetadataMap {
     /// Replaces the refcount blocks and active L2 tables with what `reftable` and `l1` name
     /// (entries that do not decode are left out: using them fails anyway).
     pub fn reload_tables(&mut self, l1: &[u64], reftable: &[u64]) {
+        self.forget_clear();
         self.refblocks.clear();
         self.l2_tables.clear();
         for (i, &raw) in reftable.iter().enumerate() {
@@ -134,6 +156,7 @@ impl MetadataMap {
     }
 
     pub fn add_refblock(&mut self, offset: u64) {
+        self.forget_clear();
         self.refblocks.insert(offset);
     }
 
@@ -142,6 +165,7 @@ impl MetadataMap {
     }
 
     pub fn add_l2_table(&mut self, offset: u64) {
+        self.clear_gap.set(None);
         *self.l2_tables.entry(offset).or_insert(0) += 1;
     }
 
@@ -175,6 +199,23 @@ impl MetadataMap {
         (r.end > start).then_some(r.name)
     }
 
+    /// What an L2 table at `offset` would overlap that it must not: a fixed region or a
+    /// refcount block (an L2 table may be named twice by a damaged L1 table: its readers
+    /// cope).
+    pub fn l2_table_conflict(&self, offset: u64) -> Option<&'static str> {
+        if self.l2_table_clear.get() == Some(offset) {
+            return None;
+        }
+        let end = offset + self.cluster_size;
+        let conflict = self
+            .fixed_region_at(offset, end)
+            .or_else(|| self.refblock_at(offset, end).then_some("a refcount block"));
+        if conflict.is_none() {
+            self.l2_table_clear.set(Some(offset));
+        }
+        conflict
+    }
+
     pub fn refblock_at(&self, start: u64, end: u64) -> bool {
         any_table_in(
             |r| self.refblocks.range(r).next().copied(),
@@ -205,9 +246,47 @@ impl MetadataMap {
 
     /// What metadata overlaps `[start, end)`, if any: where guest data must never be.
     pub fn metadata_at(&self, start: u64, end: u64) -> Option<&'static str> {
-        self.fixed_region_at(start, end)
+        if self
+            .clear_gap
+            .get()
+            .is_some_and(|(from, to)| from <= start && end <= to)
+        {
+            return None;
+        }
+        let found = self
+            .fixed_region_at(start, end)
             .or_else(|| self.refblock_at(start, end).then_some("a refcount block"))
-            .or_else(|| self.l2_table_at(start, end).then_some("an L2 table"))
+            .or_else(|| self.l2_table_at(start, end).then_some("an L2 table"));
+        if found.is_none() {
+            self.clear_gap.set(Some(self.gap_around(start, end)));
+        }
+        found
+    }
+
+    /// The stretch around `[start, end)`, which holds no metadata, up to the metadata on
+    /// either side of it.
+    fn gap_around(&self, start: u64, end: u64) -> (u64, u64) {
+        let cs = self.cluster_size;
+        let tables_before = [
+            self.refblocks.range(..end).next_back().copied(),
+            self.l2_tables.range(..end).next_back().map(|(&t, _)| t),
+        ];
+        let tables_after = [
+            self.refblocks.range(end..).next().copied(),
+            self.l2_tables.range(end..).next().map(|(&t, _)| t),
+        ];
+        let from = tables_before
+            .into_iter()
+            .flatten()
+            .map(|t| t.saturating_add(cs))
+            .chain(self.regions.range(..end).next_back().map(|(_, r)| r.end))
+            .fold(0, u64::max);
+        let to = tables_after
+            .into_iter()
+            .flatten()
+            .chain(self.regions.range(end..).next().map(|(&s, _)| s))
+            .fold(u64::MAX, u64::min);
+        (from.min(start), to.max(end))
     }
 }
 
@@ -283,5 +362,47 @@ mod tests {
         );
         m.remove_l2_table(5 * CS);
         assert!(!m.l2_table_at(5 * CS, 6 * CS));
+    }
+
+    /// An L2 table found clear is remembered, and whatever is placed over it since is still
+    /// found: a refcount block, a moved region, tables reloaded from another L1.
+    #[test]
+    fn an_l2_table_found_clear_is_asked_again_after_metadata_lands_on_it() {
+        let mut m = map();
+        assert_eq!(m.l2_table_conflict(6 * CS), None);
+        assert_eq!(m.l2_table_conflict(6 * CS), None, "remembered");
+        m.add_refblock(6 * CS);
+        assert_eq!(m.l2_table_conflict(6 * CS), Some("a refcount block"));
+        assert_eq!(m.l2_table_conflict(7 * CS), None);
+        m.move_region("L1 table", 7 * CS, 8 * CS);
+        assert_eq!(m.l2_table_conflict(7 * CS), Some("L1 table"));
+        assert_eq!(m.l2_table_conflict(8 * CS), None);
+        m.reload_tables(&[], &[8 * CS]);
+        assert_eq!(m.l2_table_conflict(8 * CS), Some("a refcount block"));
+        assert_eq!(m.l2_table_conflict(CS / 2), Some("header"));
+    }
+
+    /// A stretch found clear is remembered, and metadata placed in it since is still found.
+    #[test]
+    fn metadata_placed_where_guest_data_was_found_clear_is_found() {
+        let mut m = map();
+        assert_eq!(m.metadata_at(7 * CS, 8 * CS), None);
+        assert_eq!(m.clear_gap.get(), Some((6 * CS, 10 * CS)));
+        assert_eq!(
+            m.metadata_at(9 * CS, 10 * CS),
+            None,
+            "inside the remembered stretch"
+        );
+        m.add_l2_table(8 * CS);
+        assert_eq!(m.metadata_at(8 * CS + 1, 8 * CS + 2), Some("an L2 table"));
+        assert_eq!(m.metadata_at(9 * CS, 10 * CS), None);
+        m.add_refblock(9 * CS);
+        assert_eq!(m.metadata_at(9 * CS, 10 * CS), Some("a refcount block"));
+        assert_eq!(m.metadata_at(13 * CS, 14 * CS), None);
+        m.move_region("L1 table", 20 * CS, 21 * CS);
+        assert_eq!(m.metadata_at(20 * CS, 20 * CS + 1), Some("L1 table"));
+        assert_eq!(m.metadata_at(40 * CS, 41 * CS), None);
+        m.reload_tables(&[41 * CS], &[]);
+        assert_eq!(m.metadata_at(40 * CS, 41 * CS + 1), Some("an L2 table"));
     }
 }
