@@ -13,7 +13,6 @@
 
 use super::ffi::entries;
 use std::cell::{Cell, RefCell, UnsafeCell};
-use std::collections::BTreeSet;
 use std::ffi::c_void;
 
 use super::bindings::{self, BlockDriverState, CoMutex, CoQueue, QemuLockable};
@@ -40,13 +39,13 @@ pub struct Node {
     pub guest_flush_barriers: Cell<u64>,
     /// Guest writes in flight, by arrival number: a guest barrier waits for those that
     /// arrived before it (its promise covers everything submitted before it).
-    writes_in_flight: RefCell<BTreeSet<u64>>,
+    writes_in_flight: RefCell<Arrivals>,
     next_write: Cell<u64>,
     write_done: UnsafeCell<CoQueue>,
     /// Guest barriers (barrier writes and bare barriers), by arrival number, not yet placed:
     /// a write that arrives after one waits until it is (everything submitted after a
     /// barrier is ordered after it).
-    barriers_pending: RefCell<BTreeSet<u64>>,
+    barriers_pending: RefCell<Arrivals>,
     barrier_placed: UnsafeCell<CoQueue>,
     lock: UnsafeCell<CoMutex>,
     /// Requests waiting for an allocation in flight to finish.
@@ -103,10 +102,10 @@ impl Node {
             primitive_node,
             barrier_writes: Cell::new(0),
             guest_flush_barriers: Cell::new(0),
-            writes_in_flight: RefCell::new(BTreeSet::new()),
+            writes_in_flight: RefCell::new(Arrivals::default()),
             next_write: Cell::new(0),
             write_done: UnsafeCell::new(CoQueue::default()),
-            barriers_pending: RefCell::new(BTreeSet::new()),
+            barriers_pending: RefCell::new(Arrivals::default()),
             barrier_placed: UnsafeCell::new(CoQueue::default()),
             lock: UnsafeCell::new(CoMutex::default()),
             alloc_waiters: UnsafeCell::new(CoQueue::default()),
@@ -236,7 +235,7 @@ impl Node {
 
     /// Notes a guest write done, and wakes barriers that may wait for it.
     pub fn write_done(&self, n: u64) {
-        self.writes_in_flight.borrow_mut().remove(&n);
+        self.writes_in_flight.borrow_mut().remove(n);
         // SAFETY: the queue was initialised in `new`; we run in a coroutine.
         unsafe {
             if !bindings::qemu_co_queue_empty(self.write_done.get()) {
@@ -283,7 +282,7 @@ impl Node {
 
     /// The barrier `n` is placed (or failed): the writes after it go on.
     pub fn barrier_placed(&self, n: u64) {
-        self.barriers_pending.borrow_mut().remove(&n);
+        self.barriers_pending.borrow_mut().remove(n);
         // SAFETY: the queue was initialised in `new`; we run in a coroutine.
         unsafe {
             if !bindings::qemu_co_queue_empty(self.barrier_placed.get()) {
@@ -411,5 +410,57 @@ impl Drop for InFlight {
         // SAFETY: paired with the bdrv_inc_in_flight made when the coroutine was started; the
         // node stays open while the count is held.
         unsafe { bindings::bdrv_dec_in_flight(self.0) };
+    }
+}
+
+/// Arrival numbers of requests not done yet, in order. Numbers are handed out in increasing
+/// order, so an arrival lands at the end (a sorted `Vec`: as many entries as requests in
+/// flight, no allocation once it has grown to the queue depth, where a `BTreeSet` allocated
+/// and freed a node per write).
+#[derive(Default)]
+struct Arrivals(Vec<u64>);
+
+impl Arrivals {
+    fn insert(&mut self, n: u64) {
+        let at = self.0.partition_point(|&m| m < n);
+        if self.0.get(at) != Some(&n) {
+            self.0.insert(at, n);
+        }
+    }
+
+    fn remove(&mut self, n: u64) {
+        if let Ok(at) = self.0.binary_search(&n) {
+            self.0.remove(at);
+        }
+    }
+
+    fn first(&self) -> Option<&u64> {
+        self.0.first()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Arrivals;
+
+    #[test]
+    fn the_oldest_arrival_not_done_is_first_whatever_the_order_they_finish_in() {
+        let mut a = Arrivals::default();
+        assert_eq!(a.first(), None);
+        for n in [3, 4, 5, 7] {
+            a.insert(n);
+        }
+        a.insert(6);
+        a.insert(6);
+        a.remove(4);
+        assert_eq!(a.first(), Some(&3));
+        a.remove(3);
+        assert_eq!(a.first(), Some(&5));
+        a.remove(9);
+        a.remove(5);
+        a.remove(6);
+        assert_eq!(a.first(), Some(&7));
+        a.remove(7);
+        assert_eq!(a.first(), None);
     }
 }
