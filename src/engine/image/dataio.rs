@@ -178,12 +178,12 @@ impl<S: Storage> DataContext<'_, S> {
         }
     }
 
-    /// The old content a copy-on-write fill takes, as the guest sees it: `guest_offset` is
-    /// the fill's first byte (for an old encrypted cluster's IVs).
-    fn cow_bytes(&self, fill: CowFill, guest_offset: u64) -> Result<Vec<u8>> {
-        let mut bytes = vec![0u8; fill.len];
+    /// The old content a copy-on-write fill takes, as the guest sees it, into `bytes` (its
+    /// `fill.len` bytes zeros on entry): `guest_offset` is the fill's first byte (for an old
+    /// encrypted cluster's IVs).
+    fn cow_into(&self, fill: CowFill, guest_offset: u64, bytes: &mut [u8]) -> Result<()> {
         if fill.len == 0 {
-            return Ok(bytes);
+            return Ok(());
         }
         match fill.source {
             CowSource::Zeros => {}
@@ -191,7 +191,7 @@ impl<S: Storage> DataContext<'_, S> {
             CowSource::Backing { guest_offset } => {
                 if let Some(b) = self.backing {
                     self.storage.debug_event(DebugEvent::CowRead);
-                    b.read_at(guest_offset, &mut bytes).map_err(io_error(|| {
+                    b.read_at(guest_offset, bytes).map_err(io_error(|| {
                         format!("reading the backing file at {guest_offset:#x} to copy it")
                     }))?;
                 }
@@ -199,14 +199,14 @@ impl<S: Storage> DataContext<'_, S> {
             CowSource::Data { host_offset } => {
                 self.storage.debug_event(DebugEvent::CowRead);
                 self.storage
-                    .read_at(host_offset, &mut bytes)
+                    .read_at(host_offset, bytes)
                     .map_err(io_error(|| {
                         format!("reading cluster data at {host_offset:#x} to copy it")
                     }))?;
                 // Decrypted at the old cluster's offsets; the write encrypts it at the new
                 // one's.
                 if let Some(encryption) = self.encryption {
-                    encryption.decrypt(host_offset, guest_offset, &mut bytes)?;
+                    encryption.decrypt(host_offset, guest_offset, bytes)?;
                 }
             }
             // Compressed clusters are not encrypted (QEMU's qcow2 neither writes nor
@@ -227,9 +227,33 @@ impl<S: Storage> DataContext<'_, S> {
                 guest_offset,
                 host_offset,
                 bitmap,
-            } => self.subclusters_into(guest_offset, host_offset, bitmap, &mut bytes)?,
+            } => self.subclusters_into(guest_offset, host_offset, bitmap, bytes)?,
         }
-        Ok(bytes)
+        Ok(())
+    }
+
+    /// The old content of a head fill and a tail fill (either may be left out), each with
+    /// its first guest byte, side by side in one buffer.
+    fn cow_fills(
+        &self,
+        head: Option<(CowFill, u64)>,
+        tail: Option<(CowFill, u64)>,
+    ) -> Result<CowFills> {
+        let head_len = head.map_or(0, |(f, _)| f.len);
+        let tail_len = tail.map_or(0, |(f, _)| f.len);
+        let mut bytes = vec![0u8; head_len + tail_len];
+        let (head_bytes, tail_bytes) = bytes.split_at_mut(head_len);
+        if let Some((fill, guest_offset)) = head {
+            self.cow_into(fill, guest_offset, head_bytes)?;
+        }
+        if let Some((fill, guest_offset)) = tail {
+            self.cow_into(fill, guest_offset, tail_bytes)?;
+        }
+        Ok(CowFills {
+            bytes,
+            head_len,
+            tail: head_len..head_len + tail_len,
+        })
     }
 
     /// The old content of `bytes.len()` bytes from `guest_offset` of a cluster with extended
@@ -293,7 +317,7 @@ impl<S: Storage> DataContext<'_, S> {
         len: usize,
         tail: CowFill,
         guest_offset: u64,
-    ) -> Result<(Vec<u8>, Vec<u8>)> {
+    ) -> Result<CowFills> {
         let gap = (head.len + len) as u64;
         let one_cluster = (gap + tail.len as u64) <= self.cluster_size;
         let tail_guest_offset = guest_offset + gap;
@@ -307,40 +331,34 @@ impl<S: Storage> DataContext<'_, S> {
             _ => false,
         };
         if !joined || !one_cluster || head.len == 0 || tail.len == 0 {
-            return Ok((
-                self.cow_bytes(head, guest_offset)?,
-                self.cow_bytes(tail, tail_guest_offset)?,
-            ));
+            return self.cow_fills(Some((head, guest_offset)), Some((tail, tail_guest_offset)));
         }
         let span = CowFill {
             len: head.len + len + tail.len,
             ..head
         };
-        let mut bytes = self.cow_bytes(span, guest_offset)?;
-        let tail_bytes = bytes.split_off(head.len + len);
-        bytes.truncate(head.len);
-        Ok((bytes, tail_bytes))
+        // The request's part of the span stays in the buffer, unused: no copy of the tail.
+        let mut bytes = vec![0u8; span.len];
+        self.cow_into(span, guest_offset, &mut bytes)?;
+        Ok(CowFills {
+            bytes,
+            head_len: head.len,
+            tail: head.len + len..span.len,
+        })
     }
 
     /// The data step of a write: every piece's bytes reach the file (new clusters whole, with
     /// their copy-on-write fills) before the plan is finished.
     pub fn write(&self, plan: &WritePlan, source: &mut dyn WriteSource) -> Result<()> {
         for piece in &plan.pieces {
-            let (host_offset, guest_offset, head, req_at, len, tail) = match *piece {
+            let (host_offset, guest_offset, fills, req_at, len) = match *piece {
                 WritePiece::InPlace {
                     host_offset,
                     req_at,
                     len,
                 } => {
                     let guest_offset = plan.guest_offset + req_at as u64;
-                    (
-                        host_offset,
-                        guest_offset,
-                        Vec::new(),
-                        req_at,
-                        len,
-                        Vec::new(),
-                    )
+                    (host_offset, guest_offset, CowFills::default(), req_at, len)
                 }
                 WritePiece::Allocate {
                     host_offset,
@@ -364,25 +382,25 @@ impl<S: Storage> DataContext<'_, S> {
                         head_start as u64 + if written(head) { 0 } else { head.len as u64 };
                     let cluster_guest = guest_cluster * self.cluster_size;
                     let head_guest = cluster_guest + head_start as u64;
-                    let (head, tail) = match (written(head), written(tail)) {
+                    let fills = match (written(head), written(tail)) {
                         (true, true) => self.cow_pair(head, len, tail, head_guest)?,
-                        (true, false) => (self.cow_bytes(head, head_guest)?, Vec::new()),
+                        (true, false) => self.cow_fills(Some((head, head_guest)), None)?,
                         (false, true) => {
                             let tail_guest_offset = head_guest + (head.len + len) as u64;
-                            (Vec::new(), self.cow_bytes(tail, tail_guest_offset)?)
+                            self.cow_fills(None, Some((tail, tail_guest_offset)))?
                         }
-                        (false, false) => (Vec::new(), Vec::new()),
+                        (false, false) => CowFills::default(),
                     };
                     (
                         host_offset + skipped_head,
                         cluster_guest + skipped_head,
-                        head,
+                        fills,
                         req_at,
                         len,
-                        tail,
                     )
                 }
             };
+            let (head, tail) = (fills.head(), fills.tail());
             if !head.is_empty() || !tail.is_empty() {
                 self.storage.debug_event(DebugEvent::CowWrite);
             }
@@ -390,13 +408,13 @@ impl<S: Storage> DataContext<'_, S> {
             let context = || format!("writing guest data at host offset {host_offset:#x}");
             match self.encryption {
                 None => source
-                    .write_file(host_offset, &head, req_at, len, &tail)
+                    .write_file(host_offset, head, req_at, len, tail)
                     .map_err(io_error(context))?,
                 Some(encryption) => {
                     let parts = [
-                        Part::Bytes(&head),
+                        Part::Bytes(head),
                         Part::Request { at: req_at, len },
-                        Part::Bytes(&tail),
+                        Part::Bytes(tail),
                     ];
                     self.write_encrypted(encryption, host_offset, guest_offset, &parts, source)?
                 }
@@ -455,6 +473,25 @@ impl<S: Storage> DataContext<'_, S> {
 
 /// A part of what an encrypted write puts at one place: bytes of the data step's own (a
 /// copy-on-write fill), or request bytes `[at, at + len)`.
+/// The copy-on-write fills of a new cluster, in one buffer: the head at its start, the tail
+/// at `tail` (after the request's part where one read served both, `cow_pair`).
+#[derive(Default)]
+struct CowFills {
+    bytes: Vec<u8>,
+    head_len: usize,
+    tail: std::ops::Range<usize>,
+}
+
+impl CowFills {
+    fn head(&self) -> &[u8] {
+        &self.bytes[..self.head_len]
+    }
+
+    fn tail(&self) -> &[u8] {
+        &self.bytes[self.tail.clone()]
+    }
+}
+
 enum Part<'a> {
     Bytes(&'a [u8]),
     Request { at: usize, len: usize },
