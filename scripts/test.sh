@@ -71,7 +71,11 @@ done
 out=$(timeout 3600 bash tests/crash/run.sh --quick --strict 2>&1); status=$?
 record "crash-consistency (tests/crash/run.sh --quick --strict)" "$status"
 printf '%s\n' "$out" | sed -n '/^workload /,$p' | sed 's/^/    /'
-[ "$status" = 0 ] || printf '%s\n' "$out" | grep -A3 '^  FAIL' | head -40 | sed 's/^/    /'
+if [ "$status" != 0 ]; then
+  # Its failed states, or, when it stopped before checking any (a recording that failed), how.
+  printf '%s\n' "$out" | grep -A3 '^  FAIL' | head -40 | sed 's/^/    /'
+  printf '%s\n' "$out" | grep -q '^  FAIL' || printf '%s\n' "$out" | tail -20 | sed 's/^/    /'
+fi
 
 # Crash states of a real ext4 guest (tests/crash/vm.py): every mode passes, every negative
 # control fails.
