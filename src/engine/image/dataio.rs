@@ -471,8 +471,6 @@ impl<S: Storage> DataContext<'_, S> {
     }
 }
 
-/// A part of what an encrypted write puts at one place: bytes of the data step's own (a
-/// copy-on-write fill), or request bytes `[at, at + len)`.
 /// The copy-on-write fills of a new cluster, in one buffer: the head at its start, the tail
 /// at `tail` (after the request's part where one read served both, `cow_pair`).
 #[derive(Default)]
@@ -492,6 +490,8 @@ impl CowFills {
     }
 }
 
+/// A part of what an encrypted write puts at one place: bytes of the data step's own (a
+/// copy-on-write fill), or request bytes `[at, at + len)`.
 enum Part<'a> {
     Bytes(&'a [u8]),
     Request { at: usize, len: usize },

@@ -44,15 +44,14 @@ impl<S: Storage> Image<S> {
         l2_offset: u64,
         l2_index: usize,
     ) -> Result<(u64, SubclusterBitmap)> {
+        let what = format_args!("the L2 table at {l2_offset:#x}");
         let at = l2_index.saturating_mul(self.l2_width.words());
-        let raw = bytes::table_entry(&format_args!("the L2 table at {l2_offset:#x}"), table, at)?;
+        let raw = bytes::table_entry(&what, table, at)?;
         let bitmap = match self.l2_width {
             L2Width::Standard => SubclusterBitmap::EMPTY,
-            L2Width::Extended => SubclusterBitmap(bytes::table_entry(
-                &format_args!("the L2 table at {l2_offset:#x}"),
-                table,
-                at.saturating_add(1),
-            )?),
+            L2Width::Extended => {
+                SubclusterBitmap(bytes::table_entry(&what, table, at.saturating_add(1))?)
+            }
         };
         Ok((raw, bitmap))
     }
